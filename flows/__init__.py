@@ -1,0 +1,1 @@
+"""The licforge command line and the end-to-end flows."""

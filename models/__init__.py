@@ -1,0 +1,1 @@
+"""Float and Brevitas-quantized networks: LIC teachers/students, MinConv layers, classifiers."""

@@ -1,0 +1,1 @@
+"""Quantization recipes, QAT/PTQ, the deployment bundle and the integer golden model."""

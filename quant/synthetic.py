@@ -1,0 +1,96 @@
+"""Random but well-scaled decoder bundles, for hardware tests of any width without training.
+
+The layer chain and number formats are exactly those of a quantized factorized-prior
+synthesis transform (``conv_transpose2d`` 5x5/2, ``igdn``, ... , RGB out): latents are signed
+integers (exp 0), the output is unsigned 8-bit pixels (exp -8, pixel = integer).  Weights
+are random; each layer's output exponent is calibrated on a random latent so that its
+activations use their range without saturating wholesale (the 99.9th percentile lands near
+full scale).  Trained bundles come from :mod:`quant.lic`; these serve block tests, extreme
+values and widths nobody trained.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .bundle import Bundle, Layer
+from .fixed import accumulator_bits, bits_for_range
+from .golden import conv_transpose2d_int, gdn_norm_int, run_layer
+
+__all__ = ["random_decoder_bundle", "decoder_layers"]
+
+
+def _calibrated_shift(acc: np.ndarray, bits: int) -> int:
+    top = float(np.quantile(np.abs(acc), 0.999)) if acc.size else 1.0
+    return max(0, int(np.ceil(np.log2(max(top, 1.0) / ((1 << (bits - 1)) - 1)))))
+
+
+def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act_bits: int = 8,
+                          latent_bits: int = 8, gamma_bits: int = 8, norm_bits: int = 8,
+                          latent_hw: tuple[int, int] = (4, 4)) -> Bundle:
+    """A decoder bundle (4 transposed convolutions, 3 inverse GDNs) with random integers."""
+    rng = np.random.default_rng(seed)
+    wmax = (1 << (w_bits - 1)) - 1
+    x = rng.integers(-(1 << (latent_bits - 1)) // 4, (1 << (latent_bits - 1)) // 4,
+                     size=(1, m, *latent_hw)).astype(np.int64)
+    x_exp = 0
+    layers: list[Layer] = []
+    chans = [m, n, n, n, 3]
+    for k in range(4):
+        cin, cout = chans[k], chans[k + 1]
+        w = rng.integers(-wmax, wmax + 1, size=(cin, cout, 5, 5))
+        bias = rng.integers(-(1 << 12), 1 << 12, size=cout)
+        last = k == 3
+        out_bits = 8 if last else act_bits
+        acc = conv_transpose2d_int(x, w, 2, 2, 1) + bias[None, :, None, None]
+        shift = _calibrated_shift(acc, out_bits)
+        if last:  # pixels: exp -8, unsigned; centre the random output on mid-grey
+            shift += 1
+            bias = bias + (128 << shift)
+            out_exp = -8
+            w_exp = out_exp - shift - x_exp
+        else:
+            w_exp = -(w_bits - 1)
+            out_exp = x_exp + w_exp + shift
+        acc_exp = x_exp + w_exp
+        b_bits = bits_for_range(int(bias.min()), int(bias.max()))
+        attrs = {"x_exp": x_exp, "w_exp": w_exp, "acc_exp": acc_exp, "out_exp": out_exp,
+                 "shift": out_exp - acc_exp, "x_bits": act_bits if k else latent_bits,
+                 "w_bits": w_bits, "b_bits": b_bits, "out_bits": out_bits,
+                 "out_signed": not last, "relu": False, "product": "mul",
+                 "acc_bits": accumulator_bits((1 << (w_bits - 1)) * (1 << (act_bits - 1)), cin * 9,
+                                              1 << (b_bits - 1)),
+                 "stride": 2, "padding": 2, "output_padding": 1}
+        conv = Layer(f"g_s.{2 * k}", "conv_transpose2d", attrs, {"weight": w, "bias": bias})
+        layers.append(conv)
+        x, x_exp = run_layer(conv, x), out_exp
+        if last:
+            break
+        gmax = (1 << (gamma_bits - 1)) - 1
+        gamma = np.where(rng.random((cout, cout)) < 0.3, rng.integers(0, gmax + 1, (cout, cout)), 0)
+        gamma[np.diag_indices(cout)] = rng.integers(gmax // 2, gmax + 1, cout)
+        load = float(np.mean((gamma @ np.abs(x).reshape(cout, -1)).max(0))) + 1.0
+        gamma_exp = -x_exp - int(round(np.log2(load)))  # sum_j gamma_ij |x_j| ~ 1 on average
+        norm_acc_exp = x_exp + gamma_exp
+        norm_exp = -(norm_bits - 2)  # norms in [0, 4)
+        beta = np.full(cout, 1 << -norm_acc_exp, dtype=np.int64)  # beta = 1.0
+        beta_bits = accumulator_bits(int(beta.max()), 1)
+        attrs = {"x_exp": x_exp, "x_bits": act_bits, "gamma_exp": gamma_exp, "gamma_bits": gamma_bits,
+                 "beta_bits": beta_bits, "norm_acc_exp": norm_acc_exp, "norm_exp": norm_exp,
+                 "norm_bits": norm_bits, "norm_shift": norm_exp - norm_acc_exp, "out_bits": act_bits}
+        nrm = gdn_norm_int(x, gamma, beta, attrs["norm_shift"], norm_bits)
+        out_shift = _calibrated_shift(x * nrm, act_bits)
+        attrs.update(out_exp=x_exp + norm_exp + out_shift, out_shift=out_shift)
+        lay = Layer(f"g_s.{2 * k + 1}", "igdn", attrs, {"gamma": gamma.astype(np.int64), "beta": beta})
+        layers.append(lay)
+        x, x_exp = run_layer(lay, x), lay.attrs["out_exp"]
+    model = {"arch": "synthetic-factorized-decoder", "N": n, "M": m, "seed": seed}
+    inp = {"exp": 0, "bits": latent_bits, "signed": True, "shape": [m, None, None]}
+    return Bundle(model, inp, layers)
+
+
+def decoder_layers(bundle: Bundle) -> list[Layer]:
+    """The synthesis-transform layers of a bundle: those after its ``latent`` layer, or all
+    layers when it holds only a decoder."""
+    ops = [l.op for l in bundle.layers]
+    start = ops.index("latent") + 1 if "latent" in ops else 0
+    return bundle.layers[start:]

@@ -1,0 +1,1 @@
+"""Amaranth hardware generators; they take numbers (or a bundle), never torch."""

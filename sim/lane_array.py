@@ -1,0 +1,122 @@
+"""Simulate a LaneArray (MinConvArray / MacArray) on its generated Verilog with cocotb."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rtl.emit import write_verilog
+from rtl.lane_array import LaneArray
+from .runner import BUILD_ROOT, SimResult, run_cocotb
+
+__all__ = ["LaneArrayConfig", "simulate_lane_array", "extreme_vectors", "layer_array_config",
+           "layer_stimulus", "layer_output_from_dots"]
+
+
+@dataclass(frozen=True)
+class LaneArrayConfig:
+    """Constructor arguments of :class:`rtl.lane_array.LaneArray`."""
+    lanes: int
+    bits: int
+    op: str
+    shift: int
+    out_bits: int
+    max_beats: int = 64
+    x_shift: int = 0
+    w_shift: int = 0
+    relu: bool = False
+
+    @property
+    def name(self) -> str:
+        kind = "minconv" if self.op == "min" else "mac"
+        return (f"{kind}_l{self.lanes}_b{self.bits}_s{self.shift}_o{self.out_bits}"
+                f"_x{self.x_shift}_w{self.w_shift}_r{int(self.relu)}_m{self.max_beats}")
+
+    def build(self) -> LaneArray:
+        return LaneArray(self.lanes, self.bits, self.op, shift=self.shift, out_bits=self.out_bits,
+                         max_beats=self.max_beats, x_shift=self.x_shift, w_shift=self.w_shift,
+                         relu=self.relu)
+
+
+def extreme_vectors(rng: np.random.Generator, dots: int, beats: int, lanes: int,
+                    bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random operands in which a third of the entries are the extremes -2^(b-1), 0, 2^(b-1)-1."""
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    shape = (dots, beats, lanes)
+    out = []
+    for _ in range(2):
+        v = rng.integers(lo, hi + 1, size=shape)
+        pick = rng.random(shape)
+        v = np.where(pick < 0.11, lo, np.where(pick < 0.22, 0, np.where(pick < 0.33, hi, v)))
+        out.append(v.astype(np.int64))
+    # whole dot products of extremes, to hit the accumulator's corners
+    if dots >= 3:
+        out[0][0], out[1][0] = lo, lo
+        out[0][1], out[1][1] = lo, hi
+        out[0][2], out[1][2] = hi, hi
+    return out[0], out[1]
+
+
+def simulate_lane_array(cfg: LaneArrayConfig, x: np.ndarray, w: np.ndarray, *, seed: int = 0,
+                        p_valid: float = 1.0, p_ready: float = 1.0, simulator: str = "verilator",
+                        workdir: Path | None = None) -> SimResult:
+    """Generate ``cfg``'s Verilog, stream ``x``/``w`` (dots, beats, lanes) through it and
+    compare every output with the golden model; returns the testbench's report."""
+    if x.shape != w.shape or x.ndim != 3 or x.shape[2] != cfg.lanes:
+        raise ValueError(f"x and w must both have shape (dots, beats, {cfg.lanes}); got {x.shape}, {w.shape}")
+    if x.shape[1] > cfg.max_beats:
+        raise ValueError(f"{x.shape[1]} beats per dot product exceed max_beats={cfg.max_beats}")
+    work = Path(workdir) if workdir else BUILD_ROOT / "sim" / cfg.name
+    rtl_dir = work / "rtl"
+    sources = write_verilog(cfg.build(), "top", rtl_dir)
+    run_dir = work / f"run_{simulator}_{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    params = {**asdict(cfg), "seed": seed, "p_valid": p_valid, "p_ready": p_ready}
+    np.savez(run_dir / "stimulus.npz", x=x, w=w, params=json.dumps(params))
+    return run_cocotb(sources=sources, toplevel="top", test_module="sim.tb_lane_array",
+                      build_dir=work / f"build_{simulator}", test_dir=run_dir,
+                      tb_input=run_dir / "stimulus.npz", simulator=simulator, seed=seed)
+
+
+def layer_array_config(layer, lanes: int) -> LaneArrayConfig:
+    """The LaneArray that computes a bundle ``conv2d``/``linear`` layer, ``lanes`` wide."""
+    a = layer.attrs
+    fan_in = int(np.prod(layer.tensors["weight"].shape[1:]))
+    return LaneArrayConfig(lanes=lanes, bits=max(a["x_bits"], a["w_bits"]), op=a["product"],
+                           shift=a["shift"], out_bits=a["out_bits"], max_beats=-(-fan_in // lanes),
+                           x_shift=a["x_shift"], w_shift=a["w_shift"], relu=bool(a["relu"]))
+
+
+def layer_stimulus(layer, x_int: np.ndarray, lanes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Operands that make a LaneArray compute bundle layer ``layer`` on ``x_int``: one dot
+    product per (image, output position, output channel), in that order, zero-padded to whole
+    beats.  Returns x, w of shape (dots, beats, lanes)."""
+    from quant.golden import im2col
+
+    w = np.asarray(layer.tensors["weight"], np.int64)
+    o = w.shape[0]
+    if layer.op == "conv2d":
+        cols = im2col(x_int, w.shape[-1], layer.attrs["stride"], layer.attrs["padding"])
+    elif layer.op == "linear":
+        cols = np.asarray(x_int, np.int64)[:, None, :]
+    else:
+        raise ValueError(f"layer {layer.name!r} ({layer.op}) is not a dot-product layer")
+    n, positions, k = cols.shape
+    wf = w.reshape(o, k)
+    beats = -(-k // lanes)
+    pad = beats * lanes - k
+    xs = np.broadcast_to(cols[:, :, None, :], (n, positions, o, k)).reshape(-1, k)
+    ws = np.broadcast_to(wf[None, None], (n, positions, o, k)).reshape(-1, k)
+    xs, ws = (np.pad(a, ((0, 0), (0, pad))).reshape(-1, beats, lanes) for a in (xs, ws))
+    return xs, ws
+
+
+def layer_output_from_dots(layer, dots: np.ndarray, n: int, out_hw: tuple[int, int] | None) -> np.ndarray:
+    """Reshape per-dot outputs (image, position, channel order) back to NCHW / (n, o)."""
+    o = layer.tensors["weight"].shape[0]
+    if layer.op == "linear":
+        return np.asarray(dots, np.int64).reshape(n, o)
+    ho, wo = out_hw
+    return np.asarray(dots, np.int64).reshape(n, ho, wo, o).transpose(0, 3, 1, 2)

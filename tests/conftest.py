@@ -1,0 +1,38 @@
+"""Shared fixtures: one trained digits classifier per session, simulator selection."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def digits_models():
+    """Exact CNN, MinConv twin and an 8-bit QAT MinConv classifier (seed 0), trained once."""
+    from flows.minconv import train_digits_models
+
+    return train_digits_models(seed=0, bits=(8,), progress=False)
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(digits_models, tmp_path_factory):
+    """The 8-bit MinConv classifier's bundle, written and read back."""
+    from quant.bundle import read_bundle, write_bundle
+    from quant.digits import export_digits_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "digits_minconv_b8"
+    write_bundle(export_digits_bundle(digits_models.quantized[8], digits_models.split[0]), out)
+    return read_bundle(out)
+
+
+def require_simulator(name: str) -> None:
+    """Skip (with the reason) when the HDL simulator ``name`` is not installed."""
+    from sim.runner import SimulatorUnavailable, simulator_env
+
+    try:
+        simulator_env(name)
+    except SimulatorUnavailable as e:
+        pytest.skip(str(e))

@@ -1,0 +1,1 @@
+"""White-box watermarks (WaterMAS, Uchida): embedding, attacks, extraction from deployed integers."""
