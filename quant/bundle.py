@@ -60,7 +60,14 @@ OPS: dict[str, OpSchema] = {
     "igdn": OpSchema(_GDN, {"gamma": ("gamma_bits", True, True), "beta": ("beta_bits", True, False)}),
     "gdn": OpSchema(_GDN, {"gamma": ("gamma_bits", True, True), "beta": ("beta_bits", True, False)}),
     # encoder output -> integer latent symbols (exp 0): requantize by "shift" to "out_bits"
-    "latent": OpSchema(("x_exp", "out_exp", "shift", "out_bits")),
+    "latent": OpSchema(("x_exp", "out_exp", "shift", "out_bits"),
+                       # optional: the entropy coder's integer tables (quant.codec), present
+                       # together with their attrs "cdf_bits", "cdf_length_bits",
+                       # "offset_bits", "cdf_precision": per channel c, symbols are
+                       # latent - median[c], coded by rANS with cdf[c, :cdf_length[c]], offset[c]
+                       {"cdf": ("cdf_bits", False, False), "cdf_length": ("cdf_length_bits", False, False),
+                        "offset": ("offset_bits", True, False), "median": ("out_bits", True, False)},
+                       ("cdf", "cdf_length", "offset", "median")),
     "flatten": OpSchema(()),
 }
 

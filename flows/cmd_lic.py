@@ -1,0 +1,249 @@
+"""CLI of the LIC slice: ``train``, ``distill``, ``quantize``, ``bundle-info``, ``eval``,
+``rd-plot``, and ``bench lic``."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .errors import UsageError
+
+__all__ = ["register", "BENCHES"]
+
+
+def _boundary(fn):
+    """Set the torch thread count; turn the LIC modules' input errors (files, recipes, data,
+    bitstreams) into exit 2."""
+    def run(args) -> int:
+        import torch
+
+        from models.data import DataError
+        from models.lic import CheckpointError
+        from quant.codec import BitstreamError
+        from quant.lic_recipe import RecipeError
+
+        if getattr(args, "threads", None) is not None:
+            if not 1 <= args.threads <= 256:
+                raise UsageError(f"--threads must be between 1 and 256, not {args.threads}")
+            torch.set_num_threads(args.threads)
+        try:
+            return fn(args)
+        except (CheckpointError, RecipeError, DataError, BitstreamError) as e:
+            raise UsageError(str(e)) from None
+    return run
+
+
+def _train_config(args, kd_recon: float = 0.0, kd_latent: float = 0.0, dist_weight: float = 1.0):
+    from models.lic_train import TrainConfig
+
+    try:
+        return TrainConfig(lmbda=args.lmbda, steps=args.steps, lr=args.lr, crop=args.crop, batch=args.batch,
+                           seed=args.seed, kd_recon=kd_recon, kd_latent=kd_latent, dist_weight=dist_weight)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from None
+
+
+def _lic_config(args, gdn: str):
+    from models.lic import LICConfig
+
+    m = args.M if args.M is not None else (3 * args.N + 1) // 2
+    try:
+        return LICConfig(args.arch, args.N, m, gdn)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+
+
+def _init(args) -> Path | None:
+    from .errors import need_file
+
+    return need_file(args.init, "--init") if args.init else None
+
+
+def _cmd_train(args) -> int:
+    from .train import train_model
+
+    cfg = _lic_config(args, args.gdn)
+    meta = train_model(cfg, _train_config(args), Path(args.out), data=args.data, resume=args.resume,
+                       init=_init(args), curve=args.curve, half=args.half)
+    print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
+    return 0
+
+
+def _cmd_distill(args) -> int:
+    from .errors import need_file
+    from .train import train_model
+
+    if args.kd_recon < 0 or args.kd_latent < 0:
+        raise UsageError("--kd-recon and --kd-latent must be >= 0")
+    cfg = _lic_config(args, args.gdn)
+    teacher = None
+    if args.kd_recon > 0 or args.kd_latent > 0:
+        if args.teacher is None:
+            raise UsageError("--teacher is required when --kd-recon or --kd-latent is > 0 "
+                             "(--kd-recon 0 trains the student without distillation)")
+        teacher = need_file(args.teacher, "--teacher")
+    meta = train_model(cfg, _train_config(args, args.kd_recon, args.kd_latent, args.dist_weight), Path(args.out),
+                       data=args.data,
+                       teacher=teacher, init=_init(args), resume=args.resume, curve=args.curve, half=args.half)
+    print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from .errors import need_file
+    from .train import quant_model_path, quantize_model
+
+    weights = need_file(args.weights, "weights")
+    qat = None if args.ptq else _train_config(args)
+    meta = quantize_model(weights, args.recipe, Path(args.out), qat=qat, data=args.data, resume=args.resume,
+                          curve=args.curve)
+    print(f"{args.out}: bundle {meta['bundle_hash'][:16]} ({meta['mode']}, recipe {meta['recipe']}); "
+          f"Brevitas model {quant_model_path(Path(args.out))}")
+    return 0
+
+
+def _cmd_bundle_info(args) -> int:
+    from quant.bundle import read_bundle
+
+    b = read_bundle(args.bundle)
+    print(f"{b.path}: valid, hash {b.hash}")
+    print(json.dumps(b.model))
+    for lay in b.layers:
+        shapes = {t: list(a.shape) for t, a in lay.tensors.items()}
+        bits = {k: v for k, v in lay.attrs.items() if k.endswith(("bits", "exp", "shift"))}
+        print(f"  {lay.name:<7} {lay.op:<17} {shapes} {bits}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from models.data import load_split
+
+    from .lic_eval import evaluate
+    from .rd import write_json
+
+    images = load_split(args.data, "held-out")
+    res = evaluate([Path(m) for m in args.models], images, baselines=not args.no_baselines,
+                   bitstreams=Path(args.bitstreams) if args.bitstreams else None)
+    res["data"] = args.data or "embedded"
+    write_json(Path(args.json), res)
+    print(f"results: {args.json}")
+    return 0
+
+
+def _cmd_rd_plot(args) -> int:
+    from .errors import need_file
+    from .rd import curves_from_results, plot_rd, rd_report, write_json
+
+    results = []
+    for f in args.results:
+        try:
+            res = json.loads(need_file(f, "results").read_text())
+        except json.JSONDecodeError as e:
+            raise UsageError(f"results {f}: not valid JSON ({e})") from None
+        if not isinstance(res, dict) or "entries" not in res:
+            raise UsageError(f"results {f}: not a file written by 'licforge eval' (no 'entries')")
+        results.append(res)
+    curves = curves_from_results(results)
+    if args.anchor not in curves:
+        raise UsageError(f"--anchor {args.anchor!r}: no such curve (curves: {sorted(curves)})")
+    report = rd_report(curves, args.anchor)
+    plot_rd(curves, Path(args.png), title=f"held-out images, BD-rate anchor: {args.anchor}")
+    write_json(Path(args.json), report)
+    for k, v in sorted(report["curves"].items()):
+        r = v["bd_rate_pct"]
+        print(f"{k:<40} BD-rate {'n/a' if r is None else f'{r:+.2f} %'}")
+    print(f"plot: {args.png}; BD-rates: {args.json}")
+    return 0
+
+
+def _bench_lic(results: Path) -> str:
+    from .lic_bench import bench_lic
+
+    res = bench_lic(results)
+    return f"wrote {results / 'lic.json'} and {results / 'rd.png'} ({len(res['models'])} models)"
+
+
+BENCHES = {"lic": _bench_lic}
+
+
+def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    p.add_argument("--lmbda", type=float, default=0.013, help="rate-distortion trade-off (MSE on 0..255)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--crop", type=int, default=64, help="random crop size (multiple of 16)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="image folder (default: embedded scikit-image photographs)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
+    p.add_argument("--curve", default=None, help="label of the RD curve this model belongs to")
+    _threads_arg(p)
+
+
+def _init_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", default=None,
+                   help="start from this weight file (same architecture; e.g. a neighbouring lambda)")
+
+
+def _threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: fastest on a shared 2-core machine)")
+
+
+def _model_args(p: argparse.ArgumentParser, n: int, gdn: str) -> None:
+    p.add_argument("--N", type=int, default=n, help="width N (channels of g_a/g_s)")
+    p.add_argument("--M", type=int, default=None, help="latent channels (default 3N/2)")
+    p.add_argument("--arch", default="factorized", choices=("factorized", "hyperprior"))
+    p.add_argument("--gdn", default=gdn, choices=("gdn", "gdn1"),
+                   help="gdn: CompressAI float GDN; gdn1: simplified GDN (the hardware's)")
+    p.add_argument("--half", action="store_true", help="store the weights in fp16")
+
+
+def register(groups: dict) -> None:
+    """Add this module's subcommands to the ``licforge`` parser groups."""
+    top = groups["top"]
+    p = top.add_parser("train", help="train a float LIC model (teacher by default: N=128, M=192, GDN)")
+    _model_args(p, 128, "gdn")
+    _train_args(p, 2000, 1e-3)
+    _init_arg(p)
+    p.add_argument("--out", required=True, help="weight file to write (.pt)")
+    p.set_defaults(func=_boundary(_cmd_train))
+
+    p = top.add_parser("distill", help="train a student (GDN1), distilled from a frozen teacher")
+    _model_args(p, 16, "gdn1")
+    _train_args(p, 2000, 1e-3)
+    p.add_argument("--teacher", help="teacher weight file (needed when a KD weight is > 0)")
+    p.add_argument("--kd-recon", type=float, default=1.0, help="weight of the reconstruction KD term")
+    p.add_argument("--kd-latent", type=float, default=0.0, help="weight of the latent KD term")
+    p.add_argument("--dist-weight", type=float, default=1.0,
+                   help="weight of the distortion against the image (1 - kd-recon interpolates)")
+    _init_arg(p)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_boundary(_cmd_distill))
+
+    p = top.add_parser("quantize", help="QAT (default) or PTQ of a GDN1 student -> deployment bundle")
+    p.add_argument("weights", help="float student weight file")
+    p.add_argument("--recipe", default="hybrid8", help="recipe name in quant/recipes or a JSON file")
+    p.add_argument("--ptq", action="store_true", help="post-training quantization only (no QAT steps)")
+    _train_args(p, 400, 1e-4)
+    p.add_argument("--out", required=True, help="bundle directory (the Brevitas model goes to <out>.quant.pt)")
+    p.set_defaults(func=_boundary(_cmd_quantize))
+
+    p = top.add_parser("bundle-info", help="validate a bundle and list its layers")
+    p.add_argument("bundle")
+    p.set_defaults(func=_boundary(_cmd_bundle_info))
+
+    p = top.add_parser("eval", help="encode held-out images to files, decode, bpp/PSNR/MS-SSIM")
+    p.add_argument("models", nargs="*", help="weight files (.pt) and bundle directories")
+    p.add_argument("--data", default=None, help="image folder (default: embedded held-out images)")
+    p.add_argument("--no-baselines", action="store_true", help="skip JPEG/WebP")
+    p.add_argument("--bitstreams", default=None, help="keep the bitstream files in this directory")
+    p.add_argument("--json", default="build/lic/eval.json")
+    _threads_arg(p)
+    p.set_defaults(func=_boundary(_cmd_eval))
+
+    p = top.add_parser("rd-plot", help="RD curves (PNG) and BD-rates against an anchor (JSON)")
+    p.add_argument("results", nargs="+", help="JSON files written by 'licforge eval'")
+    p.add_argument("--anchor", default="teacher")
+    p.add_argument("--png", default="build/lic/rd.png")
+    p.add_argument("--json", default="build/lic/bd.json")
+    p.set_defaults(func=_boundary(_cmd_rd_plot))

@@ -1,0 +1,301 @@
+"""``licforge bench lic``: the rate-distortion study of the LIC slice, end to end.
+
+Every step is a documented ``licforge`` command, run as a subprocess (niceness 10, one torch
+thread each, ``WORKERS`` at a time, in dependency order):
+
+* teacher: N=128, M=192, CompressAI GDN, lr 5e-4; students N = 16, 32, 64 with simplified
+  GDN (GDN1), with distillation (``--kd-recon 1``) and without (``--kd-recon 0``): same
+  steps, crops and seeds; a float-GDN student at the smallest width (the cost of GDN1);
+* each configuration is trained from scratch at ``BASE_LAMBDA`` ("base" steps), then
+  fine-tuned to each lambda ("ft" steps, ``--init``): every RD point has the same training
+  budget, so a curve shows the effect of lambda, not of training length;
+* QAT (recipe hybrid8) of every distilled student; PTQ (hybrid8) and QAT (int8: 8-bit GDN
+  norms) of the smallest distilled student: the cost of fixed point and of the GDN norm width;
+  since QAT trains 400 more steps, each distilled student is also trained 400 more steps in
+  float with the same loss, crops and learning rate (the "float +400 steps" control);
+* ``licforge eval`` of each model on the held-out images (real files), JPEG/WebP baselines,
+  ``licforge rd-plot`` (BD-rate vs the teacher), then ``lic.json`` with the numbers the
+  README reports.
+
+Finished steps are skipped when re-run (a step reruns when its command changed or a step it
+depends on reran), so an interrupted benchmark continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["bench_lic", "plan", "Job", "LAMBDAS"]
+
+LAMBDAS = (0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025)
+BASE_LAMBDA = 0.013  # every model: BASE steps at this lambda, then FT steps at each lambda
+TEACHER = {"N": 128, "M": 192, "lr": 5e-4, "base": 5000, "ft": 1000}
+STUDENT = {"widths": (16, 32, 64), "lr": 1e-3, "base": 2000, "ft": 800, "kd": 1.0}
+
+
+def _small() -> int:
+    """The smallest student width: float-GDN twin, PTQ and int8 variants are trained at it."""
+    return min(STUDENT["widths"])
+
+
+def _quant_variants() -> list[tuple[int, str, str]]:
+    return [(n, "hybrid8", "qat") for n in STUDENT["widths"]] + [(_small(), "hybrid8", "ptq"), (_small(), "int8", "qat")]
+QAT = {"steps": 400, "lr": 1e-4}
+WORKERS = 2
+WORK = Path("build/lic/bench")
+
+
+@dataclass
+class Job:
+    """One licforge command; ``out`` is its main output, ``deps`` the jobs it needs."""
+    name: str
+    args: list[str]
+    out: Path
+    deps: list[str] = field(default_factory=list)
+    kind: str = "train"
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _lam(l: float) -> str:
+    return f"{l:.4f}"
+
+
+def plan(work: Path = WORK) -> list[Job]:
+    """The benchmark's jobs, in a valid order."""
+    jobs: list[Job] = []
+
+    def star(prefix: str, base_args: list[str], curve: str, info: dict, cfg: dict, teacher: bool = False):
+        """A base model at BASE_LAMBDA, then one fine-tuned model per lambda (same budget each)."""
+        def job(name: str, lam: float, steps: int, init: Job | None) -> Job:
+            out = work / f"{name}.pt"
+            args = base_args + ["--lmbda", str(lam), "--steps", str(steps), "--lr", str(cfg["lr"]),
+                                "--curve", curve if init else f"{curve} (base)", "--out", str(out)]
+            deps = []
+            if init is not None:
+                args += ["--init", str(init.out)]
+                deps.append(init.name)
+            if teacher:
+                t = f"teacher_l{_lam(lam)}" if init is not None else "teacher_base"
+                args += ["--teacher", str(work / f"{t}.pt")]
+                deps.append(t)
+            return Job(name, args, out, deps, "train" if init is not None else "base", {**info, "lmbda": lam})
+
+        base = job(f"{prefix}_base", BASE_LAMBDA, cfg["base"], None)
+        jobs.append(base)
+        for lam in LAMBDAS:
+            jobs.append(job(f"{prefix}_l{_lam(lam)}", lam, cfg["ft"], base))
+
+    star("teacher", ["train", "--N", str(TEACHER["N"]), "--M", str(TEACHER["M"]), "--gdn", "gdn"], "teacher",
+          {"role": "teacher", "N": TEACHER["N"], "M": TEACHER["M"], "gdn": "gdn"}, TEACHER)
+    for n in STUDENT["widths"]:
+        for kd in (True, False):
+            args = ["distill", "--N", str(n), "--gdn", "gdn1", "--kd-recon", str(STUDENT["kd"] if kd else 0)]
+            star(f"s{n}_{'kd' if kd else 'nokd'}", args, f"N={n} GDN1{' + KD' if kd else ''}",
+                  {"role": "student", "N": n, "gdn": "gdn1", "kd": kd}, STUDENT, teacher=kd)
+    for n in (_small(),):
+        star(f"s{n}_gdnfloat", ["distill", "--N", str(n), "--gdn", "gdn", "--kd-recon", "0"], f"N={n} GDN (float)",
+              {"role": "gdn-float", "N": n, "gdn": "gdn", "kd": False}, STUDENT)
+    for n, recipe, mode in _quant_variants():
+        for lam in LAMBDAS:
+            src = f"s{n}_kd_l{_lam(lam)}"
+            name = f"q{n}_kd_{recipe}_{mode}_l{_lam(lam)}"
+            args = ["quantize", str(work / f"{src}.pt"), "--recipe", recipe, "--lmbda", str(lam),
+                    "--curve", f"N={n} GDN1 + KD, {recipe} {mode.upper()}", "--out", str(work / name)]
+            args += ["--ptq"] if mode == "ptq" else ["--steps", str(QAT["steps"]), "--lr", str(QAT["lr"])]
+            jobs.append(Job(name, args, work / name, [src], "quantize",
+                            {"role": "quantized", "N": n, "recipe": recipe, "mode": mode, "source": src, "lmbda": lam}))
+    for n in STUDENT["widths"]:  # float control of QAT: the same extra steps without quantization
+        for lam in LAMBDAS:
+            src = f"s{n}_kd_l{_lam(lam)}"
+            name = f"c{n}_kd_l{_lam(lam)}"
+            out = work / f"{name}.pt"
+            args = ["distill", "--N", str(n), "--gdn", "gdn1", "--kd-recon", "0", "--init", str(work / f"{src}.pt"),
+                    "--lmbda", str(lam), "--steps", str(QAT["steps"]), "--lr", str(QAT["lr"]),
+                    "--curve", _control_curve(n), "--out", str(out)]
+            jobs.append(Job(name, args, out, [src], "train",
+                            {"role": "float-control", "N": n, "source": src, "lmbda": lam}))
+    for j in [j for j in jobs if j.kind in ("train", "quantize")]:
+        ev = work / "eval" / f"{j.name}.json"
+        jobs.append(Job(f"eval_{j.name}", ["eval", str(j.out), "--no-baselines", "--json", str(ev)], ev, [j.name],
+                        "eval", {"model": j.name}))
+    jobs.append(Job("eval_baselines", ["eval", "--json", str(work / "eval" / "baselines.json")],
+                    work / "eval" / "baselines.json", [], "eval", {}))
+    return jobs
+
+
+def _control_curve(n: int) -> str:
+    return f"N={n} GDN1 + KD, float +{QAT['steps']} steps"
+
+
+def _stamp(job: Job) -> Path:
+    out = job.out
+    return out.with_name(out.name + ".cmd.json")
+
+
+def _done(job: Job) -> bool:
+    st = _stamp(job)
+    return job.out.exists() and st.is_file() and json.loads(st.read_text()).get("args") == job.args
+
+
+def _run_jobs(jobs: list[Job], logs: Path, workers: int) -> dict[str, float]:
+    """Run the jobs (skipping finished ones) with up to ``workers`` at a time; returns the
+    wall time of each job that ran."""
+    by_name = {j.name: j for j in jobs}
+    rerun: set[str] = set()
+    pending = [j for j in jobs]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    finished: set[str] = set()
+    walls: dict[str, float] = {}
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    while pending or running:
+        for name, (proc, start) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            job = by_name[name]
+            if proc.returncode != 0:
+                raise RuntimeError(f"bench lic: step {name} failed (exit {proc.returncode}); see {logs / name}.log")
+            _stamp(job).write_text(json.dumps({"args": job.args}))
+            walls[name] = time.perf_counter() - start
+            finished.add(name)
+            print(f"[{time.perf_counter() - t0:7.0f} s] done  {name} ({walls[name]:.0f} s)", flush=True)
+        for job in list(pending):
+            if len(running) >= workers:
+                break
+            if any(d not in finished for d in job.deps):
+                continue
+            pending.remove(job)
+            if _done(job) and not any(d in rerun for d in job.deps):
+                finished.add(job.name)
+                continue
+            rerun.add(job.name)
+            cmd = ["nice", "-n", str(max(0, 10 - os.nice(0))), sys.executable, "-m", "flows.cli", *job.args]
+            log = open(logs / f"{job.name}.log", "w")
+            running[job.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
+                                 time.perf_counter())
+            print(f"[{time.perf_counter() - t0:7.0f} s] start {job.name}: licforge {shlex.join(job.args)}", flush=True)
+        time.sleep(0.5)
+    return walls
+
+
+def bench_lic(results: Path, work: Path = WORK, workers: int = WORKERS) -> dict[str, Any]:
+    """Run the study and write ``results/lic.json``, ``results/rd.png``, ``results/rd_gdn.png``."""
+    from models.lic import LICConfig, build_lic, load_weights, student_config, synthesis_cost
+
+    from .rd import bd_psnr, bd_rate, curves_from_results, plot_rd, rd_report
+
+    jobs = plan(work)
+    _run_jobs(jobs, work / "logs", workers)
+    evals = {j.info["model"]: json.loads(j.out.read_text()) for j in jobs if j.kind == "eval" and j.info}
+    baselines = json.loads((work / "eval" / "baselines.json").read_text())
+    curves = curves_from_results(list(evals.values()) + [baselines])
+    main = {k: v for k, v in curves.items() if not any(w in k for w in ("GDN (float)", "int8", "PTQ", "float +"))}
+    small = f"N={_small()}"
+    gdn = {k: v for k, v in curves.items() if k.startswith(f"{small} ")}
+    results.mkdir(parents=True, exist_ok=True)
+    plot_rd(main, results / "rd.png", "held-out astronaut, chelsea, coffee; learned codecs trained on the "
+            "embedded default (scikit-image)")
+    plot_rd(gdn, results / "rd_gdn.png", "GDN variants: float GDN, simplified GDN1, fixed-point GDN1")
+    report = rd_report(curves, "teacher")
+
+    def br(a: str, b: str) -> float | None:
+        return bd_rate(curves[a], curves[b]) if a in curves and b in curves else None
+
+    def bp(a: str, b: str) -> float | None:
+        return bd_psnr(curves[a], curves[b]) if a in curves and b in curves else None
+
+    widths = STUDENT["widths"]
+    kd = {f"N={n}": {"bd_rate_vs_teacher_kd_pct": br("teacher", f"N={n} GDN1 + KD"),
+                     "bd_rate_vs_teacher_nokd_pct": br("teacher", f"N={n} GDN1"),
+                     "bd_rate_kd_vs_nokd_pct": br(f"N={n} GDN1", f"N={n} GDN1 + KD")} for n in widths}
+    for v in kd.values():
+        a, b = v["bd_rate_vs_teacher_kd_pct"], v["bd_rate_vs_teacher_nokd_pct"]
+        v["kd_delta_pct_points"] = None if a is None or b is None else a - b
+    quant = {}
+    for n, recipe, mode in _quant_variants():
+        label = f"N={n} GDN1 + KD, {recipe} {mode.upper()}"
+        quant[label] = {"bd_psnr_vs_float_db": bp(f"N={n} GDN1 + KD", label),
+                        "bd_rate_vs_float_pct": br(f"N={n} GDN1 + KD", label),
+                        "per_lambda_psnr_loss_db": _per_lambda_loss(evals, n, recipe, mode)}
+        if mode == "qat":  # QAT trains QAT["steps"] more steps: compare with the float model trained as long
+            quant[label].update(bd_psnr_vs_float_same_steps_db=bp(_control_curve(n), label),
+                                bd_rate_vs_float_same_steps_pct=br(_control_curve(n), label))
+    gdn_cost = {small: {
+        "gdn1_vs_gdn_float_bd_rate_pct": br(f"{small} GDN (float)", f"{small} GDN1"),
+        "gdn1_vs_gdn_float_bd_psnr_db": bp(f"{small} GDN (float)", f"{small} GDN1"),
+        "fixed_point_gdn1_hybrid8_vs_gdn_float_bd_rate_pct": br(f"{small} GDN (float)", f"{small} GDN1 + KD, hybrid8 QAT"),
+        "fixed_point_gdn1_int8_vs_gdn_float_bd_rate_pct": br(f"{small} GDN (float)", f"{small} GDN1 + KD, int8 QAT"),
+        "fixed_point_int8_vs_hybrid8_bd_rate_pct": br(f"{small} GDN1 + KD, hybrid8 QAT", f"{small} GDN1 + KD, int8 QAT"),
+        "note": "the quantized curves start from distilled students; 'quantized_vs_float' isolates the cost of "
+                "fixed point against the same distilled float student"}}
+    cost = {}
+    for name, cfg in [("teacher", LICConfig("factorized", TEACHER["N"], TEACHER["M"], "gdn"))] + \
+            [(f"N={n} GDN1", student_config(n)) for n in widths]:
+        cost[name] = {"N": cfg.N, "M": cfg.M, **synthesis_cost(build_lic(cfg), cfg.M)}
+    models = {}
+    for j in jobs:
+        if j.kind not in ("train", "quantize"):
+            continue
+        e = evals[j.name]["entries"][0]
+        rec = {**j.info, "curve": e["curve"], "mean": e["mean"], "command": "licforge " + shlex.join(j.args)}
+        if j.kind == "train":
+            meta = load_weights(j.out)[2]
+            rec.update(steps=meta["steps"], train_wall_s=meta["wall_s"])
+        else:
+            rec.update(brevitas_equal_golden=e["brevitas_equal_golden"], bundle_hash=e["bundle_hash"],
+                       quantize_wall_s=_quant_wall(j.out))
+        models[j.name] = rec
+    wall = {}
+    for j in jobs:
+        if j.kind == "base":
+            fts = [load_weights(f.out)[2]["wall_s"] for f in jobs if f.kind == "train" and j.name in f.deps]
+            base_s = load_weights(j.out)[2]["wall_s"]
+            wall[j.name.removesuffix("_base")] = {
+                "base_steps": load_weights(j.out)[2]["steps"], "base_s": base_s,
+                "fine_tune_steps": models[next(f.name for f in jobs if f.kind == "train" and j.name in f.deps)]["steps"],
+                "fine_tune_s_mean": sum(fts) / len(fts), "one_model_s": base_s + sum(fts) / len(fts)}
+    out = {"machine": f"{os.cpu_count()} CPU cores shared with other jobs; 1 torch thread per job, "
+                      f"{workers} jobs at a time, nice 10",
+           "data": "embedded default: scikit-image colour photographs (models/data.py)",
+           "held_out": list(baselines["images"]), "lambdas": list(LAMBDAS),
+           "settings": {"teacher": TEACHER, "student": {**STUDENT, "widths": list(widths)}, "qat": QAT,
+                        "base_lambda": BASE_LAMBDA, "crop": 64, "batch": 8, "seed": 0},
+           "bd_rate_vs_teacher": report, "distillation": kd, "quantized_vs_float": quant, "gdn_variants": gdn_cost,
+           "synthesis_cost": cost, "training_wall_s": wall, "models": models,
+           "baselines": [{"curve": e["curve"], "quality": e["quality"], "mean": e["mean"]}
+                         for e in baselines["entries"]]}
+    (results / "lic.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _quant_wall(bundle_dir: Path) -> float:
+    from models.lic import read_checkpoint
+
+    from .train import quant_model_path
+
+    return float(read_checkpoint(quant_model_path(bundle_dir), "licforge-lic-quant/1")["meta"]["wall_s"])
+
+
+def _per_lambda_loss(evals: dict, n: int, recipe: str, mode: str) -> dict[str, Any]:
+    """PSNR of the quantized model minus its float source at each lambda, with the bpp of both."""
+    out = {}
+    for lam in LAMBDAS:
+        q = evals.get(f"q{n}_kd_{recipe}_{mode}_l{_lam(lam)}")
+        f = evals.get(f"s{n}_kd_l{_lam(lam)}")
+        c = evals.get(f"c{n}_kd_l{_lam(lam)}")
+        if q and f:
+            qm, fm = q["entries"][0]["mean"], f["entries"][0]["mean"]
+            out[_lam(lam)] = {"psnr_delta_db": qm["psnr"] - fm["psnr"], "bpp_float": fm["bpp"], "bpp_quant": qm["bpp"]}
+            if c and mode == "qat":
+                cm = c["entries"][0]["mean"]
+                out[_lam(lam)].update(psnr_delta_vs_same_steps_db=qm["psnr"] - cm["psnr"], bpp_float_same_steps=cm["bpp"])
+    return out

@@ -1,0 +1,109 @@
+"""Flows of the LIC slice: train a teacher or student, distill, quantize (PTQ / QAT) to a bundle.
+
+Each flow writes its result next to a resumable training state (``<out>.state.pt``) and
+records in the weight file's ``meta`` what produced it (curve label, lambda, settings,
+training wall time), which ``licforge eval`` and ``rd-plot`` read back.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from models.data import CropSampler, load_split
+from models.lic import LICConfig, build_lic, load_weights, save_weights
+from models.lic_train import TrainConfig, train_lic
+
+__all__ = ["train_model", "quantize_model", "state_path_for", "quant_model_path", "file_sha256"]
+
+
+def state_path_for(out: Path) -> Path:
+    """The resumable training state beside a weight file: ``x.pt`` -> ``x.state.pt``."""
+    return out.with_name(out.stem + ".state.pt")
+
+
+def quant_model_path(bundle_dir: Path) -> Path:
+    """The Brevitas model saved beside a bundle directory ``d/``: ``d.quant.pt``."""
+    bundle_dir = Path(bundle_dir)
+    return bundle_dir.with_name(bundle_dir.name + ".quant.pt")
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | None = None,
+                teacher: Path | None = None, init: Path | None = None, resume: bool = False,
+                curve: str | None = None, half: bool = False,
+                log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Train ``cfg`` with ``tcfg`` (distilling from the ``teacher`` weight file when its
+    weights are non-zero), starting from the weights of ``init`` (same architecture; e.g. the
+    model of a neighbouring lambda) or from a seeded random initialisation; writes the
+    weights to ``out`` and returns their meta record."""
+    out = Path(out)
+    torch.manual_seed(tcfg.seed)  # model initialisation
+    net = build_lic(cfg)
+    init_meta = None
+    if init is not None:
+        net.load_state_dict(load_weights(init, expect=cfg)[0].state_dict())
+        init_meta = {"file": str(init), "sha256": file_sha256(init)}
+    sampler = CropSampler(load_split(data, "train"), tcfg.crop, tcfg.batch, tcfg.seed)
+    tnet = tcfg_m = None
+    teacher_meta = None
+    if tcfg.kd_recon > 0 or tcfg.kd_latent > 0:
+        if teacher is None:
+            raise ValueError("distillation weights are non-zero but no --teacher was given")
+        tnet, tcfg_t, _ = load_weights(teacher)
+        tcfg_m = tcfg_t.M
+        teacher_meta = {"file": str(teacher), "sha256": file_sha256(teacher), "config": tcfg_t.to_dict()}
+    arch = {**cfg.to_dict(), "data": data or "embedded", "teacher": teacher_meta and teacher_meta["sha256"],
+            "init": init_meta and init_meta["sha256"]}
+    record = train_lic(net, sampler, tcfg, arch=arch, teacher=tnet, teacher_m=tcfg_m,
+                       state_path=state_path_for(out), resume=resume, desc=curve or cfg.name, log=log)
+    meta = {"curve": curve or cfg.name, "lmbda": tcfg.lmbda, "train": tcfg.to_dict(),
+            "data": data or "embedded", "teacher": teacher_meta, "init": init_meta, "wall_s": record["wall_s"],
+            "steps": record["steps"], "final": record["history"][-1] if record["history"] else {},
+            "threads": torch.get_num_threads(), "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+    save_weights(net, cfg, out, meta, half=half)
+    return meta
+
+
+def quantize_model(weights: Path, recipe_name: str, out_dir: Path, *, qat: TrainConfig | None,
+                   data: str | None = None, resume: bool = False, curve: str | None = None,
+                   extra_loss: Callable | None = None, after_step: Callable | None = None,
+                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """PTQ (``qat=None``) or QAT of a float student; writes the bundle to ``out_dir`` and the
+    Brevitas model to :func:`quant_model_path` ``(out_dir)``; returns the bundle's meta."""
+    from quant.bundle import write_bundle
+    from quant.lic import export_bundle, prepare_entropy_coder, quantize_student, save_quantized
+    from quant.lic_recipe import load_recipe
+
+    from .errors import UsageError
+
+    out_dir = Path(out_dir)
+    net, cfg, fmeta = load_weights(weights)
+    if cfg.arch != "factorized" or cfg.gdn != "gdn1":
+        raise UsageError(f"{weights}: a {cfg.name} model; quantization takes factorized students with the "
+                         f"simplified GDN (train one with 'licforge distill --gdn gdn1')")
+    recipe = load_recipe(recipe_name)
+    images = load_split(data, "train")
+    t0 = time.perf_counter()
+    q, record = quantize_student(net, cfg, recipe, images, train=qat, extra_loss=extra_loss,
+                                 after_step=after_step,
+                                 state_path=state_path_for(quant_model_path(out_dir)) if qat else None,
+                                 resume=resume, log=log)
+    prepare_entropy_coder(q.entropy_bottleneck)
+    mode = "qat" if qat is not None else "ptq"
+    meta = {"curve": curve or f"{fmeta.get('curve', cfg.name)} {recipe.name} {mode}",
+            "lmbda": fmeta.get("lmbda"), "mode": mode, "recipe": recipe.name,
+            "qat": qat.to_dict() if qat is not None else None, "source": str(weights),
+            "source_sha256": file_sha256(weights), "wall_s": time.perf_counter() - t0,
+            "qat_wall_s": record["wall_s"]}
+    bundle = export_bundle(q, {"source": meta["source"], "source_sha256": meta["source_sha256"],
+                               "mode": mode, "lmbda": meta["lmbda"]})
+    meta["bundle_hash"] = write_bundle(bundle, out_dir)
+    save_quantized(q, quant_model_path(out_dir), meta)
+    return meta

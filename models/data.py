@@ -1,0 +1,144 @@
+"""Images for the LIC models: the embedded default (scikit-image's bundled colour photographs)
+and a real image-folder loader (PNG/JPEG: Kodak, CLIC, Vimeo frames ...), plus a seeded
+random-crop sampler whose state can be saved and restored (resumable training).
+
+Pixels are ``uint8`` ``p`` everywhere; a network sees ``p / 256`` (DESIGN.md number format),
+so the model input is exactly representable as unsigned 8-bit fixed point at ``2**-8``.
+
+Embedded split (fixed, documented in the README):
+
+    held-out  astronaut (512x512), chelsea (300x451), coffee (400x600)
+    training  rocket (427x640), motorcycle_left / motorcycle_right (500x741, the two views
+              of ``stereo_motorcycle``), hubble_deep_field (872x1000),
+              immunohistochemistry (512x512), retina (1411x1411)
+
+Only images shipped inside the scikit-image wheel are used (no pooch download).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["EMBEDDED_TRAIN", "EMBEDDED_HELD_OUT", "embedded_images", "folder_images", "load_split",
+           "to_tensor", "CropSampler", "DataError", "IMAGE_SUFFIXES"]
+
+EMBEDDED_TRAIN = ("rocket", "motorcycle_left", "motorcycle_right", "hubble_deep_field",
+                  "immunohistochemistry", "retina")
+EMBEDDED_HELD_OUT = ("astronaut", "chelsea", "coffee")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+class DataError(ValueError):
+    """Unusable image data; the message names the file or directory and the fix."""
+
+
+def _skimage(name: str) -> np.ndarray:
+    import skimage.data as d
+
+    if name.startswith("motorcycle_"):
+        left, right, _ = d.stereo_motorcycle()
+        img = left if name.endswith("left") else right
+    else:
+        img = getattr(d, name)()
+    return np.ascontiguousarray(img[..., :3], dtype=np.uint8)
+
+
+def embedded_images(split: str) -> dict[str, np.ndarray]:
+    """The embedded default's ``"train"`` or ``"held-out"`` images, name -> uint8 (H, W, 3)."""
+    names = {"train": EMBEDDED_TRAIN, "held-out": EMBEDDED_HELD_OUT}.get(split)
+    if names is None:
+        raise DataError(f"split must be 'train' or 'held-out', not {split!r}")
+    return {n: _skimage(n) for n in names}
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{path}: not a readable PNG/JPEG image ({e}); remove or replace it") from None
+
+
+def folder_images(folder: str | Path, split: str) -> dict[str, np.ndarray]:
+    """Images of a folder, file stem -> uint8 (H, W, 3).
+
+    ``folder/train`` and ``folder/test`` subfolders, when present, are the split (put Kodak in
+    ``test/``).  Otherwise the PNG/JPEG files of ``folder``, sorted by name, are split
+    deterministically: every 8th file (the 8th, 16th, ...) is held out, the rest train.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"--data {root}: not a directory of PNG/JPEG images")
+    if split not in ("train", "held-out"):
+        raise DataError(f"split must be 'train' or 'held-out', not {split!r}")
+    sub = root / ("train" if split == "train" else "test")
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        files = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        every = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        held = {i for i in range(len(every)) if i % 8 == 7}
+        files = [p for i, p in enumerate(every) if (i in held) == (split == "held-out")]
+    if not files:
+        raise DataError(f"--data {root}: no {split} PNG/JPEG images found ({sub if sub.is_dir() else root}); "
+                        f"need at least 8 files, or train/ and test/ subfolders")
+    return {p.stem: _read_image(p) for p in files}
+
+
+def load_split(data: str | Path | None, split: str) -> dict[str, np.ndarray]:
+    """``folder_images(data, split)``, or the embedded default when ``data`` is None."""
+    return embedded_images(split) if data is None else folder_images(data, split)
+
+
+def to_tensor(img: np.ndarray) -> Tensor:
+    """uint8 (H, W, 3) pixels -> float (1, 3, H, W) tensor of ``p / 256``."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 256.0
+
+
+@dataclass
+class CropSampler:
+    """Random ``crop`` x ``crop`` patches, ``batch`` per call, with random horizontal flips.
+
+    An image is drawn uniformly, then a position uniformly inside it; the torch Generator
+    seeded with ``seed`` is the only randomness, and :meth:`state` / :meth:`restore` save and
+    restore it, so a resumed run sees exactly the crops an uninterrupted run would.
+    """
+    images: dict[str, np.ndarray]
+    crop: int
+    batch: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise DataError("no training images")
+        small = [n for n, im in self.images.items() if min(im.shape[:2]) < self.crop]
+        if small:
+            raise DataError(f"images {small} are smaller than --crop {self.crop}; use a smaller crop")
+        self._tensors = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in self.images.values()]
+        self._gen = torch.Generator().manual_seed(self.seed)
+
+    def state(self) -> Tensor:
+        """The generator state (a uint8 tensor; saved in checkpoints)."""
+        return self._gen.get_state()
+
+    def restore(self, state: Tensor) -> None:
+        """Continue from a :meth:`state`."""
+        self._gen.set_state(state)
+
+    def __call__(self) -> Tensor:
+        """A float (batch, 3, crop, crop) tensor of ``p / 256``."""
+        out = torch.empty((self.batch, 3, self.crop, self.crop), dtype=torch.uint8)
+        idx = torch.randint(len(self._tensors), (self.batch,), generator=self._gen)
+        for b, i in enumerate(idx.tolist()):
+            im = self._tensors[i]
+            top = int(torch.randint(im.shape[1] - self.crop + 1, (1,), generator=self._gen))
+            left = int(torch.randint(im.shape[2] - self.crop + 1, (1,), generator=self._gen))
+            patch = im[:, top:top + self.crop, left:left + self.crop]
+            flip = bool(torch.randint(2, (1,), generator=self._gen))
+            out[b] = patch.flip(-1) if flip else patch
+        return out.float() / 256.0

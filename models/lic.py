@@ -1,0 +1,177 @@
+"""Learned image compression models: the teacher and its students, built from CompressAI.
+
+The teacher is CompressAI's factorized-prior model of Ballé et al. 2018
+(``bmshj2018-factorized``)::
+
+    g_a: conv5x5/2 (3->N) GDN conv5x5/2 (N->N) GDN conv5x5/2 (N->N) GDN conv5x5/2 (N->M)
+    entropy bottleneck (factorized density per channel, rANS coder)
+    g_s: deconv5x5/2 (M->N) IGDN deconv (N->N) IGDN deconv (N->N) IGDN deconv (N->3)
+
+``arch="hyperprior"`` is the scale-hyperprior variant (``bmshj2018-hyperprior``).  A student
+is the same architecture with one width knob ``N`` and ``M = 3N/2`` (CompressAI's
+N=128/M=192 ratio) — the knob an FPGA design turns to fit a board.  ``gdn="gdn1"`` swaps
+every GDN/IGDN for CompressAI's simplified ``GDN1`` (Johnston et al. 2019:
+``y_i = x_i / (beta_i + sum_j gamma_ij |x_j|)``, inverse ``x_i * (...)``), the form the
+hardware computes.
+
+Weight files (:func:`save_weights`) hold only tensors, numbers and strings, so they load
+with ``torch.load(..., weights_only=True)``; :func:`load_weights` refuses a corrupt file or
+one of another architecture with a :class:`CheckpointError` naming the file.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LICConfig", "student_config", "build_lic", "save_weights", "load_weights", "read_checkpoint",
+           "CheckpointError", "synthesis_cost", "WEIGHTS_FORMAT", "ARCHS", "GDNS"]
+
+WEIGHTS_FORMAT = "licforge-lic-weights/1"
+ARCHS = ("factorized", "hyperprior")
+GDNS = ("gdn", "gdn1")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class LICConfig:
+    """Architecture of a LIC model: ``arch`` (factorized | hyperprior), widths ``N``, ``M``,
+    and the normalisation ``gdn`` (gdn = CompressAI's float GDN, gdn1 = simplified GDN)."""
+    arch: str = "factorized"
+    N: int = 128
+    M: int = 192
+    gdn: str = "gdn"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
+        if self.gdn not in GDNS:
+            raise ValueError(f"gdn must be one of {GDNS}, not {self.gdn!r}")
+        for k in ("N", "M"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 1024:
+                raise ValueError(f"{k} must be an integer between 2 and 1024, not {v!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LICConfig":
+        return cls(**{k: d[k] for k in ("arch", "N", "M", "gdn")})
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}_N{self.N}_M{self.M}_{self.gdn}"
+
+
+def student_config(n: int, gdn: str = "gdn1", arch: str = "factorized") -> LICConfig:
+    """A student of width ``n``: ``M = 3n/2`` (rounded up), simplified GDN by default."""
+    return LICConfig(arch, int(n), (3 * int(n) + 1) // 2, gdn)
+
+
+def build_lic(cfg: LICConfig) -> nn.Module:
+    """A CompressAI model for ``cfg`` (untrained)."""
+    from compressai.layers import GDN1
+    from compressai.models import FactorizedPrior, ScaleHyperprior
+
+    net = (FactorizedPrior if cfg.arch == "factorized" else ScaleHyperprior)(cfg.N, cfg.M)
+    if cfg.gdn == "gdn1":
+        for seq, inverse in ((net.g_a, False), (net.g_s, True)):
+            for i in (1, 3, 5):
+                seq[i] = GDN1(cfg.N, inverse=inverse)
+    return net
+
+
+def save_weights(net: nn.Module, cfg: LICConfig, path: str | Path, meta: dict[str, Any] | None = None,
+                 half: bool = False) -> Path:
+    """Write ``net``'s weights (fp16 when ``half``) with its config and ``meta`` (curve label,
+    lambda, training record ...) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().clone()
+          for k, v in net.state_dict().items()}
+    torch.save({"format": WEIGHTS_FORMAT, "config": cfg.to_dict(), "meta": dict(meta or {}),
+                "state_dict": sd}, path)
+    return path
+
+
+def read_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` of a licforge checkpoint of format ``fmt``,
+    or a :class:`CheckpointError` saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated / non-torch files
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120]}); the file is corrupt or truncated, "
+                              f"train or copy it again") from None
+    if not isinstance(ck, dict) or ck.get("format") != fmt:
+        got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+        raise CheckpointError(f"{path}: format {got!r}, expected {fmt!r} (a file written by "
+                              f"licforge {'train/distill' if fmt == WEIGHTS_FORMAT else 'quantize'})")
+    return ck
+
+
+def load_weights(path: str | Path, expect: LICConfig | None = None) -> tuple[nn.Module, LICConfig, dict]:
+    """Load a weight file; returns (model in eval mode, config, meta).
+
+    ``expect``: the architecture the caller needs; a file of another one is refused."""
+    ck = read_checkpoint(path, WEIGHTS_FORMAT)
+    try:
+        cfg = LICConfig.from_dict(ck["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad architecture record {ck.get('config')!r} ({e})") from None
+    if expect is not None and cfg != expect:
+        raise CheckpointError(f"{path}: architecture {cfg.name} does not match the requested "
+                              f"{expect.name}; pass the matching --N/--M/--gdn/--arch or another file")
+    net = build_lic(cfg)
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
+    try:
+        net.load_state_dict(sd)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: weights do not fit architecture {cfg.name} "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    net.eval()
+    return net, cfg, dict(ck.get("meta", {}))
+
+
+@torch.no_grad()
+def synthesis_cost(net: nn.Module, m: int) -> dict[str, float]:
+    """Parameters and multiply-accumulates per output pixel of the synthesis transform g_s.
+
+    A transposed convolution costs ``Cin * Cout * K**2`` MACs per input position (the
+    sub-pixel form computes exactly these taps); a (simplified) GDN ``C**2`` per position
+    (its 1x1 gamma convolution).  Counted on a 4x4 latent, divided by the 64x64 output.
+    """
+    counts = {"conv": 0, "gdn": 0}
+
+    def hook(mod, inp, out):
+        x = inp[0]
+        if isinstance(mod, nn.ConvTranspose2d):
+            counts["conv"] += mod.in_channels * mod.out_channels * mod.kernel_size[0] * mod.kernel_size[1] \
+                * x.shape[2] * x.shape[3]
+        elif isinstance(mod, nn.Conv2d):
+            counts["conv"] += out.shape[1] * mod.in_channels // mod.groups * mod.kernel_size[0] \
+                * mod.kernel_size[1] * out.shape[2] * out.shape[3]
+        else:  # GDN family
+            counts["gdn"] += x.shape[1] ** 2 * x.shape[2] * x.shape[3]
+
+    handles = [mod.register_forward_hook(hook) for mod in net.g_s
+               if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)) or hasattr(mod, "gamma")]
+    try:
+        y = net.g_s(torch.zeros(1, m, 4, 4))
+    finally:
+        for h in handles:
+            h.remove()
+    pixels = y.shape[2] * y.shape[3]
+    params = sum(p.numel() for p in net.g_s.parameters())
+    return {"params": int(params), "macs_per_pixel": (counts["conv"] + counts["gdn"]) / pixels,
+            "conv_macs_per_pixel": counts["conv"] / pixels, "gdn_macs_per_pixel": counts["gdn"] / pixels}

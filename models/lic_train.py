@@ -1,0 +1,244 @@
+"""Rate-distortion training of LIC models, with knowledge distillation and resumable state.
+
+Loss per step (``x`` a batch of crops in ``p / 256`` units, ``x_hat`` the reconstruction)::
+
+    bpp  = sum(-log2 likelihoods) / (batch * H * W)                  bits per pixel
+    D    = 255**2 * mean((x_hat - x)**2)                             MSE on the 0..255 scale
+    KD_x = 255**2 * mean((x_hat - x_hat_teacher)**2)                 reconstruction distillation
+    KD_y = mean((A(y) - y_teacher)**2)                               latent distillation
+    loss = bpp + lambda * (dist_weight * D + kd_recon * KD_x) + kd_latent * KD_y
+
+(``dist_weight = 1 - kd_recon`` interpolates between the image and the teacher's
+reconstruction at a constant total distortion weight.)
+
+Adam, gradients clipped to norm ``clip`` (0 = off), learning rate :func:`lr_at`; the entropy
+bottleneck's density parameters use ``eb_lr_mult`` times that rate (its initial density is
+broad, ~4 bits per latent element: with the shared rate a wide model spends most of a short
+run at several bits per pixel).
+
+``A`` is a learned 1x1 convolution from the student's M latent channels to the teacher's
+(trained with the student, discarded after).  The teacher is frozen and runs in eval mode
+(rounded latents).  ``extra_loss(net)`` is added to the loss and ``after_step(net)`` runs
+after every optimiser step (watermark embedding, projections).
+
+All randomness (crop positions, flips, the entropy bottleneck's training noise) comes from
+the crop sampler's generator and torch's global generator, both saved in the training state
+file, so ``resume=True`` continues exactly where an interrupted run stopped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .data import CropSampler
+from .lic import CheckpointError, read_checkpoint
+
+__all__ = ["TrainConfig", "rd_terms", "train_lic", "STATE_FORMAT", "lr_at"]
+
+STATE_FORMAT = "licforge-lic-train/1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run (all of them enter the resume check)."""
+    lmbda: float = 0.0130
+    steps: int = 2000
+    lr: float = 1e-3
+    crop: int = 64
+    batch: int = 8
+    seed: int = 0
+    kd_recon: float = 0.0
+    kd_latent: float = 0.0
+    dist_weight: float = 1.0
+    clip: float = 1.0
+    eb_lr_mult: float = 10.0
+
+    def __post_init__(self) -> None:
+        for k in ("lmbda", "lr"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"{k} must be positive, not {getattr(self, k)}")
+        for k in ("kd_recon", "kd_latent", "dist_weight", "clip", "eb_lr_mult"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, not {getattr(self, k)}")
+        for k in ("steps", "batch"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, not {getattr(self, k)}")
+        if self.crop < 16 or self.crop % 16:
+            raise ValueError(f"crop must be a multiple of 16 (>= 16), not {self.crop}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of step ``step`` (0-based): a linear warm-up from ``lr / 10`` over the
+    first ``min(100, steps / 10)`` steps (GDN layers of wide models diverge without it),
+    ``lr`` up to 80 % of the steps, then a cosine decay to ``lr / 20`` (no scheduler state)."""
+    warm = min(100, cfg.steps // 10)
+    if step < warm:
+        return cfg.lr * (0.1 + 0.9 * step / warm)
+    knee = int(0.8 * cfg.steps)
+    if step < knee:
+        return cfg.lr
+    t = (step - knee) / max(1, cfg.steps - knee)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def rd_terms(out: dict, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(bits per pixel, MSE on the 0..255 scale) of a CompressAI-style forward output."""
+    n, _, h, w = x.shape
+    bits = sum(torch.log(lik).sum() for lik in out["likelihoods"].values()) / -math.log(2)
+    mse = torch.mean((out["x_hat"] - x) ** 2) * 255.0 ** 2
+    return bits / (n * h * w), mse
+
+
+class _Latent:
+    """Captures the output of a model's analysis transform ``g_a`` (forward hook)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.value: Tensor | None = None
+        self._h = net.g_a.register_forward_hook(self._hook)
+
+    def _hook(self, mod, inp, out) -> None:
+        self.value = out.value if hasattr(out, "value") else out
+
+    def remove(self) -> None:
+        self._h.remove()
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # an interrupted save never leaves a truncated state file
+
+
+def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: dict[str, Any],
+              teacher: nn.Module | None = None, teacher_m: int | None = None,
+              extra_loss: Callable[[nn.Module], Tensor] | None = None,
+              after_step: Callable[[nn.Module], None] | None = None,
+              state_path: str | Path | None = None, resume: bool = False, save_every: int = 250,
+              log_every: int = 100, desc: str = "train", log: Callable[[str], None] | None = print) -> dict:
+    """Train ``net`` in place for ``cfg.steps`` Adam steps; returns the training record
+    (``history`` of logged windows, ``wall_s``, ``steps``).
+
+    ``arch`` identifies the model in the state file (a resumed run must match it and ``cfg``);
+    ``teacher`` (with ``teacher_m`` latent channels) is required when a distillation weight is
+    non-zero.  The state file is written every ``save_every`` steps and at the end.
+    """
+    if (cfg.kd_recon > 0 or cfg.kd_latent > 0) and teacher is None:
+        raise ValueError("kd_recon/kd_latent > 0 need a teacher")
+    if cfg.crop != sampler.crop or cfg.batch != sampler.batch:
+        raise ValueError(f"sampler crops {sampler.batch}x{sampler.crop} differ from cfg {cfg.batch}x{cfg.crop}")
+    adapter = None
+    if cfg.kd_latent > 0:
+        student_m = net.g_a[-1].out_channels
+        adapter = nn.Conv2d(student_m, int(teacher_m), 1)
+    eb = [p for n, p in net.named_parameters() if n.startswith("entropy_bottleneck.") and not n.endswith("quantiles")]
+    eb_ids = {id(p) for p in eb}
+    rest = [p for p in net.parameters() if id(p) not in eb_ids]
+    rest += list(adapter.parameters()) if adapter is not None else []
+    params = rest + eb
+    opt = torch.optim.Adam([{"params": rest, "mult": 1.0}, {"params": eb, "mult": cfg.eb_lr_mult}], lr=cfg.lr)
+    step, history, wall = 0, [], 0.0
+    state_path = Path(state_path) if state_path is not None else None
+    if resume:
+        if state_path is None or not state_path.is_file():
+            raise CheckpointError(f"--resume: no training state at {state_path}; start without --resume")
+        st = read_checkpoint(state_path, STATE_FORMAT)
+        if st["arch"] != arch or st["train"] != cfg.to_dict():
+            diff = {k: (st["train"].get(k), v) for k, v in cfg.to_dict().items() if st["train"].get(k) != v}
+            raise CheckpointError(f"{state_path}: was made for {st['arch']} with other settings "
+                                  f"{diff or ''} than this run ({arch}); resume with the same arguments")
+        net.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        if adapter is not None:
+            adapter.load_state_dict(st["adapter"])
+        sampler.restore(st["sampler"])
+        torch.set_rng_state(st["torch_rng"])
+        step, history, wall = int(st["step"]), list(st["history"]), float(st["wall_s"])
+    else:
+        torch.manual_seed(cfg.seed)
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    lat_s = _Latent(net) if adapter is not None else None
+    lat_t = _Latent(teacher) if adapter is not None else None
+
+    def save() -> None:
+        if state_path is None:
+            return
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        _save_state(state_path, {
+            "format": STATE_FORMAT, "arch": arch, "train": cfg.to_dict(), "step": step,
+            "model": net.state_dict(), "optimizer": opt.state_dict(),
+            "adapter": adapter.state_dict() if adapter is not None else {},
+            "sampler": sampler.state(), "torch_rng": torch.get_rng_state(), "history": history,
+            "wall_s": wall})
+
+    window: dict[str, float] = {}
+    t_start = time.perf_counter() - wall
+    try:
+        while step < cfg.steps:
+            net.train()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step) * g["mult"]
+            x = sampler()
+            out = net(x)
+            bpp, mse = rd_terms(out, x)
+            loss = bpp + cfg.lmbda * cfg.dist_weight * mse
+            terms = {"loss": 0.0, "bpp": float(bpp.detach()), "mse": float(mse.detach())}
+            if teacher is not None:
+                with torch.no_grad():
+                    ref = teacher(x)
+                if cfg.kd_recon > 0:
+                    kd_x = torch.mean((out["x_hat"] - ref["x_hat"]) ** 2) * 255.0 ** 2
+                    loss = loss + cfg.lmbda * cfg.kd_recon * kd_x
+                    terms["kd_recon"] = float(kd_x.detach())
+                if adapter is not None:
+                    kd_y = torch.mean((adapter(lat_s.value) - lat_t.value) ** 2)
+                    loss = loss + cfg.kd_latent * kd_y
+                    terms["kd_latent"] = float(kd_y.detach())
+            if extra_loss is not None:
+                extra = extra_loss(net)
+                loss = loss + extra
+                terms["extra"] = float(extra.detach())
+            terms["loss"] = float(loss.detach())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip > 0:
+                nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            if after_step is not None:
+                after_step(net)
+            step += 1
+            for k, v in terms.items():
+                window[k] = window.get(k, 0.0) + v
+            wall = time.perf_counter() - t_start
+            if step % log_every == 0 or step == cfg.steps:
+                n = log_every if step % log_every == 0 else step % log_every
+                avg = {k: v / n for k, v in window.items()}
+                history.append({"step": step, **avg})
+                window = {}
+                if log is not None:
+                    left = wall / max(1, step) * (cfg.steps - step)
+                    kd = "".join(f" {k} {avg[k]:.3f}" for k in ("kd_recon", "kd_latent", "extra") if k in avg)
+                    psnr = 10 * math.log10(255.0 ** 2 / max(avg["mse"], 1e-12))
+                    log(f"{desc}: step {step}/{cfg.steps} loss {avg['loss']:.4f} bpp {avg['bpp']:.4f} "
+                        f"mse {avg['mse']:.2f} ({psnr:.2f} dB){kd} | {wall:.0f} s, ~{left:.0f} s left")
+            if step % save_every == 0 and step < cfg.steps:
+                save()
+    finally:
+        for lat in (lat_s, lat_t):
+            if lat is not None:
+                lat.remove()
+    save()
+    net.eval()
+    return {"history": history, "wall_s": wall, "steps": step}

@@ -1,0 +1,85 @@
+"""Real bitstreams: compress to a file, read it back, decompress; refusal of bad streams."""
+import numpy as np
+import pytest
+import torch
+
+from models.data import embedded_images
+from models.lic import load_weights
+from quant.codec import (BitstreamError, decode_image, decode_latents, encode_image, pack, pad_image,
+                         unpack)
+from quant.lic import brevitas_integers, golden_encode, golden_forward, prepare_entropy_coder
+
+STUDENT = "models/checkpoints/student_n16.pt"
+
+
+@pytest.fixture(scope="module")
+def chelsea():
+    return embedded_images("held-out")["chelsea"]  # 300 x 451: padded to 304 x 464
+
+
+def test_bundle_round_trip_through_a_file(lic_bundle, lic_quant, chelsea, tmp_path):
+    f = tmp_path / "chelsea.licf"
+    f.write_bytes(encode_image(lic_bundle, chelsea))
+    data = f.read_bytes()
+    latent, size = decode_latents(lic_bundle, data)
+    assert size == (300, 451) and latent.shape == (1, 24, 19, 29)
+    assert np.array_equal(latent, golden_encode(lic_bundle, pad_image(chelsea)))
+    # the rANS payload is byte for byte what CompressAI's entropy bottleneck writes
+    lat_b, out_b = brevitas_integers(lic_quant, pad_image(chelsea))
+    strings = lic_quant.entropy_bottleneck.compress(torch.from_numpy(lat_b).float())
+    assert unpack(data)[2] == [strings[0]]
+    pixels = decode_image(lic_bundle, data)
+    assert pixels.shape == (300, 451, 3) and pixels.dtype == np.uint8
+    assert np.array_equal(pixels, out_b[0, :, :300, :451].transpose(1, 2, 0))
+    assert 8 * len(data) / (300 * 451) < 1.0  # a real compression, not raw symbols
+
+
+def test_bad_bitstreams_are_refused(lic_bundle, chelsea):
+    data = encode_image(lic_bundle, chelsea[:64, :80])
+    with pytest.raises(BitstreamError, match=r"CRC32 mismatch"):
+        decode_latents(lic_bundle, data[:-4])
+    flipped = bytearray(data)
+    flipped[-1] ^= 0x10
+    with pytest.raises(BitstreamError, match=r"CRC32 mismatch"):
+        decode_latents(lic_bundle, bytes(flipped))
+    with pytest.raises(BitstreamError, match=r"magic b'JFIF'"):
+        decode_latents(lic_bundle, b"JFIF" + data[4:])
+    with pytest.raises(BitstreamError, match=r"shorter than the 27-byte header"):
+        decode_latents(lic_bundle, data[:10])
+    (_, _), (h, w), strings = unpack(data)
+    other = pack(b"\x01" * 8, (64, 80), (h, w), strings)
+    with pytest.raises(BitstreamError, match=r"made with model 0101010101010101, not this one"):
+        decode_latents(lic_bundle, other)
+    with pytest.raises(BitstreamError, match=r"latent size 4x4 does not fit image size 64x80 padded to a multiple of 16"):
+        unpack(pack(b"\x01" * 8, (64, 80), (4, 4), strings))
+
+
+def test_float_model_compress_decompress_equals_forward(chelsea):
+    net, cfg, _ = load_weights(STUDENT)
+    prepare_entropy_coder(net.entropy_bottleneck)
+    x = torch.from_numpy(pad_image(chelsea[:128, :160])).float() / 256.0
+    with torch.no_grad():
+        enc = net.compress(x)
+        dec = net.decompress(enc["strings"], enc["shape"])["x_hat"]
+        ref = net(x)["x_hat"].clamp(0, 1)
+    assert torch.equal(torch.round(dec * 256), torch.round(ref * 256))
+    med = net.entropy_bottleneck.quantiles[:, 0, 1]
+    assert torch.equal(med, torch.round(med))  # integer medians: the symbols are integer latents
+
+
+def test_eval_reports_file_sizes_and_checks_golden(lic_bundle, chelsea, tmp_path):
+    from flows.lic_eval import eval_bundle, eval_float
+
+    imgs = {"chelsea": chelsea}
+    q = eval_bundle(lic_bundle.path, imgs, tmp_path)
+    f = tmp_path / "student_n16_hybrid8_chelsea.licf"
+    assert q["per_image"]["chelsea"]["bytes"] == f.stat().st_size
+    assert q["per_image"]["chelsea"]["bpp"] == pytest.approx(8 * f.stat().st_size / (300 * 451))
+    assert q["brevitas_equal_golden"] == "1/1 images"
+    _, out = golden_forward(lic_bundle, pad_image(chelsea))
+    rec = out[0, :, :300, :451].transpose(1, 2, 0)
+    mse = np.mean((rec.astype(float) - chelsea) ** 2)
+    assert q["per_image"]["chelsea"]["psnr"] == pytest.approx(10 * np.log10(255 ** 2 / mse))
+    fl = eval_float(STUDENT, imgs, tmp_path)
+    assert fl["per_image"]["chelsea"]["bytes"] == (tmp_path / "student_n16_chelsea.licf").stat().st_size
+    assert 15 < fl["per_image"]["chelsea"]["psnr"] < 40 and 0 < fl["mean"]["ms_ssim"] <= 1

@@ -1,0 +1,78 @@
+"""Bjøntegaard deltas, baselines, the data split and the eval / rd-plot command line."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flows.rd import bd_psnr, bd_rate, curves_from_results, rd_report
+from models.data import DataError, EMBEDDED_HELD_OUT, EMBEDDED_TRAIN, embedded_images, folder_images
+
+ANCHOR = [(0.2, 26.0), (0.35, 28.1), (0.6, 30.0), (1.0, 32.2)]
+
+
+def test_bd_rate_of_a_scaled_curve_is_the_scale():
+    cheaper = [(r * 0.9, d) for r, d in ANCHOR]
+    assert bd_rate(ANCHOR, cheaper) == pytest.approx(-10.0, abs=1e-9)
+    assert bd_rate(ANCHOR, ANCHOR) == pytest.approx(0.0, abs=1e-12)
+    assert bd_psnr(ANCHOR, [(r, d + 0.5) for r, d in ANCHOR]) == pytest.approx(0.5, abs=1e-9)
+    assert bd_rate(ANCHOR, [(1.0, 40.0), (2.0, 44.0)]) is None  # no shared PSNR interval
+
+
+def test_rd_report_groups_entries_by_curve():
+    res = {"entries": [{"curve": "teacher", "mean": {"bpp": r, "psnr": d}} for r, d in ANCHOR]
+           + [{"curve": "s", "mean": {"bpp": r * 1.25, "psnr": d}} for r, d in ANCHOR]}
+    rep = rd_report(curves_from_results([res]), "teacher")
+    assert rep["curves"]["s"]["bd_rate_pct"] == pytest.approx(25.0, abs=1e-9)
+    assert rep["curves"]["teacher"]["points"][0] == [0.2, 26.0]
+
+
+def test_embedded_split_is_fixed_and_disjoint():
+    held = embedded_images("held-out")
+    assert tuple(held) == EMBEDDED_HELD_OUT == ("astronaut", "chelsea", "coffee")
+    assert {k: v.shape for k, v in held.items()} == {"astronaut": (512, 512, 3), "chelsea": (300, 451, 3),
+                                                     "coffee": (400, 600, 3)}
+    assert not set(EMBEDDED_TRAIN) & set(EMBEDDED_HELD_OUT) and len(EMBEDDED_TRAIN) == 6
+
+
+def test_image_folder_split_and_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        img = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+        img.save(tmp_path / f"im{i}.{'png' if i % 2 else 'jpg'}")
+    train, held = folder_images(tmp_path, "train"), folder_images(tmp_path, "held-out")
+    assert sorted(held) == ["im7"] and len(train) == 8 and train["im1"].shape == (40, 48, 3)
+    (tmp_path / "im8.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"im8\.jpg: not a readable PNG/JPEG image"):
+        folder_images(tmp_path, "train")
+    with pytest.raises(DataError, match=r"--data .*nothing: not a directory"):
+        folder_images(tmp_path / "nothing", "train")
+
+
+def test_eval_baselines_and_rd_plot_cli(tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "train").mkdir(parents=True)
+    (folder / "test").mkdir()
+    img = embedded_images("held-out")["chelsea"][:192, :256]
+    Image.fromarray(img).save(folder / "test" / "cat.png")
+    cmd = [sys.executable, "-m", "flows.cli"]
+    r = subprocess.run(cmd + ["eval", "--data", str(folder), "--json", str(tmp_path / "e.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "e.json").read_text())
+    jpeg = [e for e in res["entries"] if e["curve"] == "JPEG (Pillow)"]
+    assert [e["quality"] for e in jpeg] == [1, 3, 5, 10, 20, 30, 50, 75]
+    assert all(e["per_image"]["cat"]["bpp"] == 8 * e["per_image"]["cat"]["bytes"] / (192 * 256) for e in jpeg)
+    assert np.all(np.diff([e["mean"]["psnr"] for e in jpeg]) > 0)
+    r = subprocess.run(cmd + ["rd-plot", str(tmp_path / "e.json"), "--anchor", "JPEG (Pillow)",
+                              "--png", str(tmp_path / "rd.png"), "--json", str(tmp_path / "bd.json")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "rd.png").read_bytes()[:4] == b"\x89PNG"
+    bd = json.loads((tmp_path / "bd.json").read_text())
+    assert bd["curves"]["WebP (Pillow)"]["bd_rate_pct"] < 0  # WebP beats JPEG
+    r = subprocess.run(cmd + ["rd-plot", str(tmp_path / "e.json"), "--anchor", "teacher"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--anchor 'teacher': no such curve" in r.stderr

@@ -1,0 +1,118 @@
+"""LIC training: exact resume, weights_only checkpoints, clear errors, distillation terms."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from models.data import CropSampler, embedded_images
+from models.lic import CheckpointError, build_lic, load_weights, save_weights, student_config
+from models.lic_train import TrainConfig, train_lic
+
+
+@pytest.fixture(scope="module")
+def train_images():
+    imgs = embedded_images("train")
+    return {k: v[:96, :96] for k, v in imgs.items()}  # small crops keep the tests fast
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _run(images, cfg, tcfg, state, resume=False, stop_after=None, teacher=None):
+    torch.manual_seed(tcfg.seed)
+    net = build_lic(cfg)
+    calls = []
+
+    def hook(m):
+        calls.append(1)
+        if stop_after is not None and len(calls) > stop_after:
+            raise Interrupt
+
+    sampler = CropSampler(images, tcfg.crop, tcfg.batch, tcfg.seed)
+    train_lic(net, sampler, tcfg, arch=cfg.to_dict(), teacher=teacher, teacher_m=teacher and teacher.M,
+              after_step=hook, state_path=state, resume=resume, save_every=3, log_every=2, log=None)
+    return net
+
+
+def test_interrupted_run_resumes_exactly(train_images, tmp_path):
+    cfg, tcfg = student_config(4), TrainConfig(steps=6, crop=32, batch=2, seed=3)
+    straight = _run(train_images, cfg, tcfg, tmp_path / "a.state.pt")
+    with pytest.raises(Interrupt):  # dies during step 4, after the state of step 3 was saved
+        _run(train_images, cfg, tcfg, tmp_path / "b.state.pt", stop_after=3)
+    assert torch.load(tmp_path / "b.state.pt", weights_only=True)["step"] == 3
+    resumed = _run(train_images, cfg, tcfg, tmp_path / "b.state.pt", resume=True)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and training moved the weights (the comparison above is not vacuous)
+    torch.manual_seed(3)
+    assert not torch.equal(build_lic(cfg).state_dict()["g_s.0.weight"], a["g_s.0.weight"])
+
+
+def test_resume_with_other_settings_is_refused(train_images, tmp_path):
+    cfg = student_config(4)
+    _run(train_images, cfg, TrainConfig(steps=2, crop=32, batch=2), tmp_path / "s.state.pt")
+    with pytest.raises(CheckpointError, match=r"s\.state\.pt: was made for .* other settings .*'lmbda': \(0\.013, 0\.05\)"):
+        _run(train_images, cfg, TrainConfig(steps=2, crop=32, batch=2, lmbda=0.05), tmp_path / "s.state.pt",
+             resume=True)
+
+
+def test_weights_load_with_weights_only_and_refuse_wrong_files(tmp_path):
+    cfg = student_config(8)
+    torch.manual_seed(0)
+    net = build_lic(cfg)
+    path = save_weights(net, cfg, tmp_path / "s8.pt", {"curve": "x", "lmbda": 0.01}, half=True)
+    raw = torch.load(path, weights_only=True)
+    assert raw["config"] == {"arch": "factorized", "N": 8, "M": 12, "gdn": "gdn1"}
+    back, cfg2, meta = load_weights(path, expect=cfg)
+    assert cfg2 == cfg and meta["lmbda"] == 0.01
+    w = net.state_dict()["g_s.0.weight"]
+    assert torch.equal(back.state_dict()["g_s.0.weight"], w.half().float())
+    with pytest.raises(CheckpointError, match=r"s8\.pt: architecture factorized_N8_M12_gdn1 does not match "
+                                              r"the requested factorized_N16_M24_gdn1"):
+        load_weights(path, expect=student_config(16))
+    bad = tmp_path / "cut.pt"
+    bad.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable checkpoint .*corrupt or truncated"):
+        load_weights(bad)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match=r"other\.pt: format None, expected 'licforge-lic-weights/1'"):
+        load_weights(other)
+    sd = torch.load(path, weights_only=True)
+    sd["config"]["N"] = 16  # a record that lies about its architecture
+    torch.save(sd, tmp_path / "lie.pt")
+    with pytest.raises(CheckpointError, match=r"lie\.pt: weights do not fit architecture factorized_N16"):
+        load_weights(tmp_path / "lie.pt")
+
+
+def test_distillation_terms_and_identical_crops(train_images):
+    a = CropSampler(train_images, 32, 2, seed=5)
+    b = CropSampler(train_images, 32, 2, seed=5)
+    assert all(torch.equal(a(), b()) for _ in range(3))  # with and without KD see the same crops
+    torch.manual_seed(1)
+    teacher = build_lic(student_config(8, gdn="gdn"))
+    net = build_lic(student_config(4))
+    tcfg = TrainConfig(steps=2, crop=32, batch=2, kd_recon=1.0, kd_latent=0.5)
+    rec = train_lic(net, CropSampler(train_images, 32, 2), tcfg, arch={}, teacher=teacher, teacher_m=12,
+                    log_every=2, log=None)
+    h = rec["history"][-1]
+    assert h["step"] == 2 and h["kd_recon"] > 0 and h["kd_latent"] > 0
+    assert teacher.training is False and not any(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="need a teacher"):
+        train_lic(net, CropSampler(train_images, 32, 2), tcfg, arch={}, log=None)
+
+
+def test_cli_refuses_a_corrupt_teacher_and_a_bad_crop(tmp_path):
+    bad = tmp_path / "t.pt"
+    bad.write_bytes(b"\x00" * 100)
+    cmd = [sys.executable, "-m", "flows.cli"]
+    r = subprocess.run(cmd + ["distill", "--teacher", str(bad), "--steps", "1", "--out", str(tmp_path / "s.pt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "t.pt: not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run(cmd + ["train", "--N", "8", "--crop", "40", "--out", str(tmp_path / "s.pt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--crop must be a multiple of 16" in r.stderr
+    assert not (tmp_path / "s.pt").exists()
