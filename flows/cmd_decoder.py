@@ -1,0 +1,198 @@
+"""CLI of the decoder slice: ``rtl gdn|decoder``, ``sim convt|gdn|decoder|decode``, ``perf``,
+``bench decoder``.
+
+BUNDLE is a bundle directory or ``synthetic:N:M[:SEED]`` (a random well-scaled decoder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .decoder import DEFAULT_MAX_WIDTH, DEFAULT_PART
+from .errors import CheckFailed, UsageError, need_file, need_int
+
+__all__ = ["register", "BENCHES"]
+
+
+def _parallelism(args, layers) -> tuple[int, int]:
+    from rtl.plan import default_parallelism
+
+    pi, po = default_parallelism(layers)
+    return (args.pi or pi), (args.po or po)
+
+
+def _cmd_rtl_decoder(args) -> int:
+    from quant.synthetic import decoder_layers
+    from .decoder import generate_decoder, load_decoder_bundle
+
+    bundle = load_decoder_bundle(args.bundle)
+    pi, po = _parallelism(args, decoder_layers(bundle))
+    out = Path(args.out or f"build/rtl/decoder_{bundle.hash[:12]}_pi{pi}_po{po}")
+    need_int(args.max_width, "--max-width", 1, 4096)
+    man = generate_decoder(bundle, pi, po, out, max_width=args.max_width, part=args.part,
+                           clock_hz=args.clock_mhz * 1e6)
+    fig = man["model_figures"]["1080p"]
+    print(f"decoder (PI={pi}, PO={po}, {fig['multipliers']} multipliers) -> {out}: "
+          f"{', '.join(man['sources'])}, {len(man['roms'])} ROM files, manifest.json, vivado.tcl")
+    print(f"model: 1080p {fig['cycles_steady']} cycles/frame streaming = {fig['fps']} fps at {args.clock_mhz:g} MHz "
+          f"({fig['cycles']} cycles for one isolated frame), DSP efficiency {fig['dsp_efficiency_steady']:.1%}")
+    return 0
+
+
+def _cmd_rtl_gdn(args) -> int:
+    from quant.synthetic import decoder_layers
+    from rtl.emit import write_verilog
+    from rtl.gdn import GdnUnit
+    from .decoder import load_decoder_bundle
+
+    bundle = load_decoder_bundle(args.bundle)
+    gdns = [l for l in decoder_layers(bundle) if l.op == "igdn" and args.layer in (None, l.name)]
+    if not gdns:
+        raise UsageError(f"--layer: bundle {bundle.path} has no igdn layer {args.layer or ''}")
+    lay = gdns[0]
+    try:
+        unit = GdnUnit.for_layer(lay, pi=args.pi, po=args.po or 1)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    out = Path(args.out or f"build/rtl/gdn_{bundle.hash[:12]}_{lay.name}_pi{unit.pi}_po{unit.po}")
+    sources = write_verilog(unit, "gdn", out)
+    (out / "manifest.json").write_text(json.dumps({"design": "gdn", "top": "gdn", "bundle": str(bundle.path),
+                                                   "sources": [s.name for s in sources],
+                                                   "blocks": [unit.deployment()]}, indent=1))
+    print(f"GdnUnit {lay.name} (C={unit.channels}, PI={unit.pi}, PO={unit.po}): "
+          f"{', '.join(str(s) for s in sources)}")
+    return 0
+
+
+def _cmd_sim_block(args) -> int:
+    from .decoder import check_block, load_decoder_bundle
+
+    bundle = load_decoder_bundle(args.bundle)
+    need_int(args.height, "--height", 1, 4096)
+    need_int(args.width, "--width", 1, 4096)
+    image = _read_image(args.image) if args.image else None
+    r = check_block(bundle, args.kind, layer=args.layer, pi=args.pi, po=args.po, height=args.height,
+                    width=args.width, image=image, seed=args.seed, p_valid=args.p_valid, p_ready=args.p_ready,
+                    simulator=args.simulator)
+    print(f"{args.kind} {','.join(r['layers'])} (PI={r['pi']}, PO={r['po']}) on {r['simulator']}: seed {args.seed}, "
+          f"input {r['input_shape']}, {r['checked']} outputs checked, {r['mismatches']} mismatches, "
+          f"{r['cycles']} cycles")
+    return 0
+
+
+def _read_image(path_arg: str):
+    """An RGB image file as uint8 (H, W, 3); UsageError naming the file otherwise."""
+    import numpy as np
+    from PIL import Image
+
+    path = need_file(path_arg, "image")
+    try:
+        return np.asarray(Image.open(path).convert("RGB"))
+    except OSError as e:
+        raise UsageError(f"image {path}: cannot be read ({e})") from None
+
+
+def _cmd_sim_decode(args) -> int:
+    from quant.synthetic import decoder_layers
+    from .decoder import load_decoder_bundle, sim_decode_image
+
+    bundle = load_decoder_bundle(args.bundle)
+    path = Path(args.image)
+    img = _read_image(args.image)
+    pi, po = _parallelism(args, decoder_layers(bundle))
+    r = sim_decode_image(bundle, img, pi=pi, po=po, max_width=args.max_width, simulator=args.simulator)
+    print(f"{path.name} {r['image_hw'][0]}x{r['image_hw'][1]}: {r['bytes']} bytes, {r['bpp']:.4f} bpp, "
+          f"PSNR {r['psnr_db']:.2f} dB (hardware-decoded), mismatches {r['mismatches']}, {r['cycles']} cycles "
+          f"({r['cycles_per_pixel']:.3f} per pixel; model {r['model_cycles']}), PI={pi} PO={po}, "
+          f"{r['sim_cycles_per_s']} simulated cycles/s")
+    if r["mismatches"]:
+        raise CheckFailed(f"{r['mismatches']} pixels differ from the golden decoder")
+    return 0
+
+
+def _cmd_perf(args) -> int:
+    from .decoder import load_decoder_bundle
+    from .decoder_bench import design_table, format_design_table
+
+    bundle = load_decoder_bundle(args.bundle)
+    pis = [int(v) for v in args.pi.split(",")]
+    pos = [int(v) for v in args.po.split(",")]
+    if len(pis) != len(pos):
+        raise UsageError("--pi and --po must list the same number of values")
+    rows = design_table(bundle, list(zip(pis, pos)), synth=args.synth, family=args.family,
+                        clock_hz=args.clock_mhz * 1e6)
+    print(format_design_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _bench_decoder(results: Path) -> str:
+    from .decoder_bench import bench_decoder
+
+    res = bench_decoder(results / "decoder.json")
+    return f"wrote {results / 'decoder.json'} ({len(res['designs'])} designs)"
+
+
+BENCHES = {"decoder": _bench_decoder}
+
+
+def _common(p: argparse.ArgumentParser, layer: bool = False) -> None:
+    p.add_argument("bundle", help="bundle directory, or synthetic:N:M[:SEED]")
+    p.add_argument("--pi", type=int, default=None,
+                   help="input channels per cycle of the heaviest layer (default: largest divisor <= 8)")
+    p.add_argument("--po", type=int, default=None,
+                   help="output channels per cycle of the heaviest layer (default: largest divisor <= 8)")
+    if layer:
+        p.add_argument("--layer", default=None, help="bundle layer name (default: the first of its op)")
+
+
+def _sim_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
+
+
+def register(groups: dict) -> None:
+    """Add this module's subcommands to the ``licforge`` parser groups."""
+    p = groups["rtl"].add_parser("decoder", help="the whole decoder: Verilog, ROM files, manifest, Vivado TCL")
+    _common(p)
+    p.add_argument("--out", help="output directory (default build/rtl/decoder_<hash>_pi<PI>_po<PO>)")
+    p.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH,
+                   help=f"widest latent grid (default {DEFAULT_MAX_WIDTH}: {16 * DEFAULT_MAX_WIDTH} pixels)")
+    p.add_argument("--part", default=DEFAULT_PART, help=f"FPGA part for the Vivado project (default {DEFAULT_PART}, ZCU102)")
+    p.add_argument("--clock-mhz", type=float, default=200.0, help="clock constraint and fps figures (MHz)")
+    p.set_defaults(func=_cmd_rtl_decoder)
+
+    p = groups["rtl"].add_parser("gdn", help="one inverse-GDN unit of a bundle")
+    _common(p, layer=True)
+    p.add_argument("--out", help="output directory")
+    p.set_defaults(func=_cmd_rtl_gdn)
+
+    for kind, what in (("convt", "a ConvTransposeEngine"), ("gdn", "a GdnUnit"), ("decoder", "the whole decoder")):
+        p = groups["sim"].add_parser(kind, help=f"random inputs with extremes through {what} vs the golden model")
+        _common(p, layer=kind != "decoder")
+        p.add_argument("--height", type=int, default=3, help="input grid rows")
+        p.add_argument("--width", type=int, default=4, help="input grid columns")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--p-valid", type=float, default=0.8, help="probability an input beat is offered")
+        p.add_argument("--p-ready", type=float, default=0.6, help="probability the output is taken (back-pressure)")
+        p.add_argument("--image", help="use the real tensors this image produces (needs a trained bundle)")
+        _sim_opts(p)
+        p.set_defaults(func=_cmd_sim_block, kind=kind)
+
+    p = groups["sim"].add_parser("decode", help="compress an image, decode its latents with the RTL, compare")
+    _common(p)
+    p.add_argument("image", help="an RGB image file (PNG, JPEG)")
+    p.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH, help="widest latent grid of the generated decoder")
+    _sim_opts(p)
+    p.set_defaults(func=_cmd_sim_decode)
+
+    p = groups["top"].add_parser("perf", help="decoder resources (Yosys) and analytical throughput, as a table")
+    p.add_argument("bundle", help="bundle directory, or synthetic:N:M[:SEED]")
+    p.add_argument("--pi", required=True, help="comma-separated PI values, one per design")
+    p.add_argument("--po", required=True, help="comma-separated PO values, one per design")
+    p.add_argument("--synth", action="store_true", help="also run Yosys synth_xilinx on each design")
+    p.add_argument("--family", default="xcup", help="Yosys family: xc7, xcu, xcup (default, ZCU102)")
+    p.add_argument("--clock-mhz", type=float, default=200.0)
+    p.add_argument("--json", help="also write the rows to this file")
+    p.set_defaults(func=_cmd_perf)

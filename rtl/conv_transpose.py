@@ -1,0 +1,310 @@
+"""Streaming transposed convolution (5x5, stride 2, padding 2, output padding 1) by sub-pixel
+decomposition: each 2x2 block of outputs is four ordinary convolutions with the sub-kernels
+(9, 6, 6 and 4 taps), so no multiplier ever sees an inserted zero.
+
+Pixels stream in and out in raster order, one pixel (all its channels) per beat.  The frame
+size is a run-time input (``width``, ``height`` of the *input* grid, ``width <= max_width``);
+the output grid is ``2*height x 2*width``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from amaranth import Array, Cat, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from quant.fixed import accumulator_bits, check_bits, int_range
+from .emit import rom_file_attr
+from .mac_pipe import Delayed, accumulate, check_divisor, emit_pixels, mac_array
+from .requantizer import requantize_expr
+
+__all__ = ["ConvTransposeEngine", "conv_latency", "phase_taps", "conv_weight_layout", "pack_words", "LINE_SLOTS",
+           "KERNEL", "STRIDE", "PADDING", "OUTPUT_PADDING"]
+
+KERNEL, STRIDE, PADDING, OUTPUT_PADDING = 5, 2, 2, 1
+LINE_SLOTS = 4  # input rows i-1, i, i+1 being read for output rows 2i, 2i+1; one filling
+
+
+def phase_taps(phase: int, k: int = KERNEL, stride: int = STRIDE, padding: int = PADDING) -> list[tuple[int, int]]:
+    """The engine's tap schedule for output phase ``phase`` (row or column parity): a list of
+    (kernel index, input offset).  Output ``2i + phase`` sums kernel index ``ky`` times input
+    ``i + offset``; equal to :func:`quant.golden.subpixel_taps` (tested)."""
+    return [(ky, (phase + padding - ky) // stride) for ky in range(k) if (ky - phase - padding) % stride == 0]
+
+
+def conv_weight_layout(cin: int, cout: int, pi: int, po: int) -> np.ndarray:
+    """Weight ROM layout: array (words, PO*PI, 4) of (input channel, output channel, ky, kx).
+
+    Words are ordered phase (a, b) in (0,0), (0,1), (1,0), (1,1), then output group ``o``,
+    row tap, column tap, input group ``g``: the order in which the engine reads them.  Lane
+    ``oo*PI + ii`` of a word (bits ``lane*w_bits`` upward) holds
+    ``W[g*PI + ii, o*PO + oo, ky, kx]``.
+    """
+    ii, oo = np.meshgrid(np.arange(pi), np.arange(po))  # (po, pi): lane = oo*pi + ii
+    words = []
+    for a in (0, 1):
+        for b in (0, 1):
+            for o in range(cout // po):
+                for ky, _ in phase_taps(a):
+                    for kx, _ in phase_taps(b):
+                        for g in range(cin // pi):
+                            lanes = np.stack([g * pi + ii, o * po + oo, np.full_like(ii, ky),
+                                              np.full_like(ii, kx)], -1)
+                            words.append(lanes.reshape(po * pi, 4))
+    return np.stack(words)
+
+
+def pack_words(values: np.ndarray, bits: int) -> list[int]:
+    """Pack rows of integers (two's complement, ``bits`` each, lane 0 at the LSB) into words."""
+    mask = (1 << bits) - 1
+    out = []
+    for row in np.asarray(values, np.int64):
+        word = 0
+        for k, v in enumerate(row.tolist()):
+            word |= (v & mask) << (k * bits)
+        out.append(word)
+    return out
+
+
+def conv_latency(pi: int) -> int:
+    """Cycles from the issue of an output pixel's last item to its output beat: ROM read,
+    multipliers, ``ceil(log2 PI)`` adder-tree levels, accumulator + requantizer."""
+    return 3 + (pi - 1).bit_length()
+
+
+class ConvTransposeEngine(wiring.Component):
+    """``y = requantize(conv_transpose2d(x, W) + bias, shift)`` on a pixel stream.
+
+    ``W`` is (Cin, Cout, 5, 5) (PyTorch layout), stride 2, padding 2, output padding 1;
+    ``x`` signed ``x_bits``; ``W`` signed ``w_bits``; ``bias`` (Cout,) signed ``b_bits`` at
+    the accumulator scale; ``y`` ``out_bits`` (signed, or unsigned when ``out_signed`` is
+    false), rounded half to even and saturated exactly as :func:`quant.golden.run_layer`.
+
+    Structure: a line buffer of 4 input rows (``PI`` channels a word, depth
+    ``4 * 2**ceil(log2 max_width) * 2**ceil(log2 Cin/PI)``, inferred RAM), a weight ROM of
+    ``25 * Cin/PI * Cout/PO`` words of ``PI*PO`` weights and a bias ROM of ``Cout/PO`` words,
+    both initialised from ``$readmemh`` files named ``<name>_w.hex`` / ``<name>_b.hex``;
+    ``PI x PO`` registered multipliers, ``PO`` adder trees, ``PO`` accumulators that start
+    from the bias, and requantizers.
+
+    Schedule: output rows ``2i`` and ``2i+1`` start once input rows ``i-1 .. i+1`` are in the
+    line buffer; each output pixel of phase (a, b) takes ``taps(a) * taps(b) * Cin/PI * Cout/PO``
+    cycles (taps = 3 for even, 2 for odd phases; border taps read zeros), so a frame of
+    ``h x w`` input pixels takes ``25 * h * w * Cin/PI * Cout/PO`` cycles plus the wait for
+    the first rows.  Input pixels are written into the line buffer at one per ``Cin/PI``
+    cycles while computing; the input stalls while 4 rows are held.  Latency from the last
+    cycle of an output pixel to its beat: ``3 + ceil(log2 PI)`` cycles.  Back-pressure: the
+    finished pixel waits in the output register; the engine stalls only when a second pixel
+    is finished meanwhile.  ``width``/``height`` must stay constant while a frame is in the
+    engine.
+    """
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, *, shift: int, x_bits: int, w_bits: int,
+                 b_bits: int, out_bits: int, out_signed: bool = True, pi: int = 1, po: int = 1,
+                 max_width: int = 128, name: str = "convt") -> None:
+        weight, bias = np.asarray(weight), np.asarray(bias)
+        if weight.ndim != 4 or weight.shape[2:] != (KERNEL, KERNEL):
+            raise ValueError(f"weight must have shape (Cin, Cout, {KERNEL}, {KERNEL}), not {weight.shape}")
+        self.cin, self.cout = int(weight.shape[0]), int(weight.shape[1])
+        if bias.shape != (self.cout,):
+            raise ValueError(f"bias must have shape ({self.cout},), not {bias.shape}")
+        self.x_bits, self.w_bits = check_bits(x_bits, "x_bits", 2), check_bits(w_bits, "w_bits", 2)
+        self.b_bits, self.out_bits = check_bits(b_bits, "b_bits", 1, 48), check_bits(out_bits, "out_bits")
+        for arr, bits, what in ((weight, w_bits, "weight"), (bias, b_bits, "bias")):
+            lo, hi = int_range(bits, True)
+            if arr.size and (arr.min() < lo or arr.max() > hi):
+                raise ValueError(f"{what} values lie outside the {bits}-bit range [{lo}, {hi}]")
+        if not isinstance(shift, (int, np.integer)) or abs(shift) > 63:
+            raise ValueError(f"shift must be an integer in [-63, 63], not {shift!r}")
+        if isinstance(max_width, bool) or not isinstance(max_width, int) or max_width < 1:
+            raise ValueError(f"max_width must be a positive integer, not {max_width!r}")
+        self.pi = check_divisor(pi, "pi", self.cin, "input channels")
+        self.po = check_divisor(po, "po", self.cout, "output channels")
+        self.shift, self.out_signed, self.max_width, self.name = int(shift), bool(out_signed), max_width, name
+        self.weight, self.bias = weight.astype(np.int64), bias.astype(np.int64)
+        taps = len(phase_taps(0))
+        self.acc_bits = accumulator_bits((1 << (x_bits - 1)) * (1 << (w_bits - 1)), taps * taps * self.cin,
+                                         1 << (b_bits - 1))
+        self.latency = conv_latency(self.pi)
+        out_shape = signed(out_bits) if out_signed else unsigned(out_bits)
+        super().__init__({
+            "i": In(stream.Signature(data.ArrayLayout(signed(x_bits), self.cin))),
+            "o": Out(stream.Signature(data.ArrayLayout(out_shape, self.cout))),
+            "width": In(max_width.bit_length()),
+            "height": In(16),
+        })
+
+    @classmethod
+    def for_layer(cls, layer, *, pi: int, po: int, max_width: int) -> "ConvTransposeEngine":
+        """The engine of a bundle ``conv_transpose2d`` layer (:class:`quant.bundle.Layer`)."""
+        a = layer.attrs
+        if layer.op != "conv_transpose2d":
+            raise ValueError(f"layer {layer.name!r} is {layer.op!r}, not conv_transpose2d")
+        geom = (layer.tensors["weight"].shape[2], a["stride"], a["padding"], a["output_padding"])
+        if geom != (KERNEL, STRIDE, PADDING, OUTPUT_PADDING):
+            raise ValueError(f"layer {layer.name!r}: (kernel, stride, padding, output_padding) = {geom}; the "
+                             f"engine implements {(KERNEL, STRIDE, PADDING, OUTPUT_PADDING)}")
+        if a.get("relu", False):
+            raise ValueError(f"layer {layer.name!r}: ReLU after a transposed convolution is not supported")
+        bias = layer.tensors.get("bias", np.zeros(layer.tensors["weight"].shape[1], np.int64))
+        return cls(layer.tensors["weight"], bias, shift=a["shift"], x_bits=a["x_bits"], w_bits=a["w_bits"],
+                   b_bits=a["b_bits"], out_bits=a["out_bits"], out_signed=a.get("out_signed", True),
+                   pi=pi, po=po, max_width=max_width, name=layer.name)
+
+    @property
+    def groups(self) -> tuple[int, int]:
+        """(Cin/PI, Cout/PO): input groups per tap, output groups per pixel."""
+        return self.cin // self.pi, self.cout // self.po
+
+    def weight_words(self) -> list[int]:
+        """Contents of the weight ROM (see :func:`conv_weight_layout`)."""
+        lay = conv_weight_layout(self.cin, self.cout, self.pi, self.po)
+        return pack_words(self.weight[lay[..., 0], lay[..., 1], lay[..., 2], lay[..., 3]], self.w_bits)
+
+    def bias_words(self) -> list[int]:
+        """Contents of the bias ROM: word ``o`` holds ``bias[o*PO .. o*PO+PO-1]``."""
+        return pack_words(self.bias.reshape(-1, self.po), self.b_bits)
+
+    def deployment(self) -> dict:
+        """The block's entry in a deployment manifest: shapes, parallelism, number formats and
+        its ROM files (layouts: :func:`conv_weight_layout`, bias word ``o`` = channels
+        ``o*PO ..``)."""
+        return {"name": self.name, "op": "conv_transpose2d", "cin": self.cin, "cout": self.cout,
+                "kernel": KERNEL, "pi": self.pi, "po": self.po, "x_bits": self.x_bits, "shift": self.shift,
+                "out_bits": self.out_bits, "out_signed": self.out_signed, "acc_bits": self.acc_bits,
+                "max_width": self.max_width, "latency": self.latency,
+                "roms": {"weight": {"file": f"{self.name}_w.hex", "bits": self.w_bits},
+                         "bias": {"file": f"{self.name}_b.hex", "bits": self.b_bits}}}
+
+    def elaborate(self, platform) -> Module:
+        m = Module()
+        _, go = self.groups
+        advance, free = Signal(), Signal()
+        m.submodules.lines = lines = Memory(shape=unsigned(self.pi * self.x_bits), init=[],
+                                            depth=LINE_SLOTS << (self._col_bits + self._group_bits))
+        words = self.weight_words()
+        m.submodules.wrom = wrom = Memory(shape=unsigned(self.pi * self.po * self.w_bits), depth=len(words),
+                                          init=words, attrs=rom_file_attr(f"{self.name}_w"))
+        m.submodules.brom = brom = Memory(shape=unsigned(self.po * self.b_bits), depth=go, init=self.bias_words(),
+                                          attrs=rom_file_attr(f"{self.name}_b"))
+        rd, wport = lines.read_port(), wrom.read_port()
+        complete = self._writer(m, lines.write_port(), free)
+        items = self._issuer(m, advance, complete, free, rd, wport, len(words))
+        self._datapath(m, advance, rd, wport, brom.read_port(), items)
+        return m
+
+    @property
+    def _col_bits(self) -> int:
+        return max(1, (self.max_width - 1).bit_length())
+
+    @property
+    def _group_bits(self) -> int:
+        return (self.groups[0] - 1).bit_length()
+
+    def _writer(self, m: Module, wr, free: Signal) -> Signal:
+        """Input pixels -> line buffer, one pixel accepted per Cin/PI cycles and written PI
+        channels a cycle.  A row is allocated a slot when its first pixel is accepted (at most
+        4 rows held); returns ``complete``, the number of whole rows held."""
+        gi, xb = self.groups[0], self.x_bits
+        occupied = Signal(range(LINE_SLOTS + 1))   # rows allocated (complete or being written)
+        complete = Signal(range(LINE_SLOTS + 1))   # rows fully written, not yet freed
+        acol, aslot = Signal(range(self.max_width)), Signal(2)   # where the next pixel goes
+        held = Signal(self.cin * xb)
+        wbusy, wg = Signal(), Signal(range(gi))
+        wcol, wslot = Signal(range(self.max_width)), Signal(2)
+        wdone = wbusy & (wg == gi - 1)
+        m.d.comb += self.i.ready.eq((~wbusy | wdone) & ((acol != 0) | (occupied < LINE_SLOTS)))
+        accept = self.i.valid & self.i.ready
+        m.d.comb += [wr.en.eq(wbusy), wr.addr.eq(Cat(wg, wcol[:self._col_bits], wslot)),
+                     wr.data.eq(held.word_select(wg, self.pi * xb))]
+        with m.If(wbusy):
+            m.d.sync += wg.eq(Mux(wdone, 0, wg + 1))
+            with m.If(wdone):
+                m.d.sync += wbusy.eq(0)
+        with m.If(accept):
+            m.d.sync += [held.eq(self.i.payload.as_value()), wbusy.eq(1), wg.eq(0), wcol.eq(acol), wslot.eq(aslot)]
+            with m.If(acol == self.width - 1):
+                m.d.sync += [acol.eq(0), aslot.eq(aslot + 1)]
+            with m.Else():
+                m.d.sync += acol.eq(acol + 1)
+        row_written = wdone & (wcol == self.width - 1)
+        m.d.sync += [occupied.eq(occupied + (accept & (acol == 0)) - free),
+                     complete.eq(complete + row_written - free)]
+        return complete
+
+    def _issuer(self, m: Module, advance: Signal, complete: Signal, free: Signal, rd, wport, rom_depth: int) -> dict:
+        """One item a cycle: (output group o, row tap, column tap, input group g) of the
+        current output pixel, as line-buffer and weight-ROM addresses.  Output rows 2i and
+        2i+1 start when input rows i-1 .. i+1 are held; ``free`` releases row i-1 after row
+        2i, and the last row after the frame's last output row."""
+        gi, go = self.groups
+        taps = [phase_taps(0), phase_taps(1)]
+        ntmax = len(taps[0])
+        nt = Array([len(taps[0]), len(taps[1])])
+
+        def offset(phase: Value, idx: Signal) -> Value:
+            rows = [[off for _, off in tp] + [0] * (ntmax - len(tp)) for tp in taps]
+            return Mux(phase, Array(rows[1])[idx], Array(rows[0])[idx])
+
+        i = Signal(16)                               # input row of the current pair
+        a = Signal()                                 # output row 2i + a
+        x = Signal(range(2 * self.max_width))        # output column; phase b = x[0]
+        o, ty, tx, g = Signal(range(go)), Signal(range(ntmax)), Signal(range(ntmax)), Signal(range(gi))
+        slot_i = Signal(2)                           # line-buffer slot of input row i
+        wa = Signal(range(rom_depth))                # weight ROM address
+        b, j = x[0], x >> 1
+        last_g, last_tx, last_ty = g == gi - 1, tx == nt[b] - 1, ty == nt[a] - 1
+        last_o, last_x, last_i = o == go - 1, x == 2 * self.width - 1, i == self.height - 1
+        item_last = last_g & last_tx & last_ty
+        pix_last = item_last & last_o
+        pair_start = (a == 0) & (x == 0) & (o == 0) & (ty == 0) & (tx == 0) & (g == 0)
+        issue = Mux(pair_start, complete >= 1 + (i != 0) + ~last_i, 1)
+        step = advance & issue
+        m.d.comb += free.eq(step & pix_last & last_x & Mux(a, last_i, i != 0))
+        counters = [(g, last_g), (tx, last_tx), (ty, last_ty), (o, last_o), (x, last_x)]
+        with m.If(step):
+            self._count(m, counters, [a.eq(~a)], a, [slot_i.eq(slot_i + 1), i.eq(Mux(last_i, 0, i + 1))])
+            base_a1 = go * gi * ntmax * (len(taps[0]) + len(taps[1]))   # first word of phase (1, 0)
+            m.d.sync += wa.eq(Mux(pix_last & b, Mux(Mux(last_x, ~a, a), base_a1, 0), wa + 1))
+        dy, dx = offset(a, ty), offset(b, tx)
+        r, c = (i + dy).as_signed(), (j + dx).as_signed()
+        m.d.comb += [rd.addr.eq(Cat(g, c[:self._col_bits], (slot_i + dy)[:2])), rd.en.eq(advance),
+                     wport.addr.eq(wa), wport.en.eq(advance)]
+        return {"v": issue, "inside": (r >= 0) & (r < self.height) & (c >= 0) & (c < self.width),
+                "first": (g == 0) & (tx == 0) & (ty == 0), "last": item_last, "pix": pix_last, "o": o}
+
+    @staticmethod
+    def _count(m: Module, counters: list, on_row: list, a: Signal, on_pair: list) -> None:
+        """Nested counters, innermost first: each wraps to 0 at its last value and carries."""
+        if not counters:
+            m.d.sync += on_row
+            with m.If(a):
+                m.d.sync += on_pair
+            return
+        (ctr, last), rest = counters[0], counters[1:]
+        with m.If(~last):
+            m.d.sync += ctr.eq(ctr + 1)
+        with m.Else():
+            m.d.sync += ctr.eq(0)
+            ConvTransposeEngine._count(m, rest, on_row, a, on_pair)
+
+    def _datapath(self, m: Module, advance: Signal, rd, wport, bport, items: dict) -> None:
+        """PI x PO multipliers, adder trees, accumulators that start from the bias,
+        requantizers, and the output pixel register."""
+        pi, po, xb, wb = self.pi, self.po, self.x_bits, self.w_bits
+        root = 2 + (pi - 1).bit_length()            # ROM read, products, adder-tree levels
+        flags = Delayed(m, items, root, advance, "s")
+        s1 = flags.stage(1)
+        xs = [Mux(s1["inside"], rd.data[k * xb:(k + 1) * xb], 0).as_signed() for k in range(pi)]
+        ws = [[wport.data[(oo * pi + ii) * wb:(oo * pi + ii + 1) * wb].as_signed() for ii in range(pi)]
+              for oo in range(po)]
+        roots, _ = mac_array(m, xs, ws, advance, "mac")
+        m.d.comb += [bport.addr.eq(flags.stage(root - 1)["o"]), bport.en.eq(advance)]
+        sr = flags.stage(root)
+        bias = [bport.data[k * self.b_bits:(k + 1) * self.b_bits].as_signed() for k in range(po)]
+        running = accumulate(m, roots, bias, sr["first"], advance & sr["v"], self.acc_bits, "acc")
+        q = [requantize_expr(s, self.shift, self.out_bits, self.out_signed) for s in running]
+        done = sr["v"] & sr["last"]
+        stall = emit_pixels(m, self.o, q, advance & done, sr["pix"], done, self.groups[1], self.out_bits)
+        m.d.comb += advance.eq(~stall)

@@ -1,0 +1,184 @@
+"""Fixed-point inverse GDN of the quantized model, on a pixel stream.
+
+    n_i = requantize_u(beta_i + sum_j gamma_ij |x_j|, norm_shift, norm_bits)   (unsigned)
+    y_i = requantize(x_i * n_i, out_shift, out_bits)                            (signed)
+
+exactly :func:`quant.golden.igdn_int` (the simplified GDN of Johnston et al. 2019 that the
+quantized PyTorch model trains with: L1 norm, no square root, no division).
+"""
+from __future__ import annotations
+
+import numpy as np
+from amaranth import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from quant.fixed import accumulator_bits, check_bits, int_range
+from .conv_transpose import pack_words
+from .emit import rom_file_attr
+from .mac_pipe import Delayed, accumulate, check_divisor, delay, emit_pixels, mac_array
+from .requantizer import requantize_expr
+
+__all__ = ["GdnUnit", "gamma_layout", "gdn_latency"]
+
+
+def gamma_layout(channels: int, pi: int, po: int) -> np.ndarray:
+    """Gamma ROM layout: array (words, PO*PI, 2) of (row i, column j) of ``gamma``.  Word
+    ``o*C/PI + g`` holds, in lane ``oo*PI + ii``, ``gamma[o*PO + oo, g*PI + ii]``."""
+    ii, oo = np.meshgrid(np.arange(pi), np.arange(po))
+    words = [np.stack([o * po + oo, g * pi + ii], -1).reshape(po * pi, 2)
+             for o in range(channels // po) for g in range(channels // pi)]
+    return np.stack(words)
+
+
+def gdn_latency(pi: int) -> int:
+    """Cycles from the issue of a pixel's last item to its output beat: ROM read, multipliers,
+    ``ceil(log2 PI)`` adder-tree levels, accumulator + norm, ``x * n``, requantizer."""
+    return 5 + (pi - 1).bit_length()
+
+
+class GdnUnit(wiring.Component):
+    """Inverse GDN of ``C`` channels: ``y = requantize(x * n, out_shift, out_bits)`` with the
+    norm ``n`` above; ``x`` signed ``x_bits``, ``gamma`` (C, C) >= 0 signed ``gamma_bits``,
+    ``beta`` (C,) signed ``beta_bits`` at the scale of ``gamma |x|``, ``n`` unsigned
+    ``norm_bits``.
+
+    Parallelism: ``po`` norms per item, each over ``pi`` input channels: ``PI * PO``
+    multipliers for ``gamma |x|`` and ``PO`` for ``x * n``; a pixel takes
+    ``(C/PI) * (C/PO)`` cycles, so ``pi = po = C`` is one pixel per cycle, fully pipelined.
+    ``gamma``/``beta`` live in ROMs initialised from ``<name>_gamma.hex`` / ``<name>_beta.hex``.
+
+    Timing: the input pixel is held while its items issue (the next one is accepted in the
+    cycle its last item issues); latency from the last item to the output beat
+    ``5 + ceil(log2 PI)`` cycles.  A finished pixel waits in the output register; the unit
+    stalls only when a second one finishes meanwhile.
+    """
+
+    def __init__(self, gamma: np.ndarray, beta: np.ndarray, *, x_bits: int, gamma_bits: int, beta_bits: int,
+                 norm_shift: int, norm_bits: int, out_shift: int, out_bits: int, pi: int | None = None,
+                 po: int = 1, name: str = "igdn") -> None:
+        gamma, beta = np.asarray(gamma), np.asarray(beta)
+        c = int(beta.shape[0]) if beta.ndim == 1 else -1
+        if c < 1 or gamma.shape != (c, c):
+            raise ValueError(f"gamma must be (C, C) and beta (C,); got {gamma.shape} and {beta.shape}")
+        if (gamma < 0).any():
+            raise ValueError("gamma must be non-negative")
+        self.channels = c
+        self.x_bits = check_bits(x_bits, "x_bits", 2)
+        self.gamma_bits, self.beta_bits = check_bits(gamma_bits, "gamma_bits", 2), check_bits(beta_bits, "beta_bits", 1, 48)
+        self.norm_bits, self.out_bits = check_bits(norm_bits, "norm_bits"), check_bits(out_bits, "out_bits")
+        for arr, bits, what in ((gamma, gamma_bits, "gamma"), (beta, beta_bits, "beta")):
+            lo, hi = int_range(bits, True)
+            if arr.min() < lo or arr.max() > hi:
+                raise ValueError(f"{what} values lie outside the {bits}-bit range [{lo}, {hi}]")
+        for v, what in ((norm_shift, "norm_shift"), (out_shift, "out_shift")):
+            if not isinstance(v, (int, np.integer)) or abs(v) > 63:
+                raise ValueError(f"{what} must be an integer in [-63, 63], not {v!r}")
+        self.pi = check_divisor(c if pi is None else pi, "pi", c, "channels")
+        self.po = check_divisor(po, "po", c, "channels")
+        self.norm_shift, self.out_shift, self.name = int(norm_shift), int(out_shift), name
+        self.gamma, self.beta = gamma.astype(np.int64), beta.astype(np.int64)
+        self.acc_bits = accumulator_bits((1 << (x_bits - 1)) * (1 << (gamma_bits - 1)), c, 1 << (beta_bits - 1))
+        self.latency = gdn_latency(self.pi)
+        pixel = data.ArrayLayout(signed(x_bits), c)
+        super().__init__({
+            "i": In(stream.Signature(pixel)),
+            "o": Out(stream.Signature(data.ArrayLayout(signed(out_bits), c))),
+        })
+
+    @classmethod
+    def for_layer(cls, layer, *, pi: int | None = None, po: int = 1) -> "GdnUnit":
+        """The unit of a bundle ``igdn`` layer (:class:`quant.bundle.Layer`)."""
+        if layer.op != "igdn":
+            raise ValueError(f"layer {layer.name!r} is {layer.op!r}: GdnUnit implements the inverse GDN "
+                             f"('igdn') only; the forward GDN (a division) has no hardware here")
+        a, t = layer.attrs, layer.tensors
+        return cls(t["gamma"], t["beta"], x_bits=a["x_bits"], gamma_bits=a["gamma_bits"],
+                   beta_bits=a["beta_bits"], norm_shift=a["norm_shift"], norm_bits=a["norm_bits"],
+                   out_shift=a["out_shift"], out_bits=a["out_bits"], pi=pi, po=po, name=layer.name)
+
+    @property
+    def groups(self) -> tuple[int, int]:
+        """(C/PI, C/PO): items per norm, norm groups per pixel."""
+        return self.channels // self.pi, self.channels // self.po
+
+    def gamma_words(self) -> list[int]:
+        lay = gamma_layout(self.channels, self.pi, self.po)
+        return pack_words(self.gamma[lay[..., 0], lay[..., 1]], self.gamma_bits)
+
+    def beta_words(self) -> list[int]:
+        return pack_words(self.beta.reshape(-1, self.po), self.beta_bits)
+
+    def deployment(self) -> dict:
+        """The block's entry in a deployment manifest (layouts: :func:`gamma_layout`, beta word
+        ``o`` = channels ``o*PO ..``)."""
+        return {"name": self.name, "op": "igdn", "channels": self.channels, "pi": self.pi, "po": self.po,
+                "x_bits": self.x_bits, "norm_shift": self.norm_shift, "norm_bits": self.norm_bits,
+                "out_shift": self.out_shift, "out_bits": self.out_bits, "acc_bits": self.acc_bits,
+                "latency": self.latency,
+                "roms": {"gamma": {"file": f"{self.name}_gamma.hex", "bits": self.gamma_bits},
+                         "beta": {"file": f"{self.name}_beta.hex", "bits": self.beta_bits}}}
+
+    def elaborate(self, platform) -> Module:
+        m = Module()
+        gi, go = self.groups
+        pi, po, xb = self.pi, self.po, self.x_bits
+        advance = Signal()
+        gwords = self.gamma_words()
+        m.submodules.grom = grom = Memory(shape=unsigned(pi * po * self.gamma_bits), depth=len(gwords),
+                                          init=gwords, attrs=rom_file_attr(f"{self.name}_gamma"))
+        m.submodules.brom = brom = Memory(shape=unsigned(po * self.beta_bits), depth=go, init=self.beta_words(),
+                                          attrs=rom_file_attr(f"{self.name}_beta"))
+        gport, bport = grom.read_port(), brom.read_port()
+
+        # ---- hold one input pixel while its (norm group, input group) items issue
+        held, have = Signal(self.channels * xb), Signal()
+        o, g, ga = Signal(range(go)), Signal(range(gi)), Signal(range(len(gwords)))
+        last_g, last_o = g == gi - 1, o == go - 1
+        step = advance & have
+        pix_last = last_g & last_o
+        m.d.comb += self.i.ready.eq(~have | (step & pix_last))
+        with m.If(step):
+            m.d.sync += [g.eq(Mux(last_g, 0, g + 1)), ga.eq(Mux(pix_last, 0, ga + 1))]
+            with m.If(last_g):
+                m.d.sync += o.eq(Mux(last_o, 0, o + 1))
+            with m.If(pix_last):
+                m.d.sync += have.eq(0)
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += [held.eq(self.i.payload.as_value()), have.eq(1)]
+        m.d.comb += [gport.addr.eq(ga), gport.en.eq(advance)]
+        xg = held.word_select(g, pi * xb)
+        absx = Cat(*(abs(xg[k * xb:(k + 1) * xb].as_signed()) for k in range(pi)))
+
+        # ---- gamma |x| (PI x PO multipliers, adder trees), + beta, norm; x * n; requantize
+        root = 2 + (pi - 1).bit_length()
+        flags = Delayed(m, {"v": have, "first": g == 0, "last": last_g, "pix": pix_last, "o": o},
+                        root + 2, advance, "s")
+        absx1 = delay(m, absx, 1, advance, "absx")[1]
+        xo = delay(m, held.word_select(o, po * xb), root + 1, advance, "xo")[root + 1]
+        gb = self.gamma_bits
+        xs = [absx1[k * xb:(k + 1) * xb] for k in range(pi)]
+        ws = [[gport.data[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb].as_signed() for ii in range(pi)]
+              for oo in range(po)]
+        roots, _ = mac_array(m, xs, ws, advance, "mac")
+        m.d.comb += [bport.addr.eq(flags.stage(root - 1)["o"]), bport.en.eq(advance)]
+        sr = flags.stage(root)
+        beta = [bport.data[k * self.beta_bits:(k + 1) * self.beta_bits].as_signed() for k in range(po)]
+        running = accumulate(m, roots, beta, sr["first"], advance & sr["v"], self.acc_bits, "acc")
+        prods = []
+        for k, s in enumerate(running):
+            n = Signal(unsigned(self.norm_bits), name=f"norm{k}")
+            with m.If(advance):
+                m.d.sync += n.eq(requantize_expr(s, self.norm_shift, self.norm_bits, signed_out=False))
+            xk = xo[k * xb:(k + 1) * xb].as_signed()
+            p = Signal(signed(xb + self.norm_bits + 1), name=f"xn{k}")
+            with m.If(advance):
+                m.d.sync += p.eq(xk * n)
+            prods.append(p)
+        se = flags.stage(root + 2)
+        y = [requantize_expr(p, self.out_shift, self.out_bits, True) for p in prods]
+        done = se["v"] & se["last"]
+        stall = emit_pixels(m, self.o, y, advance & done, se["pix"], done, go, self.out_bits)
+        m.d.comb += advance.eq(~stall)
+        return m

@@ -1,0 +1,65 @@
+"""Parallelism plan and analytical performance model of the decoder (numbers only)."""
+import numpy as np
+import pytest
+
+from flows.perf import frame_report, frame_timeline, useful_macs
+from quant.golden import conv_transpose2d_int
+from quant.synthetic import decoder_layers, random_decoder_bundle
+from rtl.plan import LayerPlan, default_parallelism, plan_decoder
+
+
+@pytest.fixture(scope="module")
+def layers16():
+    return decoder_layers(random_decoder_bundle(16, 24, seed=0))
+
+
+def test_plan_balances_every_layer_against_the_heaviest(layers16):
+    plan = plan_decoder(layers16, 8, 8)
+    assert [(p.name, p.pi, p.po) for p in plan] == [
+        ("g_s.0", 6, 1), ("g_s.1", 1, 1), ("g_s.2", 16, 1), ("g_s.3", 4, 1), ("g_s.4", 8, 8), ("g_s.5", 16, 1),
+        ("g_s.6", 16, 3)]
+    budget = plan[4].cycles_per_latent
+    assert budget == 16 * 25 * 2 * 2
+    assert all(p.cycles_per_latent <= budget for p in plan)
+    assert [p.multipliers for p in plan] == [6, 2, 16, 5, 64, 17, 48]
+    assert default_parallelism(layers16) == (8, 8) and default_parallelism(layers16, 4) == (4, 4)
+
+
+def test_plan_names_the_layer_and_the_valid_values(layers16):
+    with pytest.raises(ValueError, match=r"--po must divide the 16 output channels of the heaviest layer "
+                                         r"'g_s.4': one of \[1, 2, 4, 8, 16\], not 3"):
+        plan_decoder(layers16, 4, 3)
+
+
+def test_a_layer_that_cannot_keep_up_gets_full_parallelism():
+    layers = decoder_layers(random_decoder_bundle(16, 16, seed=0))
+    plan = plan_decoder(layers, 16, 16)  # the 16->3 layer would need 192 multipliers; it has 48
+    assert (plan[-1].pi, plan[-1].po) == (16, 3)
+    assert plan[-1].cycles_per_latent == 1600 > plan[4].cycles_per_latent == 400
+
+
+def test_useful_macs_count_only_taps_inside_the_frame():
+    plan = [LayerPlan("c", "conv_transpose2d", 2, 3, 0, 1, 1)]
+    h, w = 3, 5
+    ones = conv_transpose2d_int(np.ones((1, 2, h, w)), np.ones((2, 3, 5, 5)), 2, 2, 1)
+    assert useful_macs(plan, h, w) == int(ones.sum()) == (5 * h - 3) * (5 * w - 3) * 2 * 3
+
+
+def test_frame_report_1080p(layers16):
+    r = frame_report(plan_decoder(layers16, 8, 8), 1080, 1920)
+    assert r["latents"] == [68, 120] and r["decoded"] == [1088, 1920]
+    assert r["multipliers"] == 158
+    assert r["cycles_steady"] == 1600 * 68 * 120
+    assert 1.0 < r["cycles"] / r["cycles_steady"] < 1.05     # fill and drain: a few latent rows
+    assert r["fps"] == round(200e6 / r["cycles_steady"], 2) == 15.32
+    assert r["fps_single_frame"] == round(200e6 / r["cycles"], 2) < r["fps"]
+    assert r["dsp_efficiency_steady"] > 0.9
+
+
+def test_timeline_of_a_single_engine_is_its_schedule():
+    """One engine, input all present: the first pair waits for 2 rows (w*GI cycles each)."""
+    p = LayerPlan("c", "conv_transpose2d", 4, 4, 0, 2, 2)
+    t = frame_timeline([p], 3, 5)
+    gi, g = 2, 4
+    first = 2 * 5 * gi + 1              # rows 0 and 1 written, then one cycle to start
+    assert t["cycles"] == first + 3 * 25 * 5 * g + 4 + 1  # three pairs, engine latency 3 + log2(2)

@@ -1,0 +1,106 @@
+"""The whole decoder in RTL: bit-exact whole decodes, cycles vs the analytical model, the
+deployed files read back, the command line."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flows.cli import main
+from flows.decoder import extreme_pixels, generate_decoder
+from flows.perf import frame_timeline
+from quant.bundle import read_bundle, write_bundle
+from quant.golden import run_layers
+from quant.synthetic import decoder_layers, random_decoder_bundle
+from rtl.decoder import Decoder
+from rtl.deployed import DeploymentError, read_deployed_weights
+from sim.layer_chain import simulate_chain
+from tests.conftest import require_simulator
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("decoder") / "synthetic_N8_M8"
+    write_bundle(random_decoder_bundle(8, 8, seed=3), out)
+    return read_bundle(out)
+
+
+def test_whole_decoder_is_bit_exact_and_matches_the_cycle_model(small_bundle, tmp_path_factory):
+    require_simulator("verilator")
+    layers = decoder_layers(small_bundle)
+    dut = Decoder(layers, pi=2, po=3, max_width=4)
+    assert [(p.pi, p.po) for p in dut.plan] == [(1, 1), (1, 1), (1, 1), (1, 1), (4, 1), (1, 1), (2, 3)]
+    work = tmp_path_factory.getbasetemp() / "decoder_build"
+    names = [l.name for l in layers]
+    # 1) a 3x2 latent grid, output always ready: pixels == golden, cycles == model within 5 %
+    lat = np.random.default_rng(0).integers(-32, 33, size=(1, 8, 3, 2))
+    r = simulate_chain(dut, small_bundle.path, names, lat, work=work, timeout_cycles=10 ** 6, seed=1)
+    pix = np.load(f"{r.report['run_dir']}/outputs.npy")
+    assert pix.shape == (1, 3, 48, 32) and np.array_equal(pix, run_layers(layers, lat))
+    assert 0 <= pix.min() and pix.max() <= 255 and len(np.unique(pix)) > 20
+    model = frame_timeline(dut.plan, 3, 2)["cycles"]
+    print(f"cycles: simulated {r.report['cycles']}, model {model}, {r.report['sim_cycles_per_s']} cycles/s")
+    assert abs(model / r.report["cycles"] - 1) < 0.05
+    # 2) two frames of extreme latents back to back, input bubbles, heavy output back-pressure
+    lat = extreme_pixels(np.random.default_rng(1), (2, 8, 2, 3), 8)
+    r = simulate_chain(dut, small_bundle.path, names, lat, work=work, timeout_cycles=10 ** 6, seed=2,
+                       p_valid=0.5, p_ready=0.3)
+    assert r.report["mismatches"] == 0 and r.report["checked"] == 2 * 3 * 32 * 48
+
+
+def test_deployed_files_give_back_the_bundle_tensors(small_bundle, tmp_path):
+    man = generate_decoder(small_bundle, 4, 3, tmp_path)
+    words = man["roms"]["g_s.2_w.hex"]["depth"]
+    assert words == 25 * 8 * 8 // (man["plan"][2]["pi"] * man["plan"][2]["po"])
+    back = read_deployed_weights(tmp_path)
+    assert list(back) == [l.name for l in decoder_layers(small_bundle)]
+    for lay in decoder_layers(small_bundle):
+        for name, t in back[lay.name].items():
+            assert np.array_equal(t, lay.tensors[name]), (lay.name, name)
+    assert man["plan"][-1]["pi"] == 4 and man["plan"][-1]["po"] == 3
+    tcl = (tmp_path / "vivado.tcl").read_text()
+    assert "-part xczu9eg-ffvb1156-2-e" in tcl and "Memory Initialization Files" in tcl
+    assert (tmp_path / "decoder.xdc").read_text() == "create_clock -period 5.000 -name clk [get_ports clk]\n"
+    # a damaged ROM file is refused, naming it
+    (tmp_path / "g_s.2_w.hex").write_text("00\n")
+    with pytest.raises(DeploymentError, match=rf"g_s\.2_w\.hex: 1 words, the manifest's layout needs {words}$"):
+        read_deployed_weights(tmp_path)
+
+
+def test_cli_rtl_decoder_and_its_errors(tmp_path, capsys):
+    assert main(["rtl", "decoder", "synthetic:8:8:3", "--pi", "2", "--po", "3", "--out", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    assert "18 multipliers" in out and "fps at 200 MHz" in out
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["pi"] == 2
+    assert main(["rtl", "decoder", "synthetic:8:8:3", "--pi", "3", "--po", "3", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--pi must divide the 8 input channels of the heaviest layer 'g_s.6'" in err[0]
+    assert main(["rtl", "decoder", "synthetic:8", "--out", str(tmp_path / "f")]) == 2
+    assert "synthetic:N:M" in capsys.readouterr().err
+
+
+def test_cli_perf_table_prints_model_figures(capsys):
+    assert main(["perf", "synthetic:16:16", "--pi", "4,8", "--po", "4,8"]) == 0
+    out = capsys.readouterr().out
+    assert "| 16/16 | 8x8     | 156" in out and "15.32" in out and "93.5%" in out
+
+
+def test_sim_decode_on_the_trained_student(tmp_path):
+    """``licforge sim decode`` on a real bitstream of a held-out image crop."""
+    require_simulator("verilator")
+    from flows.decoder_bench import STUDENT_DIR, student_bundles
+
+    found = student_bundles()
+    if not found:
+        pytest.skip(f"no trained student bundle in {STUDENT_DIR}/<name>/bundle.json yet")
+    from PIL import Image
+
+    from models.data import embedded_images
+
+    img = embedded_images("held-out")["chelsea"][100:164, 150:230]
+    Image.fromarray(img).save(tmp_path / "crop.png")
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "sim", "decode", str(found[0]), str(tmp_path / "crop.png"),
+                           "--pi", "2", "--po", "2", "--max-width", "8"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "mismatches 0" in proc.stdout and "bpp" in proc.stdout and "PSNR" in proc.stdout
