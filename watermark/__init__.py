@@ -1,1 +1,16 @@
-"""White-box watermarks (WaterMAS, Uchida): embedding, attacks, extraction from deployed integers."""
+"""White-box watermarks (WaterMAS, Uchida): embedding, attacks, extraction from deployed integers.
+
+``keys``      the secret (positions / projection seed, bits) in a key file, never in the model
+``layers``    a model's or a bundle's dot layers as one chain of named weight tensors
+``watermas``  WaterMAS: sign-coded substitution + sharpness-aware maximization
+``uchida``    Uchida et al. 2017: projection regulariser on one layer's mean kernel
+``markers``   a key bound to a model with the strengths recorded in the key
+``train``     the training loop shared by embedding, QAT deployment and fine-tuning attacks
+``extract``   bits and bit error rate from any ``{layer: weight}`` (float or integers)
+``attacks``   Gaussian noise, magnitude pruning
+``permute``   function-preserving neuron permutation (models and bundles)
+``resync``    re-synchronization against the reference ("Find the Lady")
+``digits``    the digits classifier as a host; ``study`` its benchmark
+``lic``       an LIC student as a host (key in the decoder); ``lic_study`` its benchmark
+``report``    JSON, PNG plots and Markdown tables of the studies
+"""

@@ -1,0 +1,365 @@
+"""CLI of the watermark slice: ``watermark embed | deploy | extract | attack | report`` and
+``bench watermark``.  embed / deploy / attack work on the digits classifier; extract reads
+any bundle or memory-init directory (digits weight ROMs, LIC decoder); report runs the
+digits study (:mod:`watermark.study`) and the LIC study (:mod:`watermark.lic_study`).
+
+    licforge watermark embed   --scheme watermas --payload 64 --out build/wm
+    licforge watermark deploy  --model build/wm/model.pt --key build/wm/key.json --bits 4 \\
+                               --out build/wm/b4 --verilog build/wm/b4_rtl
+    licforge watermark extract --key build/wm/key.json --verilog build/wm/b4_rtl --max-ber 0
+    licforge watermark attack  --bundle build/wm/b4 --attack permute --out build/wm/b4_perm
+    licforge watermark extract --key build/wm/key.json --bundle build/wm/b4_perm \\
+                               --reference build/wm/model.pt --max-ber 0
+    licforge watermark report  (= licforge bench watermark)
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import CheckFailed, UsageError, need_dir, need_file, need_int
+
+__all__ = ["register", "BENCHES", "memory_weights"]
+
+ATTACKS = ("noise", "prune", "finetune", "quantize", "permute")
+
+
+def _key(path: str):
+    from watermark.keys import KeyFileError, load_key
+
+    try:
+        return load_key(Path(path))
+    except KeyFileError as e:
+        raise UsageError(str(e)) from None
+
+
+def _model(path: str):
+    from watermark.digits import load_digits_model
+
+    try:
+        return load_digits_model(need_file(path, "model file"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _bundle(path: str, digits: bool = True):
+    from quant.bundle import read_bundle
+
+    b = read_bundle(need_dir(path, "bundle directory"))
+    if digits and b.model.get("arch") != "digits":
+        raise UsageError(f"bundle {path}: architecture {b.model.get('arch')!r}; the watermark commands "
+                         f"deploy and attack the digits classifier (arch 'digits')")
+    return b
+
+
+def _host(args):
+    """The digits host; one torch thread (the classifier is tiny; threads only contend)."""
+    import torch
+
+    from watermark.digits import DigitsHost
+
+    torch.set_num_threads(1)
+    return DigitsHost(seed=args.seed, qat_epochs=getattr(args, "qat_epochs", 5), progress=True)
+
+
+def _verilog_weights(path: str) -> dict:
+    """Integer weights rebuilt from memory init files: the digits weight ROMs
+    (``weight_roms.json``) or an LIC decoder written by ``licforge rtl decoder``."""
+    from rtl.weight_rom import MANIFEST, read_weight_roms
+
+    d = need_dir(path, "Verilog directory")
+    try:
+        if (d / MANIFEST).is_file():
+            return read_weight_roms(d)
+        from rtl.deployed import read_deployed_weights
+        return {n: t["weight"] for n, t in read_deployed_weights(d).items() if "weight" in t}
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def memory_weights(bundle, out_dir: Path, lanes: int = 8) -> dict:
+    """Write the bundle's weight ROMs (Verilog + ``$readmemh`` files) to ``out_dir`` and read
+    the integer weights back from the files alone."""
+    from rtl.weight_rom import read_weight_roms, write_weight_roms
+    from watermark.layers import bundle_chain, chain_weights
+
+    write_weight_roms(chain_weights(bundle_chain(bundle)), out_dir, lanes=lanes, bits=bundle.model["bits"])
+    return read_weight_roms(out_dir)
+
+
+def _cmd_embed(args) -> int:
+    import copy
+
+    from watermark.digits import save_digits_model
+    from watermark.markers import MarkerParams
+    from watermark.extract import ber
+    from watermark.keys import save_key
+    from watermark.layers import chain_weights, model_chain
+
+    need_int(args.payload, "--payload", 1, 1 << 20)
+    out = Path(args.out)
+    host = _host(args)
+    base = host.train_base(args.product)
+    params = MarkerParams(watermas_lam=args.lam if args.lam is not None else MarkerParams.watermas_lam,
+                          uchida_lam=args.lam if args.lam is not None else MarkerParams.uchida_lam,
+                          min_bits=args.min_bits)
+    layers = args.layers.split(",") if args.layers else None
+    try:
+        net, key = host.embed(base, args.scheme, args.payload, args.key_seed, params=params, layers=layers)
+    except ValueError as e:
+        raise UsageError(f"--payload/--layers: {e}") from None
+    control = host.continue_training(copy.deepcopy(base), None)
+    key_path = save_key(key, Path(args.key) if args.key else out / "key.json")
+    model_path = save_digits_model(net, out / "model.pt")
+    print(f"{args.scheme}: {key.payload} bits in layers {sorted(key.layers)}; key {key_path} (keep it "
+          f"secret, apart from the model); model {model_path}")
+    print(f"accuracy marked {host.accuracy(net):.2%}, unmarked control {host.accuracy(control):.2%}; "
+          f"BER on the float weights {ber(key, chain_weights(model_chain(net))):.3f}")
+    return 0
+
+
+def _cmd_deploy(args) -> int:
+    from quant.bundle import write_bundle
+    from watermark.extract import ber
+    from watermark.layers import bundle_chain, chain_weights
+
+    need_int(args.bits, "--bits", 2, 16)
+    key, net = _key(args.key), _model(args.model)
+    host = _host(args)
+    try:
+        bundle = host.deploy(net, args.bits, key)
+    except ValueError as e:
+        raise UsageError(f"--model/--key: {e}") from None
+    write_bundle(bundle, Path(args.out))
+    line = f"bundle {args.out}: {args.bits}-bit, golden accuracy {host.bundle_accuracy(bundle):.2%}, " \
+           f"BER from the bundle integers {ber(key, chain_weights(bundle_chain(bundle))):.3f}"
+    if args.verilog:
+        need_int(args.lanes, "--lanes", 1, 256)
+        line += f", from the memory init files in {args.verilog} " \
+                f"{ber(key, memory_weights(bundle, Path(args.verilog), args.lanes)):.3f}"
+    print(line)
+    return 0
+
+
+def _cmd_extract(args) -> int:
+    from watermark.extract import bit_error_rate, extract_bits
+    from watermark.layers import bundle_chain, chain_weights, model_chain
+
+    key = _key(args.key)
+    sources = [s for s in (args.bundle, args.verilog, args.model) if s]
+    if len(sources) != 1:
+        raise UsageError("give exactly one of --bundle DIR, --verilog DIR, --model FILE")
+    if args.verilog:
+        if args.reference:
+            raise UsageError("--reference re-synchronizes a --bundle or --model (the layer graph is needed)")
+        weights = _verilog_weights(args.verilog)
+    else:
+        chain = bundle_chain(_bundle(args.bundle, digits=False)) if args.bundle else model_chain(_model(args.model))
+        if args.reference:
+            import numpy as np
+
+            from watermark.resync import resynchronize
+            try:
+                est, chain = resynchronize(model_chain(_model(args.reference)), chain)
+            except ValueError as e:
+                raise UsageError(f"--reference: {e}") from None
+            moved = sum(int((p != np.arange(len(p))).sum()) for p in est.values())
+            print(f"re-synchronized against {args.reference}: {moved} of {sum(len(p) for p in est.values())} "
+                  f"neurons were out of place")
+        weights = chain_weights(chain)
+    try:
+        bits = extract_bits(key, weights)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    rate = bit_error_rate(key, bits)
+    print(f"{key.scheme} watermark, {key.payload} bits: BER {rate:.4f} ({int(round(rate * key.payload))} "
+          f"bit errors); read: {''.join(map(str, bits[:64]))}{'...' if key.payload > 64 else ''}")
+    if args.max_ber is not None and rate > args.max_ber:
+        raise CheckFailed(f"BER {rate:.4f} is above --max-ber {args.max_ber}")
+    return 0
+
+
+def _cmd_attack(args) -> int:
+    from quant.bundle import Bundle, write_bundle
+    from watermark.attacks import gaussian_noise, magnitude_prune
+    from watermark.digits import save_digits_model
+    from watermark.extract import ber
+    from watermark.layers import bundle_chain, chain_weights, load_chain_weights, model_chain
+    from watermark.permute import permute, permute_model, random_permutation
+    from watermark.train import classifier_loss, train
+
+    if (args.model is None) == (args.bundle is None):
+        raise UsageError("give exactly one of --model FILE, --bundle DIR")
+    if args.bundle and args.attack != "permute":
+        raise UsageError(f"--attack {args.attack} works on a float --model; a --bundle can be permuted")
+    key = _key(args.key) if args.key else None
+    host = _host(args)
+    out = Path(args.out)
+    if args.bundle:
+        b = _bundle(args.bundle)
+        chain = permute(bundle_chain(b), random_permutation(bundle_chain(b), args.seed))
+        write_bundle(Bundle(b.model, b.input, chain), out)
+        print(f"permuted bundle {out}: golden accuracy {host.bundle_accuracy(b):.2%} before, "
+              f"{host.bundle_accuracy(Bundle(b.model, b.input, chain)):.2%} after", end="")
+        print(f"; BER {ber(key, chain_weights(chain)):.3f}" if key else "")
+        return 0
+    net = _model(args.model)
+    s = args.strength
+    if args.attack == "noise":
+        load_chain_weights(net, gaussian_noise(chain_weights(model_chain(net)), s, args.seed))
+    elif args.attack == "prune":
+        if not 0 <= s <= 1:
+            raise UsageError(f"--strength (pruning rate) must be in [0, 1], not {s}")
+        load_chain_weights(net, magnitude_prune(chain_weights(model_chain(net)), s))
+    elif args.attack == "finetune":
+        train(net, classifier_loss, host.attacker, steps=int(s), lr=1e-3, seed=args.seed, cosine=False)
+    elif args.attack == "permute":
+        permute_model(net, random_permutation(model_chain(net), args.seed))
+    else:
+        bundle = host.deploy(net, need_int(int(s), "--strength (bits)", 2, 16), None,
+                             epochs=10, data=host.attacker)
+        write_bundle(bundle, out)
+        print(f"quantized bundle {out}: {int(s)}-bit, golden accuracy {host.bundle_accuracy(bundle):.2%}", end="")
+        print(f"; BER {ber(key, chain_weights(bundle_chain(bundle))):.3f}" if key else "")
+        return 0
+    save_digits_model(net, out)
+    print(f"attacked model {out} ({args.attack} {s}): accuracy {host.accuracy(net):.2%}", end="")
+    print(f"; BER {ber(key, chain_weights(model_chain(net))):.3f}" if key else "")
+    return 0
+
+
+def lic_metric(bundle, out_dir: Path) -> dict:
+    """Write an LIC bundle to ``out_dir`` and measure it on the held-out images: mean PSNR
+    (dB) and bpp of real bitstreams, decoded by the integer golden model (the bundle's
+    ``path`` is then set, as :func:`decoder_weights` needs)."""
+    from models.data import embedded_images
+    from quant.bundle import write_bundle
+
+    from .lic_eval import eval_bundle
+
+    write_bundle(bundle, out_dir)
+    mean = eval_bundle(out_dir, embedded_images("held-out"))["mean"]
+    return {"psnr": mean["psnr"], "bpp": mean["bpp"]}
+
+
+def decoder_weights(bundle, out_dir: Path) -> dict:
+    """Generate the LIC decoder's Verilog (``licforge rtl decoder``, one lane each way) for a
+    written bundle and read its integer weights back from the ROM files alone."""
+    from .decoder import generate_decoder
+
+    if bundle.path is None:
+        raise ValueError("decoder_weights: write the bundle first (its path goes into the manifest)")
+    generate_decoder(bundle, 1, 1, out_dir)
+    return _verilog_weights(str(out_dir))
+
+
+def _study(results: Path, quick: bool, hosts: tuple[str, ...], products: tuple[str, ...]) -> dict:
+    """Run the digits and/or LIC studies, write ``results`` (+ PNGs), print the tables."""
+    import torch
+
+    from watermark.report import markdown_tables, write_report
+
+    torch.set_num_threads(1)
+    work = Path("build/watermark")
+    res: dict = {}
+    if "digits" in hosts:
+        from watermark.study import StudyConfig, run_study
+
+        cfg = StudyConfig(products=products)
+        if quick:
+            cfg = StudyConfig(products=products, payloads=(64,), noise=(0.0, 0.5, 1.0, 2.0), noise_seeds=1,
+                              prune=(0.0, 0.5, 0.9), finetune_steps=(0, 100), quant_bits=(8, 4, 2),
+                              perm_finetune_steps=50, wrong_keys=5)
+        res["digits"] = run_study(cfg, memory_weights=lambda b, tag: memory_weights(b, work / "rtl" / tag))
+    if "lic" in hosts:
+        from watermark.lic import LICHost
+        from watermark.lic_study import LICStudyConfig, run_lic_study
+
+        host = LICHost(steps=20 if quick else LICHost.steps)
+        cfg = LICStudyConfig(w_bits=(8, 4), wrong_keys=5) if quick else LICStudyConfig()
+        res["lic"] = run_lic_study(host, cfg, metric=lambda b, tag: lic_metric(b, work / "lic" / tag / "bundle"),
+                                   memory_weights=lambda b, tag: decoder_weights(b, work / "lic" / tag / "rtl"))
+    paths = write_report(res, results)
+    print(markdown_tables(res))
+    print("wrote " + ", ".join(map(str, paths)))
+    return res
+
+
+def _cmd_report(args) -> int:
+    hosts, products = tuple(args.hosts.split(",")), tuple(args.products.split(","))
+    for h in hosts:
+        if h not in ("digits", "lic"):
+            raise UsageError(f"--hosts: {h!r} is not 'digits' or 'lic'")
+    for p in products:
+        if p not in ("mul", "min"):
+            raise UsageError(f"--products: {p!r} is not 'mul' or 'min'")
+    _study(Path(args.out), args.quick, hosts, products)
+    return 0
+
+
+def _bench_watermark(results: Path) -> str:
+    res = _study(results / "watermark.json", False, ("digits", "lic"), ("mul", "min"))
+    runs = sum(len(p["runs"]) for p in res["digits"]["products"].values()) + len(res["lic"]["runs"])
+    return f"wrote {results / 'watermark.json'} ({runs} runs)"
+
+
+BENCHES = {"watermark": _bench_watermark}
+
+
+def register(groups: dict) -> None:
+    """Add ``watermark embed|deploy|extract|attack|report`` to the ``licforge`` parser."""
+    g = groups["watermark"]
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seed", type=int, default=0, help="data split and training seed (default 0)")
+
+    p = g.add_parser("embed", help="train the digits classifier with a watermark; write model + key file")
+    p.add_argument("--scheme", choices=("watermas", "uchida"), default="watermas")
+    p.add_argument("--payload", type=int, default=64, help="watermark bits (default 64)")
+    p.add_argument("--product", choices=("mul", "min"), default="mul", help="exact CNN or MinConv")
+    p.add_argument("--key-seed", type=int, default=1, help="seed of the key (positions, bits, matrix)")
+    p.add_argument("--layers", help="comma-separated layers the key may use (default: all)")
+    p.add_argument("--lam", type=float, help="embedding strength (default: WaterMAS 1.0, Uchida 0.1)")
+    p.add_argument("--min-bits", type=int, default=4, help="coarsest deployment bit width (WaterMAS floor)")
+    p.add_argument("--out", default="build/watermark", help="directory for model.pt (and key.json)")
+    p.add_argument("--key", help="key file (default OUT/key.json)")
+    common(p)
+    p.set_defaults(func=_cmd_embed)
+
+    p = g.add_parser("deploy", help="QAT with the key preserved -> bundle (+ weight-ROM Verilog)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--qat-epochs", type=int, default=5)
+    p.add_argument("--out", required=True, help="bundle directory")
+    p.add_argument("--verilog", help="also write weight ROMs (Verilog + $readmemh files) here")
+    p.add_argument("--lanes", type=int, default=8, help="weights per ROM word (LaneArray lanes)")
+    common(p)
+    p.set_defaults(func=_cmd_deploy)
+
+    p = g.add_parser("extract", help="read the watermark back and report the BER")
+    p.add_argument("--key", required=True)
+    p.add_argument("--bundle", help="deployment bundle directory")
+    p.add_argument("--verilog", help="directory of memory init files beside the generated Verilog")
+    p.add_argument("--model", help="float model file")
+    p.add_argument("--reference", help="owner's float model: re-synchronize permuted neurons first")
+    p.add_argument("--max-ber", type=float, help="exit 1 if the BER is above this")
+    p.set_defaults(func=_cmd_extract)
+
+    p = g.add_parser("attack", help="attack a model (or permute a bundle) without the key")
+    p.add_argument("--attack", choices=ATTACKS, required=True)
+    p.add_argument("--strength", type=float, default=0.0,
+                   help="noise sigma (x layer std) | pruning rate | fine-tuning steps | bits")
+    p.add_argument("--model", help="float model file")
+    p.add_argument("--bundle", help="bundle directory (permute only)")
+    p.add_argument("--out", required=True, help="attacked model file (bundle directory for quantize/--bundle)")
+    p.add_argument("--key", help="report the BER with this key")
+    common(p)
+    p.set_defaults(func=_cmd_attack)
+
+    p = g.add_parser("report", help="the whole study -> bench/results/watermark.json + PNGs")
+    p.add_argument("--out", default="bench/results/watermark.json")
+    p.add_argument("--hosts", default="digits,lic", help="digits classifier, LIC student or both")
+    p.add_argument("--products", default="mul,min", help="mul (exact CNN), min (MinConv) or both")
+    p.add_argument("--quick", action="store_true", help="one payload, short sweeps (a smoke run)")
+    p.set_defaults(func=_cmd_report)

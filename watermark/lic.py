@@ -1,0 +1,94 @@
+"""An LIC student as a watermark host: the key lives in the decoder, embedded during QAT.
+
+Only the synthesis transform (``g_s.0``, ``g_s.2``, ``g_s.4``, ``g_s.6``, transposed
+convolutions) is deployed in the decoder hardware, so the key is drawn over those layers and
+read back from the bundle or from the decoder's ROM files (``licforge rtl decoder``,
+:func:`rtl.deployed.read_deployed_weights`).  Deployment at ``w_bits`` is the student's
+Brevitas model with the ``hybrid8`` recipe and every convolution's weights at ``w_bits``:
+post-training calibration (:func:`quant.lic.quantize_student` without training), then QAT
+with :func:`watermark.train.train` on random training crops of the embedded images and the
+rate-distortion loss ``bpp + lmbda * MSE`` (:func:`models.lic_train.rd_terms`, ``lmbda`` of
+the student), the GDN constraints re-imposed after every step, and the marker bound (or
+not, for the control).  The imperceptibility metrics (PSNR, bpp of real bitstreams) are
+measured by the caller on the exported bundle (:func:`flows.lic_eval.eval_bundle`).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from quant.bundle import Bundle
+from .keys import WatermarkKey, make_key
+from .layers import model_chain
+from .train import Marker, train
+
+__all__ = ["LICHost", "DECODER_LAYERS", "DEFAULT_STUDENT"]
+
+DECODER_LAYERS = ("g_s.0", "g_s.2", "g_s.4", "g_s.6")
+DEFAULT_STUDENT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "student_n16.pt"
+
+
+@dataclass
+class LICHost:
+    """A float LIC student and the QAT recipe used to deploy it with or without a mark."""
+    weights: Path = DEFAULT_STUDENT
+    steps: int = 150
+    lr: float = 1e-3
+    crops: int = 64
+    crop: int = 64
+    batch: int = 8
+    seed: int = 0
+    net: nn.Module = field(init=False)
+    data: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        from models.data import CropSampler, embedded_images
+        from models.lic import load_weights
+
+        self.net, self.cfg, self.meta = load_weights(self.weights)
+        self.lmbda = float(self.meta.get("lmbda") or 0.013)
+        self.images = embedded_images("train")
+        sampler = CropSampler(self.images, self.crop, self.crops, self.seed)
+        self.data = sampler()
+
+    def loss(self, net: nn.Module, batch) -> Tensor:
+        """Rate-distortion loss ``bpp + lmbda * MSE`` (MSE on the 0..255 scale)."""
+        from models.lic_train import rd_terms
+
+        (x,) = batch
+        bpp, mse = rd_terms(net(x), x)
+        return bpp + self.lmbda * mse
+
+    def key(self, scheme: str, payload: int, seed: int, params: dict | None = None) -> WatermarkKey:
+        """A key over the decoder layers of the student."""
+        return make_key(scheme, model_chain(self.net), payload, seed, layers=DECODER_LAYERS,
+                        model={"arch": "lic", "student": self.weights.name, "N": self.cfg.N, "M": self.cfg.M},
+                        params=params)
+
+    def quantize(self, w_bits: int) -> nn.Module:
+        """The PTQ'd Brevitas student, ``hybrid8`` with ``w_bits``-bit convolution weights."""
+        from quant.lic import quantize_student
+        from quant.lic_recipe import load_recipe, parse_recipe
+
+        data = copy.deepcopy(load_recipe("hybrid8").data)
+        data["name"], data["conv"]["w_bits"] = f"hybrid8-w{w_bits}", w_bits
+        recipe = parse_recipe(data, f"hybrid8 with {w_bits}-bit weights")
+        q, _ = quantize_student(self.net, self.cfg, recipe, self.images, train=None, seed=self.seed, log=None)
+        return q
+
+    def qat(self, q: nn.Module, marker: Marker | None) -> nn.Module:
+        """``steps`` QAT steps on ``q`` in place (GDN constraints re-imposed every step)."""
+        train(q, self.loss, (self.data,), steps=self.steps, lr=self.lr, batch=self.batch, seed=self.seed,
+              marker=marker, on_step=lambda k, m: m.project_(), desc="LIC QAT")
+        return q
+
+    @staticmethod
+    def export(q: nn.Module) -> Bundle:
+        """The deployment bundle of ``q`` (entropy coder prepared first)."""
+        from quant.lic import export_bundle, prepare_entropy_coder
+
+        prepare_entropy_coder(q.entropy_bottleneck)
+        return export_bundle(q)

@@ -1,0 +1,51 @@
+"""Binding a key to a model: the marker of the key's scheme, with the key's strengths.
+
+The embedding strengths are recorded in the key file (``params``) when the key is made, so
+that deployment (QAT with the marker still bound) uses the same ones without the caller
+repeating them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from .keys import WatermarkKey
+from .train import Marker
+from .uchida import Uchida
+from .watermas import WaterMAS
+
+__all__ = ["MarkerParams", "bind_marker"]
+
+
+@dataclass(frozen=True)
+class MarkerParams:
+    """Embedding strengths: WaterMAS ``lam``/``rho``/``cap`` and bit floor, Uchida ``lam``."""
+    watermas_lam: float = 1.0
+    watermas_rho: float = 1.0
+    watermas_cap: float = 0.5
+    min_bits: int = 4
+    floor_lsb: float = 1.5
+    uchida_lam: float = 0.1
+
+    def for_scheme(self, scheme: str) -> dict[str, Any]:
+        if scheme == "watermas":
+            return {"lam": self.watermas_lam, "rho": self.watermas_rho, "cap": self.watermas_cap,
+                    "min_bits": self.min_bits, "floor_lsb": self.floor_lsb}
+        return {"lam": self.uchida_lam}
+
+
+def bind_marker(key: WatermarkKey, model: nn.Module, *, write: bool = False) -> Marker:
+    """The key's marker bound to ``model`` with the strengths recorded in the key.  With
+    ``write`` (WaterMAS) the bits are substituted first; otherwise the model must carry them."""
+    p = key.params
+    if key.scheme == "uchida":
+        return Uchida(key, model, lam=p.get("lam", MarkerParams.uchida_lam))
+    m = WaterMAS(key, model, lam=p.get("lam", MarkerParams.watermas_lam),
+                 rho=p.get("rho", MarkerParams.watermas_rho), cap=p.get("cap", MarkerParams.watermas_cap))
+    if write:
+        m.write(p.get("min_bits", MarkerParams.min_bits), p.get("floor_lsb", MarkerParams.floor_lsb))
+    else:
+        m.require_carried()
+    return m

@@ -1,0 +1,194 @@
+"""Report of the watermark studies: ``watermark.json``, PNGs, Markdown tables.
+
+``results`` holds ``"digits"`` (:func:`watermark.study.run_study`) and/or ``"lic"``
+(:func:`watermark.lic_study.run_lic_study`).  Each digits PNG (one per product) has a row
+per attack (noise, pruning, fine-tuning, quantization) and two columns, BER and task accuracy
+against attack strength, with WaterMAS (solid) and Uchida (dashed) side by side for every
+payload; the dotted line is the 10 % BER limit.  The LIC PNG shows the deployed BER and the
+PSNR against the weight bit width, marked vs control.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["write_report", "markdown_tables", "ATTACK_AXES"]
+
+ATTACK_AXES = {
+    "noise": "Gaussian noise sigma (x layer std)",
+    "prune": "magnitude pruning rate",
+    "finetune": "fine-tuning steps (attacker data)",
+    "quantize": "attacker QAT bit width",
+}
+_HOST = {"mul": "exact CNN", "min": "MinConv CNN"}
+
+
+def _plot(product: str, pres: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {k: r for k, r in pres["runs"].items() if "attacks" in r}
+    fig, axes = plt.subplots(len(ATTACK_AXES), 2, figsize=(10, 3.1 * len(ATTACK_AXES)))
+    for row, (attack, label) in enumerate(ATTACK_AXES.items()):
+        for name, r in runs.items():
+            pts = r["attacks"][attack]
+            xs = [p["strength"] for p in pts]
+            style = "-" if r["scheme"] == "watermas" else "--"
+            nice = f"{'WaterMAS' if r['scheme'] == 'watermas' else 'Uchida'} {r['payload']} b"
+            axes[row, 0].plot(xs, [100 * p["ber"] for p in pts], style, marker="o", ms=3, label=nice)
+            axes[row, 1].plot(xs, [100 * p["accuracy"] for p in pts], style, marker="o", ms=3, label=nice)
+        axes[row, 0].axhline(10, color="k", ls=":", lw=1)
+        axes[row, 0].set_ylabel("BER (%)")
+        axes[row, 1].set_ylabel("test accuracy (%)")
+        for ax in axes[row]:
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+            if attack == "quantize":
+                ax.invert_xaxis()
+            if attack == "finetune":
+                ax.set_xscale("symlog", linthresh=25)
+                ax.set_xlim(left=0)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"Watermarks on the {_HOST.get(product, product)} (digits): BER and accuracy vs attack strength")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_lic(lic: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits = [int(b) for b in lic["config"]["w_bits"]]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    axes[1].plot(bits, [lic["control"][str(b)]["psnr"] for b in bits], "k:", marker="s", ms=4, label="control")
+    for r in lic["runs"].values():
+        style = "-" if r["scheme"] == "watermas" else "--"
+        nice = f"{'WaterMAS' if r['scheme'] == 'watermas' else 'Uchida'} {r['payload']} b"
+        dep = r["deployed"]
+        axes[0].plot(bits, [100 * dep[str(b)]["ber_bundle"] for b in bits], style, marker="o", ms=4, label=nice)
+        axes[1].plot(bits, [dep[str(b)]["psnr"] for b in bits], style, marker="o", ms=4, label=nice)
+    top = max(100 * r["deployed"][str(b)]["ber_bundle"] for r in lic["runs"].values() for b in bits)
+    axes[0].set_ylim(-1, max(10.0, 1.1 * top))
+    axes[0].set_ylabel("BER of the deployed integers (%)")
+    axes[1].set_ylabel("PSNR, held-out images (dB)")
+    for ax in axes:
+        ax.set_xlabel("weight bit width")
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Watermarks in the decoder of the LIC student N={lic['N']} (key in {', '.join(lic['key_layers'])})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(results: dict, out_json: Path) -> list[Path]:
+    """Write ``out_json`` and the PNGs beside it (``<stem>_<product>.png`` per digits host,
+    ``<stem>_lic.png``); returns the paths."""
+    out_json = Path(out_json)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=1))
+    paths = [out_json]
+    for product, pres in results.get("digits", {}).get("products", {}).items():
+        png = out_json.with_name(f"{out_json.stem}_{product}.png")
+        _plot(product, pres, png)
+        paths.append(png)
+    if "lic" in results:
+        png = out_json.with_name(f"{out_json.stem}_lic.png")
+        _plot_lic(results["lic"], png)
+        paths.append(png)
+    return paths
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f} %"
+
+
+def markdown_tables(results: dict) -> str:
+    """The studies' headline numbers as Markdown tables (for the README and the console)."""
+    out = []
+    if "digits" in results:
+        out += _digits_tables(results["digits"])
+    if "lic" in results:
+        out += _lic_table(results["lic"])
+    return "\n".join(out)
+
+
+def _lic_table(lic: dict) -> list[str]:
+    bits = [str(b) for b in lic["config"]["w_bits"]]
+    out = ["", f"| LIC student N={lic['N']} | weights | PSNR (dB) | bpp | BER bundle | BER decoder ROM files | "
+               f"wrong keys, mean BER |", "|---|---|---|---|---|---|---|"]
+    for b in bits:
+        c = lic["control"][b]
+        out.append(f"| control (no watermark) | {b}-bit | {c['psnr']:.2f} | {c['bpp']:.4f} | – | – | – |")
+    for r in lic["runs"].values():
+        for b in bits:
+            d = r["deployed"][b]
+            out.append(f"| {r['scheme']} {r['payload']} bits | {b}-bit | {d['psnr']:.2f} | {d['bpp']:.4f} | "
+                       f"{_pct(d['ber_bundle'])} | {_pct(d.get('ber_memory_files'))} | "
+                       f"{_pct(d['ber_wrong_keys_mean'])} |")
+    out += ["", "| LIC student, permuted deployed bundle | weights | golden pixels changed | BER without re-sync | "
+                "BER with re-sync | neurons restored |", "|---|---|---|---|---|---|"]
+    for r in lic["runs"].values():
+        for b in bits:
+            p = r["deployed"][b].get("permutation")
+            if p:
+                out.append(f"| {r['scheme']} {r['payload']} bits | {b}-bit | {p['golden_pixel_mismatches']} of "
+                           f"{p['pixels_checked']} | {_pct(p['ber_without_resync'])} | {_pct(p['ber_with_resync'])} | "
+                           f"{_pct(p['neurons_restored'])} |")
+    return out
+
+
+def _digits_tables(results: dict) -> list[str]:
+    bits = results["config"]["deploy_bits"]
+    out = []
+    out.append("| host | scheme | payload | accuracy marked / control | " +
+               " | ".join(f"BER {b}-bit bundle / hex" for b in bits) + " | wrong keys, mean BER |")
+    out.append("|---|---|---|---|" + "---|" * len(bits) + "---|")
+    for product, pres in results["products"].items():
+        for r in pres["runs"].values():
+            if "skipped" in r:
+                out.append(f"| {_HOST[product]} | {r['scheme']} | {r['payload']} | not embedded: {r['skipped']} |"
+                           + " |" * (len(bits) + 1))
+                continue
+            dep = r["deployed"]
+            cells = [f"{_pct(dep[str(b)]['ber_bundle'])} / {_pct(dep[str(b)].get('ber_memory_files'))}"
+                     for b in bits]
+            wrong = dep[str(min(bits))]["ber_wrong_keys_mean"]
+            out.append(f"| {_HOST[product]} | {r['scheme']} | {r['payload']} | "
+                       f"{_pct(r['accuracy_marked'])} / {_pct(pres['accuracy_control'])} | "
+                       + " | ".join(cells) + f" | {_pct(wrong)} |")
+    out.append("")
+    out.append("| host | scheme | payload | " + " | ".join(
+        f"{a}: strength for BER > 10 % (accuracy lost)" for a in ATTACK_AXES) + " |")
+    out.append("|---|---|---|" + "---|" * len(ATTACK_AXES))
+    for product, pres in results["products"].items():
+        for r in pres["runs"].values():
+            if "skipped" in r:
+                continue
+            cells = []
+            for a in ATTACK_AXES:
+                hit = r["ber_above_limit"][a]
+                top = r["attacks"][a][-1]
+                cells.append(f"not reached (at {top['strength']}: BER {_pct(top['ber'])}, accuracy "
+                             f"{_pct(top['accuracy'])})" if hit is None else
+                             f"{hit['strength']} ({_pct(hit['accuracy_loss'])})")
+            out.append(f"| {_HOST[product]} | {r['scheme']} | {r['payload']} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("| host | scheme | payload | case | BER without re-sync | BER with re-sync | neurons restored |")
+    out.append("|---|---|---|---|---|---|---|")
+    for product, pres in results["products"].items():
+        for r in pres["runs"].values():
+            if "skipped" in r:
+                continue
+            for case, v in r["permutation"].items():
+                if isinstance(v, dict):
+                    name = case if case != "deployed" else f"deployed {v['bits']}-bit (golden logits changed: " \
+                                                           f"{v['golden_logit_mismatches']})"
+                    out.append(f"| {_HOST[product]} | {r['scheme']} | {r['payload']} | {name} | "
+                               f"{_pct(v['ber_without_resync'])} | {_pct(v['ber_with_resync'])} | "
+                               f"{_pct(v['neurons_restored'])} |")
+    return out
