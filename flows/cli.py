@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
         print(f"licforge: error: {e}", file=sys.stderr)
         return 2
+    except CheckFailed as e:
+        print(f"licforge: check failed: {e}", file=sys.stderr)
+        return 1
     except Exception as e:  # errors of our own boundary checks carry their own message
         from quant.bundle import BundleError
         from sim.runner import SimulatorUnavailable
@@ -83,9 +86,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"licforge: error: {e}", file=sys.stderr)
             return 2
         raise
-    except CheckFailed as e:
-        print(f"licforge: check failed: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("licforge: interrupted", file=sys.stderr)
         return 130

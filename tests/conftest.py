@@ -1,12 +1,12 @@
 """Shared fixtures: one trained digits classifier per session, simulator selection."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# one intra-op thread: the models here are small, and OpenMP threads that compete with the
+# simulator builds (or anything else on a 2-core CI machine) slow training down several-fold
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +36,27 @@ def require_simulator(name: str) -> None:
         simulator_env(name)
     except SimulatorUnavailable as e:
         pytest.skip(str(e))
+
+
+LIC_BUNDLE = "models/checkpoints/bundles/student_n16_hybrid8"
+
+
+@pytest.fixture(scope="session")
+def lic_bundle():
+    """The committed N=16 student's deployment bundle (hybrid8 QAT)."""
+    from pathlib import Path
+
+    from quant.bundle import read_bundle
+
+    return read_bundle(Path(__file__).resolve().parent.parent / LIC_BUNDLE)
+
+
+@pytest.fixture(scope="session")
+def lic_quant():
+    """The committed Brevitas model that the bundle was exported from."""
+    from pathlib import Path
+
+    from quant.lic import load_quantized
+
+    root = Path(__file__).resolve().parent.parent
+    return load_quantized(root / (LIC_BUNDLE + ".quant.pt"))[0]
