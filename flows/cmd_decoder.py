@@ -47,12 +47,13 @@ def _cmd_rtl_gdn(args) -> int:
     from .decoder import load_decoder_bundle
 
     bundle = load_decoder_bundle(args.bundle)
-    gdns = [l for l in decoder_layers(bundle) if l.op == "igdn" and args.layer in (None, l.name)]
+    pool = decoder_layers(bundle) if args.layer is None else bundle.layers
+    gdns = [l for l in pool if l.op in ("igdn", "gdn") and args.layer in (None, l.name)]
     if not gdns:
-        raise UsageError(f"--layer: bundle {bundle.path} has no igdn layer {args.layer or ''}")
+        raise UsageError(f"--layer: bundle {bundle.path} has no igdn/gdn layer {args.layer or ''}")
     lay = gdns[0]
     try:
-        unit = GdnUnit.for_layer(lay, pi=args.pi, po=args.po or 1)
+        unit = GdnUnit.for_layer(lay, pi=args.pi, po=args.po or 1, div_bits=args.div_bits)
     except ValueError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out or f"build/rtl/gdn_{bundle.hash[:12]}_{lay.name}_pi{unit.pi}_po{unit.po}")
@@ -60,7 +61,8 @@ def _cmd_rtl_gdn(args) -> int:
     (out / "manifest.json").write_text(json.dumps({"design": "gdn", "top": "gdn", "bundle": str(bundle.path),
                                                    "sources": [s.name for s in sources],
                                                    "blocks": [unit.deployment()]}, indent=1))
-    print(f"GdnUnit {lay.name} (C={unit.channels}, PI={unit.pi}, PO={unit.po}): "
+    print(f"GdnUnit {lay.name} ({'inverse' if unit.inverse else 'forward'}, C={unit.channels}, PI={unit.pi}, "
+          f"PO={unit.po}, latency {unit.latency}): "
           f"{', '.join(str(s) for s in sources)}")
     return 0
 
@@ -163,9 +165,11 @@ def register(groups: dict) -> None:
     p.add_argument("--clock-mhz", type=float, default=200.0, help="clock constraint and fps figures (MHz)")
     p.set_defaults(func=_cmd_rtl_decoder)
 
-    p = groups["rtl"].add_parser("gdn", help="one inverse-GDN unit of a bundle")
+    p = groups["rtl"].add_parser("gdn", help="one GDN unit of a bundle: inverse (igdn) or forward (gdn, --layer g_a.1)")
     _common(p, layer=True)
     p.add_argument("--out", help="output directory")
+    p.add_argument("--div-bits", type=int, default=None,
+                   help="forward GDN: quotient bits per divider stage (default 2; fewer stages, longer paths)")
     p.set_defaults(func=_cmd_rtl_gdn)
 
     for kind, what in (("convt", "a ConvTransposeEngine"), ("gdn", "a GdnUnit"), ("decoder", "the whole decoder")):

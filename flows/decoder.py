@@ -141,15 +141,19 @@ def _need_encoder(bundle) -> None:
 
 
 def layer_inputs(bundle, image: np.ndarray) -> dict[str, np.ndarray]:
-    """The input tensor of every decoder layer when ``image`` (uint8 H x W x 3) is compressed
-    to a real bitstream with the bundle and its latents are decoded by the golden model."""
-    from quant.codec import decode_latents, encode_image
+    """The input tensor of every layer when ``image`` (uint8 H x W x 3) is compressed to a
+    real bitstream with the bundle (encoder layers: the golden encoder on the padded image)
+    and its latents are decoded by the golden model (decoder layers)."""
+    from quant.codec import decode_latents, encode_image, pad_image
     from quant.golden import run_layer
     from quant.synthetic import decoder_layers
 
     _need_encoder(bundle)
+    out, x = {}, pad_image(np.asarray(image))
+    for lay in bundle.layers[:[l.op for l in bundle.layers].index("latent")]:
+        out[lay.name] = x
+        x = run_layer(lay, x)
     x, _ = decode_latents(bundle, encode_image(bundle, np.asarray(image)))
-    out = {}
     for lay in decoder_layers(bundle):
         out[lay.name] = x
         x = run_layer(lay, x)
@@ -158,17 +162,18 @@ def layer_inputs(bundle, image: np.ndarray) -> dict[str, np.ndarray]:
 
 def _block_layers(bundle, kind: str, layer: str | None) -> list:
     """The bundle layers a block under test computes: all of them for 'decoder', else the
-    named (or first) ``conv_transpose2d`` ('convt') or ``igdn`` ('gdn') layer."""
+    named ``conv_transpose2d`` ('convt') or ``igdn``/``gdn`` ('gdn', encoder layers too)
+    layer, by default the first of the decoder."""
     from quant.synthetic import decoder_layers
 
     layers = decoder_layers(bundle)
     if kind == "decoder":
         return layers
-    op = {"convt": "conv_transpose2d", "gdn": "igdn"}[kind]
-    cands = [l for l in layers if l.op == op and layer in (None, l.name)]
+    ops = {"convt": ("conv_transpose2d",), "gdn": ("igdn", "gdn")}[kind]
+    cands = [l for l in (layers if layer is None else bundle.layers) if l.op in ops and layer in (None, l.name)]
     if not cands:
-        raise UsageError(f"--layer: bundle {bundle.path} has no {op} layer {layer or ''} "
-                         f"(its layers: {[l.name for l in layers]})")
+        raise UsageError(f"--layer: bundle {bundle.path} has no {'/'.join(ops)} layer {layer or ''} "
+                         f"(its layers: {[l.name for l in bundle.layers]})")
     return cands[:1]
 
 
@@ -180,6 +185,9 @@ def _default_parallelism(bundle, kind: str, layer) -> tuple[int, int]:
 
     if kind == "decoder":
         return default_parallelism(decoder_layers(bundle))
+    if kind == "gdn":
+        c = len(layer.tensors["beta"])
+        return largest_divisor(c, 8), largest_divisor(c, 8)
     _, _, cin, cout, _ = layer_shapes([layer])[0]
     return largest_divisor(cin, 8), largest_divisor(cout, 8)
 

@@ -1,26 +1,28 @@
-"""Fixed-point inverse GDN of the quantized model, on a pixel stream.
+"""Fixed-point GDN of the quantized model, inverse or forward, on a pixel stream.
 
     n_i = requantize_u(beta_i + sum_j gamma_ij |x_j|, norm_shift, norm_bits)   (unsigned)
-    y_i = requantize(x_i * n_i, out_shift, out_bits)                            (signed)
+    inverse: y_i = requantize(x_i * n_i, out_shift, out_bits)                   (signed)
+    forward: y_i = saturate(round_half_even(x_i * 2^-out_shift / n_i), out_bits)
 
-exactly :func:`quant.golden.igdn_int` (the simplified GDN of Johnston et al. 2019 that the
-quantized PyTorch model trains with: L1 norm, no square root, no division).
+exactly :func:`quant.golden.igdn_int` / :func:`quant.golden.gdn_int` (the simplified GDN of
+Johnston et al. 2019 that the quantized PyTorch model trains with: L1 norm, no square root).
+The two differ only after the norm: a multiplier, or a pipelined restoring divider.
 """
 from __future__ import annotations
 
 import numpy as np
-from amaranth import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant.fixed import accumulator_bits, check_bits, int_range
+from quant.fixed import accumulator_bits, check_bits, int_range, requantize
 from .conv_transpose import pack_words
 from .emit import rom_file_attr
 from .mac_pipe import Delayed, accumulate, check_divisor, delay, emit_pixels, mac_array
 from .requantizer import requantize_expr
 
-__all__ = ["GdnUnit", "gamma_layout", "gdn_latency"]
+__all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "divide_round_half_even"]
 
 
 def gamma_layout(channels: int, pi: int, po: int) -> np.ndarray:
@@ -32,32 +34,81 @@ def gamma_layout(channels: int, pi: int, po: int) -> np.ndarray:
     return np.stack(words)
 
 
-def gdn_latency(pi: int) -> int:
+def gdn_latency(pi: int, tail: int = 1) -> int:
     """Cycles from the issue of a pixel's last item to its output beat: ROM read, multipliers,
-    ``ceil(log2 PI)`` adder-tree levels, accumulator + norm, ``x * n``, requantizer."""
-    return 5 + (pi - 1).bit_length()
+    ``ceil(log2 PI)`` adder-tree levels, accumulator + norm, ``tail`` (1 for the inverse's
+    ``x * n``; the divider's stages for the forward GDN), output register."""
+    return 4 + (pi - 1).bit_length() + tail
+
+
+def divide_round_half_even(m: Module, x: Value, n: Value, *, num_shift: int, den_shift: int, out_bits: int,
+                           bits_per_stage: int, enable: Value, name: str) -> tuple[Value, int]:
+    """``saturate(round_half_even((x << num_shift) / (n << den_shift)), out_bits)`` for signed
+    ``x`` and unsigned ``n >= 1``: :func:`quant.golden.div_round_half_even` then saturation.
+
+    Restoring division of ``a = |x| << num_shift`` by ``d = n << den_shift`` into
+    ``Q = out_bits - 1`` quotient bits: ``a >= d << Q`` saturates whatever the rounding;
+    otherwise bit ``k`` (MSB first) is set when ``(r >> k) >= d``, a ``(w(d) + 1)``-bit
+    subtraction.  The quotient ``q`` and remainder ``r`` round half to even (``2r > d``, or
+    ``2r == d`` and ``q`` odd), the sign is applied (exact: half-to-even is symmetric) and the
+    result saturates.  A register (clocked by ``enable``) follows every ``bits_per_stage``
+    quotient bits; returns the combinational result after the last register and the number of
+    registers, ``ceil(Q / bits_per_stage)``."""
+    qb = out_bits - 1
+    d = Cat(Const(0, den_shift), n)
+    dw = len(d)
+    a = Cat(Const(0, num_shift), abs(x))
+    r = Signal(dw + qb, name=f"{name}_r0")  # a, cut to the bits a non-saturating quotient leaves
+    m.d.comb += r.eq(a)
+    st = {"r": r, "d": d, "q": Const(0, 0), "neg": x < 0, "ovf": (a >> qb) >= d}
+    stages = 0
+    for k in reversed(range(qb)):
+        top = st["r"][k:k + dw + 1]  # r < d << (k + 1) unless the quotient saturates
+        ge = top >= st["d"]
+        st["r"] = Mux(ge, Cat(st["r"][:k], (top - st["d"])[:dw + 1]), st["r"])[:dw + k]
+        st["q"] = Cat(ge, st["q"])
+        if (qb - k) % bits_per_stage == 0 or k == 0:
+            stages += 1
+            regs = {}
+            for key, v in st.items():
+                regs[key] = Signal(v.shape(), name=f"{name}_{key}{stages}")
+                m.d.sync += regs[key].eq(Mux(enable, v, regs[key]))
+            st = regs
+    r, q, d = st["r"], st["q"], st["d"]
+    twice = Cat(Const(0, 1), r)
+    mag = q + ((twice > d) | ((twice == d) & q[0]))
+    lo, hi = int_range(out_bits, True)
+    y = Mux(st["ovf"], Mux(st["neg"], lo, hi), Mux(st["neg"], -mag, Mux(mag > hi, hi, mag)))
+    return y[:out_bits].as_signed(), stages
 
 
 class GdnUnit(wiring.Component):
-    """Inverse GDN of ``C`` channels: ``y = requantize(x * n, out_shift, out_bits)`` with the
-    norm ``n`` above; ``x`` signed ``x_bits``, ``gamma`` (C, C) >= 0 signed ``gamma_bits``,
-    ``beta`` (C,) signed ``beta_bits`` at the scale of ``gamma |x|``, ``n`` unsigned
-    ``norm_bits``.
+    """GDN of ``C`` channels with the norm ``n`` above: the inverse
+    ``y = requantize(x * n, out_shift, out_bits)`` or, with ``inverse=False``, the forward
+    ``y = saturate(round_half_even(x * 2^-out_shift / n), out_bits)``; ``x`` signed ``x_bits``,
+    ``gamma`` (C, C) >= 0 signed ``gamma_bits``, ``beta`` (C,) signed ``beta_bits`` at the scale
+    of ``gamma |x|``, ``n`` unsigned ``norm_bits`` (the forward GDN needs every beta to
+    requantize to a norm >= 1, as :func:`quant.golden.gdn_int` does).
 
     Parallelism: ``po`` norms per item, each over ``pi`` input channels: ``PI * PO``
-    multipliers for ``gamma |x|`` and ``PO`` for ``x * n``; a pixel takes
-    ``(C/PI) * (C/PO)`` cycles, so ``pi = po = C`` is one pixel per cycle, fully pipelined.
-    ``gamma``/``beta`` live in ROMs initialised from ``<name>_gamma.hex`` / ``<name>_beta.hex``.
+    multipliers for ``gamma |x|``, then ``PO`` multipliers for ``x * n`` (inverse) or ``PO``
+    pipelined restoring dividers of ``out_bits - 1`` quotient bits, ``div_bits`` of them per
+    stage (forward; :func:`divide_round_half_even`, ``(out_bits - 1) * PO`` subtractors of
+    ``norm_bits + max(0, out_shift) + 1`` bits); a pixel takes ``(C/PI) * (C/PO)`` cycles, so
+    ``pi = po = C`` is one pixel per cycle, fully pipelined.  ``gamma``/``beta`` live in ROMs
+    initialised from ``<name>_gamma.hex`` / ``<name>_beta.hex``.
 
     Timing: the input pixel is held while its items issue (the next one is accepted in the
     cycle its last item issues); latency from the last item to the output beat
-    ``5 + ceil(log2 PI)`` cycles.  A finished pixel waits in the output register; the unit
-    stalls only when a second one finishes meanwhile.
+    ``4 + ceil(log2 PI) + T`` cycles (:func:`gdn_latency`), ``T = 1`` for the inverse and
+    ``ceil((out_bits - 1) / div_bits)`` for the forward GDN (8-bit output, ``div_bits = 2``:
+    ``T = 4``).  A finished pixel waits in the output register; the unit stalls only when a
+    second one finishes meanwhile.
     """
 
     def __init__(self, gamma: np.ndarray, beta: np.ndarray, *, x_bits: int, gamma_bits: int, beta_bits: int,
                  norm_shift: int, norm_bits: int, out_shift: int, out_bits: int, pi: int | None = None,
-                 po: int = 1, name: str = "igdn") -> None:
+                 po: int = 1, inverse: bool = True, div_bits: int | None = None, name: str = "igdn") -> None:
         gamma, beta = np.asarray(gamma), np.asarray(beta)
         c = int(beta.shape[0]) if beta.ndim == 1 else -1
         if c < 1 or gamma.shape != (c, c):
@@ -78,9 +129,21 @@ class GdnUnit(wiring.Component):
         self.pi = check_divisor(c if pi is None else pi, "pi", c, "channels")
         self.po = check_divisor(po, "po", c, "channels")
         self.norm_shift, self.out_shift, self.name = int(norm_shift), int(out_shift), name
+        self.inverse, self.div_bits = bool(inverse), None
+        if self.inverse:
+            if div_bits is not None:
+                raise ValueError("div_bits sets the forward GDN's divider; the inverse GDN (inverse=True) has none")
+            self.tail = 1
+        else:
+            check_bits(out_bits, "out_bits", 2)
+            self.div_bits = check_bits(2 if div_bits is None else div_bits, "div_bits", 1, out_bits - 1)
+            if requantize(beta, self.norm_shift, norm_bits, signed=False).min() < 1:
+                raise ValueError("forward GDN: every beta must requantize to a norm >= 1 (the divisor); "
+                                 "quant.golden.gdn_int refuses a zero norm too")
+            self.tail = -(-(out_bits - 1) // self.div_bits)
         self.gamma, self.beta = gamma.astype(np.int64), beta.astype(np.int64)
         self.acc_bits = accumulator_bits((1 << (x_bits - 1)) * (1 << (gamma_bits - 1)), c, 1 << (beta_bits - 1))
-        self.latency = gdn_latency(self.pi)
+        self.latency = gdn_latency(self.pi, self.tail)
         pixel = data.ArrayLayout(signed(x_bits), c)
         super().__init__({
             "i": In(stream.Signature(pixel)),
@@ -88,15 +151,15 @@ class GdnUnit(wiring.Component):
         })
 
     @classmethod
-    def for_layer(cls, layer, *, pi: int | None = None, po: int = 1) -> "GdnUnit":
-        """The unit of a bundle ``igdn`` layer (:class:`quant.bundle.Layer`)."""
-        if layer.op != "igdn":
-            raise ValueError(f"layer {layer.name!r} is {layer.op!r}: GdnUnit implements the inverse GDN "
-                             f"('igdn') only; the forward GDN (a division) has no hardware here")
+    def for_layer(cls, layer, *, pi: int | None = None, po: int = 1, div_bits: int | None = None) -> "GdnUnit":
+        """The unit of a bundle ``igdn`` or ``gdn`` layer (:class:`quant.bundle.Layer`)."""
+        if layer.op not in ("igdn", "gdn"):
+            raise ValueError(f"layer {layer.name!r} is {layer.op!r}: GdnUnit implements 'igdn' and 'gdn' layers")
         a, t = layer.attrs, layer.tensors
         return cls(t["gamma"], t["beta"], x_bits=a["x_bits"], gamma_bits=a["gamma_bits"],
                    beta_bits=a["beta_bits"], norm_shift=a["norm_shift"], norm_bits=a["norm_bits"],
-                   out_shift=a["out_shift"], out_bits=a["out_bits"], pi=pi, po=po, name=layer.name)
+                   out_shift=a["out_shift"], out_bits=a["out_bits"], pi=pi, po=po, inverse=layer.op == "igdn",
+                   div_bits=div_bits, name=layer.name)
 
     @property
     def groups(self) -> tuple[int, int]:
@@ -113,7 +176,7 @@ class GdnUnit(wiring.Component):
     def deployment(self) -> dict:
         """The block's entry in a deployment manifest (layouts: :func:`gamma_layout`, beta word
         ``o`` = channels ``o*PO ..``)."""
-        return {"name": self.name, "op": "igdn", "channels": self.channels, "pi": self.pi, "po": self.po,
+        return {"name": self.name, "op": "igdn" if self.inverse else "gdn", "channels": self.channels, "pi": self.pi, "po": self.po,
                 "x_bits": self.x_bits, "norm_shift": self.norm_shift, "norm_bits": self.norm_bits,
                 "out_shift": self.out_shift, "out_bits": self.out_bits, "acc_bits": self.acc_bits,
                 "latency": self.latency,
@@ -151,10 +214,11 @@ class GdnUnit(wiring.Component):
         xg = held.word_select(g, pi * xb)
         absx = Cat(*(abs(xg[k * xb:(k + 1) * xb].as_signed()) for k in range(pi)))
 
-        # ---- gamma |x| (PI x PO multipliers, adder trees), + beta, norm; x * n; requantize
-        root = 2 + (pi - 1).bit_length()
+        # ---- gamma |x| (PI x PO multipliers, adder trees), + beta, norm; then x * n and
+        # requantize (inverse) or the divider (forward): ``tail`` registers after the norm's
+        root, tail = 2 + (pi - 1).bit_length(), self.tail
         flags = Delayed(m, {"v": have, "first": g == 0, "last": last_g, "pix": pix_last, "o": o},
-                        root + 2, advance, "s")
+                        root + 1 + tail, advance, "s")
         absx1 = delay(m, absx, 1, advance, "absx")[1]
         xo = delay(m, held.word_select(o, po * xb), root + 1, advance, "xo")[root + 1]
         gb = self.gamma_bits
@@ -166,18 +230,23 @@ class GdnUnit(wiring.Component):
         sr = flags.stage(root)
         beta = [bport.data[k * self.beta_bits:(k + 1) * self.beta_bits].as_signed() for k in range(po)]
         running = accumulate(m, roots, beta, sr["first"], advance & sr["v"], self.acc_bits, "acc")
-        prods = []
+        y = []
         for k, s in enumerate(running):
             n = Signal(unsigned(self.norm_bits), name=f"norm{k}")
             with m.If(advance):
                 m.d.sync += n.eq(requantize_expr(s, self.norm_shift, self.norm_bits, signed_out=False))
             xk = xo[k * xb:(k + 1) * xb].as_signed()
-            p = Signal(signed(xb + self.norm_bits + 1), name=f"xn{k}")
-            with m.If(advance):
-                m.d.sync += p.eq(xk * n)
-            prods.append(p)
-        se = flags.stage(root + 2)
-        y = [requantize_expr(p, self.out_shift, self.out_bits, True) for p in prods]
+            if self.inverse:
+                p = Signal(signed(xb + self.norm_bits + 1), name=f"xn{k}")
+                with m.If(advance):
+                    m.d.sync += p.eq(xk * n)
+                y.append(requantize_expr(p, self.out_shift, self.out_bits, True))
+            else:
+                q, _ = divide_round_half_even(m, xk, n, num_shift=max(0, -self.out_shift),
+                                              den_shift=max(0, self.out_shift), out_bits=self.out_bits,
+                                              bits_per_stage=self.div_bits, enable=advance, name=f"div{k}")
+                y.append(q)
+        se = flags.stage(root + 1 + tail)
         done = se["v"] & se["last"]
         stall = emit_pixels(m, self.o, y, advance & done, se["pix"], done, go, self.out_bits)
         m.d.comb += advance.eq(~stall)
