@@ -94,8 +94,9 @@ class QuantGDN1(nn.Module):
 
     def forward(self, x):
         n = self.norm(x)
-        v = x.value * n.value if self.inverse else x.value / n.value
-        return self.out_q(v)
+        # plain tensors (not QuantTensors) flow through the graph while exporting to QONNX
+        xv, nv = getattr(x, "value", x), getattr(n, "value", n)
+        return self.out_q(xv * nv if self.inverse else xv / nv)
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, inverse={self.inverse}, gamma_bits={self.gamma_bits}, "
