@@ -254,7 +254,11 @@ def decoder_weights(bundle, out_dir: Path) -> dict:
 
 
 def _study(results: Path, quick: bool, hosts: tuple[str, ...], products: tuple[str, ...]) -> dict:
-    """Run the digits and/or LIC studies, write ``results`` (+ PNGs), print the tables."""
+    """Run the digits and/or LIC studies, write ``results`` (+ PNGs), print the tables.  The
+    section of a host not run is kept from an existing ``results`` file (``report --hosts lic``
+    refreshes the LIC section only)."""
+    import json
+
     import torch
 
     from watermark.report import markdown_tables, write_report
@@ -276,9 +280,16 @@ def _study(results: Path, quick: bool, hosts: tuple[str, ...], products: tuple[s
         from watermark.lic_study import LICStudyConfig, run_lic_study
 
         host = LICHost(steps=20 if quick else LICHost.steps)
-        cfg = LICStudyConfig(w_bits=(8, 4), wrong_keys=5) if quick else LICStudyConfig()
+        cfg = LICStudyConfig()
+        if quick:
+            cfg = LICStudyConfig(w_bits=(8, 4), wrong_keys=5, noise=(0.0, 1.0), prune=(0.0, 0.9),
+                                 finetune_steps=(0, 20), quant_bits=(8, 2), attack_qat_steps=5,
+                                 perm_finetune_steps=10)
         res["lic"] = run_lic_study(host, cfg, metric=lambda b, tag: lic_metric(b, work / "lic" / tag / "bundle"),
                                    memory_weights=lambda b, tag: decoder_weights(b, work / "lic" / tag / "rtl"))
+    if results.is_file():  # hosts not run this time keep their section of an existing file
+        kept = json.loads(results.read_text())
+        res = {h: res[h] if h in res else kept[h] for h in ("digits", "lic") if h in res or h in kept}
     paths = write_report(res, results)
     print(markdown_tables(res))
     print("wrote " + ", ".join(map(str, paths)))

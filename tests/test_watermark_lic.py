@@ -1,17 +1,21 @@
 """Watermarks on the committed LIC student: the key in the decoder layers, embedded during
 QAT, read back exactly from the bundle; permuting the deployed LIC bundle leaves its integer
-golden model unchanged and re-synchronization undoes it."""
+golden model unchanged and re-synchronization undoes it; the attack sweeps of the digits study
+run on the LIC student, with the BER read from the attacked model's bundle."""
 import numpy as np
 import pytest
 import torch
 
 from quant.golden import run_layers
+from quant.lic import golden_forward
 from watermark.extract import ber
 from watermark.layers import bundle_chain, chain_weights, model_chain
 from watermark.lic import DECODER_LAYERS, LICHost
+from watermark.lic_study import LICStudyConfig, LICTarget, permuted_attacks
 from watermark.markers import bind_marker
 from watermark.permute import permute, random_permutation
 from watermark.resync import fraction_restored, resynchronize
+from watermark.study import attack_sweeps, ber_above_limit
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +48,36 @@ def test_permuted_lic_bundle_keeps_its_pixels_and_resyncs(lic_bundle, lic_quant)
     est, back = resynchronize(model_chain(lic_quant), moved)
     assert fraction_restored(est, perms) == 1.0
     assert all(np.array_equal(chain_weights(back)[n], w) for n, w in chain_weights(chain).items())
+
+
+def test_lic_attack_sweeps_read_the_bundle_of_the_attacked_student(host):
+    key = host.key("watermas", 256, seed=1)
+    q = host.quantize(8)
+    host.qat(q, bind_marker(key, q, write=True))
+    pixels = (host.attacker[:1] * 256).round().long().numpy()  # one 64x64 held-out crop
+
+    def metric(bundle, tag):
+        out = golden_forward(bundle, pixels)[1]
+        return {"psnr": float(10 * np.log10(255.0 ** 2 / np.mean((out - pixels) ** 2.0)))}
+
+    cfg = LICStudyConfig(noise=(0.0, 0.25), prune=(0.0, 1.0), finetune_steps=(0, 2), quant_bits=(8,),
+                         attack_qat_steps=1, perm_prune=0.0, perm_finetune_steps=1)
+    target = LICTarget(host, cfg, metric, "test")
+    attacks = attack_sweeps(target, q, key, cfg)
+    assert {a: [r["strength"] for r in rows] for a, rows in attacks.items()} == {
+        "noise": [0.0, 0.25], "prune": [0.0, 1.0], "finetune": [0, 2], "quantize": [8]}
+    assert {a: [r["ber"] for r in rows] for a, rows in attacks.items()} == {
+        "noise": [0.0, 0.0], "prune": [0.0, 0.5], "finetune": [0.0, 0.0], "quantize": [0.0]}
+    zero = [attacks[a][0] for a in ("noise", "prune", "finetune")]
+    assert zero[0]["psnr"] == zero[1]["psnr"] == zero[2]["psnr"]  # attacks work on copies of q
+    # every weight pruned: the bundle's weights are all 0, every bit reads 0
+    assert attacks["prune"][1]["ber"] == float(key.bits.mean()) == 0.5
+    limit = ber_above_limit(attacks, {"psnr": zero[0]["psnr"]}, {"psnr": True})
+    assert limit["prune"]["strength"] == 1.0
+    assert limit["prune"]["psnr_loss"] == zero[0]["psnr"] - attacks["prune"][1]["psnr"] > 5.0
+    perm = permuted_attacks(target, q, key, cfg)
+    assert list(perm) == ["permuted_then_pruned_0.0", "finetuned_1_then_permuted"]
+    assert perm["permuted_then_pruned_0.0"]["ber_with_resync"] == 0.0
+    assert perm["permuted_then_pruned_0.0"]["ber_without_resync"] == 0.57421875
+    assert perm["permuted_then_pruned_0.0"]["psnr"] == zero[0]["psnr"]  # permutation changes no pixel
+    assert all(r["neurons_restored"] == 1.0 for r in perm.values())

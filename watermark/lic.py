@@ -10,7 +10,9 @@ with :func:`watermark.train.train` on random training crops of the embedded imag
 rate-distortion loss ``bpp + lmbda * MSE`` (:func:`models.lic_train.rd_terms`, ``lmbda`` of
 the student), the GDN constraints re-imposed after every step, and the marker bound (or
 not, for the control).  The imperceptibility metrics (PSNR, bpp of real bitstreams) are
-measured by the caller on the exported bundle (:func:`flows.lic_eval.eval_bundle`).
+measured by the caller on the exported bundle (:func:`flows.lic_eval.eval_bundle`).  The
+attacker's data (fine-tuning and quantization attacks, :mod:`watermark.lic_study`) is ``crops``
+random crops of the held-out images, which the owner never trained on.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from quant.bundle import Bundle
@@ -41,18 +44,21 @@ class LICHost:
     crop: int = 64
     batch: int = 8
     seed: int = 0
+    data_folder: str | None = None
     net: nn.Module = field(init=False)
     data: Tensor = field(init=False)
+    attacker: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        from models.data import CropSampler, embedded_images
+        from models.data import CropSampler, load_split
         from models.lic import load_weights
 
         self.net, self.cfg, self.meta = load_weights(self.weights)
         self.lmbda = float(self.meta.get("lmbda") or 0.013)
-        self.images = embedded_images("train")
+        self.images = load_split(self.data_folder, "train")
         sampler = CropSampler(self.images, self.crop, self.crops, self.seed)
         self.data = sampler()
+        self.attacker = CropSampler(load_split(self.data_folder, "held-out"), self.crop, self.crops, self.seed + 1)()
 
     def loss(self, net: nn.Module, batch) -> Tensor:
         """Rate-distortion loss ``bpp + lmbda * MSE`` (MSE on the 0..255 scale)."""
@@ -68,19 +74,21 @@ class LICHost:
                         model={"arch": "lic", "student": self.weights.name, "N": self.cfg.N, "M": self.cfg.M},
                         params=params)
 
-    def quantize(self, w_bits: int) -> nn.Module:
-        """The PTQ'd Brevitas student, ``hybrid8`` with ``w_bits``-bit convolution weights."""
+    def quantize(self, w_bits: int, recipe: str = "hybrid8") -> nn.Module:
+        """The PTQ'd Brevitas student, ``recipe`` with ``w_bits``-bit convolution weights."""
         from quant.lic import quantize_student
         from quant.lic_recipe import load_recipe, parse_recipe
 
-        data = copy.deepcopy(load_recipe("hybrid8").data)
-        data["name"], data["conv"]["w_bits"] = f"hybrid8-w{w_bits}", w_bits
-        recipe = parse_recipe(data, f"hybrid8 with {w_bits}-bit weights")
-        q, _ = quantize_student(self.net, self.cfg, recipe, self.images, train=None, seed=self.seed, log=None)
+        data = copy.deepcopy(load_recipe(recipe).data)
+        data["name"], data["conv"]["w_bits"] = f"{data['name']}-w{w_bits}", w_bits
+        q, _ = quantize_student(self.net, self.cfg, parse_recipe(data, f"{recipe} with {w_bits}-bit weights"),
+                                self.images, train=None, seed=self.seed, log=None)
         return q
 
     def qat(self, q: nn.Module, marker: Marker | None) -> nn.Module:
-        """``steps`` QAT steps on ``q`` in place (GDN constraints re-imposed every step)."""
+        """``steps`` QAT steps on ``q`` in place (GDN constraints re-imposed every step); the global
+        torch generator, which draws the entropy bottleneck's training noise, is seeded first."""
+        torch.manual_seed(self.seed)
         train(q, self.loss, (self.data,), steps=self.steps, lr=self.lr, batch=self.batch, seed=self.seed,
               marker=marker, on_step=lambda k, m: m.project_(), desc="LIC QAT")
         return q

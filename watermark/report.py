@@ -5,12 +5,16 @@
 per attack (noise, pruning, fine-tuning, quantization) and two columns, BER and task accuracy
 against attack strength, with WaterMAS (solid) and Uchida (dashed) side by side for every
 payload; the dotted line is the 10 % BER limit.  The LIC PNG shows the deployed BER and the
-PSNR against the weight bit width, marked vs control.
+PSNR against the weight bit width, marked vs control; the LIC attacks PNG is laid out like the
+digits ones, with PSNR and bpp of the held-out images as the task metrics.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
+
+from .study import BER_LIMIT
 
 __all__ = ["write_report", "markdown_tables", "ATTACK_AXES"]
 
@@ -23,25 +27,28 @@ ATTACK_AXES = {
 _HOST = {"mul": "exact CNN", "min": "MinConv CNN"}
 
 
-def _plot(product: str, pres: dict, path: Path) -> None:
+def _plot_attacks(runs: dict, metrics: list[tuple[str, str, float]], title: str, path: Path) -> None:
+    """One row per attack: BER and then each of ``metrics`` (key, axis label, factor) against
+    the attack strength, WaterMAS solid and Uchida dashed, for every run that has attacks."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {k: r for k, r in pres["runs"].items() if "attacks" in r}
-    fig, axes = plt.subplots(len(ATTACK_AXES), 2, figsize=(10, 3.1 * len(ATTACK_AXES)))
+    runs = {k: r for k, r in runs.items() if "attacks" in r}
+    cols = [("ber", "BER (%)", 100.0), *metrics]
+    fig, axes = plt.subplots(len(ATTACK_AXES), len(cols), figsize=(5 * len(cols), 3.1 * len(ATTACK_AXES)))
     for row, (attack, label) in enumerate(ATTACK_AXES.items()):
-        for name, r in runs.items():
+        for r in runs.values():
             pts = r["attacks"][attack]
             xs = [p["strength"] for p in pts]
             style = "-" if r["scheme"] == "watermas" else "--"
             nice = f"{'WaterMAS' if r['scheme'] == 'watermas' else 'Uchida'} {r['payload']} b"
-            axes[row, 0].plot(xs, [100 * p["ber"] for p in pts], style, marker="o", ms=3, label=nice)
-            axes[row, 1].plot(xs, [100 * p["accuracy"] for p in pts], style, marker="o", ms=3, label=nice)
-        axes[row, 0].axhline(10, color="k", ls=":", lw=1)
-        axes[row, 0].set_ylabel("BER (%)")
-        axes[row, 1].set_ylabel("test accuracy (%)")
-        for ax in axes[row]:
+            for col, (m, _, factor) in enumerate(cols):
+                axes[row, col].plot(xs, [factor * p[m] for p in pts], style, marker="o", ms=3, label=nice)
+        axes[row, 0].axhline(100 * BER_LIMIT, color="k", ls=":", lw=1)
+        for col, (_, ylabel, _) in enumerate(cols):
+            ax = axes[row, col]
+            ax.set_ylabel(ylabel)
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)
             if attack == "quantize":
@@ -50,10 +57,16 @@ def _plot(product: str, pres: dict, path: Path) -> None:
                 ax.set_xscale("symlog", linthresh=25)
                 ax.set_xlim(left=0)
     axes[0, 0].legend(fontsize=8)
-    fig.suptitle(f"Watermarks on the {_HOST.get(product, product)} (digits): BER and accuracy vs attack strength")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot(product: str, pres: dict, path: Path) -> None:
+    _plot_attacks(pres["runs"], [("accuracy", "test accuracy (%)", 100.0)],
+                  f"Watermarks on the {_HOST.get(product, product)} (digits): BER and accuracy vs attack strength",
+                  path)
 
 
 def _plot_lic(lic: dict, path: Path) -> None:
@@ -87,7 +100,7 @@ def _plot_lic(lic: dict, path: Path) -> None:
 
 def write_report(results: dict, out_json: Path) -> list[Path]:
     """Write ``out_json`` and the PNGs beside it (``<stem>_<product>.png`` per digits host,
-    ``<stem>_lic.png``); returns the paths."""
+    ``<stem>_lic.png`` and, with attacks, ``<stem>_lic_attacks.png``); returns the paths."""
     out_json = Path(out_json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=1))
@@ -97,9 +110,16 @@ def write_report(results: dict, out_json: Path) -> list[Path]:
         _plot(product, pres, png)
         paths.append(png)
     if "lic" in results:
+        lic = results["lic"]
         png = out_json.with_name(f"{out_json.stem}_lic.png")
-        _plot_lic(results["lic"], png)
+        _plot_lic(lic, png)
         paths.append(png)
+        if any("attacks" in r for r in lic["runs"].values()):
+            png = out_json.with_name(f"{out_json.stem}_lic_attacks.png")
+            _plot_attacks(lic["runs"], [("psnr", "PSNR, held-out images (dB)", 1.0), ("bpp", "bpp", 1.0)],
+                          f"Watermarks in the decoder of the LIC student N={lic['N']} "
+                          f"({lic['attacked_w_bits']}-bit weights): BER, PSNR and bpp vs attack strength", png)
+            paths.append(png)
     return paths
 
 
@@ -139,7 +159,33 @@ def _lic_table(lic: dict) -> list[str]:
                 out.append(f"| {r['scheme']} {r['payload']} bits | {b}-bit | {p['golden_pixel_mismatches']} of "
                            f"{p['pixels_checked']} | {_pct(p['ber_without_resync'])} | {_pct(p['ber_with_resync'])} | "
                            f"{_pct(p['neurons_restored'])} |")
+    runs = [r for r in lic["runs"].values() if "attacks" in r]
+    if not runs:
+        return out
+    out += ["", f"| LIC student, {lic['attacked_w_bits']}-bit weights | " + " | ".join(
+        f"{a}: strength for BER > 10 % (PSNR lost, bpp added)" for a in ATTACK_AXES) + " |",
+        "|---|" + "---|" * len(ATTACK_AXES)]
+    for r in runs:
+        out.append(f"| {r['scheme']} {r['payload']} bits | " + " | ".join(
+            _limit_cell(r, a, lambda h: f"{h['psnr_loss']:.2f} dB, {h['bpp_loss']:+.4f}",
+                        lambda t: f"PSNR {t['psnr']:.2f} dB") for a in ATTACK_AXES) + " |")
+    out += ["", "| LIC student, permutation with attacks on top | case | BER without re-sync | BER with re-sync | "
+                "neurons restored | PSNR (dB) | bpp |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        for case, v in r["permutation_attacks"].items():
+            out.append(f"| {r['scheme']} {r['payload']} bits | {case} | {_pct(v['ber_without_resync'])} | "
+                       f"{_pct(v['ber_with_resync'])} | {_pct(v['neurons_restored'])} | {v['psnr']:.2f} | "
+                       f"{v['bpp']:.4f} |")
     return out
+
+
+def _limit_cell(run: dict, attack: str, loss: Callable[[dict], str], metric: Callable[[dict], str]) -> str:
+    """``strength (loss)`` where the BER first exceeds the limit, or what the strongest attack left."""
+    hit = run["ber_above_limit"][attack]
+    if hit is None:
+        top = run["attacks"][attack][-1]
+        return f"not reached (at {top['strength']}: BER {_pct(top['ber'])}, {metric(top)})"
+    return f"{hit['strength']} ({loss(hit)})"
 
 
 def _digits_tables(results: dict) -> list[str]:
@@ -169,13 +215,8 @@ def _digits_tables(results: dict) -> list[str]:
         for r in pres["runs"].values():
             if "skipped" in r:
                 continue
-            cells = []
-            for a in ATTACK_AXES:
-                hit = r["ber_above_limit"][a]
-                top = r["attacks"][a][-1]
-                cells.append(f"not reached (at {top['strength']}: BER {_pct(top['ber'])}, accuracy "
-                             f"{_pct(top['accuracy'])})" if hit is None else
-                             f"{hit['strength']} ({_pct(hit['accuracy_loss'])})")
+            cells = [_limit_cell(r, a, lambda h: _pct(h["accuracy_loss"]), lambda t: f"accuracy {_pct(t['accuracy'])}")
+                     for a in ATTACK_AXES]
             out.append(f"| {_HOST[product]} | {r['scheme']} | {r['payload']} | " + " | ".join(cells) + " |")
     out.append("")
     out.append("| host | scheme | payload | case | BER without re-sync | BER with re-sync | neurons restored |")

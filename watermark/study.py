@@ -19,29 +19,35 @@ For every product (exact ``mul``, MinConv ``min``), scheme (WaterMAS, Uchida) an
 * permutation: BER without / with re-synchronization and the fraction of neurons put back,
   on the float network, with pruning or fine-tuning applied after the permutation, and on
   the deployed bundle (whose golden model output must not change at all).
+
+The attack sweeps (:func:`attack_sweeps`, :func:`ber_above_limit`, :func:`resync_row`) see
+the host through :class:`AttackTarget`; the LIC study (:mod:`watermark.lic_study`) runs the
+same sweeps on an LIC student, with the BER read from its bundle and PSNR / bpp as metrics.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 
-from quant.bundle import Bundle
+from quant.bundle import Bundle, Layer
 from quant.digits import input_to_int, run_digits_golden
 from .attacks import gaussian_noise, magnitude_prune
 from .digits import DigitsHost
 from .extract import ber
-from .keys import make_key
+from .keys import WatermarkKey, make_key
 from .layers import bundle_chain, chain_weights, load_chain_weights, model_chain
 from .markers import MarkerParams
 from .permute import permute, permute_model, random_permutation
 from .resync import fraction_restored, resynchronize
 from .train import classifier_loss, train
 
-__all__ = ["StudyConfig", "run_study", "first_above", "BER_LIMIT"]
+__all__ = ["StudyConfig", "run_study", "first_above", "BER_LIMIT", "AttackTarget", "SweepConfig", "DigitsTarget",
+           "attack_sweeps", "ber_above_limit", "resync_row"]
 
 BER_LIMIT = 0.10
 
@@ -73,56 +79,134 @@ def first_above(rows: list[dict], limit: float = BER_LIMIT) -> dict | None:
     return next((r for r in rows if r["ber"] > limit), None)
 
 
-def _with_weights(net, weights):
+class SweepConfig(Protocol):
+    """The strengths :func:`attack_sweeps` runs (fields of :class:`StudyConfig` and
+    :class:`watermark.lic_study.LICStudyConfig`)."""
+    noise: tuple[float, ...]
+    noise_seeds: int
+    prune: tuple[float, ...]
+    finetune_steps: tuple[int, ...]
+    quant_bits: tuple[int, ...]
+
+
+class AttackTarget(Protocol):
+    """A host as the attack sweeps see it: where the watermark is read from, what the task
+    metrics are, and the attacker's fine-tuning and quantization (:class:`DigitsTarget`,
+    :class:`watermark.lic_study.LICTarget`)."""
+
+    def chain(self, net: nn.Module) -> list[Layer]:
+        """The layers the watermark is read from once ``net`` is released (float weights or
+        the integers of its bundle)."""
+
+    def score(self, net: nn.Module, label: str) -> dict[str, float]:
+        """The task metrics of ``net`` (``label`` names the measurement, e.g. ``noise_0.5``)."""
+
+    def finetune(self, net: nn.Module, steps: int, on_step: Callable[[int, nn.Module], None] | None = None) -> None:
+        """``steps`` steps of training on the attacker's data, ``net`` in place, without the key."""
+
+    def requantize(self, net: nn.Module, bits: int, label: str) -> tuple[list[Layer], dict[str, float]]:
+        """The attacker's quantization of ``net`` at ``bits``: the deployed layers and their task metrics."""
+
+
+@dataclass
+class DigitsTarget:
+    """The digits classifier as an :class:`AttackTarget`: the BER is read from the float
+    weights, the metric is the test accuracy; fine-tuning is Adam at ``cfg.finetune_lr`` on
+    the attacker's split, quantization is Brevitas QAT on it (``cfg.attack_qat_epochs``)."""
+    host: DigitsHost
+    cfg: StudyConfig
+
+    def chain(self, net: nn.Module) -> list[Layer]:
+        """The float weights."""
+        return model_chain(net)
+
+    def score(self, net: nn.Module, label: str) -> dict[str, float]:
+        """``{"accuracy"}`` on the test split."""
+        return {"accuracy": self.host.accuracy(net)}
+
+    def finetune(self, net: nn.Module, steps: int, on_step: Callable[[int, nn.Module], None] | None = None) -> None:
+        """Adam on the attacker's split, constant learning rate."""
+        train(net, classifier_loss, self.host.attacker, steps=steps, lr=self.cfg.finetune_lr, seed=self.cfg.seed + 3,
+              cosine=False, on_step=on_step, desc="fine-tune attack")
+
+    def requantize(self, net: nn.Module, bits: int, label: str) -> tuple[list[Layer], dict[str, float]]:
+        """Brevitas QAT on the attacker's split (no key), export; accuracy of the golden model."""
+        bundle = self.host.deploy(net, bits, None, epochs=self.cfg.attack_qat_epochs, data=self.host.attacker)
+        return bundle_chain(bundle), {"accuracy": self.host.bundle_accuracy(bundle)}
+
+
+def _with_weights(net: nn.Module, weights: Mapping[str, np.ndarray]) -> nn.Module:
     out = copy.deepcopy(net)
     load_chain_weights(out, weights)
     return out
 
 
-def _noise(host, net, key, cfg):
+def _row(target: AttackTarget, key: WatermarkKey, strength: float, net: nn.Module, label: str) -> dict:
+    return {"strength": strength, "ber": ber(key, chain_weights(target.chain(net))), **target.score(net, label)}
+
+
+def _noise(target: AttackTarget, net: nn.Module, key: WatermarkKey, cfg: SweepConfig) -> list[dict]:
     w0 = chain_weights(model_chain(net))
     rows = []
     for s in cfg.noise:
-        draws = [gaussian_noise(w0, s, seed) for seed in range(cfg.noise_seeds)]
-        rows.append({"strength": s, "ber": float(np.mean([ber(key, w) for w in draws])),
-                     "accuracy": float(np.mean([host.accuracy(_with_weights(net, w)) for w in draws]))})
+        draws = [_row(target, key, s, _with_weights(net, gaussian_noise(w0, s, seed)), f"noise_{s}_{seed}")
+                 for seed in range(cfg.noise_seeds)]
+        rows.append({k: s if k == "strength" else float(np.mean([d[k] for d in draws])) for k in draws[0]})
     return rows
 
 
-def _prune(host, net, key, cfg):
+def _prune(target: AttackTarget, net: nn.Module, key: WatermarkKey, cfg: SweepConfig) -> list[dict]:
     w0 = chain_weights(model_chain(net))
-    rows = []
-    for r in cfg.prune:
-        w = magnitude_prune(w0, r)
-        rows.append({"strength": r, "ber": ber(key, w), "accuracy": host.accuracy(_with_weights(net, w))})
-    return rows
+    return [_row(target, key, r, _with_weights(net, magnitude_prune(w0, r)), f"prune_{r}") for r in cfg.prune]
 
 
-def _finetune(host, net, key, cfg):
+def _finetune(target: AttackTarget, net: nn.Module, key: WatermarkKey, cfg: SweepConfig) -> list[dict]:
     rows = []
 
-    def record(k, m):
+    def record(k: int, m: nn.Module) -> None:
         if k in cfg.finetune_steps:
-            rows.append({"strength": k, "ber": ber(key, chain_weights(model_chain(m))), "accuracy": host.accuracy(m)})
+            rows.append(_row(target, key, k, m, f"finetune_{k}"))
 
     if 0 in cfg.finetune_steps:
         record(0, net)
-    victim = copy.deepcopy(net)
-    train(victim, classifier_loss, host.attacker, steps=max(cfg.finetune_steps), lr=cfg.finetune_lr,
-          seed=cfg.seed + 3, cosine=False, on_step=record, desc="fine-tune attack")
+    target.finetune(copy.deepcopy(net), max(cfg.finetune_steps), record)
     return rows
 
 
-def _quantize(host, net, key, cfg):
+def _quantize(target: AttackTarget, net: nn.Module, key: WatermarkKey, cfg: SweepConfig) -> list[dict]:
     rows = []
     for b in cfg.quant_bits:
-        bundle = host.deploy(net, b, None, epochs=cfg.attack_qat_epochs, data=host.attacker)
-        rows.append({"strength": b, "ber": ber(key, chain_weights(bundle_chain(bundle))),
-                     "accuracy": host.bundle_accuracy(bundle)})
+        chain, score = target.requantize(net, b, f"quantize_{b}")
+        rows.append({"strength": b, "ber": ber(key, chain_weights(chain)), **score})
     return rows
 
 
-def _resync_row(reference, suspect, truth, key) -> dict:
+def attack_sweeps(target: AttackTarget, net: nn.Module, key: WatermarkKey, cfg: SweepConfig) -> dict[str, list[dict]]:
+    """The four removal attacks on ``net``, each a sweep of strengths (module docstring): rows
+    ``{"strength", "ber", <task metrics>}``, weakest strength first.  Noise and pruning act on
+    every dot layer's weights; the noise row is the mean over ``cfg.noise_seeds`` draws."""
+    return {"noise": _noise(target, net, key, cfg), "prune": _prune(target, net, key, cfg),
+            "finetune": _finetune(target, net, key, cfg), "quantize": _quantize(target, net, key, cfg)}
+
+
+def ber_above_limit(attacks: dict[str, list[dict]], reference: dict[str, float],
+                    higher_is_better: Mapping[str, bool]) -> dict[str, dict | None]:
+    """For each attack, the weakest strength whose BER exceeds :data:`BER_LIMIT` (None if
+    none does) and the task loss there against the unattacked ``reference`` metrics:
+    ``<metric>_loss`` is ``reference - attacked`` for a metric where higher is better,
+    ``attacked - reference`` otherwise (e.g. bits per pixel)."""
+    out: dict[str, dict | None] = {}
+    for attack, rows in attacks.items():
+        hit = first_above(rows)
+        out[attack] = None if hit is None else {"strength": hit["strength"], "ber": hit["ber"], **{
+            f"{m}_loss": (reference[m] - hit[m]) * (1 if up else -1) for m, up in higher_is_better.items()}}
+    return out
+
+
+def resync_row(reference: list[Layer], suspect: list[Layer], truth: Mapping[str, np.ndarray],
+               key: WatermarkKey) -> dict:
+    """BER of ``suspect`` (permuted by ``truth``) without and with re-synchronization against
+    ``reference``, and the fraction of neurons put back in place."""
     est, back = resynchronize(reference, suspect)
     return {"ber_without_resync": ber(key, chain_weights(suspect)),
             "ber_with_resync": ber(key, chain_weights(back)),
@@ -134,14 +218,14 @@ def _permutation(host, net, key, bundle: Bundle, cfg) -> dict:
     perms = random_permutation(reference, cfg.perm_seed)
     permuted = copy.deepcopy(net)
     permute_model(permuted, perms)
-    out = {"float": _resync_row(reference, model_chain(permuted), perms, key),
+    out = {"float": resync_row(reference, model_chain(permuted), perms, key),
            "float_logits_max_abs_diff": float((host_logits(host, net) - host_logits(host, permuted)).abs().max())}
     pruned = magnitude_prune(chain_weights(model_chain(permuted)), 0.5)
-    out["float_then_prune_0.5"] = _resync_row(reference, model_chain(_with_weights(permuted, pruned)), perms, key)
+    out["float_then_prune_0.5"] = resync_row(reference, model_chain(_with_weights(permuted, pruned)), perms, key)
     tuned = copy.deepcopy(permuted)
     train(tuned, classifier_loss, host.attacker, steps=cfg.perm_finetune_steps, lr=cfg.finetune_lr,
           seed=cfg.seed + 4, cosine=False)
-    out[f"float_then_finetune_{cfg.perm_finetune_steps}"] = _resync_row(reference, model_chain(tuned), perms, key)
+    out[f"float_then_finetune_{cfg.perm_finetune_steps}"] = resync_row(reference, model_chain(tuned), perms, key)
     deployed = bundle_chain(bundle)
     moved = permute(deployed, perms)
     pixels = (host.data["x_test"] * 16).round().long().numpy()
@@ -149,7 +233,7 @@ def _permutation(host, net, key, bundle: Bundle, cfg) -> dict:
     same = run_digits_golden(bundle, x_int)
     perm_out = run_digits_golden(Bundle(bundle.model, bundle.input, moved), x_int)
     out["deployed"] = {"bits": bundle.model["bits"], "golden_logit_mismatches": int((same != perm_out).sum()),
-                       **_resync_row(reference, moved, perms, key)}
+                       **resync_row(reference, moved, perms, key)}
     return out
 
 
@@ -208,14 +292,8 @@ def _run(host, base, product, scheme, payload, cfg, memory_weights, log) -> dict
         log(f"{tag} deployed {b}-bit: {row}")
         if b == min(cfg.deploy_bits):
             low_bundle = bundle
-    run["attacks"] = {"noise": _noise(host, net, key, cfg), "prune": _prune(host, net, key, cfg),
-                      "finetune": _finetune(host, net, key, cfg), "quantize": _quantize(host, net, key, cfg)}
-    run["ber_above_limit"] = {}
-    for attack, rows in run["attacks"].items():
-        hit = first_above(rows)
-        run["ber_above_limit"][attack] = None if hit is None else {
-            "strength": hit["strength"], "ber": hit["ber"],
-            "accuracy_loss": run["accuracy_marked"] - hit["accuracy"]}
+    run["attacks"] = attack_sweeps(DigitsTarget(host, cfg), net, key, cfg)
+    run["ber_above_limit"] = ber_above_limit(run["attacks"], {"accuracy": run["accuracy_marked"]}, {"accuracy": True})
     log(f"{tag} BER > {BER_LIMIT:.0%} first at: {run['ber_above_limit']}")
     run["permutation"] = _permutation(host, net, key, low_bundle, cfg)
     log(f"{tag} permutation: {run['permutation']}")
