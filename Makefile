@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/licforge demo
+	$(VENV)/bin/licforge flow
 
 test: $(STAMP)
 	$(PY) -m pytest -q

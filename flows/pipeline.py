@@ -29,6 +29,7 @@ class StageContext:
     results: dict[str, dict]
     run_dir: Path
     progress: bool = True
+    records: dict[str, StageRecord] = field(default_factory=dict)  # earlier stages of this run
 
     def path(self, stage: str) -> Path:
         """Folder of another (earlier) stage."""
@@ -111,7 +112,8 @@ class Pipeline:
             sdir.mkdir(parents=True)
             log(f"[{time.perf_counter() - t_run:7.1f} s] {s.name:<10} running ...")
             t0 = time.perf_counter()
-            result = s.fn(StageContext(s.name, sdir, config, results, run_dir, progress))
+            result = s.fn(StageContext(s.name, sdir, config, results, run_dir, progress,
+                                       {r.name: r for r in records}))
             seconds = round(time.perf_counter() - t0, 2)
             marker.write_text(json.dumps({"key": keys[s.name], "result": result, "seconds": seconds},
                                          indent=1, default=str))

@@ -45,6 +45,7 @@ class LICHost:
     batch: int = 8
     seed: int = 0
     data_folder: str | None = None
+    progress: bool = False
     net: nn.Module = field(init=False)
     data: Tensor = field(init=False)
     attacker: Tensor = field(init=False)
@@ -90,7 +91,7 @@ class LICHost:
         torch generator, which draws the entropy bottleneck's training noise, is seeded first."""
         torch.manual_seed(self.seed)
         train(q, self.loss, (self.data,), steps=self.steps, lr=self.lr, batch=self.batch, seed=self.seed,
-              marker=marker, on_step=lambda k, m: m.project_(), desc="LIC QAT")
+              marker=marker, on_step=lambda k, m: m.project_(), desc="LIC QAT", progress=self.progress)
         return q
 
     @staticmethod

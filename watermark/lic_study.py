@@ -50,7 +50,7 @@ from .permute import permute, random_permutation
 from .study import BER_LIMIT, attack_sweeps, ber_above_limit, resync_row
 from .train import train
 
-__all__ = ["LICStudyConfig", "LICTarget", "permuted_attacks", "run_lic_study"]
+__all__ = ["LICStudyConfig", "LICTarget", "permuted_attacks", "permutation_resync", "run_lic_study"]
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,9 @@ def permuted_attacks(target: LICTarget, q: nn.Module, key: WatermarkKey, cfg: LI
             for case, b in cases.items()}
 
 
-def _permutation(q, bundle: Bundle, key, cfg: LICStudyConfig, host: LICHost) -> dict:
+def permutation_resync(q: nn.Module, bundle: Bundle, key: WatermarkKey, cfg: LICStudyConfig, host: LICHost) -> dict:
+    """Permute the deployed ``bundle``'s channels (seed ``cfg.perm_seed``): the golden pixels of two
+    training crops must not change; BER without and with re-synchronization against ``q``."""
     chain = bundle_chain(bundle)
     perms = random_permutation(chain, cfg.perm_seed)
     moved = permute(chain, perms)
@@ -191,7 +193,7 @@ def run_lic_study(host: LICHost, cfg: LICStudyConfig = LICStudyConfig(), *,
                 if memory_weights is not None:
                     row["ber_memory_files"] = ber(key, memory_weights(bundle, tag))
                 if b == min(cfg.w_bits):
-                    row["permutation"] = _permutation(copy.deepcopy(q), bundle, key, cfg, host)
+                    row["permutation"] = permutation_resync(copy.deepcopy(q), bundle, key, cfg, host)
                 if b == max(cfg.w_bits):
                     marked = q
                 run["deployed"][str(b)] = row
