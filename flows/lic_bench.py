@@ -13,6 +13,10 @@ thread each, ``WORKERS`` at a time, in dependency order):
   norms) of the smallest distilled student: the cost of fixed point and of the GDN norm width;
   since QAT trains 400 more steps, each distilled student is also trained 400 more steps in
   float with the same loss, crops and learning rate (the "float +400 steps" control);
+* distillation screening (``KD_SCREEN``, N=16): loss variants (image/teacher mix at a constant
+  distortion weight, KD in one stage only) and the student without KD with other seeds, each
+  paired with the student without KD of its seed; reported as ``kd_screening`` (``KD_ARMS``: the
+  paired deltas over seeds next to the seed-to-seed spread of the student without KD);
 * ``licforge eval`` of each model on the held-out images (real files), JPEG/WebP baselines,
   ``licforge rd-plot`` (BD-rate vs the teacher), then ``lic.json`` with the numbers the
   README reports.
@@ -40,6 +44,52 @@ TEACHER = {"N": 128, "M": 192, "lr": 5e-4, "base": 5000, "ft": 1000}
 STUDENT = {"widths": (16, 32, 64), "lr": 1e-3, "base": 2000, "ft": 800, "kd": 1.0}
 
 
+def _lam(l: float) -> str:
+    return f"{l:.4f}"
+
+
+KD_SCREEN_LAMBDAS = (0.0018, 0.0067, 0.025)  # three points: enough to rank variants, half the cost
+_MIX50 = {"kd_recon": 0.5, "kd_latent": 0.0, "dist_weight": 0.5}
+_LATENT = {"kd_recon": 0.0, "kd_latent": 0.1, "dist_weight": 1.0}
+KD_SCREEN: tuple[dict[str, Any], ...] = (
+    # name; distillation weights of the base and fine-tune stages (None: plain RD loss); teacher
+    # ("same": the teacher of each stage's lambda); seed; base_of: reuse the base model of "plain"
+    # (the student without KD, seed 0) or of another variant; ref: the student without KD that the
+    # variant is paired with (same seed: same initialisation and crops), "plain" or a variant.
+    # The student without KD with other seeds: the seed-to-seed spread a KD gain must exceed.
+    {"name": "plain-seed1", "base": None, "ft": None, "seed": 1},
+    {"name": "plain-seed2", "base": None, "ft": None, "seed": 2},
+    {"name": "mix50", "base": _MIX50, "ft": _MIX50, "lambdas": LAMBDAS},
+    {"name": "mix50-base", "base": _MIX50, "ft": None, "base_of": "mix50"},
+    {"name": "mix50-ft", "base": None, "ft": _MIX50, "base_of": "plain"},
+    {"name": "mix50-ft-seed1", "base": None, "ft": _MIX50, "base_of": "plain-seed1", "seed": 1, "ref": "plain-seed1"},
+    {"name": "mix50-ft-seed2", "base": None, "ft": _MIX50, "base_of": "plain-seed2", "seed": 2, "ref": "plain-seed2"},
+    {"name": "mix50-seed1", "base": _MIX50, "ft": _MIX50, "seed": 1, "ref": "plain-seed1"},
+    {"name": "mix50-seed2", "base": _MIX50, "ft": _MIX50, "seed": 2, "ref": "plain-seed2"},
+    {"name": "latent0.1-seed2", "base": _LATENT, "ft": _LATENT, "seed": 2, "ref": "plain-seed2"},
+    {"name": "latent0.1", "base": _LATENT, "ft": _LATENT},
+    {"name": "latent0.1-seed1", "base": _LATENT, "ft": _LATENT, "seed": 1, "ref": "plain-seed1"},
+    {"name": "mix50-base-seed1", "base": _MIX50, "ft": None, "base_of": "mix50-seed1", "seed": 1, "ref": "plain-seed1"},
+    {"name": "mix50-base-seed2", "base": _MIX50, "ft": None, "base_of": "mix50-seed2", "seed": 2, "ref": "plain-seed2"},
+)
+KD_SCREEN = tuple({"widths": (16,), "lambdas": KD_SCREEN_LAMBDAS, "teacher": "same", "seed": 0, "base_of": None,
+                   "ref": "plain", **v} for v in KD_SCREEN)
+
+
+KD_ARMS: dict[str, tuple[tuple[str, str], ...]] = {  # (test, paired reference) per seed
+    "recon1 (bench KD: kd_recon 1, dist_weight 1)": (("recon1", "plain"),),
+    "latent0.1": (("latent0.1", "plain"), ("latent0.1-seed1", "plain-seed1"), ("latent0.1-seed2", "plain-seed2")),
+    "mix50": (("mix50", "plain"), ("mix50-seed1", "plain-seed1"), ("mix50-seed2", "plain-seed2")),
+    "mix50-base": (("mix50-base", "plain"), ("mix50-base-seed1", "plain-seed1"), ("mix50-base-seed2", "plain-seed2")),
+    "mix50-ft": (("mix50-ft", "plain"), ("mix50-ft-seed1", "plain-seed1"), ("mix50-ft-seed2", "plain-seed2")),
+    "plain: seed 1, 2 vs seed 0 (no KD)": (("plain-seed1", "plain"), ("plain-seed2", "plain")),
+}
+
+
+def _screen_curve(n: int, name: str) -> str:
+    return f"N={n} GDN1 + KD screen {name}"
+
+
 def _small() -> int:
     """The smallest student width: float-GDN twin, PTQ and int8 variants are trained at it."""
     return min(STUDENT["widths"])
@@ -63,44 +113,75 @@ class Job:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _lam(l: float) -> str:
-    return f"{l:.4f}"
+def _kd_args(kd: dict[str, float] | None) -> list[str]:
+    """``distill`` flags of one stage's distillation weights (``None``: no distillation)."""
+    if not kd:
+        return ["--kd-recon", "0"]
+    return ["--kd-recon", str(kd["kd_recon"]), "--kd-latent", str(kd["kd_latent"]),
+            "--dist-weight", str(kd["dist_weight"])]
+
+
+def _star(jobs: list[Job], work: Path, prefix: str, stage_args: dict[str, list[str]], curve: str, info: dict,
+          cfg: dict, teachers: dict[str, str | None] | None = None, lambdas: tuple[float, ...] = LAMBDAS,
+          base: Job | None = None) -> Job:
+    """Append a base model at BASE_LAMBDA (unless ``base``, an already planned one, is given) and one
+    model fine-tuned from it per lambda (same budget each) to ``jobs``; returns the base job.
+
+    ``stage_args``/``teachers`` give each stage ("base", "ft") its flags and teacher: "same" (the
+    teacher of the stage's lambda: ``teacher_base`` for the base stage), a lambda string (that
+    lambda's teacher at every point) or None (no teacher)."""
+    teachers = teachers or {"base": None, "ft": None}
+
+    def job(name: str, lam: float, steps: int, init: Job | None) -> Job:
+        stage = "ft" if init else "base"
+        out = work / f"{name}.pt"
+        args = stage_args[stage] + ["--lmbda", str(lam), "--steps", str(steps), "--lr", str(cfg["lr"]),
+                                    "--curve", curve if init else f"{curve} (base)", "--out", str(out)]
+        deps = []
+        if init is not None:
+            args += ["--init", str(init.out)]
+            deps.append(init.name)
+        t = teachers[stage]
+        if t is not None:
+            t = ("teacher_base" if init is None else f"teacher_l{_lam(lam)}") if t == "same" else f"teacher_l{t}"
+            args += ["--teacher", str(work / f"{t}.pt")]
+            deps.append(t)
+        return Job(name, args, out, deps, "train" if init is not None else "base", {**info, "lmbda": lam})
+
+    if base is None:
+        base = job(f"{prefix}_base", BASE_LAMBDA, cfg["base"], None)
+        jobs.append(base)
+    for lam in lambdas:
+        jobs.append(job(f"{prefix}_l{_lam(lam)}", lam, cfg["ft"], base))
+    return base
 
 
 def plan(work: Path = WORK) -> list[Job]:
     """The benchmark's jobs, in a valid order."""
     jobs: list[Job] = []
-
-    def star(prefix: str, base_args: list[str], curve: str, info: dict, cfg: dict, teacher: bool = False):
-        """A base model at BASE_LAMBDA, then one fine-tuned model per lambda (same budget each)."""
-        def job(name: str, lam: float, steps: int, init: Job | None) -> Job:
-            out = work / f"{name}.pt"
-            args = base_args + ["--lmbda", str(lam), "--steps", str(steps), "--lr", str(cfg["lr"]),
-                                "--curve", curve if init else f"{curve} (base)", "--out", str(out)]
-            deps = []
-            if init is not None:
-                args += ["--init", str(init.out)]
-                deps.append(init.name)
-            if teacher:
-                t = f"teacher_l{_lam(lam)}" if init is not None else "teacher_base"
-                args += ["--teacher", str(work / f"{t}.pt")]
-                deps.append(t)
-            return Job(name, args, out, deps, "train" if init is not None else "base", {**info, "lmbda": lam})
-
-        base = job(f"{prefix}_base", BASE_LAMBDA, cfg["base"], None)
-        jobs.append(base)
-        for lam in LAMBDAS:
-            jobs.append(job(f"{prefix}_l{_lam(lam)}", lam, cfg["ft"], base))
-
-    star("teacher", ["train", "--N", str(TEACHER["N"]), "--M", str(TEACHER["M"]), "--gdn", "gdn"], "teacher",
+    teacher_args = ["train", "--N", str(TEACHER["N"]), "--M", str(TEACHER["M"]), "--gdn", "gdn"]
+    _star(jobs, work, "teacher", {"base": teacher_args, "ft": teacher_args}, "teacher",
           {"role": "teacher", "N": TEACHER["N"], "M": TEACHER["M"], "gdn": "gdn"}, TEACHER)
+    bases: dict[tuple[int, str], Job] = {}  # (width, "plain" or a screening variant) -> base model job
     for n in STUDENT["widths"]:
         for kd in (True, False):
             args = ["distill", "--N", str(n), "--gdn", "gdn1", "--kd-recon", str(STUDENT["kd"] if kd else 0)]
-            star(f"s{n}_{'kd' if kd else 'nokd'}", args, f"N={n} GDN1{' + KD' if kd else ''}",
-                  {"role": "student", "N": n, "gdn": "gdn1", "kd": kd}, STUDENT, teacher=kd)
+            b = _star(jobs, work, f"s{n}_{'kd' if kd else 'nokd'}", {"base": args, "ft": args},
+                      f"N={n} GDN1{' + KD' if kd else ''}", {"role": "student", "N": n, "gdn": "gdn1", "kd": kd},
+                      STUDENT, {"base": "same", "ft": "same"} if kd else None)
+            if not kd:
+                bases[n, "plain"] = b
+    for v in KD_SCREEN:  # distillation variants, each against the plain student (same steps, crops, seed)
+        for n in v["widths"]:
+            head = ["distill", "--N", str(n), "--gdn", "gdn1"] + (["--seed", str(v["seed"])] if v["seed"] else [])
+            bases[n, v["name"]] = _star(
+                jobs, work, f"s{n}_kdv_{v['name']}", {s: head + _kd_args(v[s]) for s in ("base", "ft")},
+                _screen_curve(n, v["name"]), {"role": "kd-screen", "N": n, "variant": v["name"]}, STUDENT,
+                {s: v["teacher"] if v[s] else None for s in ("base", "ft")}, v["lambdas"],
+                base=bases[n, v["base_of"]] if v["base_of"] else None)
     for n in (_small(),):
-        star(f"s{n}_gdnfloat", ["distill", "--N", str(n), "--gdn", "gdn", "--kd-recon", "0"], f"N={n} GDN (float)",
+        args = ["distill", "--N", str(n), "--gdn", "gdn", "--kd-recon", "0"]
+        _star(jobs, work, f"s{n}_gdnfloat", {"base": args, "ft": args}, f"N={n} GDN (float)",
               {"role": "gdn-float", "N": n, "gdn": "gdn", "kd": False}, STUDENT)
     for n, recipe, mode in _quant_variants():
         for lam in LAMBDAS:
@@ -198,9 +279,10 @@ def bench_lic(results: Path, work: Path = WORK, workers: int = WORKERS) -> dict[
     evals = {j.info["model"]: json.loads(j.out.read_text()) for j in jobs if j.kind == "eval" and j.info}
     baselines = json.loads((work / "eval" / "baselines.json").read_text())
     curves = curves_from_results(list(evals.values()) + [baselines])
-    main = {k: v for k, v in curves.items() if not any(w in k for w in ("GDN (float)", "int8", "PTQ", "float +"))}
+    main = {k: v for k, v in curves.items()
+            if not any(w in k for w in ("GDN (float)", "int8", "PTQ", "float +", " screen "))}
     small = f"N={_small()}"
-    gdn = {k: v for k, v in curves.items() if k.startswith(f"{small} ")}
+    gdn = {k: v for k, v in curves.items() if k.startswith(f"{small} ") and " screen " not in k}
     results.mkdir(parents=True, exist_ok=True)
     plot_rd(main, results / "rd.png", "held-out astronaut, chelsea, coffee; learned codecs trained on the "
             "embedded default (scikit-image)")
@@ -257,11 +339,12 @@ def bench_lic(results: Path, work: Path = WORK, workers: int = WORKERS) -> dict[
     wall = {}
     for j in jobs:
         if j.kind == "base":
-            fts = [load_weights(f.out)[2]["wall_s"] for f in jobs if f.kind == "train" and j.name in f.deps]
+            own = [f for f in jobs if f.kind == "train" and f.name.startswith(j.name.removesuffix("base") + "l")]
+            fts = [load_weights(f.out)[2]["wall_s"] for f in own]
             base_s = load_weights(j.out)[2]["wall_s"]
             wall[j.name.removesuffix("_base")] = {
                 "base_steps": load_weights(j.out)[2]["steps"], "base_s": base_s,
-                "fine_tune_steps": models[next(f.name for f in jobs if f.kind == "train" and j.name in f.deps)]["steps"],
+                "fine_tune_steps": models[own[0].name]["steps"],
                 "fine_tune_s_mean": sum(fts) / len(fts), "one_model_s": base_s + sum(fts) / len(fts)}
     out = {"machine": f"{os.cpu_count()} CPU cores shared with other jobs; 1 torch thread per job, "
                       f"{workers} jobs at a time, nice 10",
@@ -269,12 +352,58 @@ def bench_lic(results: Path, work: Path = WORK, workers: int = WORKERS) -> dict[
            "held_out": list(baselines["images"]), "lambdas": list(LAMBDAS),
            "settings": {"teacher": TEACHER, "student": {**STUDENT, "widths": list(widths)}, "qat": QAT,
                         "base_lambda": BASE_LAMBDA, "crop": 64, "batch": 8, "seed": 0},
-           "bd_rate_vs_teacher": report, "distillation": kd, "quantized_vs_float": quant, "gdn_variants": gdn_cost,
+           "bd_rate_vs_teacher": report, "distillation": kd, "kd_screening": _kd_screening(evals, curves["teacher"]),
+           "quantized_vs_float": quant, "gdn_variants": gdn_cost,
            "synthesis_cost": cost, "training_wall_s": wall, "models": models,
            "baselines": [{"curve": e["curve"], "quality": e["quality"], "mean": e["mean"]}
                          for e in baselines["entries"]]}
     (results / "lic.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def _points(evals: dict, names: list[str]) -> list[tuple[float, float]]:
+    """Sorted (bpp, PSNR) of the evaluated models ``names``."""
+    return sorted((m["bpp"], m["psnr"]) for m in (evals[k]["entries"][0]["mean"] for k in names))
+
+
+def _prefix(n: int, name: str) -> str:
+    """Job prefix of a :data:`KD_SCREEN` variant, "plain" (the student without KD) or "recon1"
+    (the bench's distilled student)."""
+    return {"plain": f"s{n}_nokd", "recon1": f"s{n}_kd"}.get(name, f"s{n}_kdv_{name}")
+
+
+def _kd_screening(evals: dict, teacher: list[tuple[float, float]]) -> dict[str, Any]:
+    """BD-rate of each :data:`KD_SCREEN` variant against the teacher and against the student
+    without distillation of the same seed at the same lambdas (same base/fine-tune steps, crops,
+    initialisation); per arm of :data:`KD_ARMS`, the paired deltas over seeds at
+    :data:`KD_SCREEN_LAMBDAS`."""
+    from .rd import bd_rate
+
+    def pts(name: str, n: int, lambdas: tuple[float, ...]) -> list[tuple[float, float]]:
+        return _points(evals, [f"{_prefix(n, name)}_l{_lam(lam)}" for lam in lambdas])
+
+    variants = {}
+    for v in KD_SCREEN:
+        for n in v["widths"]:
+            test, ref = pts(v["name"], n, v["lambdas"]), pts(v["ref"], n, v["lambdas"])
+            kd, nokd = bd_rate(teacher, test), bd_rate(teacher, ref)
+            variants[f"N={n} {v['name']}"] = {
+                "N": n, "lambdas": list(v["lambdas"]), "base_stage": v["base"], "fine_tune_stage": v["ft"],
+                "teacher": v["teacher"], "base_of": v["base_of"], "seed": v["seed"], "paired_with": v["ref"],
+                "bd_rate_vs_teacher_kd_pct": kd, "bd_rate_vs_teacher_nokd_pct": nokd,
+                "kd_delta_pct_points": None if kd is None or nokd is None else kd - nokd,
+                "bd_rate_kd_vs_nokd_pct": bd_rate(ref, test), "points": [list(p) for p in test]}
+    arms, n = {}, _small()
+    for arm, pairs in KD_ARMS.items():
+        d = [bd_rate(pts(ref, n, KD_SCREEN_LAMBDAS), pts(test, n, KD_SCREEN_LAMBDAS)) for test, ref in pairs]
+        arms[f"N={n} {arm}"] = {"pairs": [list(p) for p in pairs], "bd_rate_pct": d,
+                                "mean_pct": sum(d) / len(d), "min_pct": min(d), "max_pct": max(d)}
+    return {"note": "distillation screening at N=16: each variant against the student without KD of the same "
+                    "seed (same initialisation, crops, steps); bd_rate_kd_vs_nokd_pct < 0: distillation saves "
+                    "bits. 'arms' repeat a variant over seeds at lambdas " + ", ".join(map(str, KD_SCREEN_LAMBDAS)) +
+                    "; the 'plain' arm is the student without KD against itself with another seed (the noise "
+                    "a gain must exceed)",
+            "variants": variants, "arms": arms}
 
 
 def _quant_wall(bundle_dir: Path) -> float:

@@ -116,3 +116,40 @@ def test_cli_refuses_a_corrupt_teacher_and_a_bad_crop(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--crop must be a multiple of 16" in r.stderr
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_interpolated_distillation_loss_keeps_the_distortion_weight(train_images):
+    """kd_recon = 1 - dist_weight: the loss is bpp + lambda * (w D + (1 - w) KD_x), no extra weight."""
+    torch.manual_seed(1)
+    teacher = build_lic(student_config(8, gdn="gdn"))
+    net = build_lic(student_config(4))
+    tcfg = TrainConfig(steps=1, crop=32, batch=2, lmbda=0.01, kd_recon=0.25, dist_weight=0.75)
+    h = train_lic(net, CropSampler(train_images, 32, 2), tcfg, arch={}, teacher=teacher, teacher_m=12,
+                  log_every=1, log=None)["history"][0]
+    assert h["loss"] == pytest.approx(h["bpp"] + 0.01 * (0.75 * h["mse"] + 0.25 * h["kd_recon"]), rel=1e-6)
+
+
+def test_bench_kd_variants_train_like_the_student_without_kd():
+    """A screened distillation variant differs from the student without KD only in its loss weights and
+    teacher (same steps, learning rate, crops, seed); KD in fine-tuning only starts from the plain base."""
+    from pathlib import Path
+
+    from flows.lic_bench import plan
+
+    jobs = {j.name: j for j in plan(Path("w"))}
+    assert jobs["s16_nokd_l0.0067"].args == [
+        "distill", "--N", "16", "--gdn", "gdn1", "--kd-recon", "0", "--lmbda", "0.0067", "--steps", "800", "--lr",
+        "0.001", "--curve", "N=16 GDN1", "--out", "w/s16_nokd_l0.0067.pt", "--init", "w/s16_nokd_base.pt"]
+    assert jobs["s16_kdv_mix50-ft_l0.0067"].args == [
+        "distill", "--N", "16", "--gdn", "gdn1", "--kd-recon", "0.5", "--kd-latent", "0.0", "--dist-weight", "0.5",
+        "--lmbda", "0.0067", "--steps", "800", "--lr", "0.001", "--curve", "N=16 GDN1 + KD screen mix50-ft",
+        "--out", "w/s16_kdv_mix50-ft_l0.0067.pt", "--init", "w/s16_nokd_base.pt",
+        "--teacher", "w/teacher_l0.0067.pt"]
+    assert "s16_kdv_mix50-ft_base" not in jobs
+    assert jobs["s16_kdv_mix50-base_l0.0250"].args[5:7] == ["--kd-recon", "0"]
+    assert jobs["s16_kdv_mix50-base_l0.0250"].deps == ["s16_kdv_mix50_base"]
+    assert jobs["s16_kdv_mix50_base"].deps == ["teacher_base"]
+    assert jobs["s16_kdv_plain-seed1_base"].args[5:9] == ["--seed", "1", "--kd-recon", "0"]
+    # a variant at another seed starts from the base of the student without KD of that seed
+    assert jobs["s16_kdv_mix50-ft-seed1_l0.0250"].deps == ["s16_kdv_plain-seed1_base", "teacher_l0.0250"]
+    assert jobs["s16_kdv_mix50-ft-seed1_l0.0250"].args[5:7] == ["--seed", "1"]
