@@ -1,6 +1,7 @@
 """``licforge``: one command line, subcommands by stage (DESIGN.md).
 
-Exit codes: 0 success; 1 a failed check (a mismatch, a BER above the asked threshold);
+Exit codes: 0 success; 1 a failed check (a mismatch, a BER above the asked threshold) or a
+failed tool run (Yosys, printed with the tail of its log);
 2 bad input (an argument, a key, a file), printed as one line naming it.
 """
 from __future__ import annotations
@@ -82,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # errors of our own boundary checks carry their own message
         from quant.bundle import BundleError
         from sim.runner import SimulatorUnavailable
+        from .synth import YosysError
         if isinstance(e, (BundleError, SimulatorUnavailable)):
             print(f"licforge: error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, YosysError):  # a tool failure, not bad input: its log tail, no traceback
+            print(f"licforge: {e}", file=sys.stderr)
+            return 1
         raise
     except KeyboardInterrupt:
         print("licforge: interrupted", file=sys.stderr)

@@ -44,3 +44,11 @@ def test_rtl_then_synth(tmp_path, capsys):
     assert main(["synth", str(out_mac), "--no-dsp", "--json", str(tmp_path / "mac_nodsp.json")]) == 0
     mac_lut = json.loads((tmp_path / "mac_nodsp.json").read_text())["resources"]
     assert mac_lut["DSP"] == 0 and mac_lut["LUT"] > mn["LUT"]  # multipliers in fabric cost more than comparators
+
+
+def test_yosys_failure_is_reported_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.v"
+    bad.write_text("module top(input a; endmodule\n")
+    assert main(["synth", str(bad), "--top", "top"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("licforge: yosys failed on top (xc7):") and "Traceback" not in err
