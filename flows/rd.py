@@ -34,30 +34,32 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> tuple[float, float] | None:
     return (float(lo), float(hi)) if hi > lo else None
 
 
+def _mean_gap(xa: np.ndarray, ya: np.ndarray, xt: np.ndarray, yt: np.ndarray) -> float | None:
+    """Mean over the shared ``x`` interval of the test curve ``yt(xt)`` minus the anchor
+    ``ya(xa)`` (piecewise cubic); None when the curves share no interval or one has fewer
+    than two distinct ``x``."""
+    if len(np.unique(xa)) < 2 or len(np.unique(xt)) < 2:
+        return None
+    iv = _overlap(xa, xt)
+    return None if iv is None else _pchip_mean(xt, yt, *iv) - _pchip_mean(xa, ya, *iv)
+
+
+def _log_rate_psnr(points: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    return np.log(np.array([p[0] for p in points])), np.array([p[1] for p in points])
+
+
 def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> float | None:
     """BD-rate in % of ``test`` against ``anchor`` (lists of (bpp, PSNR)); None when the
     curves share no PSNR interval or have fewer than two distinct points."""
-    ra, da = np.log(np.array([p[0] for p in anchor])), np.array([p[1] for p in anchor])
-    rt, dt = np.log(np.array([p[0] for p in test])), np.array([p[1] for p in test])
-    if len(np.unique(da)) < 2 or len(np.unique(dt)) < 2:
-        return None
-    iv = _overlap(da, dt)
-    if iv is None:
-        return None
-    diff = _pchip_mean(dt, rt, *iv) - _pchip_mean(da, ra, *iv)
-    return float((np.exp(diff) - 1.0) * 100.0)
+    (ra, da), (rt, dt) = _log_rate_psnr(anchor), _log_rate_psnr(test)
+    gap = _mean_gap(da, ra, dt, rt)
+    return None if gap is None else float((np.exp(gap) - 1.0) * 100.0)
 
 
 def bd_psnr(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> float | None:
     """BD-PSNR in dB of ``test`` against ``anchor`` (PSNR difference at equal rate)."""
-    ra, da = np.log(np.array([p[0] for p in anchor])), np.array([p[1] for p in anchor])
-    rt, dt = np.log(np.array([p[0] for p in test])), np.array([p[1] for p in test])
-    if len(np.unique(ra)) < 2 or len(np.unique(rt)) < 2:
-        return None
-    iv = _overlap(ra, rt)
-    if iv is None:
-        return None
-    return _pchip_mean(rt, dt, *iv) - _pchip_mean(ra, da, *iv)
+    (ra, da), (rt, dt) = _log_rate_psnr(anchor), _log_rate_psnr(test)
+    return _mean_gap(ra, da, rt, dt)
 
 
 def curves_from_results(results: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
