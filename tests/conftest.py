@@ -1,6 +1,8 @@
 """Shared fixtures: one trained digits classifier per session, simulator selection."""
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -60,3 +62,13 @@ def lic_quant():
 
     root = Path(__file__).resolve().parent.parent
     return load_quantized(root / (LIC_BUNDLE + ".quant.pt"))[0]
+
+
+@pytest.fixture
+def copy_bundle(tmp_path):
+    """``copy_bundle(bundle)``: a writable copy of a bundle's directory, to corrupt in a test."""
+    def copy(bundle):
+        dst = tmp_path / "b"
+        shutil.copytree(bundle.path, dst)
+        return dst
+    return copy

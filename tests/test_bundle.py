@@ -1,6 +1,5 @@
 """The deployment bundle: round trip, and refusal of truncated / edited / inconsistent ones."""
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -19,29 +18,23 @@ def test_round_trip_keeps_every_integer(digits_bundle, tmp_path):
             assert np.array_equal(a.tensors[t], b.tensors[t])
 
 
-def _copy(b, tmp_path):
-    dst = tmp_path / "b"
-    shutil.copytree(b.path, dst)
-    return dst
-
-
-def test_truncated_tensor_is_refused(digits_bundle, tmp_path):
-    d = _copy(digits_bundle, tmp_path)
+def test_truncated_tensor_is_refused(digits_bundle, copy_bundle):
+    d = copy_bundle(digits_bundle)
     f = d / "conv2.weight.npy"
     f.write_bytes(f.read_bytes()[:-10])
     with pytest.raises(BundleError, match=r"conv2\.weight\.npy: content does not match"):
         read_bundle(d)
 
 
-def test_missing_tensor_file_is_refused(digits_bundle, tmp_path):
-    d = _copy(digits_bundle, tmp_path)
+def test_missing_tensor_file_is_refused(digits_bundle, copy_bundle):
+    d = copy_bundle(digits_bundle)
     (d / "fc.weight.npy").unlink()
     with pytest.raises(BundleError, match=r"fc\.weight\.npy: missing"):
         read_bundle(d)
 
 
-def test_edited_manifest_is_refused(digits_bundle, tmp_path):
-    d = _copy(digits_bundle, tmp_path)
+def test_edited_manifest_is_refused(digits_bundle, copy_bundle):
+    d = copy_bundle(digits_bundle)
     m = json.loads((d / "bundle.json").read_text())
     m["layers"][0]["attrs"]["shift"] += 1
     (d / "bundle.json").write_text(json.dumps(m))
@@ -49,8 +42,8 @@ def test_edited_manifest_is_refused(digits_bundle, tmp_path):
         read_bundle(d)
 
 
-def test_corrupt_manifest_is_refused(digits_bundle, tmp_path):
-    d = _copy(digits_bundle, tmp_path)
+def test_corrupt_manifest_is_refused(digits_bundle, copy_bundle):
+    d = copy_bundle(digits_bundle)
     (d / "bundle.json").write_text("{not json")
     with pytest.raises(BundleError, match=r"bundle\.json: not valid JSON"):
         read_bundle(d)

@@ -1,6 +1,5 @@
 """The LIC deployment bundle: layer graph, entropy-coder tables, and refusal of bad bundles."""
 import json
-import shutil
 import subprocess
 import sys
 
@@ -41,22 +40,16 @@ def test_layer_graph_matches_the_contract(lic_bundle):
         assert (t["gamma"] >= 0).all() and (t["beta"] > 0).all()
 
 
-def _copy(bundle, tmp_path):
-    dst = tmp_path / "b"
-    shutil.copytree(bundle.path, dst)
-    return dst
-
-
-def test_truncated_latent_table_is_refused(lic_bundle, tmp_path):
-    d = _copy(lic_bundle, tmp_path)
+def test_truncated_latent_table_is_refused(lic_bundle, copy_bundle):
+    d = copy_bundle(lic_bundle)
     f = d / "latent.cdf.npy"
     f.write_bytes(f.read_bytes()[:-7])
     with pytest.raises(BundleError, match=r"latent\.cdf\.npy: content does not match the manifest's sha256"):
         read_bundle(d)
 
 
-def test_edited_shift_is_refused(lic_bundle, tmp_path):
-    d = _copy(lic_bundle, tmp_path)
+def test_edited_shift_is_refused(lic_bundle, copy_bundle):
+    d = copy_bundle(lic_bundle)
     m = json.loads((d / "bundle.json").read_text())
     m["layers"][8]["attrs"]["shift"] += 1
     (d / "bundle.json").write_text(json.dumps(m))
@@ -84,11 +77,11 @@ def test_bundle_without_tables_cannot_encode(lic_bundle, tmp_path):
         encode_image(b, np.zeros((16, 16, 3), np.uint8))
 
 
-def test_cli_bundle_info_and_its_refusal(lic_bundle, tmp_path):
+def test_cli_bundle_info_and_its_refusal(lic_bundle, copy_bundle):
     cmd = [sys.executable, "-m", "flows.cli", "bundle-info"]
     r = subprocess.run(cmd + [str(lic_bundle.path)], capture_output=True, text=True)
     assert r.returncode == 0 and f"valid, hash {lic_bundle.hash}" in r.stdout and "g_s.6" in r.stdout
-    d = _copy(lic_bundle, tmp_path)
+    d = copy_bundle(lic_bundle)
     (d / "g_s.3.gamma.npy").unlink()
     r = subprocess.run(cmd + [str(d)], capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
