@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .decoder import DEFAULT_MAX_WIDTH, DEFAULT_PART
@@ -127,7 +128,10 @@ def _cmd_perf(args) -> int:
     print(format_design_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0
+    failed = [r for r in rows if r.get("synth_error")]
+    for r in failed:
+        print(f"Yosys failed on PI={r['pi']} PO={r['po']} ({r['verilog']}): {r['synth_error']}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _bench_decoder(results: Path) -> str:

