@@ -92,11 +92,10 @@ def format_design_table(rows: list[dict]) -> str:
 
     flat = []
     for r in rows:
-        res = r.get("resources") or ({k: "Yosys failed" for k in ("LUT", "FF", "DSP", "BRAM")}
-                                      if r.get("synth_error") else {})
+        res, missing = r.get("resources", {}), "Yosys failed" if r.get("synth_error") else "-"
         flat.append({"N/M": f"{r['N']}/{r['M']}", "PI x PO": f"{r['pi']}x{r['po']}", "mults": r["multipliers"],
-                     "LUT": res.get("LUT", "-"), "FF": res.get("FF", "-"), "DSP": res.get("DSP", "-"),
-                     "BRAM": res.get("BRAM", "-"),
+                     "LUT": res.get("LUT", missing), "FF": res.get("FF", missing), "DSP": res.get("DSP", missing),
+                     "BRAM": res.get("BRAM", missing),
                      "cyc/px 1080p": r["1080p"]["cycles_per_pixel"], "fps 1080p": r["1080p"]["fps"],
                      "fps 768x512": r["768x512"]["fps"],
                      "DSP eff.": f"{r['1080p']['dsp_efficiency_steady']:.1%}"})
