@@ -43,6 +43,27 @@ def _train_config(args, kd_recon: float = 0.0, kd_latent: float = 0.0, dist_weig
         raise UsageError(f"--{str(e).replace('_', '-')}") from None
 
 
+def _device(args) -> str:
+    """The ``--device`` to train on, checked: ``cpu`` or ``cuda[:i]`` of a GPU torch can see."""
+    import torch
+
+    d = args.device
+    try:
+        dev = torch.device(d)
+    except RuntimeError:
+        raise UsageError(f"--device {d!r}: not a device; use cpu or cuda (cuda:1 for the second GPU)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {d!r}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UsageError(f"--device {d}: torch {torch.__version__} sees no CUDA GPU on this machine; "
+                             f"train with --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {d}: this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
+    return d
+
+
 def _lic_config(args, gdn: str):
     from models.lic import LICConfig
 
@@ -64,7 +85,7 @@ def _cmd_train(args) -> int:
 
     cfg = _lic_config(args, args.gdn)
     meta = train_model(cfg, _train_config(args), Path(args.out), data=args.data, resume=args.resume,
-                       init=_init(args), curve=args.curve, half=args.half)
+                       init=_init(args), curve=args.curve, half=args.half, device=_device(args))
     print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
     return 0
 
@@ -84,7 +105,8 @@ def _cmd_distill(args) -> int:
         teacher = need_file(args.teacher, "--teacher")
     meta = train_model(cfg, _train_config(args, args.kd_recon, args.kd_latent, args.dist_weight), Path(args.out),
                        data=args.data,
-                       teacher=teacher, init=_init(args), resume=args.resume, curve=args.curve, half=args.half)
+                       teacher=teacher, init=_init(args), resume=args.resume, curve=args.curve, half=args.half,
+                       device=_device(args))
     print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
     return 0
 
@@ -166,6 +188,27 @@ def _bench_lic(results: Path) -> str:
 BENCHES = {"lic": _bench_lic}
 
 
+def _cmd_kd_study(args) -> int:
+    from .kd_study import kd_study
+
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, not {args.workers}")
+    _device(args)
+    out = kd_study(Path(args.results), Path(args.work), base=args.base_steps, ft=args.ft_steps, batch=args.batch,
+                   crop=args.crop, device=args.device, workers=args.workers, tag=args.tag)
+    def f(v: float | None, fmt: str) -> str:  # BD figures are None where two curves do not overlap
+        return "n/a" if v is None else format(v, fmt)
+
+    for w, rec in out["distillation"].items():
+        print(f"{w}: " + ", ".join(f"{arm} {f(r['bd_rate_vs_nokd_pct'], '+.1f')} % / "
+                                   f"{f(r['bd_psnr_vs_nokd_db'], '+.3f')} dB vs no KD"
+                                   for arm, r in rec.items() if arm != "nokd"))
+    n = out["seed_noise"]
+    print(f"seed noise ({' vs '.join(n['pair'])}): {f(n['bd_rate_pct'], '+.1f')} % / {f(n['bd_psnr_db'], '+.3f')} dB; "
+          f"wrote {Path(args.results) / ('lic_kd_' + args.tag + '.json')}")
+    return 0
+
+
 def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
     p.add_argument("--lmbda", type=float, default=0.013, help="rate-distortion trade-off (MSE on 0..255)")
     p.add_argument("--steps", type=int, default=steps)
@@ -182,6 +225,11 @@ def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
 def _init_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default=None,
                    help="start from this weight file (same architecture; e.g. a neighbouring lambda)")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="train on cpu (default) or cuda[:i]; the weights are written for the CPU either way")
 
 
 def _threads_arg(p: argparse.ArgumentParser) -> None:
@@ -205,6 +253,7 @@ def register(groups: dict) -> None:
     _model_args(p, 128, "gdn")
     _train_args(p, 2000, 1e-3)
     _init_arg(p)
+    _device_arg(p)
     p.add_argument("--out", required=True, help="weight file to write (.pt)")
     p.set_defaults(func=_boundary(_cmd_train))
 
@@ -217,8 +266,22 @@ def register(groups: dict) -> None:
     p.add_argument("--dist-weight", type=float, default=1.0,
                    help="weight of the distortion against the image (1 - kd-recon interpolates)")
     _init_arg(p)
+    _device_arg(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=_boundary(_cmd_distill))
+
+    p = top.add_parser("kd-study", help="teacher + students with/without KD at every width, trained as long as "
+                                         "asked (a GPU run) -> lic_kd_<tag>.json, rd_kd_<tag>.png")
+    p.add_argument("--base-steps", type=int, default=2000, help="steps of each base model (at lambda 0.013)")
+    p.add_argument("--ft-steps", type=int, default=800, help="steps of each fine-tune to one lambda")
+    p.add_argument("--crop", type=int, default=64, help="random crop size (multiple of 16)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workers", type=int, default=2, help="training/eval processes at a time")
+    p.add_argument("--tag", default="long", help="suffix of the result files")
+    p.add_argument("--work", default="build/lic/kd", help="folder of the models, evaluations and logs")
+    p.add_argument("--results", default="bench/results")
+    _device_arg(p)
+    p.set_defaults(func=_boundary(_cmd_kd_study))
 
     p = top.add_parser("quantize", help="QAT (default) or PTQ of a GDN1 student -> deployment bundle")
     p.add_argument("weights", help="float student weight file")

@@ -84,7 +84,7 @@ def eval_float(path: Path, images: dict[str, np.ndarray], bitstreams: Path | Non
     """Encode/decode every image with a float weight file (module doc)."""
     from models.lic import load_weights
     from quant.codec import pack, pad_image, unpack
-    from quant.lic import prepare_entropy_coder
+    from quant.codec import prepare_entropy_coder
 
     from .train import file_sha256
 

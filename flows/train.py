@@ -35,11 +35,16 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _device_name(device: str) -> str:
+    d = torch.device(device)
+    return f"{d}: {torch.cuda.get_device_name(d)}" if d.type == "cuda" else "cpu"
+
+
 def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | None = None,
                 teacher: Path | None = None, init: Path | None = None, resume: bool = False,
-                curve: str | None = None, half: bool = False,
+                curve: str | None = None, half: bool = False, device: str = "cpu",
                 log: Callable[[str], None] | None = print) -> dict[str, Any]:
-    """Train ``cfg`` with ``tcfg`` (distilling from the ``teacher`` weight file when its
+    """Train ``cfg`` with ``tcfg`` on ``device`` (distilling from the ``teacher`` weight file when its
     weights are non-zero), starting from the weights of ``init`` (same architecture; e.g. the
     model of a neighbouring lambda) or from a seeded random initialisation; writes the
     weights to ``out`` and returns their meta record."""
@@ -62,11 +67,12 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
     arch = {**cfg.to_dict(), "data": data or "embedded", "teacher": teacher_meta and teacher_meta["sha256"],
             "init": init_meta and init_meta["sha256"]}
     record = train_lic(net, sampler, tcfg, arch=arch, teacher=tnet, teacher_m=tcfg_m,
-                       state_path=state_path_for(out), resume=resume, desc=curve or cfg.name, log=log)
+                       state_path=state_path_for(out), resume=resume, desc=curve or cfg.name, log=log,
+                       device=device)
     meta = {"curve": curve or cfg.name, "lmbda": tcfg.lmbda, "train": tcfg.to_dict(),
             "data": data or "embedded", "teacher": teacher_meta, "init": init_meta, "wall_s": record["wall_s"],
             "steps": record["steps"], "final": record["history"][-1] if record["history"] else {},
-            "threads": torch.get_num_threads(), "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "threads": torch.get_num_threads(), "device": _device_name(device), "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
     save_weights(net, cfg, out, meta, half=half)
     return meta
 
@@ -78,7 +84,8 @@ def quantize_model(weights: Path, recipe_name: str, out_dir: Path, *, qat: Train
     """PTQ (``qat=None``) or QAT of a float student; writes the bundle to ``out_dir`` and the
     Brevitas model to :func:`quant_model_path` ``(out_dir)``; returns the bundle's meta."""
     from quant.bundle import write_bundle
-    from quant.lic import export_bundle, prepare_entropy_coder, quantize_student, save_quantized
+    from quant.codec import prepare_entropy_coder
+    from quant.lic import export_bundle, quantize_student, save_quantized
     from quant.lic_recipe import load_recipe
 
     from .errors import UsageError

@@ -94,7 +94,7 @@ def save_weights(net: nn.Module, cfg: LICConfig, path: str | Path, meta: dict[st
     lambda, training record ...) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().clone()
+    sd = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().clone()
           for k, v in net.state_dict().items()}
     torch.save({"format": WEIGHTS_FORMAT, "config": cfg.to_dict(), "meta": dict(meta or {}),
                 "state_dict": sd}, path)

@@ -124,9 +124,11 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
               extra_loss: Callable[[nn.Module], Tensor] | None = None,
               after_step: Callable[[nn.Module], None] | None = None,
               state_path: str | Path | None = None, resume: bool = False, save_every: int = 250,
-              log_every: int = 100, desc: str = "train", log: Callable[[str], None] | None = print) -> dict:
-    """Train ``net`` in place for ``cfg.steps`` Adam steps; returns the training record
-    (``history`` of logged windows, ``wall_s``, ``steps``).
+              log_every: int = 100, desc: str = "train", log: Callable[[str], None] | None = print,
+              device: str | torch.device = "cpu") -> dict:
+    """Train ``net`` in place for ``cfg.steps`` Adam steps on ``device`` (the crops are sampled
+    on the CPU and moved there); returns the training record (``history`` of logged windows,
+    ``wall_s``, ``steps``); ``net`` is back on the CPU when it returns.
 
     ``arch`` identifies the model in the state file (a resumed run must match it and ``cfg``);
     ``teacher`` (with ``teacher_m`` latent channels) is required when a distillation weight is
@@ -139,7 +141,10 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
     adapter = None
     if cfg.kd_latent > 0:
         student_m = net.g_a[-1].out_channels
-        adapter = nn.Conv2d(student_m, int(teacher_m), 1)
+        adapter = nn.Conv2d(student_m, int(teacher_m), 1).to(device)
+    net.to(device)
+    if teacher is not None:
+        teacher.to(device)
     eb = [p for n, p in net.named_parameters() if n.startswith("entropy_bottleneck.") and not n.endswith("quantiles")]
     eb_ids = {id(p) for p in eb}
     rest = [p for p in net.parameters() if id(p) not in eb_ids]
@@ -162,6 +167,8 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             adapter.load_state_dict(st["adapter"])
         sampler.restore(st["sampler"])
         torch.set_rng_state(st["torch_rng"])
+        if st.get("cuda_rng") is not None and torch.device(device).type == "cuda":
+            torch.cuda.set_rng_state(st["cuda_rng"], device)
         step, history, wall = int(st["step"]), list(st["history"]), float(st["wall_s"])
     else:
         torch.manual_seed(cfg.seed)
@@ -181,6 +188,7 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             "model": net.state_dict(), "optimizer": opt.state_dict(),
             "adapter": adapter.state_dict() if adapter is not None else {},
             "sampler": sampler.state(), "torch_rng": torch.get_rng_state(), "history": history,
+            "cuda_rng": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None,
             "wall_s": wall})
 
     window: dict[str, float] = {}
@@ -190,7 +198,7 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             net.train()
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, step) * g["mult"]
-            x = sampler()
+            x = sampler().to(device, non_blocking=True)
             out = net(x)
             bpp, mse = rd_terms(out, x)
             loss = bpp + cfg.lmbda * cfg.dist_weight * mse
@@ -240,5 +248,7 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             if lat is not None:
                 lat.remove()
     save()
-    net.eval()
+    net.eval().cpu()
+    if teacher is not None:
+        teacher.cpu()
     return {"history": history, "wall_s": wall, "steps": step}

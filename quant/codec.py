@@ -29,14 +29,27 @@ import struct
 import zlib
 
 import numpy as np
+import torch
+from torch import nn
 
 from .bundle import Bundle, BundleError
 
 __all__ = ["BitstreamError", "pack", "unpack", "pad_image", "encode_latents", "encode_image",
-           "decode_latents", "decode_image", "bundle_id", "MAGIC", "VERSION", "PAD"]
+           "decode_latents", "decode_image", "bundle_id", "prepare_entropy_coder", "MAGIC", "VERSION", "PAD"]
 
 MAGIC, VERSION, PAD = b"LICF", 1, 16
 _HEADER = struct.Struct(">4sBBHHHH8sI")
+
+
+@torch.no_grad()
+def prepare_entropy_coder(eb: nn.Module) -> None:
+    """Quantiles by bisection, integer medians, then the rANS tables (``update``).
+
+    With integer medians CompressAI's ``round(y - median) + median`` maps integer latents to
+    themselves, so the symbols are ``latent - median`` exactly."""
+    eb._update_quantiles()
+    eb.quantiles[:, 0, 1] = torch.round(eb.quantiles[:, 0, 1])
+    eb.update(force=True)
 
 
 class BitstreamError(ValueError):

@@ -43,7 +43,7 @@ from .lic_recipe import CONV_LAYERS, GDN_LAYERS, Recipe, parse_recipe
 from .quantizers import BiasAtAccumulator, WeightFixedPoint
 
 __all__ = ["QuantFactorizedPrior", "calibrate", "quantize_student", "export_bundle", "golden_forward",
-           "golden_encode", "golden_decode", "brevitas_integers", "prepare_entropy_coder", "save_quantized", "load_quantized",
+           "golden_encode", "golden_decode", "brevitas_integers", "save_quantized", "load_quantized",
            "QUANT_FORMAT", "PIXEL_EXP", "QuantSpec"]
 
 QUANT_FORMAT = "licforge-lic-quant/1"
@@ -216,16 +216,6 @@ def quantize_student(net: nn.Module, cfg: LICConfig, recipe: Recipe, images: dic
 
 
 @torch.no_grad()
-def prepare_entropy_coder(eb: nn.Module) -> None:
-    """Quantiles by bisection, integer medians, then the rANS tables (``update``).
-
-    With integer medians CompressAI's ``round(y - median) + median`` maps integer latents to
-    themselves, so the symbols are ``latent - median`` exactly."""
-    eb._update_quantiles()
-    eb.quantiles[:, 0, 1] = torch.round(eb.quantiles[:, 0, 1])
-    eb.update(force=True)
-
-
 def _exp(scale) -> int:
     s = float(scale.detach().reshape(-1)[0])
     e = math.log2(s)

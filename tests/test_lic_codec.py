@@ -7,7 +7,8 @@ from models.data import embedded_images
 from models.lic import load_weights
 from quant.codec import (BitstreamError, decode_image, decode_latents, encode_image, pack, pad_image,
                          unpack)
-from quant.lic import brevitas_integers, golden_encode, golden_forward, prepare_entropy_coder
+from quant.codec import prepare_entropy_coder
+from quant.lic import brevitas_integers, golden_encode, golden_forward
 
 STUDENT = "models/checkpoints/student_n16.pt"
 

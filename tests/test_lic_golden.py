@@ -7,10 +7,9 @@ import torch
 from models.data import embedded_images
 from models.lic import build_lic, student_config
 from quant.bundle import Bundle
-from quant.codec import pad_image
+from quant.codec import pad_image, prepare_entropy_coder
 from quant.golden import gdn_int, igdn_int
-from quant.lic import (brevitas_integers, export_bundle, golden_decode, golden_forward, prepare_entropy_coder,
-                       quantize_student)
+from quant.lic import brevitas_integers, export_bundle, golden_decode, golden_forward, quantize_student
 from quant.lic_layers import QuantGDN1, exp_for_range, fixed_act
 from quant.lic_recipe import load_recipe
 

@@ -153,3 +153,41 @@ def test_bench_kd_variants_train_like_the_student_without_kd():
     # a variant at another seed starts from the base of the student without KD of that seed
     assert jobs["s16_kdv_mix50-ft-seed1_l0.0250"].deps == ["s16_kdv_plain-seed1_base", "teacher_l0.0250"]
     assert jobs["s16_kdv_mix50-ft-seed1_l0.0250"].args[5:7] == ["--seed", "1"]
+
+
+def test_kd_study_pairs_every_arm_and_puts_the_critical_path_first():
+    """kd-study: the three students of a width differ only in loss weights and teacher (same steps,
+    batch, crops, seed, device); the KD arms use the teacher of the same lambda; bases run first."""
+    from pathlib import Path
+
+    from flows.kd_study import plan_kd
+
+    jobs = plan_kd(Path("w"), 40, 10, batch=16, crop=128, device="cuda")
+    by = {j.name: j for j in jobs}
+    kinds = [j.kind for j in jobs]
+    assert kinds == sorted(kinds, key=("base", "train", "eval").index) and jobs[0].name == "teacher_base"
+    assert len(jobs) == 11 * 7 + 11 * 6  # teacher + 3 arms x 3 widths + seed-1 twin, 6 evals each
+    common = ["--batch", "16", "--crop", "128", "--device", "cuda", "--lmbda", "0.0067", "--steps", "10",
+              "--lr", "0.001"]
+    assert by["s32_nokd_l0.0067"].args == ["distill", "--N", "32", "--gdn", "gdn1", "--kd-recon", "0", *common,
+                                           "--curve", "N=32 GDN1", "--out", "w/s32_nokd_l0.0067.pt",
+                                           "--init", "w/s32_nokd_base.pt"]
+    assert by["s32_mix50_l0.0067"].args == [
+        "distill", "--N", "32", "--gdn", "gdn1", "--kd-recon", "0.5", "--kd-latent", "0.0", "--dist-weight", "0.5",
+        *common, "--curve", "N=32 GDN1 + KD mix50", "--out", "w/s32_mix50_l0.0067.pt", "--init",
+        "w/s32_mix50_base.pt", "--teacher", "w/teacher_l0.0067.pt"]
+    assert by["s32_recon1_base"].deps == ["teacher_base"] and "40" in by["s32_recon1_base"].args
+    assert by["s16_seed1_base"].args[-12:-10] == ["--seed", "1"] and by["s16_seed1_base"].deps == []
+    assert by["eval_s64_recon1_l0.0250"].deps == ["s64_recon1_l0.0250"]
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        plan_kd(Path("w"), 0, 10)
+
+
+def test_cli_device_is_checked_before_training(tmp_path):
+    cmd = [sys.executable, "-m", "flows.cli", "distill", "--kd-recon", "0", "--steps", "1", "--out", str(tmp_path / "s.pt")]
+    r = subprocess.run(cmd + ["--device", "tpu"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--device 'tpu': not a device; use cpu or cuda" in r.stderr
+    if not torch.cuda.is_available():
+        r = subprocess.run(cmd + ["--device", "cuda"], capture_output=True, text=True)
+        assert r.returncode == 2 and "sees no CUDA GPU on this machine; train with --device cpu" in r.stderr
+    assert not (tmp_path / "s.pt").exists()

@@ -97,7 +97,8 @@ class LICHost:
     @staticmethod
     def export(q: nn.Module) -> Bundle:
         """The deployment bundle of ``q`` (entropy coder prepared first)."""
-        from quant.lic import export_bundle, prepare_entropy_coder
+        from quant.codec import prepare_entropy_coder
+        from quant.lic import export_bundle
 
         prepare_entropy_coder(q.entropy_bottleneck)
         return export_bundle(q)

@@ -1,0 +1,132 @@
+"""``licforge kd-study``: does distillation help the students when they are trained long enough?
+
+The distillation part of ``licforge bench lic`` (teacher, students N = 16, 32, 64 with and
+without KD, base model at ``BASE_LAMBDA`` then one fine-tune per lambda) with the step count,
+crops, batch and device as arguments, so that it can be run far longer on a GPU than the
+2-core benchmark affords.  Per width, three students share steps, crops, batch and seed:
+
+* ``nokd``: rate + lambda * MSE(image);
+* ``recon1``: + lambda * MSE(teacher's reconstruction) (the benchmark's KD, ``--kd-recon 1``);
+* ``mix50``: rate + lambda * (0.5 MSE(image) + 0.5 MSE(teacher)): the same total distortion
+  weight as ``nokd``, so the RD trade-off is unchanged and only the target moves;
+
+and the student without KD of the smallest width is trained again with seed 1 (``seed1``):
+the BD-rate between the two seeds is the noise a distillation gain has to exceed.
+
+Every trained model is evaluated on the held-out images with real bitstreams (``licforge
+eval``); ``lic_kd_<tag>.json`` holds BD-rate and BD-PSNR of each student vs the teacher and
+of each KD student vs its ``nokd`` twin, and ``rd_kd_<tag>.png`` the curves.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+from typing import Any
+
+from .lic_bench import _MIX50, LAMBDAS, TEACHER, Job, _kd_args, _lam, _run_jobs, _star
+
+__all__ = ["plan_kd", "kd_study", "ARMS", "WIDTHS"]
+
+WIDTHS = (16, 32, 64)
+ARMS: dict[str, dict[str, float] | None] = {
+    "nokd": None,
+    "recon1": {"kd_recon": 1.0, "kd_latent": 0.0, "dist_weight": 1.0},
+    "mix50": _MIX50,
+}
+STUDENT_LR = 1e-3
+
+
+def _curve(n: int, arm: str) -> str:
+    return {"nokd": f"N={n} GDN1", "recon1": f"N={n} GDN1 + KD", "mix50": f"N={n} GDN1 + KD mix50",
+            "seed1": f"N={n} GDN1 seed 1"}[arm]
+
+
+def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, device: str = "cpu",
+            lambdas: tuple[float, ...] = LAMBDAS, widths: tuple[int, ...] = WIDTHS) -> list[Job]:
+    """The study's jobs in a valid order, base models first: the teacher, per width the students
+    of :data:`ARMS` (the teacher of the same lambda in each stage for the KD arms), the seed-1 twin
+    of the smallest student without KD; then their fine-tunes; then one ``licforge eval`` per
+    fine-tuned model."""
+    if base < 1 or ft < 1:
+        raise ValueError(f"base and fine-tune steps must be >= 1, not {base}/{ft}")
+    jobs: list[Job] = []
+    common = ["--batch", str(batch), "--crop", str(crop), "--device", device]
+    targs = ["train", "--N", str(TEACHER["N"]), "--M", str(TEACHER["M"]), "--gdn", "gdn", *common]
+    _star(jobs, work, "teacher", {"base": targs, "ft": targs}, "teacher",
+          {"role": "teacher", "N": TEACHER["N"]}, {"lr": TEACHER["lr"], "base": base, "ft": ft}, lambdas=lambdas)
+    cfg = {"lr": STUDENT_LR, "base": base, "ft": ft}
+    runs = [(n, arm, 0) for n in widths for arm in ARMS] + [(min(widths), "nokd", 1)]
+    for n, arm, seed in runs:
+        kd = ARMS[arm]
+        args = ["distill", "--N", str(n), "--gdn", "gdn1", *_kd_args(kd), *common]
+        args += ["--seed", str(seed)] if seed else []
+        name = "seed1" if seed else arm
+        _star(jobs, work, f"s{n}_{name}", {"base": args, "ft": args}, _curve(n, name),
+              {"role": "student", "N": n, "arm": name, "seed": seed}, cfg,
+              {"base": "same", "ft": "same"} if kd else None, lambdas=lambdas)
+    for j in [j for j in jobs if j.kind == "train"]:
+        ev = work / "eval" / f"{j.name}.json"
+        jobs.append(Job(f"eval_{j.name}", ["eval", str(j.out), "--no-baselines", "--json", str(ev)], ev,
+                        [j.name], "eval", {"model": j.name}))
+    # base models first (the distilled ones are on the critical path), then fine-tunes, then evals
+    return sorted(jobs, key=lambda j: ("base", "train", "eval").index(j.kind))
+
+
+def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, crop: int = 64,
+             device: str = "cpu", workers: int = 2, tag: str = "long", lambdas: tuple[float, ...] = LAMBDAS,
+             widths: tuple[int, ...] = WIDTHS) -> dict[str, Any]:
+    """Run :func:`plan_kd` (finished steps are kept) and write ``results/lic_kd_<tag>.json``
+    and ``results/rd_kd_<tag>.png``; returns the JSON record."""
+    from models.lic import load_weights
+
+    from .rd import bd_psnr, bd_rate, curves_from_results, plot_rd
+
+    jobs = plan_kd(work, base, ft, batch=batch, crop=crop, device=device, lambdas=lambdas, widths=widths)
+    t0 = time.perf_counter()
+    _run_jobs(jobs, work / "logs", workers)
+    elapsed = time.perf_counter() - t0
+    evals = {j.info["model"]: json.loads(j.out.read_text()) for j in jobs if j.kind == "eval"}
+    curves = curves_from_results(list(evals.values()))
+    teacher = curves["teacher"]
+    widths = sorted({j.info["N"] for j in jobs if j.info.get("role") == "student"})
+    per_width = {}
+    for n in widths:
+        ref = curves[_curve(n, "nokd")]
+        rec: dict[str, Any] = {"nokd": {"bd_rate_vs_teacher_pct": bd_rate(teacher, ref),
+                                        "bd_psnr_vs_teacher_db": bd_psnr(teacher, ref)}}
+        for arm in [a for a in ARMS if a != "nokd"]:
+            c = curves[_curve(n, arm)]
+            rec[arm] = {"bd_rate_vs_teacher_pct": bd_rate(teacher, c), "bd_psnr_vs_teacher_db": bd_psnr(teacher, c),
+                        "bd_rate_vs_nokd_pct": bd_rate(ref, c), "bd_psnr_vs_nokd_db": bd_psnr(ref, c)}
+        per_width[f"N={n}"] = rec
+    small = min(widths)
+    a, b = curves[_curve(small, "nokd")], curves[_curve(small, "seed1")]
+    noise = {"pair": [_curve(small, "nokd"), _curve(small, "seed1")],
+             "bd_rate_pct": bd_rate(a, b), "bd_psnr_db": bd_psnr(a, b)}
+    models = {}
+    for j in jobs:
+        if j.kind in ("train", "base"):
+            meta = load_weights(j.out)[2]
+            models[j.name] = {**j.info, "steps": meta["steps"], "train_wall_s": meta["wall_s"],
+                              "device": meta.get("device"), "command": "licforge " + shlex.join(j.args)}
+            if j.kind == "train":
+                e = evals[j.name]["entries"][0]
+                models[j.name].update(curve=e["curve"], mean=e["mean"])
+    results.mkdir(parents=True, exist_ok=True)
+    png = results / f"rd_kd_{tag}.png"
+    plot_rd(curves, png, f"distillation study ({tag}): {base} + {ft} steps, batch {batch} x {crop}^2 crops, "
+            f"held-out astronaut, chelsea, coffee")
+    device_name = next((m["device"] for m in models.values() if m.get("device")), device)
+    out = {"tag": tag, "device": device_name, "workers": workers, "elapsed_s": elapsed,
+           "settings": {"base_steps": base, "fine_tune_steps": ft, "batch": batch, "crop": crop,
+                        "lambdas": list(lambdas), "teacher": {"N": TEACHER["N"], "M": TEACHER["M"],
+                                                              "lr": TEACHER["lr"]},
+                        "student_lr": STUDENT_LR, "arms": dict(ARMS)},
+           "distillation": per_width, "seed_noise": noise, "models": models,
+           "note": "bd_rate_vs_nokd_pct < 0 (bd_psnr_vs_nokd_db > 0): the distilled student beats its twin "
+                   "without KD (same steps, crops, batch, seed); seed_noise: the student without KD against "
+                   "itself trained with seed 1, the size of a difference that means nothing"}
+    (results / f"lic_kd_{tag}.json").write_text(json.dumps(out, indent=1))
+    return out
