@@ -1,7 +1,6 @@
 """CLI of the end-to-end flow: ``licforge flow [CONFIG] [--from STAGE] [--run-dir DIR]``."""
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 

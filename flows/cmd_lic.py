@@ -194,8 +194,14 @@ def _cmd_kd_study(args) -> int:
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, not {args.workers}")
     _device(args)
+    if min(args.widths) < 1 or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        raise UsageError(f"--widths must be >= 1 and --seeds distinct and >= 0, not {args.widths} / {args.seeds}")
+    if args.lambdas is not None and (len(args.lambdas) < 4 or min(args.lambdas) <= 0):
+        raise UsageError(f"--lambdas: give at least 4 positive values (a BD-rate needs 4 points), not {args.lambdas}")
+    lambdas = {"lambdas": tuple(sorted(args.lambdas))} if args.lambdas else {}
     out = kd_study(Path(args.results), Path(args.work), base=args.base_steps, ft=args.ft_steps, batch=args.batch,
-                   crop=args.crop, device=args.device, workers=args.workers, tag=args.tag)
+                   crop=args.crop, device=args.device, workers=args.workers, tag=args.tag,
+                   widths=tuple(args.widths), seeds=tuple(args.seeds), **lambdas)
     def f(v: float | None, fmt: str) -> str:  # BD figures are None where two curves do not overlap
         return "n/a" if v is None else format(v, fmt)
 
@@ -203,9 +209,9 @@ def _cmd_kd_study(args) -> int:
         print(f"{w}: " + ", ".join(f"{arm} {f(r['bd_rate_vs_nokd_pct'], '+.1f')} % / "
                                    f"{f(r['bd_psnr_vs_nokd_db'], '+.3f')} dB vs no KD"
                                    for arm, r in rec.items() if arm != "nokd"))
-    n = out["seed_noise"]
-    print(f"seed noise ({' vs '.join(n['pair'])}): {f(n['bd_rate_pct'], '+.1f')} % / {f(n['bd_psnr_db'], '+.3f')} dB; "
-          f"wrote {Path(args.results) / ('lic_kd_' + args.tag + '.json')}")
+    for n in out["seed_noise"]:
+        print(f"seed noise ({' vs '.join(n['pair'])}): {f(n['bd_rate_pct'], '+.1f')} % / {f(n['bd_psnr_db'], '+.3f')} dB")
+    print(f"wrote {Path(args.results) / ('lic_kd_' + args.tag + '.json')}")
     return 0
 
 
@@ -277,6 +283,11 @@ def register(groups: dict) -> None:
     p.add_argument("--crop", type=int, default=64, help="random crop size (multiple of 16)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="training/eval processes at a time")
+    p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="student widths N")
+    p.add_argument("--lambdas", type=float, nargs="+", default=None,
+                   help="rate-distortion points (default: those of licforge bench lic)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="seeds of every student (one seed: plus a twin without KD at the next seed)")
     p.add_argument("--tag", default="long", help="suffix of the result files")
     p.add_argument("--work", default="build/lic/kd", help="folder of the models, evaluations and logs")
     p.add_argument("--results", default="bench/results")

@@ -10,8 +10,10 @@ crops, batch and device as arguments, so that it can be run far longer on a GPU 
 * ``mix50``: rate + lambda * (0.5 MSE(image) + 0.5 MSE(teacher)): the same total distortion
   weight as ``nokd``, so the RD trade-off is unchanged and only the target moves;
 
-and the student without KD of the smallest width is trained again with seed 1 (``seed1``):
-the BD-rate between the two seeds is the noise a distillation gain has to exceed.
+each at every seed asked for (``--seeds``; KD arms are paired with the student without KD of
+their seed).  The BD-rate between students without KD of the smallest width at different seeds
+(with a single seed, a twin at the next seed is trained) is the noise a distillation gain has
+to exceed.
 
 Every trained model is evaluated on the held-out images with real bitstreams (``licforge
 eval``); ``lic_kd_<tag>.json`` holds BD-rate and BD-PSNR of each student vs the teacher and
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .lic_bench import _MIX50, LAMBDAS, TEACHER, Job, _kd_args, _lam, _run_jobs, _star
+from .lic_bench import _MIX50, LAMBDAS, TEACHER, Job, _kd_args, _run_jobs, _star
 
 __all__ = ["plan_kd", "kd_study", "ARMS", "WIDTHS"]
 
@@ -38,33 +40,36 @@ ARMS: dict[str, dict[str, float] | None] = {
 STUDENT_LR = 1e-3
 
 
-def _curve(n: int, arm: str) -> str:
-    return {"nokd": f"N={n} GDN1", "recon1": f"N={n} GDN1 + KD", "mix50": f"N={n} GDN1 + KD mix50",
-            "seed1": f"N={n} GDN1 seed 1"}[arm]
+def _curve(n: int, arm: str, seed: int = 0) -> str:
+    label = {"nokd": f"N={n} GDN1", "recon1": f"N={n} GDN1 + KD", "mix50": f"N={n} GDN1 + KD mix50"}[arm]
+    return label + (f" seed {seed}" if seed else "")
 
 
 def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, device: str = "cpu",
-            lambdas: tuple[float, ...] = LAMBDAS, widths: tuple[int, ...] = WIDTHS) -> list[Job]:
-    """The study's jobs in a valid order, base models first: the teacher, per width the students
-    of :data:`ARMS` (the teacher of the same lambda in each stage for the KD arms), the seed-1 twin
-    of the smallest student without KD; then their fine-tunes; then one ``licforge eval`` per
-    fine-tuned model."""
+            lambdas: tuple[float, ...] = LAMBDAS, widths: tuple[int, ...] = WIDTHS,
+            seeds: tuple[int, ...] = (0,)) -> list[Job]:
+    """The study's jobs in a valid order, base models first: the teacher, per width and seed the
+    students of :data:`ARMS` (the teacher of the same lambda in each stage for the KD arms) and,
+    with a single seed, a twin of the smallest student without KD at the next seed (the noise
+    estimate); then their fine-tunes; then one ``licforge eval`` per fine-tuned model."""
     if base < 1 or ft < 1:
         raise ValueError(f"base and fine-tune steps must be >= 1, not {base}/{ft}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds must be distinct integers >= 0, not {seeds}")
     jobs: list[Job] = []
     common = ["--batch", str(batch), "--crop", str(crop), "--device", device]
     targs = ["train", "--N", str(TEACHER["N"]), "--M", str(TEACHER["M"]), "--gdn", "gdn", *common]
     _star(jobs, work, "teacher", {"base": targs, "ft": targs}, "teacher",
           {"role": "teacher", "N": TEACHER["N"]}, {"lr": TEACHER["lr"], "base": base, "ft": ft}, lambdas=lambdas)
     cfg = {"lr": STUDENT_LR, "base": base, "ft": ft}
-    runs = [(n, arm, 0) for n in widths for arm in ARMS] + [(min(widths), "nokd", 1)]
+    runs = [(n, arm, seed) for n in widths for seed in seeds for arm in ARMS]
+    runs += [(min(widths), "nokd", seeds[0] + 1)] if len(seeds) == 1 else []
     for n, arm, seed in runs:
         kd = ARMS[arm]
         args = ["distill", "--N", str(n), "--gdn", "gdn1", *_kd_args(kd), *common]
         args += ["--seed", str(seed)] if seed else []
-        name = "seed1" if seed else arm
-        _star(jobs, work, f"s{n}_{name}", {"base": args, "ft": args}, _curve(n, name),
-              {"role": "student", "N": n, "arm": name, "seed": seed}, cfg,
+        _star(jobs, work, f"s{n}_{arm}" + (f"_seed{seed}" if seed else ""), {"base": args, "ft": args},
+              _curve(n, arm, seed), {"role": "student", "N": n, "arm": arm, "seed": seed}, cfg,
               {"base": "same", "ft": "same"} if kd else None, lambdas=lambdas)
     for j in [j for j in jobs if j.kind == "train"]:
         ev = work / "eval" / f"{j.name}.json"
@@ -76,35 +81,30 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
 
 def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, crop: int = 64,
              device: str = "cpu", workers: int = 2, tag: str = "long", lambdas: tuple[float, ...] = LAMBDAS,
-             widths: tuple[int, ...] = WIDTHS) -> dict[str, Any]:
+             widths: tuple[int, ...] = WIDTHS, seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
     """Run :func:`plan_kd` (finished steps are kept) and write ``results/lic_kd_<tag>.json``
     and ``results/rd_kd_<tag>.png``; returns the JSON record."""
     from models.lic import load_weights
 
     from .rd import bd_psnr, bd_rate, curves_from_results, plot_rd
 
-    jobs = plan_kd(work, base, ft, batch=batch, crop=crop, device=device, lambdas=lambdas, widths=widths)
+    jobs = plan_kd(work, base, ft, batch=batch, crop=crop, device=device, lambdas=lambdas, widths=widths,
+                   seeds=seeds)
     t0 = time.perf_counter()
     _run_jobs(jobs, work / "logs", workers)
     elapsed = time.perf_counter() - t0
     evals = {j.info["model"]: json.loads(j.out.read_text()) for j in jobs if j.kind == "eval"}
     curves = curves_from_results(list(evals.values()))
-    teacher = curves["teacher"]
-    widths = sorted({j.info["N"] for j in jobs if j.info.get("role") == "student"})
-    per_width = {}
-    for n in widths:
-        ref = curves[_curve(n, "nokd")]
-        rec: dict[str, Any] = {"nokd": {"bd_rate_vs_teacher_pct": bd_rate(teacher, ref),
-                                        "bd_psnr_vs_teacher_db": bd_psnr(teacher, ref)}}
-        for arm in [a for a in ARMS if a != "nokd"]:
-            c = curves[_curve(n, arm)]
-            rec[arm] = {"bd_rate_vs_teacher_pct": bd_rate(teacher, c), "bd_psnr_vs_teacher_db": bd_psnr(teacher, c),
-                        "bd_rate_vs_nokd_pct": bd_rate(ref, c), "bd_psnr_vs_nokd_db": bd_psnr(ref, c)}
-        per_width[f"N={n}"] = rec
-    small = min(widths)
-    a, b = curves[_curve(small, "nokd")], curves[_curve(small, "seed1")]
-    noise = {"pair": [_curve(small, "nokd"), _curve(small, "seed1")],
-             "bd_rate_pct": bd_rate(a, b), "bd_psnr_db": bd_psnr(a, b)}
+    students = [j.info for j in jobs if j.kind == "base" and j.info.get("role") == "student"]
+    per_width = {f"N={n}": _distillation(curves, n, list(seeds)) for n in widths}
+    small = min(i["N"] for i in students)
+    plain = sorted(i["seed"] for i in students if i["N"] == small and i["arm"] == "nokd")
+
+    def noise(a: int, b: int) -> dict[str, Any]:
+        ca, cb = curves[_curve(small, "nokd", a)], curves[_curve(small, "nokd", b)]
+        return {"pair": [_curve(small, "nokd", a), _curve(small, "nokd", b)], "bd_rate_pct": bd_rate(ca, cb),
+                "bd_psnr_db": bd_psnr(ca, cb)}
+
     models = {}
     for j in jobs:
         if j.kind in ("train", "base"):
@@ -116,17 +116,44 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
                 models[j.name].update(curve=e["curve"], mean=e["mean"])
     results.mkdir(parents=True, exist_ok=True)
     png = results / f"rd_kd_{tag}.png"
-    plot_rd(curves, png, f"distillation study ({tag}): {base} + {ft} steps, batch {batch} x {crop}^2 crops, "
+    shown = {k: v for k, v in curves.items()  # other seeds: only the spread of the student without KD
+             if " seed " not in k or k.startswith(f"N={small} GDN1 seed ")}
+    plot_rd(shown, png, f"distillation study ({tag}): {base} + {ft} steps, batch {batch} x {crop}^2 crops, "
             f"held-out astronaut, chelsea, coffee")
     device_name = next((m["device"] for m in models.values() if m.get("device")), device)
     out = {"tag": tag, "device": device_name, "workers": workers, "elapsed_s": elapsed,
            "settings": {"base_steps": base, "fine_tune_steps": ft, "batch": batch, "crop": crop,
                         "lambdas": list(lambdas), "teacher": {"N": TEACHER["N"], "M": TEACHER["M"],
                                                               "lr": TEACHER["lr"]},
-                        "student_lr": STUDENT_LR, "arms": dict(ARMS)},
-           "distillation": per_width, "seed_noise": noise, "models": models,
+                        "student_lr": STUDENT_LR, "arms": dict(ARMS), "seeds": list(seeds)},
+           "distillation": per_width,
+           "seed_noise": [noise(a, b) for k, a in enumerate(plain) for b in plain[k + 1:]], "models": models,
            "note": "bd_rate_vs_nokd_pct < 0 (bd_psnr_vs_nokd_db > 0): the distilled student beats its twin "
                    "without KD (same steps, crops, batch, seed); seed_noise: the student without KD against "
-                   "itself trained with seed 1, the size of a difference that means nothing"}
+                   "itself trained with another seed, the size of a difference that means nothing"}
     (results / f"lic_kd_{tag}.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: list[int]) -> dict[str, Any]:
+    """BD-rate / BD-PSNR of width ``n``'s students vs the teacher and of each KD arm vs the student
+    without KD of the same seed; with several seeds, per seed and their mean."""
+    from .rd import bd_psnr, bd_rate
+
+    def mean(v: list[float | None]) -> float | None:
+        return None if not v or any(x is None for x in v) else sum(v) / len(v)
+
+    teacher = curves["teacher"]
+    out: dict[str, Any] = {}
+    for arm in ARMS:
+        per = {}
+        for s in seeds:
+            c, ref = curves[_curve(n, arm, s)], curves[_curve(n, "nokd", s)]
+            per[s] = {"bd_rate_vs_teacher_pct": bd_rate(teacher, c), "bd_psnr_vs_teacher_db": bd_psnr(teacher, c)}
+            if arm != "nokd":
+                per[s].update(bd_rate_vs_nokd_pct=bd_rate(ref, c), bd_psnr_vs_nokd_db=bd_psnr(ref, c))
+        rec = {k: mean([p[k] for p in per.values()]) for k in per[seeds[0]]}
+        if len(seeds) > 1:
+            rec["seeds"] = {str(s): p for s, p in per.items()}
+        out[arm] = rec
     return out

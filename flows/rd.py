@@ -82,13 +82,18 @@ def rd_report(curves: dict[str, list[tuple[float, float]]], anchor: str) -> dict
 
 
 def _style(label: str, palette: dict[str, str]) -> dict[str, Any]:
-    """Colour by model family (the width ``N=..``, the teacher, each baseline), line style by
-    variant: distilled solid, not distilled dotted, fixed point dash-dot, float GDN dashed."""
+    """Colour by model family (the teacher black, each width ``N=..`` its own colour, each
+    baseline a grey), line style by variant: distilled solid (``mix50`` dashed), not distilled
+    dotted, another seed dash-dot, fixed point dash-dot-dot, float GDN long dashes."""
     word = label.split()[0]
     if word in ("JPEG", "WebP"):
         return {"color": {"JPEG": "0.55", "WebP": "0.25"}[word], "ls": "--", "marker": "s"}
-    colour = palette.setdefault(word, f"C{len(palette)}")
-    if "QAT" in label or "PTQ" in label:
+    colour = palette.setdefault(word, f"C{len(palette) - 1}")  # C0, C1 ... after the teacher's black
+    if " seed " in label:
+        ls = "-."
+    elif "mix50" in label:
+        ls = (0, (4, 2))
+    elif "QAT" in label or "PTQ" in label:
         ls = (0, (5, 1, 1, 1)) if "hybrid8 QAT" in label else (0, (3, 1, 1, 1, 1, 1))
     elif "GDN (float)" in label:
         ls = (0, (6, 2))
@@ -108,7 +113,7 @@ def plot_rd(curves: dict[str, list[tuple[float, float]]], out: Path, title: str 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8.5, 5.8), dpi=110)
-    palette: dict[str, str] = {"teacher": "C3"}
+    palette: dict[str, str] = {"teacher": "k"}
     learned = []
     for k in sorted(curves, key=lambda c: (c.split()[0] in ("JPEG", "WebP"), c)):
         pts = np.array(curves[k])

@@ -39,7 +39,7 @@ from .bundle import Bundle, Layer
 from .fixed import accumulator_bits, bits_for_range, requantize
 from .golden import run_layers
 from .lic_layers import QuantGDN1, exp_for_range, fixed_act, fixed_act_quant
-from .lic_recipe import CONV_LAYERS, GDN_LAYERS, Recipe, parse_recipe
+from .lic_recipe import GDN_LAYERS, Recipe, parse_recipe
 from .quantizers import BiasAtAccumulator, WeightFixedPoint
 
 __all__ = ["QuantFactorizedPrior", "calibrate", "quantize_student", "export_bundle", "golden_forward",

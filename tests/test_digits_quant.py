@@ -1,9 +1,8 @@
 """Equality 1 on the digits classifier: Brevitas fake-quant == integer golden model, exactly."""
 import numpy as np
 import pytest
-import torch
 
-from quant.digits import _LogitsOnly, export_digits_bundle, input_to_int, quantize_digits, run_digits_golden
+from quant.digits import export_digits_bundle, input_to_int, quantize_digits, run_digits_golden
 
 
 def brevitas_int_logits(q, x):

@@ -76,3 +76,16 @@ def test_eval_baselines_and_rd_plot_cli(tmp_path):
     r = subprocess.run(cmd + ["rd-plot", str(tmp_path / "e.json"), "--anchor", "teacher"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "--anchor 'teacher': no such curve" in r.stderr
+
+
+def test_rd_plot_styles_keep_teacher_and_widths_apart():
+    """The teacher is black and no width shares its colour; line style names the variant."""
+    from flows.rd import _style
+
+    palette = {"teacher": "k"}
+    labels = ["N=16 GDN1", "N=16 GDN1 + KD", "N=16 GDN1 + KD mix50", "N=16 GDN1 seed 1", "N=32 GDN1", "N=64 GDN1 + KD",
+              "N=64 GDN1 + KD, hybrid8 QAT"]
+    st = {k: _style(k, palette) for k in labels}
+    assert [st[k]["color"] for k in labels] == ["C0", "C0", "C0", "C0", "C1", "C2", "C2"]
+    assert [st[k]["ls"] for k in labels[:4]] == [":", "-", (0, (4, 2)), "-."]
+    assert _style("teacher", palette)["color"] == "k" and _style("WebP (Pillow)", palette)["marker"] == "s"

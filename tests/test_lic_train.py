@@ -177,10 +177,18 @@ def test_kd_study_pairs_every_arm_and_puts_the_critical_path_first():
         *common, "--curve", "N=32 GDN1 + KD mix50", "--out", "w/s32_mix50_l0.0067.pt", "--init",
         "w/s32_mix50_base.pt", "--teacher", "w/teacher_l0.0067.pt"]
     assert by["s32_recon1_base"].deps == ["teacher_base"] and "40" in by["s32_recon1_base"].args
-    assert by["s16_seed1_base"].args[-12:-10] == ["--seed", "1"] and by["s16_seed1_base"].deps == []
+    assert by["s16_nokd_seed1_base"].args[-12:-10] == ["--seed", "1"] and by["s16_nokd_seed1_base"].deps == []
+    assert "s32_nokd_seed1_base" not in by and "s16_recon1_seed1_base" not in by
     assert by["eval_s64_recon1_l0.0250"].deps == ["s64_recon1_l0.0250"]
-    with pytest.raises(ValueError, match="steps must be >= 1"):
-        plan_kd(Path("w"), 0, 10)
+    # several seeds: every arm at every seed, KD paired by seed, no extra twin
+    by = {j.name: j for j in plan_kd(Path("w"), 40, 10, widths=(16,), seeds=(0, 1, 2))}
+    assert sorted(n for n in by if n.endswith("_base")) == sorted(
+        ["teacher_base"] + [f"s16_{a}{s}_base" for a in ("nokd", "recon1", "mix50") for s in ("", "_seed1", "_seed2")])
+    assert by["s16_mix50_seed2_l0.0130"].deps == ["s16_mix50_seed2_base", "teacher_l0.0130"]
+    assert by["s16_mix50_seed2_l0.0130"].args[-16:-14] == ["--seed", "2"]
+    for bad in ({"base": 0, "ft": 10}, {"base": 40, "ft": 10, "seeds": (1, 1)}):
+        with pytest.raises(ValueError, match="must be"):
+            plan_kd(Path("w"), **bad)
 
 
 def test_cli_device_is_checked_before_training(tmp_path):
