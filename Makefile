@@ -1,6 +1,6 @@
 # licforge: two commands on a fresh machine (Python 3.11 + a C++ compiler).
 #   make demo   set up .venv if needed, then run the main flow on the embedded default
-#   make test   set up .venv if needed, then run the whole test suite
+#   make test   set up .venv if needed, then run the whole test suite (JOBS=2 pytest workers)
 # Both are idempotent: the install step re-runs only when pyproject.toml changes.
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/licforge flow
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/licforge bench all

@@ -1,10 +1,17 @@
 """Shared fixtures: one trained digits classifier per session, simulator selection."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
 import torch
+
+# under pytest-xdist each worker builds into its own folder (before sim.runner reads it), so
+# two workers never compile or simulate in the same directory
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["LICFORGE_BUILD"] = os.path.abspath(os.path.join(
+        os.environ.get("LICFORGE_BUILD", "build"), "xdist", os.environ["PYTEST_XDIST_WORKER"]))
 
 # one intra-op thread: the models here are small, and OpenMP threads that compete with the
 # simulator builds (or anything else on a 2-core CI machine) slow training down several-fold
