@@ -202,6 +202,7 @@ def _cmd_kd_study(args) -> int:
     out = kd_study(Path(args.results), Path(args.work), base=args.base_steps, ft=args.ft_steps, batch=args.batch,
                    crop=args.crop, device=args.device, workers=args.workers, tag=args.tag,
                    widths=tuple(args.widths), seeds=tuple(args.seeds), **lambdas)
+
     def f(v: float | None, fmt: str) -> str:  # BD figures are None where two curves do not overlap
         return "n/a" if v is None else format(v, fmt)
 

@@ -83,8 +83,7 @@ def _write(bitstreams: Path | None, name: str, data: bytes) -> bytes:
 def eval_float(path: Path, images: dict[str, np.ndarray], bitstreams: Path | None = None) -> dict[str, Any]:
     """Encode/decode every image with a float weight file (module doc)."""
     from models.lic import load_weights
-    from quant.codec import pack, pad_image, unpack
-    from quant.codec import prepare_entropy_coder
+    from quant.codec import pack, pad_image, prepare_entropy_coder, unpack
 
     from .train import file_sha256
 

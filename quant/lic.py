@@ -215,7 +215,6 @@ def quantize_student(net: nn.Module, cfg: LICConfig, recipe: Recipe, images: dic
     return q, record
 
 
-@torch.no_grad()
 def _exp(scale) -> int:
     s = float(scale.detach().reshape(-1)[0])
     e = math.log2(s)
