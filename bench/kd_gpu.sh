@@ -39,12 +39,12 @@ else
     else
       cmd=(distill --N 64 --gdn gdn1 --kd-recon 1 --teacher models/checkpoints/teacher_n128_l0.0130.pt)
     fi
-    python3 -m flows.cli "${cmd[@]}" --steps $CAL --batch $BATCH --crop $CROP --device cuda --out /tmp/cal/m$i.pt >/tmp/cal/m$i.log 2>&1 &
+    python3 -m licforge.flows.cli "${cmd[@]}" --steps $CAL --batch $BATCH --crop $CROP --device cuda --out /tmp/cal/m$i.pt >/tmp/cal/m$i.log 2>&1 &
   done
   wait
   read -r FT BASE < <(python3 - "$WORKERS" "$CAL" "$BUDGET" <<'PY'
 import sys
-from models.lic import load_weights
+from licforge.models.lic import load_weights
 w, cal, budget = map(float, sys.argv[1:])
 t = max(load_weights(f"/tmp/cal/m{i}.pt")[2]["wall_s"] / cal for i in range(1, int(w) + 1))
 ft = max(100, min(20000, int(budget / (8 * t) / 50) * 50))
@@ -56,7 +56,7 @@ PY
 fi
 [ -n "${FT:-}" ] || { tail -5 /tmp/cal/m*.log; exit 1; }
 echo "[$(( $(date +%s) - t0 )) s] kd-study: base $BASE, fine-tune $FT steps"
-python3 -m flows.cli kd-study --device cuda --workers $WORKERS --base-steps "$BASE" --ft-steps "$FT" \
+python3 -m licforge.flows.cli kd-study --device cuda --workers $WORKERS --base-steps "$BASE" --ft-steps "$FT" \
   --batch $BATCH --crop $CROP --tag "$TAG" --work build/lic/kd --results "$OUT" "$@"
 rc=$?
 echo "[$(( $(date +%s) - t0 )) s] kd-study exit $rc"

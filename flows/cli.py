@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import CheckFailed, UsageError
+from licforge.errors import CheckFailed, UsageError
 
 __all__ = ["main", "build_parser"]
 
@@ -28,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     Subcommands are contributed by the modules ``flows/cmd_*.py``: each defines
     ``register(groups)`` where ``groups`` maps ``"top"`` to the top-level subparsers and
     ``"rtl"``, ``"sim"``, ``"watermark"`` to those groups' subparsers, and may define
-    ``BENCHES = {name: callable(results_dir) -> str}`` for ``licforge bench NAME``.
+    ``BENCHES = {name: callable(results_dir, build_dir) -> str}`` for ``licforge bench NAME``.
     """
     ap = _Parser(prog="licforge", description=__doc__.splitlines()[0])
+    ap.add_argument("--build", default="build",
+                    help="folder of generated files: Verilog, simulations, synthesis runs (default ./build)")
     top = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     groups = {"top": top}
     for name, what in (("rtl", "generate Verilog + memory init files"),
@@ -53,16 +55,16 @@ def _command_modules() -> list:
     import importlib
     import pkgutil
 
-    import flows
+    import licforge.flows
 
-    names = sorted(m.name for m in pkgutil.iter_modules(flows.__path__) if m.name.startswith("cmd_"))
-    return [importlib.import_module(f"flows.{n}") for n in names]
+    names = sorted(m.name for m in pkgutil.iter_modules(licforge.flows.__path__) if m.name.startswith("cmd_"))
+    return [importlib.import_module(f"licforge.flows.{n}") for n in names]
 
 
 def _run_benches(args, benches: dict) -> int:
     names = sorted(benches) if args.what == "all" else [args.what]
     for n in names:
-        print(f"bench {n}: {benches[n](Path(args.results))}", flush=True)
+        print(f"bench {n}: {benches[n](Path(args.results), Path(args.build))}", flush=True)
     return 0
 
 
@@ -81,9 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"licforge: check failed: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # errors of our own boundary checks carry their own message
-        from quant.bundle import BundleError
-        from sim.runner import SimulatorUnavailable
-        from .synth import YosysError
+        from licforge.quant.bundle import BundleError
+        from licforge.sim.runner import SimulatorUnavailable
+        from licforge.rtl.yosys import YosysError
         if isinstance(e, (BundleError, SimulatorUnavailable)):
             print(f"licforge: error: {e}", file=sys.stderr)
             return 2

@@ -10,26 +10,27 @@ import json
 import sys
 from pathlib import Path
 
-from .decoder import DEFAULT_MAX_WIDTH, DEFAULT_PART
-from .errors import CheckFailed, UsageError, need_file, need_int
+from licforge.rtl.project import DEFAULT_MAX_WIDTH, DEFAULT_PART
+from licforge.errors import CheckFailed, UsageError, need_file, need_int
 
 __all__ = ["register", "BENCHES"]
 
 
 def _parallelism(args, layers) -> tuple[int, int]:
-    from rtl.plan import default_parallelism
+    from licforge.rtl.plan import default_parallelism
 
     pi, po = default_parallelism(layers)
     return (args.pi or pi), (args.po or po)
 
 
 def _cmd_rtl_decoder(args) -> int:
-    from quant.synthetic import decoder_layers
-    from .decoder import generate_decoder, load_decoder_bundle
+    from licforge.quant.bundle import decoder_layers
+    from licforge.rtl.project import generate_decoder
+    from licforge.quant.synthetic import load_decoder_bundle
 
-    bundle = load_decoder_bundle(args.bundle)
+    bundle = load_decoder_bundle(args.bundle, Path(args.build))
     pi, po = _parallelism(args, decoder_layers(bundle))
-    out = Path(args.out or f"build/rtl/decoder_{bundle.hash[:12]}_pi{pi}_po{po}")
+    out = Path(args.out or f"{args.build}/rtl/decoder_{bundle.hash[:12]}_pi{pi}_po{po}")
     need_int(args.max_width, "--max-width", 1, 4096)
     man = generate_decoder(bundle, pi, po, out, max_width=args.max_width, part=args.part,
                            clock_hz=args.clock_mhz * 1e6)
@@ -42,12 +43,12 @@ def _cmd_rtl_decoder(args) -> int:
 
 
 def _cmd_rtl_gdn(args) -> int:
-    from quant.synthetic import decoder_layers
-    from rtl.emit import write_verilog
-    from rtl.gdn import GdnUnit
-    from .decoder import load_decoder_bundle
+    from licforge.quant.bundle import decoder_layers
+    from licforge.rtl.emit import write_verilog
+    from licforge.rtl.gdn import GdnUnit
+    from licforge.quant.synthetic import load_decoder_bundle
 
-    bundle = load_decoder_bundle(args.bundle)
+    bundle = load_decoder_bundle(args.bundle, Path(args.build))
     pool = decoder_layers(bundle) if args.layer is None else bundle.layers
     gdns = [l for l in pool if l.op in ("igdn", "gdn") and args.layer in (None, l.name)]
     if not gdns:
@@ -57,7 +58,7 @@ def _cmd_rtl_gdn(args) -> int:
         unit = GdnUnit.for_layer(lay, pi=args.pi, po=args.po or 1, div_bits=args.div_bits)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out or f"build/rtl/gdn_{bundle.hash[:12]}_{lay.name}_pi{unit.pi}_po{unit.po}")
+    out = Path(args.out or f"{args.build}/rtl/gdn_{bundle.hash[:12]}_{lay.name}_pi{unit.pi}_po{unit.po}")
     sources = write_verilog(unit, "gdn", out)
     (out / "manifest.json").write_text(json.dumps({"design": "gdn", "top": "gdn", "bundle": str(bundle.path),
                                                    "sources": [s.name for s in sources],
@@ -69,13 +70,14 @@ def _cmd_rtl_gdn(args) -> int:
 
 
 def _cmd_sim_block(args) -> int:
-    from .decoder import check_block, load_decoder_bundle
+    from licforge.quant.synthetic import load_decoder_bundle
+    from licforge.sim.decode import check_block
 
-    bundle = load_decoder_bundle(args.bundle)
+    bundle = load_decoder_bundle(args.bundle, Path(args.build))
     need_int(args.height, "--height", 1, 4096)
     need_int(args.width, "--width", 1, 4096)
     image = _read_image(args.image) if args.image else None
-    r = check_block(bundle, args.kind, layer=args.layer, pi=args.pi, po=args.po, height=args.height,
+    r = check_block(bundle, args.kind, Path(args.build), layer=args.layer, pi=args.pi, po=args.po, height=args.height,
                     width=args.width, image=image, seed=args.seed, p_valid=args.p_valid, p_ready=args.p_ready,
                     simulator=args.simulator)
     print(f"{args.kind} {','.join(r['layers'])} (PI={r['pi']}, PO={r['po']}) on {r['simulator']}: seed {args.seed}, "
@@ -97,14 +99,15 @@ def _read_image(path_arg: str):
 
 
 def _cmd_sim_decode(args) -> int:
-    from quant.synthetic import decoder_layers
-    from .decoder import load_decoder_bundle, sim_decode_image
+    from licforge.quant.bundle import decoder_layers
+    from licforge.quant.synthetic import load_decoder_bundle
+    from licforge.sim.decode import sim_decode_image
 
-    bundle = load_decoder_bundle(args.bundle)
+    bundle = load_decoder_bundle(args.bundle, Path(args.build))
     path = Path(args.image)
     img = _read_image(args.image)
     pi, po = _parallelism(args, decoder_layers(bundle))
-    r = sim_decode_image(bundle, img, pi=pi, po=po, max_width=args.max_width, simulator=args.simulator)
+    r = sim_decode_image(bundle, img, Path(args.build), pi=pi, po=po, max_width=args.max_width, simulator=args.simulator)
     print(f"{path.name} {r['image_hw'][0]}x{r['image_hw'][1]}: {r['bytes']} bytes, {r['bpp']:.4f} bpp, "
           f"PSNR {r['psnr_db']:.2f} dB (hardware-decoded), mismatches {r['mismatches']}, {r['cycles']} cycles "
           f"({r['cycles_per_pixel']:.3f} per pixel; model {r['model_cycles']}), PI={pi} PO={po}, "
@@ -115,16 +118,16 @@ def _cmd_sim_decode(args) -> int:
 
 
 def _cmd_perf(args) -> int:
-    from .decoder import load_decoder_bundle
-    from .decoder_bench import design_table, format_design_table
+    from licforge.quant.synthetic import load_decoder_bundle
+    from licforge.bench.decoder import design_table, format_design_table
 
-    bundle = load_decoder_bundle(args.bundle)
+    bundle = load_decoder_bundle(args.bundle, Path(args.build))
     pis = [int(v) for v in args.pi.split(",")]
     pos = [int(v) for v in args.po.split(",")]
     if len(pis) != len(pos):
         raise UsageError("--pi and --po must list the same number of values")
     rows = design_table(bundle, list(zip(pis, pos)), synth=args.synth, family=args.family,
-                        clock_hz=args.clock_mhz * 1e6)
+                        clock_hz=args.clock_mhz * 1e6, build_dir=Path(args.build))
     print(format_design_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -134,10 +137,10 @@ def _cmd_perf(args) -> int:
     return 1 if failed else 0
 
 
-def _bench_decoder(results: Path) -> str:
-    from .decoder_bench import bench_decoder
+def _bench_decoder(results: Path, build: Path) -> str:
+    from licforge.bench.decoder import bench_decoder
 
-    res = bench_decoder(results / "decoder.json")
+    res = bench_decoder(results / "decoder.json", build)
     return f"wrote {results / 'decoder.json'} ({len(res['designs'])} designs)"
 
 

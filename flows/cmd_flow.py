@@ -10,7 +10,7 @@ __all__ = ["register"]
 def _cmd_flow(args) -> int:
     import torch
 
-    from .flow import run_flow
+    from licforge.flows.flow import run_flow
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -26,7 +26,7 @@ def _cmd_flow(args) -> int:
 
 
 def register(groups: dict) -> None:
-    from .flow import STAGES
+    from licforge.flows.flow import STAGES
 
     p = groups["top"].add_parser("flow", help="images -> distilled, watermarked student -> verified Verilog "
                                               "-> report (cached stages)")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import UsageError
+from licforge.errors import UsageError
 
 __all__ = ["register", "BENCHES"]
 
@@ -17,10 +17,10 @@ def _boundary(fn):
     def run(args) -> int:
         import torch
 
-        from models.data import DataError
-        from models.lic import CheckpointError
-        from quant.codec import BitstreamError
-        from quant.lic_recipe import RecipeError
+        from licforge.models.data import DataError
+        from licforge.models.lic import CheckpointError
+        from licforge.quant.codec import BitstreamError
+        from licforge.quant.lic_recipe import RecipeError
 
         if getattr(args, "threads", None) is not None:
             if not 1 <= args.threads <= 256:
@@ -34,7 +34,7 @@ def _boundary(fn):
 
 
 def _train_config(args, kd_recon: float = 0.0, kd_latent: float = 0.0, dist_weight: float = 1.0):
-    from models.lic_train import TrainConfig
+    from licforge.models.lic_train import TrainConfig
 
     try:
         return TrainConfig(lmbda=args.lmbda, steps=args.steps, lr=args.lr, crop=args.crop, batch=args.batch,
@@ -65,7 +65,7 @@ def _device(args) -> str:
 
 
 def _lic_config(args, gdn: str):
-    from models.lic import LICConfig
+    from licforge.models.lic import LICConfig
 
     m = args.M if args.M is not None else (3 * args.N + 1) // 2
     try:
@@ -75,13 +75,13 @@ def _lic_config(args, gdn: str):
 
 
 def _init(args) -> Path | None:
-    from .errors import need_file
+    from licforge.errors import need_file
 
     return need_file(args.init, "--init") if args.init else None
 
 
 def _cmd_train(args) -> int:
-    from .train import train_model
+    from licforge.quant.train import train_model
 
     cfg = _lic_config(args, args.gdn)
     meta = train_model(cfg, _train_config(args), Path(args.out), data=args.data, resume=args.resume,
@@ -91,8 +91,8 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_distill(args) -> int:
-    from .errors import need_file
-    from .train import train_model
+    from licforge.errors import need_file
+    from licforge.quant.train import train_model
 
     if args.kd_recon < 0 or args.kd_latent < 0:
         raise UsageError("--kd-recon and --kd-latent must be >= 0")
@@ -112,8 +112,8 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from .errors import need_file
-    from .train import quant_model_path, quantize_model
+    from licforge.errors import need_file
+    from licforge.quant.train import quant_model_path, quantize_model
 
     weights = need_file(args.weights, "weights")
     qat = None if args.ptq else _train_config(args)
@@ -125,7 +125,7 @@ def _cmd_quantize(args) -> int:
 
 
 def _cmd_bundle_info(args) -> int:
-    from quant.bundle import read_bundle
+    from licforge.quant.bundle import read_bundle
 
     b = read_bundle(args.bundle)
     print(f"{b.path}: valid, hash {b.hash}")
@@ -138,10 +138,10 @@ def _cmd_bundle_info(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from models.data import load_split
+    from licforge.models.data import load_split
 
-    from .lic_eval import evaluate
-    from .rd import write_json
+    from licforge.quant.eval import evaluate
+    from licforge.quant.rd import write_json
 
     images = load_split(args.data, "held-out")
     res = evaluate([Path(m) for m in args.models], images, baselines=not args.no_baselines,
@@ -153,8 +153,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_rd_plot(args) -> int:
-    from .errors import need_file
-    from .rd import curves_from_results, plot_rd, rd_report, write_json
+    from licforge.errors import need_file
+    from licforge.quant.rd import curves_from_results, plot_rd, rd_report, write_json
 
     results = []
     for f in args.results:
@@ -178,10 +178,10 @@ def _cmd_rd_plot(args) -> int:
     return 0
 
 
-def _bench_lic(results: Path) -> str:
-    from .lic_bench import bench_lic
+def _bench_lic(results: Path, build: Path) -> str:
+    from licforge.bench.lic import bench_lic
 
-    res = bench_lic(results)
+    res = bench_lic(results, build / "lic" / "bench")
     return f"wrote {results / 'lic.json'} and {results / 'rd.png'} ({len(res['models'])} models)"
 
 
@@ -189,7 +189,7 @@ BENCHES = {"lic": _bench_lic}
 
 
 def _cmd_kd_study(args) -> int:
-    from .kd_study import kd_study
+    from licforge.bench.kd_study import kd_study
 
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, not {args.workers}")

@@ -6,23 +6,23 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import UsageError
+from licforge.errors import UsageError
 
 __all__ = ["register", "BENCHES"]
 
 
 def _cmd_rtl_array(args) -> int:
-    from .minconv import array_config, generate_array
+    from licforge.sim.lane_array import array_config, generate_array
 
     cfg = array_config(args.kind, args.lanes, args.bits, args.shift, args.out_bits, args.max_beats)
-    out = Path(args.out or f"build/rtl/{cfg.name}")
+    out = Path(args.out or f"{args.build}/rtl/{cfg.name}")
     sources = generate_array(cfg, out)
     print(f"{cfg.name}: {', '.join(str(s) for s in sources)}")
     return 0
 
 
 def _cmd_synth(args) -> int:
-    from .synth import FAMILIES, synthesize
+    from licforge.rtl.yosys import FAMILIES, synthesize
 
     if args.family not in FAMILIES:
         raise UsageError(f"--family must be one of {', '.join(FAMILIES)}, not {args.family!r}")
@@ -44,19 +44,20 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_sim_array(args) -> int:
-    from .minconv import array_config, random_array_check
+    from licforge.sim.lane_array import array_config, random_array_check
 
     cfg = array_config(args.kind, args.lanes, args.bits, args.shift, args.out_bits, args.max_beats)
     if not 1 <= args.beats <= cfg.max_beats:
         raise UsageError(f"--beats must be between 1 and --max-beats ({cfg.max_beats}), not {args.beats}")
-    r = random_array_check(cfg, args.vectors, args.beats, args.seed, args.simulator)
+    r = random_array_check(cfg, args.vectors, args.beats, args.seed, Path(args.build) / "sim" / cfg.name,
+                           args.simulator)
     print(f"{cfg.name} on {r.simulator}: seed {args.seed}, {r.report['checked']} dot products, "
           f"{r.report['mismatches']} mismatches, {r.report['cycles']} cycles")
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from .minconv import run_minconv_slice
+    from licforge.bench.minconv import run_minconv_slice
 
     out = Path(args.out)
     run_minconv_slice(out, lanes=args.lanes, bits=args.bits, seed=args.seed, simulator=args.simulator)
@@ -64,10 +65,10 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _bench_minconv(results: Path) -> str:
-    from .minconv import bench_minconv
+def _bench_minconv(results: Path, build: Path) -> str:
+    from licforge.bench.minconv import bench_minconv
 
-    res = bench_minconv(results / "minconv.json")
+    res = bench_minconv(results / "minconv.json", build)
     return f"wrote {results / 'minconv.json'} ({len(res['arrays'])} array pairs)"
 
 

@@ -1,7 +1,7 @@
 """CLI of the QONNX hand-off to FINN: ``licforge qonnx lic QUANT_PT`` and ``licforge qonnx digits``.
 
 Each writes ``OUT/<network>.onnx`` and ``OUT/<network>.json`` (the result of
-:mod:`flows.qonnx_export`) and prints one line per layer that FINN cannot build as exported.
+:mod:`quant.qonnx`) and prints one line per layer that FINN cannot build as exported.
 Exit 1 when qonnx's execution differs from Brevitas or a layer does not export.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import CheckFailed, need_file, need_int
+from licforge.errors import CheckFailed, need_file, need_int
 
 __all__ = ["register"]
 
@@ -33,14 +33,14 @@ def _report(res: dict, out: Path) -> int:
 
 
 def _cmd_lic(args) -> int:
-    from .qonnx_export import export_synthesis
+    from licforge.quant.qonnx import export_synthesis
 
     quant_pt = need_file(args.quant_pt, "quantized model")
     return _report(export_synthesis(quant_pt, Path(args.out), data=args.data), Path(args.out))
 
 
 def _cmd_digits(args) -> int:
-    from .qonnx_export import export_classifier, train_exact_classifier
+    from licforge.quant.qonnx import export_classifier, train_exact_classifier
 
     need_int(args.bits, "--bits", 2, 16)
     q, x_test = train_exact_classifier(args.seed, args.bits, progress=True)

@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import CheckFailed, UsageError, need_dir, need_file, need_int
+from licforge.errors import CheckFailed, UsageError, need_dir, need_file, need_int
 
-__all__ = ["register", "BENCHES", "memory_weights"]
+__all__ = ["register", "BENCHES"]
 
 ATTACKS = ("noise", "prune", "finetune", "quantize", "permute")
 
 
 def _key(path: str):
-    from watermark.keys import KeyFileError, load_key
+    from licforge.watermark.keys import KeyFileError, load_key
 
     try:
         return load_key(Path(path))
@@ -34,7 +34,7 @@ def _key(path: str):
 
 
 def _model(path: str):
-    from watermark.digits import load_digits_model
+    from licforge.watermark.digits import load_digits_model
 
     try:
         return load_digits_model(need_file(path, "model file"))
@@ -43,7 +43,7 @@ def _model(path: str):
 
 
 def _bundle(path: str, digits: bool = True):
-    from quant.bundle import read_bundle
+    from licforge.quant.bundle import read_bundle
 
     b = read_bundle(need_dir(path, "bundle directory"))
     if digits and b.model.get("arch") != "digits":
@@ -56,45 +56,20 @@ def _host(args):
     """The digits host; one torch thread (the classifier is tiny; threads only contend)."""
     import torch
 
-    from watermark.digits import DigitsHost
+    from licforge.watermark.digits import DigitsHost
 
     torch.set_num_threads(1)
     return DigitsHost(seed=args.seed, qat_epochs=getattr(args, "qat_epochs", 5), progress=True)
 
 
-def _verilog_weights(path: str) -> dict:
-    """Integer weights rebuilt from memory init files: the digits weight ROMs
-    (``weight_roms.json``) or an LIC decoder written by ``licforge rtl decoder``."""
-    from rtl.weight_rom import MANIFEST, read_weight_roms
-
-    d = need_dir(path, "Verilog directory")
-    try:
-        if (d / MANIFEST).is_file():
-            return read_weight_roms(d)
-        from rtl.deployed import read_deployed_weights
-        return {n: t["weight"] for n, t in read_deployed_weights(d).items() if "weight" in t}
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def memory_weights(bundle, out_dir: Path, lanes: int = 8) -> dict:
-    """Write the bundle's weight ROMs (Verilog + ``$readmemh`` files) to ``out_dir`` and read
-    the integer weights back from the files alone."""
-    from rtl.weight_rom import read_weight_roms, write_weight_roms
-    from watermark.layers import bundle_chain, chain_weights
-
-    write_weight_roms(chain_weights(bundle_chain(bundle)), out_dir, lanes=lanes, bits=bundle.model["bits"])
-    return read_weight_roms(out_dir)
-
-
 def _cmd_embed(args) -> int:
     import copy
 
-    from watermark.digits import save_digits_model
-    from watermark.markers import MarkerParams
-    from watermark.extract import ber
-    from watermark.keys import save_key
-    from watermark.layers import chain_weights, model_chain
+    from licforge.watermark.digits import save_digits_model
+    from licforge.watermark.markers import MarkerParams
+    from licforge.watermark.extract import ber
+    from licforge.watermark.keys import save_key
+    from licforge.watermark.layers import chain_weights, model_chain
 
     need_int(args.payload, "--payload", 1, 1 << 20)
     out = Path(args.out)
@@ -119,9 +94,10 @@ def _cmd_embed(args) -> int:
 
 
 def _cmd_deploy(args) -> int:
-    from quant.bundle import write_bundle
-    from watermark.extract import ber
-    from watermark.layers import bundle_chain, chain_weights
+    from licforge.watermark.deployed import memory_weights
+    from licforge.quant.bundle import write_bundle
+    from licforge.watermark.extract import ber
+    from licforge.watermark.layers import bundle_chain, chain_weights
 
     need_int(args.bits, "--bits", 2, 16)
     key, net = _key(args.key), _model(args.model)
@@ -142,8 +118,9 @@ def _cmd_deploy(args) -> int:
 
 
 def _cmd_extract(args) -> int:
-    from watermark.extract import bit_error_rate, extract_bits
-    from watermark.layers import bundle_chain, chain_weights, model_chain
+    from licforge.watermark.deployed import verilog_weights
+    from licforge.watermark.extract import bit_error_rate, extract_bits
+    from licforge.watermark.layers import bundle_chain, chain_weights, model_chain
 
     key = _key(args.key)
     sources = [s for s in (args.bundle, args.verilog, args.model) if s]
@@ -152,13 +129,13 @@ def _cmd_extract(args) -> int:
     if args.verilog:
         if args.reference:
             raise UsageError("--reference re-synchronizes a --bundle or --model (the layer graph is needed)")
-        weights = _verilog_weights(args.verilog)
+        weights = verilog_weights(args.verilog)
     else:
         chain = bundle_chain(_bundle(args.bundle, digits=False)) if args.bundle else model_chain(_model(args.model))
         if args.reference:
             import numpy as np
 
-            from watermark.resync import resynchronize
+            from licforge.watermark.resync import resynchronize
             try:
                 est, chain = resynchronize(model_chain(_model(args.reference)), chain)
             except ValueError as e:
@@ -180,13 +157,13 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_attack(args) -> int:
-    from quant.bundle import Bundle, write_bundle
-    from watermark.attacks import gaussian_noise, magnitude_prune
-    from watermark.digits import save_digits_model
-    from watermark.extract import ber
-    from watermark.layers import bundle_chain, chain_weights, load_chain_weights, model_chain
-    from watermark.permute import permute, permute_model, random_permutation
-    from watermark.train import classifier_loss, train
+    from licforge.quant.bundle import Bundle, write_bundle
+    from licforge.watermark.attacks import gaussian_noise, magnitude_prune
+    from licforge.watermark.digits import save_digits_model
+    from licforge.watermark.extract import ber
+    from licforge.watermark.layers import bundle_chain, chain_weights, load_chain_weights, model_chain
+    from licforge.watermark.permute import permute, permute_model, random_permutation
+    from licforge.watermark.train import classifier_loss, train
 
     if (args.model is None) == (args.bundle is None):
         raise UsageError("give exactly one of --model FILE, --bundle DIR")
@@ -228,75 +205,8 @@ def _cmd_attack(args) -> int:
     return 0
 
 
-def lic_metric(bundle, out_dir: Path) -> dict:
-    """Write an LIC bundle to ``out_dir`` and measure it on the held-out images: mean PSNR
-    (dB) and bpp of real bitstreams, decoded by the integer golden model (the bundle's
-    ``path`` is then set, as :func:`decoder_weights` needs)."""
-    from models.data import embedded_images
-    from quant.bundle import write_bundle
-
-    from .lic_eval import eval_bundle
-
-    write_bundle(bundle, out_dir)
-    mean = eval_bundle(out_dir, embedded_images("held-out"))["mean"]
-    return {"psnr": mean["psnr"], "bpp": mean["bpp"]}
-
-
-def decoder_weights(bundle, out_dir: Path) -> dict:
-    """Generate the LIC decoder's Verilog (``licforge rtl decoder``, one lane each way) for a
-    written bundle and read its integer weights back from the ROM files alone."""
-    from .decoder import generate_decoder
-
-    if bundle.path is None:
-        raise ValueError("decoder_weights: write the bundle first (its path goes into the manifest)")
-    generate_decoder(bundle, 1, 1, out_dir)
-    return _verilog_weights(str(out_dir))
-
-
-def _study(results: Path, quick: bool, hosts: tuple[str, ...], products: tuple[str, ...]) -> dict:
-    """Run the digits and/or LIC studies, write ``results`` (+ PNGs), print the tables.  The
-    section of a host not run is kept from an existing ``results`` file (``report --hosts lic``
-    refreshes the LIC section only)."""
-    import json
-
-    import torch
-
-    from watermark.report import markdown_tables, write_report
-
-    torch.set_num_threads(1)
-    work = Path("build/watermark")
-    res: dict = {}
-    if "digits" in hosts:
-        from watermark.study import StudyConfig, run_study
-
-        cfg = StudyConfig(products=products)
-        if quick:
-            cfg = StudyConfig(products=products, payloads=(64,), noise=(0.0, 0.5, 1.0, 2.0), noise_seeds=1,
-                              prune=(0.0, 0.5, 0.9), finetune_steps=(0, 100), quant_bits=(8, 4, 2),
-                              perm_finetune_steps=50, wrong_keys=5)
-        res["digits"] = run_study(cfg, memory_weights=lambda b, tag: memory_weights(b, work / "rtl" / tag))
-    if "lic" in hosts:
-        from watermark.lic import LICHost
-        from watermark.lic_study import LICStudyConfig, run_lic_study
-
-        host = LICHost(steps=20 if quick else LICHost.steps)
-        cfg = LICStudyConfig()
-        if quick:
-            cfg = LICStudyConfig(w_bits=(8, 4), wrong_keys=5, noise=(0.0, 1.0), prune=(0.0, 0.9),
-                                 finetune_steps=(0, 20), quant_bits=(8, 2), attack_qat_steps=5,
-                                 perm_finetune_steps=10)
-        res["lic"] = run_lic_study(host, cfg, metric=lambda b, tag: lic_metric(b, work / "lic" / tag / "bundle"),
-                                   memory_weights=lambda b, tag: decoder_weights(b, work / "lic" / tag / "rtl"))
-    if results.is_file():  # hosts not run this time keep their section of an existing file
-        kept = json.loads(results.read_text())
-        res = {h: res[h] if h in res else kept[h] for h in ("digits", "lic") if h in res or h in kept}
-    paths = write_report(res, results)
-    print(markdown_tables(res))
-    print("wrote " + ", ".join(map(str, paths)))
-    return res
-
-
 def _cmd_report(args) -> int:
+    from licforge.bench.watermark import watermark_study
     hosts, products = tuple(args.hosts.split(",")), tuple(args.products.split(","))
     for h in hosts:
         if h not in ("digits", "lic"):
@@ -304,12 +214,14 @@ def _cmd_report(args) -> int:
     for p in products:
         if p not in ("mul", "min"):
             raise UsageError(f"--products: {p!r} is not 'mul' or 'min'")
-    _study(Path(args.out), args.quick, hosts, products)
+    watermark_study(Path(args.out), Path(args.build), args.quick, hosts, products)
     return 0
 
 
-def _bench_watermark(results: Path) -> str:
-    res = _study(results / "watermark.json", False, ("digits", "lic"), ("mul", "min"))
+def _bench_watermark(results: Path, build: Path) -> str:
+    from licforge.bench.watermark import watermark_study
+
+    res = watermark_study(results / "watermark.json", build)
     runs = sum(len(p["runs"]) for p in res["digits"]["products"].values()) + len(res["lic"]["runs"])
     return f"wrote {results / 'watermark.json'} ({runs} runs)"
 

@@ -21,7 +21,7 @@ files it reads (checkpoints, image folder) and the stages it follows (:mod:`flow
 The config is TOML (``flows/default.toml`` is the documented default; a user file gives only
 the keys it changes).  Every key is checked before the first stage runs: an unknown key, a
 wrong type, an impossible bit width, a missing checkpoint or image folder stop the flow at
-once with a :class:`flows.errors.UsageError` naming the key or the file.
+once with a :class:`errors.UsageError` naming the key or the file.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import CheckFailed, UsageError
-from .pipeline import Pipeline, Stage, StageContext, StageRecord
+from licforge.errors import CheckFailed, UsageError
+from licforge.flows.pipeline import Pipeline, Stage, StageContext, StageRecord
 
 __all__ = ["DEFAULT_CONFIG", "load_config", "build_pipeline", "run_flow", "STAGES"]
 
@@ -128,9 +128,9 @@ def load_config(path: Path | None = None) -> tuple[dict, str]:
 
 def _check_semantics(cfg: dict) -> None:
     """What one key alone cannot say: files and folders exist and fit, crops fit."""
-    from models.data import DataError, load_split
-    from models.lic import CheckpointError, load_weights, read_checkpoint, student_config, WEIGHTS_FORMAT
-    from quant.lic_recipe import RecipeError, load_recipe
+    from licforge.models.data import DataError, load_split
+    from licforge.models.lic import CheckpointError, load_weights, read_checkpoint, student_config, WEIGHTS_FORMAT
+    from licforge.quant.lic_recipe import RecipeError, load_recipe
 
     folder = cfg["data"]["folder"] or None
     try:
@@ -177,9 +177,10 @@ def _check_semantics(cfg: dict) -> None:
 def _check_parallelism(cfg: dict) -> None:
     """(rtl.pi, rtl.po) must give a decoder plan for a student of width student.N (the plan
     depends on the layer shapes only, so a random bundle of the same shapes decides)."""
-    from models.lic import student_config
-    from quant.synthetic import decoder_layers, random_decoder_bundle
-    from rtl.plan import plan_decoder
+    from licforge.models.lic import student_config
+    from licforge.quant.bundle import decoder_layers
+    from licforge.quant.synthetic import random_decoder_bundle
+    from licforge.rtl.plan import plan_decoder
 
     sc = student_config(cfg["student"]["N"])
     try:
@@ -201,18 +202,22 @@ def _fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+# The LIC benchmark's curves, drawn beside this run's points on the embedded images (shipped
+# with the package; part of the eval stage's cache key).
+BENCH_CURVES = Path(__file__).resolve().parent.parent / "bench" / "results" / "lic.json"
+
 # --------------------------------------------------------------------------- stages
 
 def _images(ctx: StageContext, split: str) -> dict[str, np.ndarray]:
-    from models.data import load_split
+    from licforge.models.data import load_split
 
     return load_split(ctx.config["data"]["folder"] or None, split)
 
 
 def _teacher(ctx: StageContext) -> dict:
-    from models.lic import LICConfig, load_weights
-    from models.lic_train import TrainConfig
-    from .train import file_sha256, train_model
+    from licforge.models.lic import LICConfig, load_weights
+    from licforge.models.lic_train import TrainConfig
+    from licforge.quant.train import file_sha256, train_model
 
     t = ctx.config["teacher"]
     if t["checkpoint"]:
@@ -231,9 +236,9 @@ def _teacher(ctx: StageContext) -> dict:
 
 
 def _distill(ctx: StageContext) -> dict:
-    from models.lic import load_weights, save_weights, student_config
-    from models.lic_train import TrainConfig
-    from .train import train_model
+    from licforge.models.lic import load_weights, save_weights, student_config
+    from licforge.models.lic_train import TrainConfig
+    from licforge.quant.train import train_model
 
     s = ctx.config["student"]
     cfg = student_config(s["N"])
@@ -254,14 +259,14 @@ def _distill(ctx: StageContext) -> dict:
 
 
 def _qat(ctx: StageContext) -> dict:
-    from quant.bundle import write_bundle
-    from quant.lic import save_quantized
-    from watermark.extract import ber
-    from watermark.keys import save_key
-    from watermark.layers import bundle_chain, chain_weights
-    from watermark.lic import LICHost
-    from watermark.markers import MarkerParams, bind_marker
-    from .train import quant_model_path
+    from licforge.quant.bundle import write_bundle
+    from licforge.quant.lic import save_quantized
+    from licforge.watermark.extract import ber
+    from licforge.watermark.keys import save_key
+    from licforge.watermark.layers import bundle_chain, chain_weights
+    from licforge.watermark.lic import LICHost
+    from licforge.watermark.markers import MarkerParams, bind_marker
+    from licforge.quant.train import quant_model_path
 
     q_cfg, wm = ctx.config["quant"], ctx.config["watermark"]
     host = LICHost(Path(ctx.results["distill"]["weights"]), steps=q_cfg["qat_steps"], lr=q_cfg["lr"],
@@ -292,8 +297,8 @@ def _qat(ctx: StageContext) -> dict:
 
 
 def _eval(ctx: StageContext) -> dict:
-    from .lic_eval import evaluate
-    from .rd import curves_from_results, plot_rd, write_json
+    from licforge.quant.eval import evaluate
+    from licforge.quant.rd import curves_from_results, plot_rd, write_json
 
     models = [Path(ctx.results["teacher"]["weights"]), Path(ctx.results["distill"]["weights"]),
               Path(ctx.results["qat"]["bundle"])]
@@ -301,7 +306,7 @@ def _eval(ctx: StageContext) -> dict:
                    log=print if ctx.progress else None)
     write_json(ctx.dir / "eval.json", res)
     curves = curves_from_results([res])
-    bench = Path("bench/results/lic.json")
+    bench = BENCH_CURVES
     if not ctx.config["data"]["folder"] and bench.is_file():  # same held-out images: show the bench's curves
         for label, c in json.loads(bench.read_text())["bd_rate_vs_teacher"]["curves"].items():
             if label == "teacher" or "QAT" in label:
@@ -314,13 +319,13 @@ def _eval(ctx: StageContext) -> dict:
 
 
 def _bundle(ctx: StageContext):
-    from quant.bundle import read_bundle
+    from licforge.quant.bundle import read_bundle
 
     return read_bundle(Path(ctx.results["qat"]["bundle"]))
 
 
 def _rtl(ctx: StageContext) -> dict:
-    from .decoder import generate_decoder
+    from licforge.rtl.project import generate_decoder
 
     r = ctx.config["rtl"]
     out = ctx.dir / "verilog"
@@ -330,7 +335,7 @@ def _rtl(ctx: StageContext) -> dict:
 
 
 def _verify(ctx: StageContext) -> dict:
-    from .decoder import sim_decode_image
+    from licforge.sim.decode import sim_decode_image
 
     v, r = ctx.config["verify"], ctx.config["rtl"]
     images = _images(ctx, "held-out")
@@ -340,12 +345,12 @@ def _verify(ctx: StageContext) -> dict:
         h, w = img.shape[:2]
         top, left = (h - v["crop"]) // 2, (w - v["crop"]) // 2
         img = img[top:top + v["crop"], left:left + v["crop"]]
-    rep = sim_decode_image(_bundle(ctx), img, pi=r["pi"], po=r["po"])
+    rep = sim_decode_image(_bundle(ctx), img, ctx.dir / "build", pi=r["pi"], po=r["po"])
     return {"image": name, "crop": v["crop"], **rep, "pixels_checked": int(np.prod(rep["image_hw"])) * 3}
 
 
 def _synth(ctx: StageContext) -> dict:
-    from .synth import synthesize
+    from licforge.rtl.yosys import synthesize
 
     s = ctx.config["synth"]
     if not s["enabled"]:
@@ -357,15 +362,15 @@ def _synth(ctx: StageContext) -> dict:
 
 
 def _watermark(ctx: StageContext) -> dict:
-    from quant.lic import load_quantized
-    from rtl.deployed import read_deployed_weights
-    from watermark.extract import ber
-    from watermark.keys import load_key
-    from watermark.layers import bundle_chain, chain_weights
-    from watermark.lic import LICHost
-    from watermark.lic_study import LICStudyConfig, LICTarget, permutation_resync
-    from watermark.study import attack_sweeps
-    from .cmd_watermark import lic_metric
+    from licforge.quant.lic import load_quantized
+    from licforge.rtl.deployed import read_deployed_weights
+    from licforge.watermark.extract import ber
+    from licforge.watermark.keys import load_key
+    from licforge.watermark.layers import bundle_chain, chain_weights
+    from licforge.watermark.lic import LICHost
+    from licforge.watermark.lic_study import LICStudyConfig, LICTarget, permutation_resync
+    from licforge.watermark.study import attack_sweeps
+    from licforge.watermark.deployed import lic_metric
 
     if "key" not in ctx.results["qat"]:
         return {"skipped": "watermark.scheme = none"}
@@ -401,14 +406,14 @@ def _watermark(ctx: StageContext) -> dict:
 
 
 def _qonnx(ctx: StageContext) -> dict:
-    from .qonnx_export import export_synthesis
+    from licforge.quant.qonnx import export_synthesis
 
     return export_synthesis(ctx.results["qat"]["quant_model"], ctx.dir, data=ctx.config["data"]["folder"] or None)
 
 
 def _qonnx_section(q: dict):
     """The QONNX hand-off: equality with Brevitas and what FINN can build of each layer."""
-    from .report import Section, Table
+    from licforge.flows.report import Section, Table
 
     if "error" in q:
         return Section("QONNX export (for FINN)", status="fail", text=f"export failed: {q['error']}",
@@ -425,7 +430,7 @@ def _qonnx_section(q: dict):
 
 def _report_sections(ctx: StageContext) -> list:
     """The report's sections from the results of every earlier stage."""
-    from .report import Section, Table, tool_versions, versions_table
+    from licforge.flows.report import Section, Table, tool_versions, versions_table
 
     r, cfg = ctx.results, ctx.config
     sec = []
@@ -493,7 +498,7 @@ def _report_sections(ctx: StageContext) -> list:
 
 
 def _report(ctx: StageContext) -> dict:
-    from .report import find_browser, screenshot, write_html, write_markdown
+    from licforge.flows.report import find_browser, screenshot, write_html, write_markdown
 
     title = ctx.config["report"]["title"]
     sections = _report_sections(ctx)
@@ -510,7 +515,7 @@ STAGES: list[Stage] = [
     Stage("teacher", _teacher, reads=("data", "_images", "teacher", "_teacher_file", "run")),
     Stage("distill", _distill, reads=("data", "_images", "student", "_student_file", "run"), after=("teacher",)),
     Stage("qat", _qat, reads=("data", "_images", "quant", "watermark", "run"), after=("distill",)),
-    Stage("eval", _eval, reads=("data", "_images"), after=("teacher", "distill", "qat")),
+    Stage("eval", _eval, reads=("data", "_images", "_bench_curves"), after=("teacher", "distill", "qat")),
     Stage("rtl", _rtl, reads=("rtl",), after=("qat",)),
     Stage("verify", _verify, reads=("verify", "rtl", "data", "_images"), after=("qat", "rtl")),
     Stage("synth", _synth, reads=("synth",), after=("rtl",)),
@@ -537,6 +542,7 @@ def run_flow(config_path: Path | None = None, *, run_dir: Path | None = None, fo
     cfg["_teacher_file"] = _fingerprint(cfg["teacher"]["checkpoint"])
     cfg["_student_file"] = _fingerprint(cfg["student"]["init"])
     cfg["_images"] = _fingerprint(cfg["data"]["folder"])
+    cfg["_bench_curves"] = _fingerprint(str(BENCH_CURVES) if BENCH_CURVES.is_file() else "")
     cfg["_text"] = text
     pipe = build_pipeline()
     if force_from is not None and force_from not in pipe.names:

@@ -31,10 +31,6 @@ class StageContext:
     progress: bool = True
     records: dict[str, StageRecord] = field(default_factory=dict)  # earlier stages of this run
 
-    def path(self, stage: str) -> Path:
-        """Folder of another (earlier) stage."""
-        return self.run_dir / stage
-
 
 @dataclass(frozen=True)
 class Stage:

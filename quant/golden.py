@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.minconv import signed_min_matmul
+from licforge.models.minconv import signed_min_matmul
 from .fixed import requantize, saturate
 
 __all__ = ["lane_dot", "dot_requant", "im2col", "conv2d_int", "linear_int", "layer_accumulate",

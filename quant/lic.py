@@ -32,9 +32,9 @@ import torch
 from brevitas.nn import QuantConv2d, QuantConvTranspose2d
 from torch import Tensor, nn
 
-from models.data import CropSampler
-from models.lic import CheckpointError, LICConfig, read_checkpoint
-from models.lic_train import TrainConfig, train_lic
+from licforge.models.data import CropSampler
+from licforge.models.lic import CheckpointError, LICConfig, read_checkpoint
+from licforge.models.lic_train import TrainConfig, train_lic
 from .bundle import Bundle, Layer
 from .fixed import accumulator_bits, bits_for_range, requantize
 from .golden import run_layers

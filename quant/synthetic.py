@@ -10,13 +10,17 @@ values and widths nobody trained.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from .bundle import Bundle, Layer
+from licforge.errors import UsageError
+
+from .bundle import Bundle, Layer, read_bundle, write_bundle
 from .fixed import accumulator_bits, bits_for_range
 from .golden import conv_transpose2d_int, gdn_norm_int, run_layer
 
-__all__ = ["random_decoder_bundle", "decoder_layers"]
+__all__ = ["random_decoder_bundle", "load_decoder_bundle"]
 
 
 def _calibrated_shift(acc: np.ndarray, bits: int) -> int:
@@ -88,9 +92,22 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
     return Bundle(model, inp, layers)
 
 
-def decoder_layers(bundle: Bundle) -> list[Layer]:
-    """The synthesis-transform layers of a bundle: those after its ``latent`` layer, or all
-    layers when it holds only a decoder."""
-    ops = [l.op for l in bundle.layers]
-    start = ops.index("latent") + 1 if "latent" in ops else 0
-    return bundle.layers[start:]
+def load_decoder_bundle(spec: str, build_dir: Path) -> Bundle:
+    """A bundle directory, or ``synthetic:N:M[:seed]`` for a random well-scaled decoder bundle
+    (:func:`random_decoder_bundle`, written once under ``build_dir/bundles``)."""
+    if spec.startswith("synthetic:"):
+        parts = spec.split(":")[1:]
+        try:
+            n, m, seed = (int(v) for v in (parts + ["0"])[:3])
+            if len(parts) not in (2, 3) or min(n, m) < 1:
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"bundle {spec!r}: write synthetic:N:M or synthetic:N:M:SEED (positive integers)") from None
+        out = Path(build_dir) / "bundles" / f"synthetic_N{n}_M{m}_s{seed}"
+        if not (out / "bundle.json").is_file():
+            write_bundle(random_decoder_bundle(n, m, seed=seed), out)
+        return read_bundle(out)
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError(f"bundle {spec}: not found (a bundle directory, or synthetic:N:M)")
+    return read_bundle(path)

@@ -27,7 +27,7 @@ class Decoder(wiring.Component):
     the integers equal :func:`quant.golden.run_layers` of the layers exactly.
 
     Every layer runs concurrently; the frame takes about ``max_layer cycles_per_latent *
-    width * height`` cycles plus the pipeline fill (:mod:`flows.perf`).  Back-pressure on the
+    width * height`` cycles plus the pipeline fill (:mod:`rtl.perf`).  Back-pressure on the
     output stalls the last engine, and the stall propagates upstream through the line buffers.
     ``width``/``height`` must stay constant while a frame is in the pipeline.
     """

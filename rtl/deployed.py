@@ -27,7 +27,7 @@ class DeploymentError(ValueError):
     """A deployment directory that cannot be read back; the message names the file."""
 
 
-def _lanes(path: Path, lanes: int, bits: int, words: int) -> np.ndarray:
+def read_lanes(path: Path, lanes: int, bits: int, words: int) -> np.ndarray:
     """(words, lanes) signed integers of a ROM file of ``lanes`` x ``bits``-bit words."""
     if not path.is_file():
         raise DeploymentError(f"{path}: ROM file missing; copy the whole deployment directory")
@@ -56,18 +56,18 @@ def read_deployed_weights(out_dir: Path) -> dict[str, dict[str, np.ndarray]]:
         if blk["op"] == "conv_transpose2d":
             cin, cout = blk["cin"], blk["cout"]
             lay = conv_weight_layout(cin, cout, pi, po)
-            vals = _lanes(out_dir / roms["weight"]["file"], pi * po, roms["weight"]["bits"], len(lay))
+            vals = read_lanes(out_dir / roms["weight"]["file"], pi * po, roms["weight"]["bits"], len(lay))
             w = np.zeros((cin, cout, KERNEL, KERNEL), np.int64)
             w[lay[..., 0], lay[..., 1], lay[..., 2], lay[..., 3]] = vals
-            bias = _lanes(out_dir / roms["bias"]["file"], po, roms["bias"]["bits"], cout // po).reshape(-1)
+            bias = read_lanes(out_dir / roms["bias"]["file"], po, roms["bias"]["bits"], cout // po).reshape(-1)
             out[blk["name"]] = {"weight": w, "bias": bias}
         elif blk["op"] == "igdn":
             c = blk["channels"]
             lay = gamma_layout(c, pi, po)
-            vals = _lanes(out_dir / roms["gamma"]["file"], pi * po, roms["gamma"]["bits"], len(lay))
+            vals = read_lanes(out_dir / roms["gamma"]["file"], pi * po, roms["gamma"]["bits"], len(lay))
             gamma = np.zeros((c, c), np.int64)
             gamma[lay[..., 0], lay[..., 1]] = vals
-            beta = _lanes(out_dir / roms["beta"]["file"], po, roms["beta"]["bits"], c // po).reshape(-1)
+            beta = read_lanes(out_dir / roms["beta"]["file"], po, roms["beta"]["bits"], c // po).reshape(-1)
             out[blk["name"]] = {"gamma": gamma, "beta": beta}
         else:
             raise DeploymentError(f"{mpath}: block {blk.get('name')!r} has unknown op {blk.get('op')!r}")

@@ -16,7 +16,7 @@ from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant.fixed import accumulator_bits, check_bits, int_range, requantize
+from licforge.quant.fixed import accumulator_bits, check_bits, int_range, requantize
 from .conv_transpose import pack_words
 from .emit import rom_file_attr
 from .mac_pipe import Delayed, accumulate, check_divisor, delay, emit_pixels, mac_array

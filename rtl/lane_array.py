@@ -15,7 +15,7 @@ from amaranth import Module, Mux, Signal, Value, signed
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.fixed import accumulator_bits, check_bits
+from licforge.quant.fixed import accumulator_bits, check_bits
 from .requantizer import requantize_expr
 
 __all__ = ["LaneArray", "MinConvArray", "MacArray", "lane_term", "adder_tree", "LANE_OPS"]

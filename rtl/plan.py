@@ -4,7 +4,7 @@ The layers of a synthesis transform run concurrently, chained by streams, so the
 is set by the slowest one.  The user picks (PI, PO) for the heaviest transposed convolution
 (the one with the most multiply-accumulates per frame); every other layer gets the fewest
 multipliers with which it is no slower than that one.  Balanced this way, all multipliers
-are busy most of the time (the DSP efficiency of :mod:`flows.perf`).
+are busy most of the time (the DSP efficiency of :mod:`rtl.perf`).
 
 Costs per latent pixel, for a layer whose input grid is ``4**s`` times the latent grid:
 
@@ -40,13 +40,6 @@ class LayerPlan:
         """Steady-state cycles per latent pixel."""
         per_px = (self.cin // self.pi) * (self.cout // self.po)
         return 4 ** self.scale * (TAPS * per_px if self.op == "conv_transpose2d" else per_px)
-
-    @property
-    def macs_per_latent(self) -> int:
-        """Multiply-accumulates per latent pixel (transposed convolutions: border taps included)."""
-        if self.op == "conv_transpose2d":
-            return 4 ** self.scale * TAPS * self.cin * self.cout
-        return 4 ** self.scale * (self.cin * self.cout + self.cout)
 
     @property
     def multipliers(self) -> int:

@@ -8,7 +8,7 @@ from amaranth import Const, Module, Mux, Value, signed, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
-from quant.fixed import check_bits, int_range
+from licforge.quant.fixed import check_bits, int_range
 
 __all__ = ["requantize_expr", "Requantizer"]
 

@@ -24,9 +24,9 @@ from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
-from quant.fixed import check_bits, int_range
+from licforge.quant.fixed import check_bits, int_range
 from .conv_transpose import pack_words
-from .deployed import _lanes
+from .deployed import read_lanes
 from .emit import rom_file_attr, write_verilog
 
 __all__ = ["WeightRom", "WeightRomBank", "rom_words", "write_weight_roms", "read_weight_roms", "MANIFEST"]
@@ -117,6 +117,6 @@ def read_weight_roms(out_dir: Path) -> dict[str, np.ndarray]:
         shape, lanes, bits = tuple(e["shape"]), int(e["lanes"]), int(e["bits"])
         k = int(np.prod(shape[1:]))
         beats = -(-k // lanes)
-        vals = _lanes(out_dir / e["file"], lanes, bits, shape[0] * beats)
+        vals = read_lanes(out_dir / e["file"], lanes, bits, shape[0] * beats)
         out[name] = vals.reshape(shape[0], beats * lanes)[:, :k].reshape(shape)
     return out

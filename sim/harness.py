@@ -130,7 +130,7 @@ async def run_harness(dut, *, n_in: int, n_out: int, seed: int, p_valid: float, 
     {cycles, first_out} as counted by the harness."""
     from cocotb.triggers import First, RisingEdge, Timer
 
-    from sim.streams import start_clock_and_reset
+    from licforge.sim.streams import start_clock_and_reset
 
     dut.n_in.value, dut.n_out.value, dut.seed.value = n_in, n_out, seed & 0xFFFFFFFF
     dut.p_valid.value, dut.p_ready.value = probability_word(p_valid), probability_word(p_ready)

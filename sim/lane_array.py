@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from rtl.emit import write_verilog
-from rtl.lane_array import LaneArray
-from .runner import BUILD_ROOT, SimResult, run_cocotb
+from licforge.rtl.emit import write_verilog
+from licforge.rtl.lane_array import LaneArray
+from licforge.errors import UsageError, need_int
+
+from .runner import SimResult, run_cocotb
 
 __all__ = ["LaneArrayConfig", "simulate_lane_array", "extreme_vectors", "layer_array_config",
-           "layer_stimulus", "layer_output_from_dots"]
+           "layer_stimulus", "layer_output_from_dots", "array_config", "generate_array", "random_array_check"]
 
 
 @dataclass(frozen=True)
@@ -59,23 +61,22 @@ def extreme_vectors(rng: np.random.Generator, dots: int, beats: int, lanes: int,
     return out[0], out[1]
 
 
-def simulate_lane_array(cfg: LaneArrayConfig, x: np.ndarray, w: np.ndarray, *, seed: int = 0,
-                        p_valid: float = 1.0, p_ready: float = 1.0, simulator: str = "verilator",
-                        workdir: Path | None = None) -> SimResult:
+def simulate_lane_array(cfg: LaneArrayConfig, x: np.ndarray, w: np.ndarray, work: Path, *, seed: int = 0,
+                        p_valid: float = 1.0, p_ready: float = 1.0, simulator: str = "verilator") -> SimResult:
     """Generate ``cfg``'s Verilog, stream ``x``/``w`` (dots, beats, lanes) through it and
     compare every output with the golden model; returns the testbench's report."""
     if x.shape != w.shape or x.ndim != 3 or x.shape[2] != cfg.lanes:
         raise ValueError(f"x and w must both have shape (dots, beats, {cfg.lanes}); got {x.shape}, {w.shape}")
     if x.shape[1] > cfg.max_beats:
         raise ValueError(f"{x.shape[1]} beats per dot product exceed max_beats={cfg.max_beats}")
-    work = Path(workdir) if workdir else BUILD_ROOT / "sim" / cfg.name
+    work = Path(work)
     rtl_dir = work / "rtl"
     sources = write_verilog(cfg.build(), "top", rtl_dir)
     run_dir = work / f"run_{simulator}_{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     params = {**asdict(cfg), "seed": seed, "p_valid": p_valid, "p_ready": p_ready}
     np.savez(run_dir / "stimulus.npz", x=x, w=w, params=json.dumps(params))
-    return run_cocotb(sources=sources, toplevel="top", test_module="sim.tb_lane_array",
+    return run_cocotb(sources=sources, toplevel="top", test_module="licforge.sim.tb_lane_array",
                       build_dir=work / f"build_{simulator}", test_dir=run_dir,
                       tb_input=run_dir / "stimulus.npz", simulator=simulator, seed=seed)
 
@@ -93,7 +94,7 @@ def layer_stimulus(layer, x_int: np.ndarray, lanes: int) -> tuple[np.ndarray, np
     """Operands that make a LaneArray compute bundle layer ``layer`` on ``x_int``: one dot
     product per (image, output position, output channel), in that order, zero-padded to whole
     beats.  Returns x, w of shape (dots, beats, lanes)."""
-    from quant.golden import im2col
+    from licforge.quant.golden import im2col
 
     w = np.asarray(layer.tensors["weight"], np.int64)
     o = w.shape[0]
@@ -120,3 +121,38 @@ def layer_output_from_dots(layer, dots: np.ndarray, n: int, out_hw: tuple[int, i
         return np.asarray(dots, np.int64).reshape(n, o)
     ho, wo = out_hw
     return np.asarray(dots, np.int64).reshape(n, ho, wo, o).transpose(0, 3, 1, 2)
+
+
+def array_config(kind: str, lanes: int, bits: int, shift: int | None = None,
+                 out_bits: int | None = None, max_beats: int = 64) -> LaneArrayConfig:
+    """Config of a MinConvArray (``kind="minconv"``) or MacArray (``"mac"``) for the CLI and
+    benchmarks: by default the output keeps ``bits`` bits after dropping ``bits`` bits."""
+    if kind not in ("minconv", "mac"):
+        raise UsageError(f"array kind must be 'minconv' or 'mac', not {kind!r}")
+    need_int(lanes, "--lanes", 1, 1024)
+    need_int(bits, "--bits", 2, 32)
+    out_bits = bits if out_bits is None else need_int(out_bits, "--out-bits", 1, 32)
+    shift = bits if shift is None else need_int(shift, "--shift", -32, 63)
+    need_int(max_beats, "--max-beats", 1, 1 << 20)
+    return LaneArrayConfig(lanes=lanes, bits=bits, op="min" if kind == "minconv" else "mul",
+                           shift=shift, out_bits=out_bits, max_beats=max_beats)
+
+
+def generate_array(cfg: LaneArrayConfig, out_dir: Path) -> list[Path]:
+    """Write the array's Verilog (top module ``top``) and a manifest into ``out_dir``."""
+    out_dir = Path(out_dir)
+    array = cfg.build()
+    sources = write_verilog(array, "top", out_dir)
+    (out_dir / "manifest.json").write_text(json.dumps(
+        {"design": cfg.name, "config": cfg.__dict__, "sources": [s.name for s in sources],
+         "latency_cycles": array.latency, "accumulator_bits": array.acc_bits}, indent=1))
+    return sources
+
+
+def random_array_check(cfg: LaneArrayConfig, dots: int, beats: int, seed: int, work: Path,
+                       simulator: str = "verilator", p_valid: float = 0.8, p_ready: float = 0.7) -> SimResult:
+    """Random vectors with extreme values through ``cfg``'s RTL with random bubbles and
+    back-pressure; returns the SimResult (mismatches in ``report``)."""
+    rng = np.random.default_rng(seed)
+    x, w = extreme_vectors(rng, dots, beats, cfg.lanes, cfg.bits)
+    return simulate_lane_array(cfg, x, w, work, seed=seed, p_valid=p_valid, p_ready=p_ready, simulator=simulator)

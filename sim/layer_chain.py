@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtl.emit import write_verilog
+from licforge.rtl.emit import write_verilog
 from .harness import HARNESS_TOP, STIMULUS_FILE, harness_verilog, write_stimulus
 from .runner import SimResult, run_cocotb
 
@@ -67,7 +67,7 @@ def simulate_chain(component, bundle_dir: Path, layers: list[str], x: np.ndarray
     params = {"bundle": str(Path(bundle_dir).resolve()), "layers": list(layers), "frame": frame_ports,
               "seed": seed, "p_valid": p_valid, "p_ready": p_ready, "timeout_cycles": int(timeout_cycles)}
     np.savez(run_dir / "stimulus.npz", x=x, params=json.dumps(params))
-    res = run_cocotb(sources=sources, toplevel=HARNESS_TOP, test_module="sim.tb_layer_chain",
+    res = run_cocotb(sources=sources, toplevel=HARNESS_TOP, test_module="licforge.sim.tb_layer_chain",
                      build_dir=work / f"build_{simulator}", test_dir=run_dir, tb_input=run_dir / "stimulus.npz",
                      simulator=simulator, seed=seed)
     res.report["run_dir"] = str(run_dir)

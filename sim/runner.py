@@ -20,10 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["SimulatorUnavailable", "SimulationFailed", "SimResult", "available_simulators",
-           "simulator_env", "run_cocotb", "BUILD_ROOT"]
-
-BUILD_ROOT = Path(os.environ.get("LICFORGE_BUILD", Path.cwd() / "build"))
+__all__ = ["SimulatorUnavailable", "SimulationFailed", "SimResult", "simulator_env", "run_cocotb"]
 
 
 class SimulatorUnavailable(RuntimeError):
@@ -77,18 +74,6 @@ def simulator_env(simulator: str) -> dict[str, str]:
             raise SimulatorUnavailable("icarus: 'iverilog' is not on PATH")
         return {}
     raise ValueError(f"simulator must be 'verilator' or 'icarus', not {simulator!r}")
-
-
-def available_simulators() -> list[str]:
-    """Simulators usable here: always tried in the order verilator, icarus."""
-    found = []
-    for sim in ("verilator", "icarus"):
-        try:
-            simulator_env(sim)
-            found.append(sim)
-        except SimulatorUnavailable:
-            pass
-    return found
 
 
 @contextlib.contextmanager

@@ -11,8 +11,8 @@ import json
 import cocotb
 import numpy as np
 
-from quant.golden import dot_requant
-from sim.streams import pack, run_stream, start_clock_and_reset, tb_input, unpack, write_report
+from licforge.quant.golden import dot_requant
+from licforge.sim.streams import pack, run_stream, start_clock_and_reset, tb_input, unpack, write_report
 
 
 def beat_words(x: np.ndarray, w: np.ndarray, bits: int) -> list[int]:

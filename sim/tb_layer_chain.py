@@ -15,10 +15,10 @@ import time
 import cocotb
 import numpy as np
 
-from quant.bundle import read_bundle
-from quant.golden import run_layers
-from sim.harness import OUTPUT_FILE, read_outputs, run_harness
-from sim.streams import tb_input, write_report
+from licforge.quant.bundle import read_bundle
+from licforge.quant.golden import run_layers
+from licforge.sim.harness import OUTPUT_FILE, read_outputs, run_harness
+from licforge.sim.streams import tb_input, write_report
 
 
 def reference(params: dict, x: np.ndarray) -> tuple[np.ndarray, bool, int]:

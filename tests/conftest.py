@@ -1,17 +1,10 @@
 """Shared fixtures: one trained digits classifier per session, simulator selection."""
 from __future__ import annotations
 
-import os
 import shutil
 
 import pytest
 import torch
-
-# under pytest-xdist each worker builds into its own folder (before sim.runner reads it), so
-# two workers never compile or simulate in the same directory
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ["LICFORGE_BUILD"] = os.path.abspath(os.path.join(
-        os.environ.get("LICFORGE_BUILD", "build"), "xdist", os.environ["PYTEST_XDIST_WORKER"]))
 
 # one intra-op thread: the models here are small, and OpenMP threads that compete with the
 # simulator builds (or anything else on a 2-core CI machine) slow training down several-fold
@@ -21,7 +14,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def digits_models():
     """Exact CNN, MinConv twin and an 8-bit QAT MinConv classifier (seed 0), trained once."""
-    from flows.minconv import train_digits_models
+    from licforge.quant.digits import train_digits_models
 
     return train_digits_models(seed=0, bits=(8,), progress=False)
 
@@ -29,8 +22,8 @@ def digits_models():
 @pytest.fixture(scope="session")
 def digits_bundle(digits_models, tmp_path_factory):
     """The 8-bit MinConv classifier's bundle, written and read back."""
-    from quant.bundle import read_bundle, write_bundle
-    from quant.digits import export_digits_bundle
+    from licforge.quant.bundle import read_bundle, write_bundle
+    from licforge.quant.digits import export_digits_bundle
 
     out = tmp_path_factory.mktemp("bundle") / "digits_minconv_b8"
     write_bundle(export_digits_bundle(digits_models.quantized[8], digits_models.split[0]), out)
@@ -39,7 +32,7 @@ def digits_bundle(digits_models, tmp_path_factory):
 
 def require_simulator(name: str) -> None:
     """Skip (with the reason) when the HDL simulator ``name`` is not installed."""
-    from sim.runner import SimulatorUnavailable, simulator_env
+    from licforge.sim.runner import SimulatorUnavailable, simulator_env
 
     try:
         simulator_env(name)
@@ -55,7 +48,7 @@ def lic_bundle():
     """The committed N=16 student's deployment bundle (hybrid8 QAT)."""
     from pathlib import Path
 
-    from quant.bundle import read_bundle
+    from licforge.quant.bundle import read_bundle
 
     return read_bundle(Path(__file__).resolve().parent.parent / LIC_BUNDLE)
 
@@ -65,7 +58,7 @@ def lic_quant():
     """The committed Brevitas model that the bundle was exported from."""
     from pathlib import Path
 
-    from quant.lic import load_quantized
+    from licforge.quant.lic import load_quantized
 
     root = Path(__file__).resolve().parent.parent
     return load_quantized(root / (LIC_BUNDLE + ".quant.pt"))[0]

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from quant.bundle import BundleError, Bundle, Layer, read_bundle, write_bundle
+from licforge.quant.bundle import BundleError, Bundle, Layer, read_bundle, write_bundle
 
 
 def test_round_trip_keeps_every_integer(digits_bundle, tmp_path):

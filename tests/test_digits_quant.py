@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from quant.digits import export_digits_bundle, input_to_int, quantize_digits, run_digits_golden
+from licforge.quant.digits import export_digits_bundle, input_to_int, quantize_digits, run_digits_golden
 
 
 def brevitas_int_logits(q, x):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from quant.fixed import accumulator_bits, bits_for_range, check_bits, int_range, requantize, shift_round_half_even
+from licforge.quant.fixed import accumulator_bits, bits_for_range, check_bits, int_range, requantize, shift_round_half_even
 
 
 def test_round_half_even_exact_cases():

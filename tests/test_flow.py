@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from flows.flow import STAGES, load_config, run_flow
+from licforge.flows.cli import main
+from licforge.flows.flow import STAGES, load_config, run_flow
 
 TINY = """
 [run]

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from quant.fixed import requantize
-from quant.golden import (conv_transpose2d_int, div_round_half_even, gdn_int, igdn_int, subpixel_taps)
+from licforge.quant.fixed import requantize
+from licforge.quant.golden import (conv_transpose2d_int, div_round_half_even, gdn_int, igdn_int, subpixel_taps)
 
 
 def test_subpixel_taps_of_the_5x5_stride2_decoder():

@@ -6,10 +6,11 @@ import sys
 import numpy as np
 import pytest
 
-from quant.bundle import Bundle, BundleError, Layer, read_bundle, write_bundle
-from quant.codec import encode_image
-from quant.lic_recipe import RecipeError, load_recipe, parse_recipe
-from quant.synthetic import decoder_layers, random_decoder_bundle
+from licforge.quant.bundle import Bundle, BundleError, Layer, read_bundle, write_bundle
+from licforge.quant.codec import encode_image
+from licforge.quant.lic_recipe import RecipeError, load_recipe, parse_recipe
+from licforge.quant.bundle import decoder_layers
+from licforge.quant.synthetic import random_decoder_bundle
 
 CHAIN = ["g_a.0", "g_a.1", "g_a.2", "g_a.3", "g_a.4", "g_a.5", "g_a.6", "latent",
          "g_s.0", "g_s.1", "g_s.2", "g_s.3", "g_s.4", "g_s.5", "g_s.6"]
@@ -78,7 +79,7 @@ def test_bundle_without_tables_cannot_encode(lic_bundle, tmp_path):
 
 
 def test_cli_bundle_info_and_its_refusal(lic_bundle, copy_bundle):
-    cmd = [sys.executable, "-m", "flows.cli", "bundle-info"]
+    cmd = [sys.executable, "-m", "licforge.flows.cli", "bundle-info"]
     r = subprocess.run(cmd + [str(lic_bundle.path)], capture_output=True, text=True)
     assert r.returncode == 0 and f"valid, hash {lic_bundle.hash}" in r.stdout and "g_s.6" in r.stdout
     d = copy_bundle(lic_bundle)

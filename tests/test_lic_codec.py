@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import embedded_images
-from models.lic import load_weights
-from quant.codec import (BitstreamError, decode_image, decode_latents, encode_image, pack, pad_image,
+from licforge.models.data import embedded_images
+from licforge.models.lic import load_weights
+from licforge.quant.codec import (BitstreamError, decode_image, decode_latents, encode_image, pack, pad_image,
                          unpack)
-from quant.codec import prepare_entropy_coder
-from quant.lic import brevitas_integers, golden_encode, golden_forward
+from licforge.quant.codec import prepare_entropy_coder
+from licforge.quant.lic import brevitas_integers, golden_encode, golden_forward
 
 STUDENT = "models/checkpoints/student_n16.pt"
 
@@ -69,7 +69,7 @@ def test_float_model_compress_decompress_equals_forward(chelsea):
 
 
 def test_eval_reports_file_sizes_and_checks_golden(lic_bundle, chelsea, tmp_path):
-    from flows.lic_eval import eval_bundle, eval_float
+    from licforge.quant.eval import eval_bundle, eval_float
 
     imgs = {"chelsea": chelsea}
     q = eval_bundle(lic_bundle.path, imgs, tmp_path)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.rd import bd_psnr, bd_rate, curves_from_results, rd_report
-from models.data import DataError, EMBEDDED_HELD_OUT, EMBEDDED_TRAIN, embedded_images, folder_images
+from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results, rd_report
+from licforge.models.data import DataError, EMBEDDED_HELD_OUT, EMBEDDED_TRAIN, embedded_images, folder_images
 
 ANCHOR = [(0.2, 26.0), (0.35, 28.1), (0.6, 30.0), (1.0, 32.2)]
 
@@ -57,7 +57,7 @@ def test_eval_baselines_and_rd_plot_cli(tmp_path):
     (folder / "test").mkdir()
     img = embedded_images("held-out")["chelsea"][:192, :256]
     Image.fromarray(img).save(folder / "test" / "cat.png")
-    cmd = [sys.executable, "-m", "flows.cli"]
+    cmd = [sys.executable, "-m", "licforge.flows.cli"]
     r = subprocess.run(cmd + ["eval", "--data", str(folder), "--json", str(tmp_path / "e.json")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -80,7 +80,7 @@ def test_eval_baselines_and_rd_plot_cli(tmp_path):
 
 def test_rd_plot_styles_keep_teacher_and_widths_apart():
     """The teacher is black and no width shares its colour; line style names the variant."""
-    from flows.rd import _style
+    from licforge.quant.rd import _style
 
     palette = {"teacher": "k"}
     labels = ["N=16 GDN1", "N=16 GDN1 + KD", "N=16 GDN1 + KD mix50", "N=16 GDN1 seed 1", "N=32 GDN1", "N=64 GDN1 + KD",

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.data import embedded_images
-from models.lic import build_lic, student_config
-from quant.bundle import Bundle
-from quant.codec import pad_image, prepare_entropy_coder
-from quant.golden import gdn_int, igdn_int
-from quant.lic import brevitas_integers, export_bundle, golden_decode, golden_forward, quantize_student
-from quant.lic_layers import QuantGDN1, exp_for_range, fixed_act
-from quant.lic_recipe import load_recipe
+from licforge.models.data import embedded_images
+from licforge.models.lic import build_lic, student_config
+from licforge.quant.bundle import Bundle
+from licforge.quant.codec import pad_image, prepare_entropy_coder
+from licforge.quant.golden import gdn_int, igdn_int
+from licforge.quant.lic import brevitas_integers, export_bundle, golden_decode, golden_forward, quantize_student
+from licforge.quant.lic_layers import QuantGDN1, exp_for_range, fixed_act
+from licforge.quant.lic_recipe import load_recipe
 
 
 def test_committed_bundle_equals_brevitas_on_all_held_out_images(lic_bundle, lic_quant):

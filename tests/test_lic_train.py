@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from models.data import CropSampler, embedded_images
-from models.lic import CheckpointError, build_lic, load_weights, save_weights, student_config
-from models.lic_train import TrainConfig, train_lic
+from licforge.models.data import CropSampler, embedded_images
+from licforge.models.lic import CheckpointError, build_lic, load_weights, save_weights, student_config
+from licforge.models.lic_train import TrainConfig, train_lic
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_distillation_terms_and_identical_crops(train_images):
 def test_cli_refuses_a_corrupt_teacher_and_a_bad_crop(tmp_path):
     bad = tmp_path / "t.pt"
     bad.write_bytes(b"\x00" * 100)
-    cmd = [sys.executable, "-m", "flows.cli"]
+    cmd = [sys.executable, "-m", "licforge.flows.cli"]
     r = subprocess.run(cmd + ["distill", "--teacher", str(bad), "--steps", "1", "--out", str(tmp_path / "s.pt")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "t.pt: not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
@@ -134,7 +134,7 @@ def test_bench_kd_variants_train_like_the_student_without_kd():
     teacher (same steps, learning rate, crops, seed); KD in fine-tuning only starts from the plain base."""
     from pathlib import Path
 
-    from flows.lic_bench import plan
+    from licforge.bench.lic import plan
 
     jobs = {j.name: j for j in plan(Path("w"))}
     assert jobs["s16_nokd_l0.0067"].args == [
@@ -160,7 +160,7 @@ def test_kd_study_pairs_every_arm_and_puts_the_critical_path_first():
     batch, crops, seed, device); the KD arms use the teacher of the same lambda; bases run first."""
     from pathlib import Path
 
-    from flows.kd_study import plan_kd
+    from licforge.bench.kd_study import plan_kd
 
     jobs = plan_kd(Path("w"), 40, 10, batch=16, crop=128, device="cuda")
     by = {j.name: j for j in jobs}
@@ -192,7 +192,7 @@ def test_kd_study_pairs_every_arm_and_puts_the_critical_path_first():
 
 
 def test_cli_device_is_checked_before_training(tmp_path):
-    cmd = [sys.executable, "-m", "flows.cli", "distill", "--kd-recon", "0", "--steps", "1", "--out", str(tmp_path / "s.pt")]
+    cmd = [sys.executable, "-m", "licforge.flows.cli", "distill", "--kd-recon", "0", "--steps", "1", "--out", str(tmp_path / "s.pt")]
     r = subprocess.run(cmd + ["--device", "tpu"], capture_output=True, text=True)
     assert r.returncode == 2 and "--device 'tpu': not a device; use cpu or cuda" in r.stderr
     if not torch.cuda.is_available():

@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from models.minconv import MinConv2d, MinLinear, min_conv2d, signed_min_matmul
+from licforge.models.minconv import MinConv2d, MinLinear, min_conv2d, signed_min_matmul
 
 
 def brute_force(x: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -2,7 +2,7 @@
 follows, --from forces, an interrupted stage resumes."""
 import pytest
 
-from flows.pipeline import Pipeline, Stage
+from licforge.flows.pipeline import Pipeline, Stage
 
 
 def make(calls, fail=None):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from flows.cli import main
-from flows.qonnx_export import export_classifier, export_synthesis, train_exact_classifier
-from quant.digits import QuantDigitsNet
+from licforge.flows.cli import main
+from licforge.quant.qonnx import export_classifier, export_synthesis, train_exact_classifier
+from licforge.quant.digits import QuantDigitsNet
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANT_PT = ROOT / "models/checkpoints/bundles/student_n16_hybrid8.quant.pt"

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from flows.report import (STATUS_COLOURS, BrowserError, Section, Table, _yosys_upstream,
+from licforge.flows.report import (STATUS_COLOURS, BrowserError, Section, Table, _yosys_upstream,
                           find_browser, format_cell, package_version, screenshot, tool_versions,
                           versions_table, write_html, write_markdown)
 

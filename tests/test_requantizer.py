@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from amaranth.sim import Simulator
 
-from quant.fixed import requantize
-from rtl.requantizer import Requantizer
+from licforge.quant.fixed import requantize
+from licforge.rtl.requantizer import Requantizer
 
 
 @pytest.mark.parametrize("shift,out_bits,relu", [(3, 4, False), (1, 6, True), (0, 5, False), (-2, 6, False)])

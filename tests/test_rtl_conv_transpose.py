@@ -4,14 +4,15 @@ import json
 import numpy as np
 import pytest
 
-from flows.decoder import check_block, extreme_pixels
-from flows.perf import frame_timeline
-from quant.bundle import read_bundle, write_bundle
-from quant.golden import conv_transpose2d_int, run_layer, subpixel_taps
-from quant.synthetic import decoder_layers, random_decoder_bundle
-from rtl.conv_transpose import ConvTransposeEngine, conv_weight_layout, phase_taps
-from rtl.plan import LayerPlan
-from sim.layer_chain import simulate_chain
+from licforge.sim.decode import check_block, extreme_pixels
+from licforge.rtl.perf import frame_timeline
+from licforge.quant.bundle import read_bundle, write_bundle
+from licforge.quant.golden import conv_transpose2d_int, run_layer, subpixel_taps
+from licforge.quant.bundle import decoder_layers
+from licforge.quant.synthetic import random_decoder_bundle
+from licforge.rtl.conv_transpose import ConvTransposeEngine, conv_weight_layout, phase_taps
+from licforge.rtl.plan import LayerPlan
+from licforge.sim.layer_chain import simulate_chain
 from tests.conftest import require_simulator
 
 STUDENT_DIR = "models/checkpoints/bundles"
@@ -112,17 +113,14 @@ def test_engine_amaranth_simulation_matches_golden():
     assert conv_transpose2d_int(x, lay.tensors["weight"], 2, 2, 1).shape == (1, 4, 4, 6)
 
 
-def test_engine_on_real_student_tensors():
+def test_engine_on_real_student_tensors(tmp_path, lic_bundle):
     """The student's second transposed convolution on the tensors a held-out image crop
     produces (real bitstream -> latents -> golden layers), with back-pressure."""
     require_simulator("verilator")
-    from flows.decoder_bench import STUDENT_DIR, student_bundles
-    from models.data import embedded_images
+    from licforge.models.data import embedded_images
 
-    if not student_bundles():
-        pytest.skip(f"no trained student bundle in {STUDENT_DIR}/<name>/bundle.json yet")
-    bundle = read_bundle(student_bundles()[0])
+    bundle = lic_bundle
     img = embedded_images("held-out")["astronaut"][200:264, 180:276]
-    r = check_block(bundle, "convt", layer="g_s.2", pi=8, po=2, image=img, seed=1, p_valid=1.0, p_ready=0.5)
+    r = check_block(bundle, "convt", tmp_path, layer="g_s.2", pi=8, po=2, image=img, seed=1, p_valid=1.0, p_ready=0.5)
     print(json.dumps({k: r[k] for k in ("checked", "mismatches", "cycles", "input_shape")}))
     assert r["input_shape"] == [1, 16, 8, 12] and r["checked"] == 16 * 16 * 24 and r["mismatches"] == 0

@@ -7,13 +7,13 @@ import pytest
 from amaranth import Module, Signal, signed, unsigned
 from amaranth.sim import Simulator
 
-from flows.decoder import extreme_pixels
-from quant.bundle import read_bundle, write_bundle
-from quant.fixed import saturate
-from quant.golden import div_round_half_even, run_layer
-from quant.synthetic import random_decoder_bundle
-from rtl.gdn import GdnUnit, divide_round_half_even, gamma_layout
-from sim.layer_chain import simulate_chain
+from licforge.sim.decode import extreme_pixels
+from licforge.quant.bundle import read_bundle, write_bundle
+from licforge.quant.fixed import saturate
+from licforge.quant.golden import div_round_half_even, run_layer
+from licforge.quant.synthetic import random_decoder_bundle
+from licforge.rtl.gdn import GdnUnit, divide_round_half_even, gamma_layout
+from licforge.sim.layer_chain import simulate_chain
 from tests.conftest import require_simulator
 
 
@@ -148,18 +148,15 @@ def test_partial_parallelism_takes_c_over_pi_times_c_over_po_cycles_and_holds_un
     assert stalled == out
 
 
-def test_gdn_on_real_student_tensors():
+def test_gdn_on_real_student_tensors(tmp_path, lic_bundle):
     """The student's second inverse GDN on the tensors a held-out image crop produces."""
     require_simulator("verilator")
-    from flows.decoder import check_block
-    from flows.decoder_bench import STUDENT_DIR, student_bundles
-    from models.data import embedded_images
+    from licforge.sim.decode import check_block
+    from licforge.models.data import embedded_images
 
-    if not student_bundles():
-        pytest.skip(f"no trained student bundle in {STUDENT_DIR}/<name>/bundle.json yet")
-    bundle = read_bundle(student_bundles()[0])
+    bundle = lic_bundle
     img = embedded_images("held-out")["coffee"][100:164, 200:296]
-    r = check_block(bundle, "gdn", layer="g_s.3", pi=4, po=2, image=img, seed=2, p_valid=0.7, p_ready=0.5)
+    r = check_block(bundle, "gdn", tmp_path, layer="g_s.3", pi=4, po=2, image=img, seed=2, p_valid=0.7, p_ready=0.5)
     assert r["input_shape"] == [1, 16, 16, 24] and r["checked"] == 16 * 16 * 24 and r["mismatches"] == 0
 
 
@@ -178,30 +175,22 @@ def test_forward_gdn_full_parallelism_is_one_pixel_per_cycle(out_shift, coarser_
     assert when[0] == dut.latency + 1 == 4 + 2 + -(-7 // div_bits) + 1
 
 
-def _student_bundle():
-    from flows.decoder_bench import STUDENT_DIR, student_bundles
-
-    if not student_bundles():
-        pytest.skip(f"no trained student bundle in {STUDENT_DIR}/<name>/bundle.json yet")
-    return read_bundle(student_bundles()[0])
-
-
-def test_forward_gdn_random_extremes_and_real_tensors_of_the_student_encoder():
+def test_forward_gdn_random_extremes_and_real_tensors_of_the_student_encoder(tmp_path, lic_bundle):
     """The student's analysis GDNs g_a.1/3/5 (forward, a division): random inputs with
     -2^(b-1), 0, 2^(b-1)-1, and the tensors the golden encoder makes of a held-out crop;
     random bubbles and back-pressure, three parallelisms.  (Its norms, >= 1641 LSB, keep
     |y| well inside 8 bits: saturation is checked on the synthetic layers above.)"""
     require_simulator("verilator")
-    from flows.decoder import check_block
-    from models.data import embedded_images
+    from licforge.sim.decode import check_block
+    from licforge.models.data import embedded_images
 
-    bundle = _student_bundle()
+    bundle = lic_bundle
     img = embedded_images("held-out")["coffee"][100:164, 200:296]
     g1 = bundle.layer("g_a.1")
     assert g1.op == "gdn" and g1.attrs["x_bits"] == 10
-    r = check_block(bundle, "gdn", layer="g_a.1", pi=4, po=2, height=32, width=48, seed=11, p_valid=0.7,
+    r = check_block(bundle, "gdn", tmp_path, layer="g_a.1", pi=4, po=2, height=32, width=48, seed=11, p_valid=0.7,
                     p_ready=0.5)
     assert r["checked"] == 16 * 32 * 48 and r["mismatches"] == 0
     for name, (pi, po), hw in (("g_a.1", (4, 2), (32, 48)), ("g_a.3", (8, 4), (16, 24)), ("g_a.5", (2, 8), (8, 12))):
-        r = check_block(bundle, "gdn", layer=name, pi=pi, po=po, image=img, seed=2, p_valid=0.7, p_ready=0.5)
+        r = check_block(bundle, "gdn", tmp_path, layer=name, pi=pi, po=po, image=img, seed=2, p_valid=0.7, p_ready=0.5)
         assert r["input_shape"] == [1, 16, *hw] and r["checked"] == 16 * hw[0] * hw[1] and r["mismatches"] == 0

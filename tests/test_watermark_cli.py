@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from flows.cli import main
+from licforge.flows.cli import main
 
 
 def run(*args) -> int:

@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from models.digits import DigitsNet
-from quant.digits import export_digits_bundle, quantize_digits
-from rtl.weight_rom import read_weight_roms, write_weight_roms
-from watermark.digits import DigitsHost
-from watermark.extract import ber
-from watermark.keys import make_key
-from watermark.layers import bundle_chain, chain_weights, model_chain
-from watermark.markers import bind_marker
-from watermark.train import classifier_loss, train
-from watermark.watermas import WaterMAS
+from licforge.models.digits import DigitsNet
+from licforge.quant.digits import export_digits_bundle, quantize_digits
+from licforge.rtl.weight_rom import read_weight_roms, write_weight_roms
+from licforge.watermark.digits import DigitsHost
+from licforge.watermark.extract import ber
+from licforge.watermark.keys import make_key
+from licforge.watermark.layers import bundle_chain, chain_weights, model_chain
+from licforge.watermark.markers import bind_marker
+from licforge.watermark.train import classifier_loss, train
+from licforge.watermark.watermas import WaterMAS
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.digits import DigitsNet
-from watermark.extract import ber, bit_error_rate, extract_bits
-from watermark.keys import KeyFileError, load_key, make_key, save_key
-from watermark.layers import chain_weights, model_chain
+from licforge.models.digits import DigitsNet
+from licforge.watermark.extract import ber, bit_error_rate, extract_bits
+from licforge.watermark.keys import KeyFileError, load_key, make_key, save_key
+from licforge.watermark.layers import chain_weights, model_chain
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from quant.golden import run_layers
-from quant.lic import golden_forward
-from watermark.extract import ber
-from watermark.layers import bundle_chain, chain_weights, model_chain
-from watermark.lic import DECODER_LAYERS, LICHost
-from watermark.lic_study import LICStudyConfig, LICTarget, permuted_attacks
-from watermark.markers import bind_marker
-from watermark.permute import permute, random_permutation
-from watermark.resync import fraction_restored, resynchronize
-from watermark.study import attack_sweeps, ber_above_limit
+from licforge.quant.golden import run_layers
+from licforge.quant.lic import golden_forward
+from licforge.watermark.extract import ber
+from licforge.watermark.layers import bundle_chain, chain_weights, model_chain
+from licforge.watermark.lic import DECODER_LAYERS, LICHost
+from licforge.watermark.lic_study import LICStudyConfig, LICTarget, permuted_attacks
+from licforge.watermark.markers import bind_marker
+from licforge.watermark.permute import permute, random_permutation
+from licforge.watermark.resync import fraction_restored, resynchronize
+from licforge.watermark.study import attack_sweeps, ber_above_limit
 
 
 @pytest.fixture(scope="module")

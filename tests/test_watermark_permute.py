@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.digits import DigitsNet
-from quant.bundle import Bundle
-from quant.digits import input_to_int, run_digits_golden
-from quant.golden import run_layers
-from quant.synthetic import random_decoder_bundle
-from watermark.attacks import magnitude_prune
-from watermark.layers import bundle_chain, chain_weights, model_chain
-from watermark.permute import inverse, permutable_layers, permute, permute_model, random_permutation
-from watermark.resync import fraction_restored, resynchronize
+from licforge.models.digits import DigitsNet
+from licforge.quant.bundle import Bundle
+from licforge.quant.digits import input_to_int, run_digits_golden
+from licforge.quant.golden import run_layers
+from licforge.quant.synthetic import random_decoder_bundle
+from licforge.watermark.attacks import magnitude_prune
+from licforge.watermark.layers import bundle_chain, chain_weights, model_chain
+from licforge.watermark.permute import inverse, permutable_layers, permute, permute_model, random_permutation
+from licforge.watermark.resync import fraction_restored, resynchronize
 
 
 def _same_weights(a, b) -> bool:

@@ -4,7 +4,7 @@ scikit-learn's bundled digits are split three ways (fixed by ``seed``): the owne
 images, the attacker's images (held out from the owner, used by the fine-tuning and
 quantization attacks) and the test images every accuracy is measured on (default 1077 /
 360 / 360).  The owner trains an exact CNN, optionally converts it to MinConv and fine-tunes
-it (the chain of :mod:`flows.minconv`), then embeds the watermark by continuing training
+it (the chain of :mod:`bench.minconv`), then embeds the watermark by continuing training
 with a marker for ``embed_epochs``; the *control* network continues training as long without
 one, so that "task metric with and without the watermark" compares like with like.
 Deployment is Brevitas QAT at ``bits`` with the marker still bound (the owner knows the key)
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.digits import DigitsNet, load_digits_split, to_minconv
-from quant.bundle import Bundle
-from quant.digits import export_digits_bundle, input_to_int, quantize_digits, run_digits_golden
+from licforge.models.digits import DigitsNet, load_digits_split, to_minconv
+from licforge.quant.bundle import Bundle
+from licforge.quant.digits import export_digits_bundle, input_to_int, quantize_digits, run_digits_golden
 from .keys import WatermarkKey, make_key
 from .layers import model_chain
 from .markers import MarkerParams, bind_marker

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from quant.bundle import Layer
+from licforge.quant.bundle import Layer
 from .layers import OUT_AXIS
 
 __all__ = ["SCHEMES", "KEY_FORMAT", "KeyFileError", "WatermarkKey", "make_key", "save_key", "load_key"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quant.bundle import Bundle, Layer
+from licforge.quant.bundle import Bundle, Layer
 
 __all__ = ["OUT_AXIS", "IN_AXIS", "dot_modules", "model_chain", "bundle_chain", "chain_weights",
            "load_chain_weights", "rows"]

@@ -10,7 +10,7 @@ with :func:`watermark.train.train` on random training crops of the embedded imag
 rate-distortion loss ``bpp + lmbda * MSE`` (:func:`models.lic_train.rd_terms`, ``lmbda`` of
 the student), the GDN constraints re-imposed after every step, and the marker bound (or
 not, for the control).  The imperceptibility metrics (PSNR, bpp of real bitstreams) are
-measured by the caller on the exported bundle (:func:`flows.lic_eval.eval_bundle`).  The
+measured by the caller on the exported bundle (:func:`quant.eval.eval_bundle`).  The
 attacker's data (fine-tuning and quantization attacks, :mod:`watermark.lic_study`) is ``crops``
 random crops of the held-out images, which the owner never trained on.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quant.bundle import Bundle
+from licforge.quant.bundle import Bundle
 from .keys import WatermarkKey, make_key
 from .layers import model_chain
 from .train import Marker, train
@@ -51,8 +51,8 @@ class LICHost:
     attacker: Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        from models.data import CropSampler, load_split
-        from models.lic import load_weights
+        from licforge.models.data import CropSampler, load_split
+        from licforge.models.lic import load_weights
 
         self.net, self.cfg, self.meta = load_weights(self.weights)
         self.lmbda = float(self.meta.get("lmbda") or 0.013)
@@ -63,7 +63,7 @@ class LICHost:
 
     def loss(self, net: nn.Module, batch) -> Tensor:
         """Rate-distortion loss ``bpp + lmbda * MSE`` (MSE on the 0..255 scale)."""
-        from models.lic_train import rd_terms
+        from licforge.models.lic_train import rd_terms
 
         (x,) = batch
         bpp, mse = rd_terms(net(x), x)
@@ -77,8 +77,8 @@ class LICHost:
 
     def quantize(self, w_bits: int, recipe: str = "hybrid8") -> nn.Module:
         """The PTQ'd Brevitas student, ``recipe`` with ``w_bits``-bit convolution weights."""
-        from quant.lic import quantize_student
-        from quant.lic_recipe import load_recipe, parse_recipe
+        from licforge.quant.lic import quantize_student
+        from licforge.quant.lic_recipe import load_recipe, parse_recipe
 
         data = copy.deepcopy(load_recipe(recipe).data)
         data["name"], data["conv"]["w_bits"] = f"{data['name']}-w{w_bits}", w_bits
@@ -97,8 +97,8 @@ class LICHost:
     @staticmethod
     def export(q: nn.Module) -> Bundle:
         """The deployment bundle of ``q`` (entropy coder prepared first)."""
-        from quant.codec import prepare_entropy_coder
-        from quant.lic import export_bundle
+        from licforge.quant.codec import prepare_entropy_coder
+        from licforge.quant.lic import export_bundle
 
         prepare_entropy_coder(q.entropy_bottleneck)
         return export_bundle(q)

@@ -7,7 +7,7 @@ scheme and payload, a marked student (embedded during QAT), and reports
 * imperceptibility: PSNR and bpp of real bitstreams decoded by the integer golden model
   (``metric(bundle, tag)``, injected by the caller), marked vs control;
 * the BER read from the bundle's integers and from the decoder's ROM files
-  (``memory_weights(bundle, tag)``, injected: ``watermark/`` does not import ``rtl/``), and
+  (``memory_weights(bundle, tag)``, injected: :mod:`watermark.deployed` gives the real one), and
   the mean BER of wrong keys on the same integers;
 * permutation of the deployed bundle (encoder and decoder channels; the latent's entropy
   tables move with them): whether the integer golden model's pixels change (they must
@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from quant.bundle import Bundle, Layer
-from quant.golden import run_layers
+from licforge.quant.bundle import Bundle, Layer
+from licforge.quant.golden import run_layers
 from .attacks import magnitude_prune
 from .extract import ber
 from .keys import WatermarkKey

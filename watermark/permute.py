@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 from torch import nn
 
-from quant.bundle import Layer
+from licforge.quant.bundle import Layer
 from .layers import IN_AXIS, OUT_AXIS, chain_weights, load_chain_weights, model_chain
 
 __all__ = ["permutable_layers", "random_permutation", "permute", "permute_model", "inverse"]

@@ -27,7 +27,7 @@ from typing import Mapping
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from quant.bundle import Layer
+from licforge.quant.bundle import Layer
 from .layers import rows
 from .permute import permutable_layers, permute
 

@@ -6,8 +6,8 @@ For every product (exact ``mul``, MinConv ``min``), scheme (WaterMAS, Uchida) an
 * imperceptibility: test accuracy of the marked float network vs the control network
   (same base, same extra training, no marker);
 * deployment: BER read from the bundle's integers and from the memory init files written
-  beside the Verilog (``memory_weights``, injected by the caller because ``watermark/``
-  does not import ``rtl/``), and the integer golden model's accuracy, at each deployed bit
+  beside the Verilog (``memory_weights``, injected by the caller:
+  :func:`watermark.deployed.memory_weights` is the real one), and the integer golden model's accuracy, at each deployed bit
   width; plus the mean BER of ``wrong_keys`` wrong keys (other seeds) on the same integers;
 * attacks on the marked float network, each a sweep of strengths, with BER and accuracy:
   Gaussian noise (sigma relative to each layer's std, mean over ``noise_seeds`` draws),
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from quant.bundle import Bundle, Layer
-from quant.digits import input_to_int, run_digits_golden
+from licforge.quant.bundle import Bundle, Layer
+from licforge.quant.digits import input_to_int, run_digits_golden
 from .attacks import gaussian_noise, magnitude_prune
 from .digits import DigitsHost
 from .extract import ber

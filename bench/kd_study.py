@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .lic_bench import _MIX50, LAMBDAS, TEACHER, Job, _kd_args, _run_jobs, _star
+from licforge.bench.lic import _MIX50, LAMBDAS, TEACHER, Job, _kd_args, _run_jobs, _star
 
 __all__ = ["plan_kd", "kd_study", "ARMS", "WIDTHS"]
 
@@ -84,9 +84,9 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
              widths: tuple[int, ...] = WIDTHS, seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
     """Run :func:`plan_kd` (finished steps are kept) and write ``results/lic_kd_<tag>.json``
     and ``results/rd_kd_<tag>.png``; returns the JSON record."""
-    from models.lic import load_weights
+    from licforge.models.lic import load_weights
 
-    from .rd import bd_psnr, bd_rate, curves_from_results, plot_rd
+    from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results, plot_rd
 
     jobs = plan_kd(work, base, ft, batch=batch, crop=crop, device=device, lambdas=lambdas, widths=widths,
                    seeds=seeds)
@@ -138,7 +138,7 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
 def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: list[int]) -> dict[str, Any]:
     """BD-rate / BD-PSNR of width ``n``'s students vs the teacher and of each KD arm vs the student
     without KD of the same seed; with several seeds, per seed and their mean."""
-    from .rd import bd_psnr, bd_rate
+    from licforge.quant.rd import bd_psnr, bd_rate
 
     def mean(v: list[float | None]) -> float | None:
         return None if not v or any(x is None for x in v) else sum(v) / len(v)

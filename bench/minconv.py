@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DigitsModels", "train_digits_models", "array_config", "generate_array",
-           "random_array_check", "run_minconv_slice", "bench_minconv", "Stage"]
+__all__ = ["run_minconv_slice", "bench_minconv", "Stage"]
 
 
 class Stage:
@@ -29,94 +27,16 @@ class Stage:
             print(f"[{time.perf_counter() - self.t0:7.1f} s] {name:<24} {result}", flush=True)
 
 
-@dataclass
-class DigitsModels:
-    """Float exact, float MinConv and quantized networks with held-out accuracies."""
-    exact: object
-    minconv: object
-    quantized: dict
-    accuracy: dict
-    split: tuple
-
-
-def train_digits_models(seed: int = 0, bits: tuple[int, ...] = (8,), *, product: str = "min",
-                        progress: bool = True) -> DigitsModels:
-    """Train the exact classifier, its MinConv twin, and QAT versions at each bit width."""
-    import torch
-
-    from models.digits import DigitsNet, accuracy, load_digits_split, to_minconv
-    from models.training import fit_classifier
-    from quant.digits import _LogitsOnly, quantize_digits
-
-    torch.manual_seed(seed)
-    xtr, ytr, xte, yte = load_digits_split(seed=seed)
-    exact = DigitsNet()
-    fit_classifier(exact, xtr, ytr, epochs=40, seed=seed, desc="exact CNN", progress=progress)
-    acc = {"float_exact": accuracy(exact, xte, yte)}
-    mc = to_minconv(exact, xtr[:256])
-    acc["float_minconv_converted"] = accuracy(mc, xte, yte)
-    fit_classifier(mc, xtr, ytr, epochs=20, lr=1e-3, seed=seed, desc="MinConv fine-tune", progress=progress)
-    acc["float_minconv"] = accuracy(mc, xte, yte)
-    src = mc if product == "min" else exact
-    quantized = {}
-    for b in bits:
-        q = quantize_digits(src, b, xtr, ytr, seed=seed, progress=progress)
-        quantized[b] = q
-        acc[f"quant_{product}_{b}bit"] = accuracy(_LogitsOnly(q), xte, yte)
-    return DigitsModels(exact, mc, quantized, acc, (xtr, ytr, xte, yte))
-
-
-def array_config(kind: str, lanes: int, bits: int, shift: int | None = None,
-                 out_bits: int | None = None, max_beats: int = 64):
-    """Config of a MinConvArray (``kind="minconv"``) or MacArray (``"mac"``) for the CLI and
-    benchmarks: by default the output keeps ``bits`` bits after dropping ``bits`` bits."""
-    from flows.errors import UsageError, need_int
-    from sim.lane_array import LaneArrayConfig
-
-    if kind not in ("minconv", "mac"):
-        raise UsageError(f"array kind must be 'minconv' or 'mac', not {kind!r}")
-    need_int(lanes, "--lanes", 1, 1024)
-    need_int(bits, "--bits", 2, 32)
-    out_bits = bits if out_bits is None else need_int(out_bits, "--out-bits", 1, 32)
-    shift = bits if shift is None else need_int(shift, "--shift", -32, 63)
-    need_int(max_beats, "--max-beats", 1, 1 << 20)
-    return LaneArrayConfig(lanes=lanes, bits=bits, op="min" if kind == "minconv" else "mul",
-                           shift=shift, out_bits=out_bits, max_beats=max_beats)
-
-
-def generate_array(cfg, out_dir: Path) -> list[Path]:
-    """Write the array's Verilog (top module ``top``) and a manifest into ``out_dir``."""
-    from rtl.emit import write_verilog
-
-    out_dir = Path(out_dir)
-    array = cfg.build()
-    sources = write_verilog(array, "top", out_dir)
-    (out_dir / "manifest.json").write_text(json.dumps(
-        {"design": cfg.name, "config": cfg.__dict__, "sources": [s.name for s in sources],
-         "latency_cycles": array.latency, "accumulator_bits": array.acc_bits}, indent=1))
-    return sources
-
-
-def random_array_check(cfg, dots: int, beats: int, seed: int, simulator: str = "verilator",
-                       p_valid: float = 0.8, p_ready: float = 0.7):
-    """Random vectors with extreme values through ``cfg``'s RTL with random bubbles and
-    back-pressure; returns the SimResult (mismatches in ``report``)."""
-    from sim.lane_array import extreme_vectors, simulate_lane_array
-
-    rng = np.random.default_rng(seed)
-    x, w = extreme_vectors(rng, dots, beats, cfg.lanes, cfg.bits)
-    return simulate_lane_array(cfg, x, w, seed=seed, p_valid=p_valid, p_ready=p_ready, simulator=simulator)
-
-
 def run_minconv_slice(out_dir: Path, *, lanes: int = 8, bits: int = 8, seed: int = 0,
                       simulator: str = "verilator", family: str = "xc7",
                       progress: bool = True) -> dict:
     """Run the whole MinConv slice; returns (and writes ``summary.json``) every number."""
-    from flows.errors import CheckFailed
-    from flows.synth import synthesize
-    from quant.bundle import write_bundle
-    from quant.digits import export_digits_bundle, input_to_int, run_digits_golden
-    from sim.lane_array import layer_array_config, layer_output_from_dots, layer_stimulus, simulate_lane_array
+    from licforge.errors import CheckFailed
+    from licforge.rtl.yosys import synthesize
+    from licforge.quant.bundle import write_bundle
+    from licforge.quant.digits import export_digits_bundle, input_to_int, run_digits_golden, train_digits_models
+    from licforge.sim.lane_array import (array_config, generate_array, layer_array_config, layer_output_from_dots,
+                                        layer_stimulus, random_array_check, simulate_lane_array)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +67,7 @@ def run_minconv_slice(out_dir: Path, *, lanes: int = 8, bits: int = 8, seed: int
     for kind in ("minconv", "mac"):
         cfg = array_config(kind, lanes, bits)
         generate_array(cfg, out_dir / "rtl" / cfg.name)
-        r = random_array_check(cfg, dots=2000, beats=4, seed=seed, simulator=simulator)
+        r = random_array_check(cfg, dots=2000, beats=4, seed=seed, work=out_dir / "sim" / cfg.name, simulator=simulator)
         results[f"{kind}_random"] = {"dots": r.report["checked"], "mismatches": r.report["mismatches"],
                                      "cycles": r.report["cycles"]}
         stage(f"RTL {kind} random", f"{r.report['checked']} dot products with extremes, bubbles and "
@@ -156,7 +76,7 @@ def run_minconv_slice(out_dir: Path, *, lanes: int = 8, bits: int = 8, seed: int
     layer = bundle.layers[0]
     cfg = layer_array_config(layer, lanes)
     xs, ws = layer_stimulus(layer, x_int, lanes)
-    r = simulate_lane_array(cfg, xs, ws, seed=seed, simulator=simulator)
+    r = simulate_lane_array(cfg, xs, ws, out_dir / "sim" / cfg.name, seed=seed, simulator=simulator)
     y1 = layer_output_from_dots(layer, np.array(r.report["outputs"]), len(x_int), x_int.shape[2:])
     logits_rtl = run_digits_golden(bundle, y1, start=1)
     equal = int((logits_rtl == golden).all(axis=1).sum())
@@ -201,13 +121,14 @@ def format_table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
 
 
-def bench_minconv(out_json: Path, *, lanes: tuple[int, ...] = (8, 16, 32), bits: tuple[int, ...] = (4, 6, 8),
+def bench_minconv(out_json: Path, build_dir: Path, *, lanes: tuple[int, ...] = (8, 16, 32), bits: tuple[int, ...] = (4, 6, 8),
                   family: str = "xc7", seed: int = 0, progress: bool = True) -> dict:
     """Resources of MinConvArray vs MacArray over ``lanes`` x ``bits`` (with DSPs and with
     multipliers in LUTs), plus the classifier accuracies; writes ``out_json``."""
-    from flows.synth import synthesize
-    from rtl.emit import write_verilog
-    from sim.runner import BUILD_ROOT
+    from licforge.rtl.yosys import synthesize
+    from licforge.quant.digits import train_digits_models
+    from licforge.rtl.emit import write_verilog
+    from licforge.sim.lane_array import array_config
 
     stage = Stage(not progress)
     rows = []
@@ -216,7 +137,7 @@ def bench_minconv(out_json: Path, *, lanes: tuple[int, ...] = (8, 16, 32), bits:
             row = {"lanes": L, "bits": b}
             for kind in ("minconv", "mac"):
                 cfg = array_config(kind, L, b)
-                d = BUILD_ROOT / "bench" / "minconv" / cfg.name
+                d = Path(build_dir) / "bench" / "minconv" / cfg.name
                 srcs = write_verilog(cfg.build(), "top", d)
                 rd = synthesize(srcs, "top", family=family)["resources"]
                 rn = synthesize(srcs, "top", family=family, dsp=False)["resources"]

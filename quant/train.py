@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-from models.data import CropSampler, load_split
-from models.lic import LICConfig, build_lic, load_weights, save_weights
-from models.lic_train import TrainConfig, train_lic
+from licforge.models.data import CropSampler, load_split
+from licforge.models.lic import LICConfig, build_lic, load_weights, save_weights
+from licforge.models.lic_train import TrainConfig, train_lic
 
 __all__ = ["train_model", "quantize_model", "state_path_for", "quant_model_path", "file_sha256"]
 
@@ -83,12 +83,12 @@ def quantize_model(weights: Path, recipe_name: str, out_dir: Path, *, qat: Train
                    log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """PTQ (``qat=None``) or QAT of a float student; writes the bundle to ``out_dir`` and the
     Brevitas model to :func:`quant_model_path` ``(out_dir)``; returns the bundle's meta."""
-    from quant.bundle import write_bundle
-    from quant.codec import prepare_entropy_coder
-    from quant.lic import export_bundle, quantize_student, save_quantized
-    from quant.lic_recipe import load_recipe
+    from licforge.quant.bundle import write_bundle
+    from licforge.quant.codec import prepare_entropy_coder
+    from licforge.quant.lic import export_bundle, quantize_student, save_quantized
+    from licforge.quant.lic_recipe import load_recipe
 
-    from .errors import UsageError
+    from licforge.errors import UsageError
 
     out_dir = Path(out_dir)
     net, cfg, fmeta = load_weights(weights)

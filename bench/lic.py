@@ -259,7 +259,7 @@ def _run_jobs(jobs: list[Job], logs: Path, workers: int) -> dict[str, float]:
                 finished.add(job.name)
                 continue
             rerun.add(job.name)
-            cmd = ["nice", "-n", str(max(0, 10 - os.nice(0))), sys.executable, "-m", "flows.cli", *job.args]
+            cmd = ["nice", "-n", str(max(0, 10 - os.nice(0))), sys.executable, "-m", "licforge.flows.cli", *job.args]
             log = open(logs / f"{job.name}.log", "w")
             running[job.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
                                  time.perf_counter())
@@ -270,9 +270,9 @@ def _run_jobs(jobs: list[Job], logs: Path, workers: int) -> dict[str, float]:
 
 def bench_lic(results: Path, work: Path = WORK, workers: int = WORKERS) -> dict[str, Any]:
     """Run the study and write ``results/lic.json``, ``results/rd.png``, ``results/rd_gdn.png``."""
-    from models.lic import LICConfig, build_lic, load_weights, student_config, synthesis_cost
+    from licforge.models.lic import LICConfig, build_lic, load_weights, student_config, synthesis_cost
 
-    from .rd import bd_psnr, bd_rate, curves_from_results, plot_rd, rd_report
+    from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results, plot_rd, rd_report
 
     jobs = plan(work)
     _run_jobs(jobs, work / "logs", workers)
@@ -377,7 +377,7 @@ def _kd_screening(evals: dict, teacher: list[tuple[float, float]]) -> dict[str, 
     without distillation of the same seed at the same lambdas (same base/fine-tune steps, crops,
     initialisation); per arm of :data:`KD_ARMS`, the paired deltas over seeds at
     :data:`KD_SCREEN_LAMBDAS`."""
-    from .rd import bd_rate
+    from licforge.quant.rd import bd_rate
 
     def pts(name: str, n: int, lambdas: tuple[float, ...]) -> list[tuple[float, float]]:
         return _points(evals, [f"{_prefix(n, name)}_l{_lam(lam)}" for lam in lambdas])
@@ -407,9 +407,9 @@ def _kd_screening(evals: dict, teacher: list[tuple[float, float]]) -> dict[str, 
 
 
 def _quant_wall(bundle_dir: Path) -> float:
-    from models.lic import read_checkpoint
+    from licforge.models.lic import read_checkpoint
 
-    from .train import quant_model_path
+    from licforge.quant.train import quant_model_path
 
     return float(read_checkpoint(quant_model_path(bundle_dir), "licforge-lic-quant/1")["meta"]["wall_s"])
 

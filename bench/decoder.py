@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
-from .perf import CLOCK_HZ, FRAMES, frame_report
+from licforge.errors import UsageError
+from licforge.rtl.perf import CLOCK_HZ, FRAMES, frame_report
 
 __all__ = ["design_table", "format_design_table", "bench_decoder", "student_bundles", "ANCHORS"]
 
@@ -48,17 +48,18 @@ def student_bundles(root: Path = STUDENT_DIR) -> list[Path]:
 
 
 def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = False, family: str = "xcup",
-                 clock_hz: float = CLOCK_HZ, out_root: Path | None = None) -> list[dict]:
+                 clock_hz: float = CLOCK_HZ, build_dir: Path | None = None) -> list[dict]:
     """One row per (PI, PO): the plan, multipliers, model cycles/fps/DSP efficiency at 1080p
     and 768x512, and (``synth``) the Verilog and Yosys ``synth_xilinx`` LUT/FF/DSP/BRAM of
     the whole decoder (a Yosys failure leaves ``resources`` empty and its last log line in
     ``synth_error``)."""
-    from flows.synth import YosysError, synthesize
-    from quant.synthetic import decoder_layers
-    from rtl.plan import plan_decoder
-    from sim.runner import BUILD_ROOT
-    from .decoder import generate_decoder
+    from licforge.rtl.yosys import YosysError, synthesize
+    from licforge.quant.bundle import decoder_layers
+    from licforge.rtl.plan import plan_decoder
+    from licforge.rtl.project import generate_decoder
 
+    if synth and build_dir is None:
+        raise ValueError("design_table(synth=True) writes Verilog: give build_dir")
     rows = []
     for pi, po in parallelisms:
         try:
@@ -72,7 +73,7 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
             row[k] = {key: fig[key] for key in ("cycles_steady", "cycles_per_pixel", "fps", "dsp_efficiency_steady",
                                                 "cycles", "fps_single_frame", "dsp_efficiency")}
         if synth:
-            out = Path(out_root or BUILD_ROOT / "bench" / "decoder") / f"{bundle.hash[:12]}_pi{pi}_po{po}"
+            out = Path(build_dir) / "bench" / "decoder" / f"{bundle.hash[:12]}_pi{pi}_po{po}"
             man = generate_decoder(bundle, pi, po, out, clock_hz=clock_hz)
             t0 = time.perf_counter()
             row["verilog"] = _rel(out)
@@ -88,7 +89,7 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
 
 def format_design_table(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
-    from .minconv import format_table
+    from licforge.bench.minconv import format_table
 
     flat = []
     for r in rows:
@@ -106,8 +107,8 @@ def _parallelisms(bundle, target: float = 0.9) -> list[tuple[int, int]]:
     """Two (PI, PO) for the benchmark: among the plans whose steady-state DSP efficiency at
     1080p reaches ``target``, the one with the fewest multipliers and the fastest one (the
     default parallelisms at limits 4 and 8 when fewer than two plans reach it)."""
-    from quant.synthetic import decoder_layers
-    from rtl.plan import default_parallelism, divisors, heaviest_layer, plan_decoder
+    from licforge.quant.bundle import decoder_layers
+    from licforge.rtl.plan import default_parallelism, divisors, heaviest_layer, plan_decoder
 
     layers = decoder_layers(bundle)
     _, _, cin, cout, _ = heaviest_layer(layers)
@@ -127,11 +128,11 @@ def _parallelisms(bundle, target: float = 0.9) -> list[tuple[int, int]]:
 def _latents_256(bundle, trained: bool) -> tuple[np.ndarray, str, np.ndarray | None]:
     """Latents of one 256x256 frame: a held-out crop's real bitstream for a trained bundle,
     random integers in [-8, 8] for a synthetic one.  Returns (latents, what, crop)."""
-    from quant.synthetic import decoder_layers
+    from licforge.quant.bundle import decoder_layers
 
     if trained:
-        from models.data import embedded_images
-        from quant.codec import decode_latents, encode_image
+        from licforge.models.data import embedded_images
+        from licforge.quant.codec import decode_latents, encode_image
 
         crop = embedded_images("held-out")["astronaut"][128:384, 128:384]
         lat, _ = decode_latents(bundle, encode_image(bundle, crop))
@@ -140,19 +141,19 @@ def _latents_256(bundle, trained: bool) -> tuple[np.ndarray, str, np.ndarray | N
     return np.random.default_rng(0).integers(-8, 9, size=(1, m, 16, 16)), "random integers in [-8, 8]", None
 
 
-def _decode_figures(bundle, row: dict, trained: bool) -> dict:
+def _decode_figures(bundle, row: dict, trained: bool, build_dir: Path) -> dict:
     """One 256x256 decode (bit-exact check, cycles vs model, simulation speed, wall time) and
     two frames back to back (steady-state cycles a frame, measured DSP efficiency)."""
-    from quant.synthetic import decoder_layers
-    from rtl.plan import plan_decoder
-    from .decoder import psnr, rtl_decode
-    from .perf import useful_macs
+    from licforge.quant.bundle import decoder_layers
+    from licforge.rtl.plan import plan_decoder
+    from licforge.sim.decode import psnr, rtl_decode
+    from licforge.rtl.perf import useful_macs
 
     lat, what, crop = _latents_256(bundle, trained)
     t0 = time.perf_counter()
-    pix, one = rtl_decode(bundle, lat, pi=row["pi"], po=row["po"])
+    pix, one = rtl_decode(bundle, lat, build_dir, pi=row["pi"], po=row["po"])
     wall = time.perf_counter() - t0
-    _, two = rtl_decode(bundle, np.concatenate([lat, lat]), pi=row["pi"], po=row["po"])
+    _, two = rtl_decode(bundle, np.concatenate([lat, lat]), build_dir, pi=row["pi"], po=row["po"])
     steady = two["cycles"] - one["cycles"]
     macs = useful_macs(plan_decoder(decoder_layers(bundle), row["pi"], row["po"]), 16, 16)
     out = {"latents": what, "mismatches": one["mismatches"] + two["mismatches"], "cycles": one["cycles"],
@@ -169,30 +170,31 @@ def _decode_figures(bundle, row: dict, trained: bool) -> dict:
     return out
 
 
-def bench_decoder(out_json: Path, *, family: str = "xcup", progress: bool = True) -> dict:
+def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", progress: bool = True) -> dict:
     """Run the decoder benchmark (see module doc) and write ``out_json``."""
-    from models.data import embedded_images
-    from .decoder import load_decoder_bundle, sim_decode_image
+    from licforge.models.data import embedded_images
+    from licforge.quant.synthetic import load_decoder_bundle
+    from licforge.sim.decode import sim_decode_image
 
     log = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
     specs = [SYNTHETIC] + [_rel(p) for p in student_bundles()]
     designs, budget, t_start = [], {}, time.perf_counter()
     for spec in specs:
-        bundle = load_decoder_bundle(spec)
+        bundle = load_decoder_bundle(spec, build_dir)
         trained = not spec.startswith("synthetic:")
         budget[spec] = budget_row(bundle)
         pars = _parallelisms(bundle)
-        for row in design_table(bundle, pars, synth=True, family=family):
+        for row in design_table(bundle, pars, synth=True, family=family, build_dir=build_dir):
             log(f"{spec} PI={row['pi']} PO={row['po']}: {row['resources']}, 1080p {row['1080p']['fps']} fps, "
                 f"DSP efficiency {row['1080p']['dsp_efficiency_steady']:.1%} (synth {row['synth_s']} s)")
-            row["decode_256x256"] = d = _decode_figures(bundle, row, trained)
+            row["decode_256x256"] = d = _decode_figures(bundle, row, trained, build_dir)
             log(f"  256x256 decode: {d['mismatches']} mismatches, {d['cycles']} cycles (model {d['model_cycles']}), "
                 f"steady {d['steady_cycles_per_frame']} cycles/frame, DSP efficiency (measured, steady) "
                 f"{d['dsp_efficiency_measured_steady']:.1%}, {d['sim_cycles_per_s']} cycles/s, {d['verify_wall_s']} s")
             if trained and (row["pi"], row["po"]) == pars[-1]:
                 row["held_out"] = {}
                 for name, img in embedded_images("held-out").items():
-                    r = sim_decode_image(bundle, img, pi=row["pi"], po=row["po"])
+                    r = sim_decode_image(bundle, img, build_dir, pi=row["pi"], po=row["po"])
                     row["held_out"][name] = {k: r[k] for k in ("image_hw", "bpp", "psnr_db", "mismatches", "cycles",
                                                                "model_cycles", "sim_wall_s")}
                     log(f"  {name}: {r['bpp']:.4f} bpp, {r['psnr_db']:.2f} dB, {r['mismatches']} mismatches")
@@ -212,8 +214,8 @@ def budget_row(bundle, dsp_budget: int = ZCU102_DSP, clock_hz: float = CLOCK_HZ)
     """The model's best 720p frame rate within ``dsp_budget`` multipliers (for the anchor
     comparison at the same DSP count): the plan with the fewest multipliers that reaches 99 %
     of the highest frame rate any plan within the budget reaches."""
-    from quant.synthetic import decoder_layers
-    from rtl.plan import divisors, heaviest_layer, plan_decoder
+    from licforge.quant.bundle import decoder_layers
+    from licforge.rtl.plan import divisors, heaviest_layer, plan_decoder
 
     layers = decoder_layers(bundle)
     _, _, cin, cout, _ = heaviest_layer(layers)

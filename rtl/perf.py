@@ -20,9 +20,9 @@ exclude the zero taps at the frame border: a transposed convolution on ``h x w``
 """
 from __future__ import annotations
 
-from rtl.conv_transpose import LINE_SLOTS, conv_latency
-from rtl.gdn import gdn_latency
-from rtl.plan import TAPS, LayerPlan
+from licforge.rtl.conv_transpose import LINE_SLOTS, conv_latency
+from licforge.rtl.gdn import gdn_latency
+from licforge.rtl.plan import TAPS, LayerPlan
 
 __all__ = ["frame_timeline", "frame_report", "useful_macs", "FRAMES", "CLOCK_HZ"]
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import UsageError
+from licforge.errors import UsageError
 
 __all__ = ["export_synthesis", "export_classifier", "train_exact_classifier", "FINN_NOTES", "MAX_THRESHOLD_BITS"]
 
@@ -208,7 +208,7 @@ def _probe_layers(module: nn.Module, named: list[tuple[str, nn.Module]], example
 def _standalone(mod: nn.Module, x) -> tuple[nn.Module, Tensor]:
     """A copy of ``mod`` that can be exported alone on a plain tensor: a QuantTensor input
     (power-of-two scale) is re-created by a constant quantizer in front, as in the network."""
-    from quant.lic_layers import fixed_act
+    from licforge.quant.lic_layers import fixed_act
 
     if not hasattr(x, "value"):
         return copy.deepcopy(mod), x
@@ -282,10 +282,10 @@ def export_synthesis(quant_pt: str | Path, out: str | Path, *, data: str | Path 
     to multiples of 16), computed by the Brevitas model; the ONNX file has the first
     image's latent shape, the others run on a reshaped copy of the same graph.  A file
     that is not a quantized student raises UsageError naming it."""
-    from models.data import load_split
-    from models.lic import CheckpointError
-    from quant.codec import pad_image
-    from quant.lic import brevitas_integers, load_quantized
+    from licforge.models.data import load_split
+    from licforge.models.lic import CheckpointError
+    from licforge.quant.codec import pad_image
+    from licforge.quant.lic import brevitas_integers, load_quantized
 
     try:
         q, _ = load_quantized(quant_pt)
@@ -314,9 +314,9 @@ def export_classifier(q: nn.Module, x: Tensor, out: str | Path) -> dict[str, Any
 def train_exact_classifier(seed: int = 0, bits: int = 8, *, progress: bool = False) -> tuple[nn.Module, Tensor]:
     """The exact-product digits classifier (float training, then ``bits``-bit QAT) and the
     held-out digits: what ``licforge qonnx digits`` exports."""
-    from models.digits import DigitsNet, load_digits_split
-    from models.training import fit_classifier
-    from quant.digits import quantize_digits
+    from licforge.models.digits import DigitsNet, load_digits_split
+    from licforge.models.training import fit_classifier
+    from licforge.quant.digits import quantize_digits
 
     torch.manual_seed(seed)
     xtr, ytr, xte, _ = load_digits_split(seed=seed)

@@ -8,7 +8,7 @@ decoded, and scored (bits per pixel from the file size, PSNR, MS-SSIM on 8-bit R
   encoder + rANS) -> file -> :func:`quant.codec.decode_latents` -> integer golden decoder.
   When the Brevitas model (``<bundle>.quant.pt``) is present, its encoder (float64) must give
   the latents decoded from the file and its fake-quant decoder (float64) the pixels of the
-  golden decoder, on every image, or the evaluation fails (:class:`flows.errors.CheckFailed`).
+  golden decoder, on every image, or the evaluation fails (:class:`errors.CheckFailed`).
 * baselines: JPEG and WebP from Pillow at several qualities (default encoder settings).
 
 PSNR = 10 log10(255^2 / MSE) over all pixels and channels of an image; the curve point of a
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckFailed, UsageError
+from licforge.errors import CheckFailed, UsageError
 
 __all__ = ["psnr", "ms_ssim", "eval_float", "eval_bundle", "eval_baseline", "evaluate", "JPEG_QUALITIES",
            "WEBP_QUALITIES"]
@@ -82,10 +82,10 @@ def _write(bitstreams: Path | None, name: str, data: bytes) -> bytes:
 @torch.no_grad()
 def eval_float(path: Path, images: dict[str, np.ndarray], bitstreams: Path | None = None) -> dict[str, Any]:
     """Encode/decode every image with a float weight file (module doc)."""
-    from models.lic import load_weights
-    from quant.codec import pack, pad_image, prepare_entropy_coder, unpack
+    from licforge.models.lic import load_weights
+    from licforge.quant.codec import pack, pad_image, prepare_entropy_coder, unpack
 
-    from .train import file_sha256
+    from licforge.quant.train import file_sha256
 
     net, cfg, meta = load_weights(path)
     prepare_entropy_coder(net.entropy_bottleneck)
@@ -111,11 +111,11 @@ def eval_float(path: Path, images: dict[str, np.ndarray], bitstreams: Path | Non
 @torch.no_grad()
 def eval_bundle(bundle_dir: Path, images: dict[str, np.ndarray], bitstreams: Path | None = None) -> dict[str, Any]:
     """Encode with the bundle's golden encoder, decode with its golden decoder (module doc)."""
-    from quant.bundle import read_bundle
-    from quant.codec import decode_latents, encode_image, pad_image
-    from quant.lic import brevitas_integers, golden_decode, load_quantized
+    from licforge.quant.bundle import read_bundle
+    from licforge.quant.codec import decode_latents, encode_image, pad_image
+    from licforge.quant.lic import brevitas_integers, golden_decode, load_quantized
 
-    from .train import quant_model_path
+    from licforge.quant.train import quant_model_path
 
     bundle = read_bundle(bundle_dir)
     qpath = quant_model_path(Path(bundle_dir))
@@ -160,7 +160,7 @@ def eval_baseline(codec: str, quality: int, images: dict[str, np.ndarray]) -> di
 def evaluate(models: list[Path], images: dict[str, np.ndarray], *, baselines: bool = True,
              bitstreams: Path | None = None, log=print) -> dict[str, Any]:
     """Evaluate weight files and bundle directories (and the baselines) on ``images``."""
-    from models.lic import WEIGHTS_FORMAT, read_checkpoint
+    from licforge.models.lic import WEIGHTS_FORMAT, read_checkpoint
 
     entries = []
     for p in map(Path, models):

@@ -1,0 +1,1 @@
+"""Benchmarks: long experiments whose results go to bench/results/*.json (``licforge bench NAME``)."""
