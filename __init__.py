@@ -3,11 +3,12 @@
 The repository's top-level folders are this package's subpackages (``pyproject.toml`` maps
 them with setuptools' ``package-dir``), imported as ``licforge.models``, ``licforge.quant``,
 ``licforge.rtl``, ``licforge.sim``, ``licforge.watermark``, ``licforge.bench`` and
-``licforge.flows``; ``licforge.errors`` holds the error types every layer may raise.
+``licforge.flows``; ``licforge.errors`` holds the error types every layer may raise and
+``licforge.tables`` the Markdown table formatter every layer may use.
 
 Import rules (tested in ``tests/test_layout.py``)::
 
-    errors <- models <- quant <- {rtl, sim, watermark} <- bench <- flows
+    {errors, tables} <- models <- quant <- {rtl, sim, watermark} <- bench <- flows
 
 ``rtl`` imports no torch (hardware generators take numbers); nothing imports ``flows``.
 """

@@ -12,8 +12,9 @@ import numpy as np
 
 from licforge.errors import UsageError
 from licforge.rtl.perf import CLOCK_HZ, FRAMES, frame_report
+from licforge.tables import markdown_table
 
-__all__ = ["design_table", "format_design_table", "bench_decoder", "student_bundles", "ANCHORS"]
+__all__ = ["design_table", "format_design_table", "bench_decoder", "parallelism_sweep", "student_bundles", "ANCHORS"]
 
 STUDENT_DIR = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "bundles"
 SYNTHETIC = "synthetic:16:16"
@@ -88,9 +89,7 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
 
 
 def format_design_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table."""
-    from licforge.bench.minconv import format_table
-
+    """The rows as a (fixed-width) Markdown table."""
     flat = []
     for r in rows:
         res, missing = r.get("resources", {}), "Yosys failed" if r.get("synth_error") else "-"
@@ -100,13 +99,14 @@ def format_design_table(rows: list[dict]) -> str:
                      "cyc/px 1080p": r["1080p"]["cycles_per_pixel"], "fps 1080p": r["1080p"]["fps"],
                      "fps 768x512": r["768x512"]["fps"],
                      "DSP eff.": f"{r['1080p']['dsp_efficiency_steady']:.1%}"})
-    return format_table(flat, list(flat[0]))
+    return markdown_table(list(flat[0]), [list(r.values()) for r in flat])
 
 
-def _parallelisms(bundle, target: float = 0.9) -> list[tuple[int, int]]:
-    """Two (PI, PO) for the benchmark: among the plans whose steady-state DSP efficiency at
-    1080p reaches ``target``, the one with the fewest multipliers and the fastest one (the
-    default parallelisms at limits 4 and 8 when fewer than two plans reach it)."""
+def parallelism_sweep(bundle, target: float = 0.9) -> list[tuple[int, int]]:
+    """The (PI, PO) of the benchmark and of ``licforge perf`` without --pi/--po: among the
+    plans whose steady-state DSP efficiency at 1080p reaches ``target``, the one with the
+    fewest multipliers and the fastest one (the default parallelisms at limits 4 and 8 when
+    fewer than two plans reach it)."""
     from licforge.quant.bundle import decoder_layers
     from licforge.rtl.plan import default_parallelism, divisors, heaviest_layer, plan_decoder
 
@@ -146,7 +146,8 @@ def _decode_figures(bundle, row: dict, trained: bool, build_dir: Path) -> dict:
     two frames back to back (steady-state cycles a frame, measured DSP efficiency)."""
     from licforge.quant.bundle import decoder_layers
     from licforge.rtl.plan import plan_decoder
-    from licforge.sim.decode import psnr, rtl_decode
+    from licforge.quant.eval import psnr
+    from licforge.sim.decode import rtl_decode
     from licforge.rtl.perf import useful_macs
 
     lat, what, crop = _latents_256(bundle, trained)
@@ -183,7 +184,7 @@ def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", prog
         bundle = load_decoder_bundle(spec, build_dir)
         trained = not spec.startswith("synthetic:")
         budget[spec] = budget_row(bundle)
-        pars = _parallelisms(bundle)
+        pars = parallelism_sweep(bundle)
         for row in design_table(bundle, pars, synth=True, family=family, build_dir=build_dir):
             log(f"{spec} PI={row['pi']} PO={row['po']}: {row['resources']}, 1080p {row['1080p']['fps']} fps, "
                 f"DSP efficiency {row['1080p']['dsp_efficiency_steady']:.1%} (synth {row['synth_s']} s)")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU runs of `licforge kd-study` (bench/results/lic_kd_*.json), as they were made on one
+# The GPU runs of `licforge bench kd` (bench/results/lic_kd_*.json), as they were made on one
 # lent NVIDIA H200 (16 CPU cores) inside a 10-minute command limit.
 #
-#   bench/kd_gpu.sh OUT_DIR TAG [TRAIN_BUDGET_S] [kd-study arguments ...]
+#   bench/kd_gpu.sh OUT_DIR TAG [TRAIN_BUDGET_S] [bench kd arguments ...]
 #
 # The machine has PyTorch but neither compressai nor this project's pins (training and float
 # eval need no Brevitas): their Python 3.12 wheels travel in .whl/ (compressai has no 3.12 wheel
@@ -15,8 +15,8 @@
 #   run 2: STEPS="800 400" bench/kd_gpu.sh OUT seeds 0 --widths 16 --seeds 0 1 2 \
 #            --lambdas 0.0009 0.0018 0.0035 0.0067
 set -uo pipefail
-OUT=${1:?usage: bench/kd_gpu.sh OUT_DIR TAG [TRAIN_BUDGET_S] [kd-study arguments ...]}
-TAG=${2:?usage: bench/kd_gpu.sh OUT_DIR TAG [TRAIN_BUDGET_S] [kd-study arguments ...]}
+OUT=${1:?usage: bench/kd_gpu.sh OUT_DIR TAG [TRAIN_BUDGET_S] [bench kd arguments ...]}
+TAG=${2:?usage: bench/kd_gpu.sh OUT_DIR TAG [TRAIN_BUDGET_S] [bench kd arguments ...]}
 BUDGET=${3:-250}
 shift $(( $# < 3 ? $# : 3 ))
 WORKERS=14 BATCH=16 CROP=128 CAL=150
@@ -55,10 +55,10 @@ PY
   cp /tmp/cal/*.log build/lic/kd/logs/
 fi
 [ -n "${FT:-}" ] || { tail -5 /tmp/cal/m*.log; exit 1; }
-echo "[$(( $(date +%s) - t0 )) s] kd-study: base $BASE, fine-tune $FT steps"
-python3 -m licforge.flows.cli kd-study --device cuda --workers $WORKERS --base-steps "$BASE" --ft-steps "$FT" \
-  --batch $BATCH --crop $CROP --tag "$TAG" --work build/lic/kd --results "$OUT" "$@"
+echo "[$(( $(date +%s) - t0 )) s] bench kd: base $BASE, fine-tune $FT steps"
+python3 -m licforge.flows.cli bench kd --device cuda --workers $WORKERS --base-steps "$BASE" --ft-steps "$FT" \
+  --batch $BATCH --crop $CROP --tag "$TAG" --work build/lic/kd --out "$OUT" "$@"
 rc=$?
-echo "[$(( $(date +%s) - t0 )) s] kd-study exit $rc"
+echo "[$(( $(date +%s) - t0 )) s] bench kd exit $rc"
 tar czf "$OUT/kd_work.tgz" build/lic/kd/eval build/lic/kd/logs $(ls build/lic/kd/s16_*.pt 2>/dev/null | grep -v state)
 exit $rc

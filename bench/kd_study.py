@@ -1,4 +1,4 @@
-"""``licforge kd-study``: does distillation help the students when they are trained long enough?
+"""``licforge bench kd``: does distillation help the students when they are trained long enough?
 
 The distillation part of ``licforge bench lic`` (teacher, students N = 16, 32, 64 with and
 without KD, base model at ``BASE_LAMBDA`` then one fine-tune per lambda) with the step count,
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from licforge.bench.lic import _MIX50, LAMBDAS, TEACHER, Job, _kd_args, _run_jobs, _star
+from licforge.bench.lic import LAMBDAS, MIX50, TEACHER, Job, kd_args, plan_star, run_jobs
 
 __all__ = ["plan_kd", "kd_study", "ARMS", "WIDTHS"]
 
@@ -35,7 +35,7 @@ WIDTHS = (16, 32, 64)
 ARMS: dict[str, dict[str, float] | None] = {
     "nokd": None,
     "recon1": {"kd_recon": 1.0, "kd_latent": 0.0, "dist_weight": 1.0},
-    "mix50": _MIX50,
+    "mix50": MIX50,
 }
 STUDENT_LR = 1e-3
 
@@ -59,18 +59,18 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
     jobs: list[Job] = []
     common = ["--batch", str(batch), "--crop", str(crop), "--device", device]
     targs = ["train", "--N", str(TEACHER["N"]), "--M", str(TEACHER["M"]), "--gdn", "gdn", *common]
-    _star(jobs, work, "teacher", {"base": targs, "ft": targs}, "teacher",
-          {"role": "teacher", "N": TEACHER["N"]}, {"lr": TEACHER["lr"], "base": base, "ft": ft}, lambdas=lambdas)
+    plan_star(jobs, work, "teacher", {"base": targs, "ft": targs}, "teacher",
+              {"role": "teacher", "N": TEACHER["N"]}, {"lr": TEACHER["lr"], "base": base, "ft": ft}, lambdas=lambdas)
     cfg = {"lr": STUDENT_LR, "base": base, "ft": ft}
     runs = [(n, arm, seed) for n in widths for seed in seeds for arm in ARMS]
     runs += [(min(widths), "nokd", seeds[0] + 1)] if len(seeds) == 1 else []
     for n, arm, seed in runs:
         kd = ARMS[arm]
-        args = ["distill", "--N", str(n), "--gdn", "gdn1", *_kd_args(kd), *common]
+        args = ["distill", "--N", str(n), "--gdn", "gdn1", *kd_args(kd), *common]
         args += ["--seed", str(seed)] if seed else []
-        _star(jobs, work, f"s{n}_{arm}" + (f"_seed{seed}" if seed else ""), {"base": args, "ft": args},
-              _curve(n, arm, seed), {"role": "student", "N": n, "arm": arm, "seed": seed}, cfg,
-              {"base": "same", "ft": "same"} if kd else None, lambdas=lambdas)
+        plan_star(jobs, work, f"s{n}_{arm}" + (f"_seed{seed}" if seed else ""), {"base": args, "ft": args},
+                  _curve(n, arm, seed), {"role": "student", "N": n, "arm": arm, "seed": seed}, cfg,
+                  {"base": "same", "ft": "same"} if kd else None, lambdas=lambdas)
     for j in [j for j in jobs if j.kind == "train"]:
         ev = work / "eval" / f"{j.name}.json"
         jobs.append(Job(f"eval_{j.name}", ["eval", str(j.out), "--no-baselines", "--json", str(ev)], ev,
@@ -91,7 +91,7 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
     jobs = plan_kd(work, base, ft, batch=batch, crop=crop, device=device, lambdas=lambdas, widths=widths,
                    seeds=seeds)
     t0 = time.perf_counter()
-    _run_jobs(jobs, work / "logs", workers)
+    run_jobs(jobs, work / "logs", workers)
     elapsed = time.perf_counter() - t0
     evals = {j.info["model"]: json.loads(j.out.read_text()) for j in jobs if j.kind == "eval"}
     curves = curves_from_results(list(evals.values()))

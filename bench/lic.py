@@ -18,7 +18,7 @@ thread each, ``WORKERS`` at a time, in dependency order):
   paired with the student without KD of its seed; reported as ``kd_screening`` (``KD_ARMS``: the
   paired deltas over seeds next to the seed-to-seed spread of the student without KD);
 * ``licforge eval`` of each model on the held-out images (real files), JPEG/WebP baselines,
-  ``licforge rd-plot`` (BD-rate vs the teacher), then ``lic.json`` with the numbers the
+  ``licforge plot rd`` (BD-rate vs the teacher), then ``lic.json`` with the numbers the
   README reports.
 
 Finished steps are skipped when re-run (a step reruns when its command changed or a step it
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bench_lic", "plan", "Job", "LAMBDAS"]
+__all__ = ["bench_lic", "plan", "plan_star", "run_jobs", "kd_args", "Job", "LAMBDAS", "TEACHER", "MIX50"]
 
 LAMBDAS = (0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025)
 BASE_LAMBDA = 0.013  # every model: BASE steps at this lambda, then FT steps at each lambda
@@ -49,7 +49,8 @@ def _lam(l: float) -> str:
 
 
 KD_SCREEN_LAMBDAS = (0.0018, 0.0067, 0.025)  # three points: enough to rank variants, half the cost
-_MIX50 = {"kd_recon": 0.5, "kd_latent": 0.0, "dist_weight": 0.5}
+MIX50 = {"kd_recon": 0.5, "kd_latent": 0.0, "dist_weight": 0.5}
+"""Distillation weights of the "mix50" loss: half image, half teacher reconstruction, same total distortion weight."""
 _LATENT = {"kd_recon": 0.0, "kd_latent": 0.1, "dist_weight": 1.0}
 KD_SCREEN: tuple[dict[str, Any], ...] = (
     # name; distillation weights of the base and fine-tune stages (None: plain RD loss); teacher
@@ -59,18 +60,18 @@ KD_SCREEN: tuple[dict[str, Any], ...] = (
     # The student without KD with other seeds: the seed-to-seed spread a KD gain must exceed.
     {"name": "plain-seed1", "base": None, "ft": None, "seed": 1},
     {"name": "plain-seed2", "base": None, "ft": None, "seed": 2},
-    {"name": "mix50", "base": _MIX50, "ft": _MIX50, "lambdas": LAMBDAS},
-    {"name": "mix50-base", "base": _MIX50, "ft": None, "base_of": "mix50"},
-    {"name": "mix50-ft", "base": None, "ft": _MIX50, "base_of": "plain"},
-    {"name": "mix50-ft-seed1", "base": None, "ft": _MIX50, "base_of": "plain-seed1", "seed": 1, "ref": "plain-seed1"},
-    {"name": "mix50-ft-seed2", "base": None, "ft": _MIX50, "base_of": "plain-seed2", "seed": 2, "ref": "plain-seed2"},
-    {"name": "mix50-seed1", "base": _MIX50, "ft": _MIX50, "seed": 1, "ref": "plain-seed1"},
-    {"name": "mix50-seed2", "base": _MIX50, "ft": _MIX50, "seed": 2, "ref": "plain-seed2"},
+    {"name": "mix50", "base": MIX50, "ft": MIX50, "lambdas": LAMBDAS},
+    {"name": "mix50-base", "base": MIX50, "ft": None, "base_of": "mix50"},
+    {"name": "mix50-ft", "base": None, "ft": MIX50, "base_of": "plain"},
+    {"name": "mix50-ft-seed1", "base": None, "ft": MIX50, "base_of": "plain-seed1", "seed": 1, "ref": "plain-seed1"},
+    {"name": "mix50-ft-seed2", "base": None, "ft": MIX50, "base_of": "plain-seed2", "seed": 2, "ref": "plain-seed2"},
+    {"name": "mix50-seed1", "base": MIX50, "ft": MIX50, "seed": 1, "ref": "plain-seed1"},
+    {"name": "mix50-seed2", "base": MIX50, "ft": MIX50, "seed": 2, "ref": "plain-seed2"},
     {"name": "latent0.1-seed2", "base": _LATENT, "ft": _LATENT, "seed": 2, "ref": "plain-seed2"},
     {"name": "latent0.1", "base": _LATENT, "ft": _LATENT},
     {"name": "latent0.1-seed1", "base": _LATENT, "ft": _LATENT, "seed": 1, "ref": "plain-seed1"},
-    {"name": "mix50-base-seed1", "base": _MIX50, "ft": None, "base_of": "mix50-seed1", "seed": 1, "ref": "plain-seed1"},
-    {"name": "mix50-base-seed2", "base": _MIX50, "ft": None, "base_of": "mix50-seed2", "seed": 2, "ref": "plain-seed2"},
+    {"name": "mix50-base-seed1", "base": MIX50, "ft": None, "base_of": "mix50-seed1", "seed": 1, "ref": "plain-seed1"},
+    {"name": "mix50-base-seed2", "base": MIX50, "ft": None, "base_of": "mix50-seed2", "seed": 2, "ref": "plain-seed2"},
 )
 KD_SCREEN = tuple({"widths": (16,), "lambdas": KD_SCREEN_LAMBDAS, "teacher": "same", "seed": 0, "base_of": None,
                    "ref": "plain", **v} for v in KD_SCREEN)
@@ -113,7 +114,7 @@ class Job:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def _kd_args(kd: dict[str, float] | None) -> list[str]:
+def kd_args(kd: dict[str, float] | None) -> list[str]:
     """``distill`` flags of one stage's distillation weights (``None``: no distillation)."""
     if not kd:
         return ["--kd-recon", "0"]
@@ -121,9 +122,9 @@ def _kd_args(kd: dict[str, float] | None) -> list[str]:
             "--dist-weight", str(kd["dist_weight"])]
 
 
-def _star(jobs: list[Job], work: Path, prefix: str, stage_args: dict[str, list[str]], curve: str, info: dict,
-          cfg: dict, teachers: dict[str, str | None] | None = None, lambdas: tuple[float, ...] = LAMBDAS,
-          base: Job | None = None) -> Job:
+def plan_star(jobs: list[Job], work: Path, prefix: str, stage_args: dict[str, list[str]], curve: str, info: dict,
+              cfg: dict, teachers: dict[str, str | None] | None = None, lambdas: tuple[float, ...] = LAMBDAS,
+              base: Job | None = None) -> Job:
     """Append a base model at BASE_LAMBDA (unless ``base``, an already planned one, is given) and one
     model fine-tuned from it per lambda (same budget each) to ``jobs``; returns the base job.
 
@@ -160,29 +161,29 @@ def plan(work: Path = WORK) -> list[Job]:
     """The benchmark's jobs, in a valid order."""
     jobs: list[Job] = []
     teacher_args = ["train", "--N", str(TEACHER["N"]), "--M", str(TEACHER["M"]), "--gdn", "gdn"]
-    _star(jobs, work, "teacher", {"base": teacher_args, "ft": teacher_args}, "teacher",
-          {"role": "teacher", "N": TEACHER["N"], "M": TEACHER["M"], "gdn": "gdn"}, TEACHER)
+    plan_star(jobs, work, "teacher", {"base": teacher_args, "ft": teacher_args}, "teacher",
+              {"role": "teacher", "N": TEACHER["N"], "M": TEACHER["M"], "gdn": "gdn"}, TEACHER)
     bases: dict[tuple[int, str], Job] = {}  # (width, "plain" or a screening variant) -> base model job
     for n in STUDENT["widths"]:
         for kd in (True, False):
             args = ["distill", "--N", str(n), "--gdn", "gdn1", "--kd-recon", str(STUDENT["kd"] if kd else 0)]
-            b = _star(jobs, work, f"s{n}_{'kd' if kd else 'nokd'}", {"base": args, "ft": args},
-                      f"N={n} GDN1{' + KD' if kd else ''}", {"role": "student", "N": n, "gdn": "gdn1", "kd": kd},
-                      STUDENT, {"base": "same", "ft": "same"} if kd else None)
+            b = plan_star(jobs, work, f"s{n}_{'kd' if kd else 'nokd'}", {"base": args, "ft": args},
+                          f"N={n} GDN1{' + KD' if kd else ''}", {"role": "student", "N": n, "gdn": "gdn1", "kd": kd},
+                          STUDENT, {"base": "same", "ft": "same"} if kd else None)
             if not kd:
                 bases[n, "plain"] = b
     for v in KD_SCREEN:  # distillation variants, each against the plain student (same steps, crops, seed)
         for n in v["widths"]:
             head = ["distill", "--N", str(n), "--gdn", "gdn1"] + (["--seed", str(v["seed"])] if v["seed"] else [])
-            bases[n, v["name"]] = _star(
-                jobs, work, f"s{n}_kdv_{v['name']}", {s: head + _kd_args(v[s]) for s in ("base", "ft")},
+            bases[n, v["name"]] = plan_star(
+                jobs, work, f"s{n}_kdv_{v['name']}", {s: head + kd_args(v[s]) for s in ("base", "ft")},
                 _screen_curve(n, v["name"]), {"role": "kd-screen", "N": n, "variant": v["name"]}, STUDENT,
                 {s: v["teacher"] if v[s] else None for s in ("base", "ft")}, v["lambdas"],
                 base=bases[n, v["base_of"]] if v["base_of"] else None)
     for n in (_small(),):
         args = ["distill", "--N", str(n), "--gdn", "gdn", "--kd-recon", "0"]
-        _star(jobs, work, f"s{n}_gdnfloat", {"base": args, "ft": args}, f"N={n} GDN (float)",
-              {"role": "gdn-float", "N": n, "gdn": "gdn", "kd": False}, STUDENT)
+        plan_star(jobs, work, f"s{n}_gdnfloat", {"base": args, "ft": args}, f"N={n} GDN (float)",
+                  {"role": "gdn-float", "N": n, "gdn": "gdn", "kd": False}, STUDENT)
     for n, recipe, mode in _quant_variants():
         for lam in LAMBDAS:
             src = f"s{n}_kd_l{_lam(lam)}"
@@ -225,7 +226,7 @@ def _done(job: Job) -> bool:
     return job.out.exists() and st.is_file() and json.loads(st.read_text()).get("args") == job.args
 
 
-def _run_jobs(jobs: list[Job], logs: Path, workers: int) -> dict[str, float]:
+def run_jobs(jobs: list[Job], logs: Path, workers: int) -> dict[str, float]:
     """Run the jobs (skipping finished ones) with up to ``workers`` at a time; returns the
     wall time of each job that ran."""
     by_name = {j.name: j for j in jobs}
@@ -275,7 +276,7 @@ def bench_lic(results: Path, work: Path = WORK, workers: int = WORKERS) -> dict[
     from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results, plot_rd, rd_report
 
     jobs = plan(work)
-    _run_jobs(jobs, work / "logs", workers)
+    run_jobs(jobs, work / "logs", workers)
     evals = {j.info["model"]: json.loads(j.out.read_text()) for j in jobs if j.kind == "eval" and j.info}
     baselines = json.loads((work / "eval" / "baselines.json").read_text())
     curves = curves_from_results(list(evals.values()) + [baselines])

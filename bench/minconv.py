@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from licforge.tables import markdown_table
+
 __all__ = ["run_minconv_slice", "bench_minconv", "Stage"]
 
 
@@ -98,7 +100,8 @@ def run_minconv_slice(out_dir: Path, *, lanes: int = 8, bits: int = 8, seed: int
                       **with_dsp["resources"], "LUT_nodsp": no_dsp["resources"]["LUT"]})
     results["synth"] = table
     stage("synthesize (yosys)", f"synth_xilinx -family {family}")
-    print(format_table(table, ["design", "LUT", "FF", "CARRY", "DSP", "BRAM", "LUT_nodsp"]))
+    cols = ["design", "LUT", "FF", "CARRY", "DSP", "BRAM", "LUT_nodsp"]
+    print(markdown_table(cols, [[r.get(c, "") for c in cols] for r in table]))
     (out_dir / "summary.json").write_text(json.dumps(results, indent=1))
     failures = []
     if brevitas_mismatch:
@@ -111,14 +114,6 @@ def run_minconv_slice(out_dir: Path, *, lanes: int = 8, bits: int = 8, seed: int
     if failures:
         raise CheckFailed("; ".join(failures))
     return results
-
-
-def format_table(rows: list[dict], cols: list[str]) -> str:
-    """A fixed-width text table (also valid Markdown)."""
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
 
 
 def bench_minconv(out_json: Path, build_dir: Path, *, lanes: tuple[int, ...] = (8, 16, 32), bits: tuple[int, ...] = (4, 6, 8),

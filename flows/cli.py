@@ -10,9 +10,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from licforge.errors import CheckFailed, UsageError
+from licforge.errors import CheckFailed, UsageError, need_int
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "BENCH_RESULTS"]
+
+BENCH_RESULTS = "bench/results"  # default --out of ``licforge bench``
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,32 +25,47 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``licforge`` argument parser.
+    """The ``licforge`` argument parser: ``licforge [--build DIR] [--threads N] VERB [OBJECT] ...``.
 
     Subcommands are contributed by the modules ``flows/cmd_*.py``: each defines
     ``register(groups)`` where ``groups`` maps ``"top"`` to the top-level subparsers and
-    ``"rtl"``, ``"sim"``, ``"watermark"`` to those groups' subparsers, and may define
-    ``BENCHES = {name: callable(results_dir, build_dir) -> str}`` for ``licforge bench NAME``.
+    ``"rtl"``, ``"sim"``, ``"watermark"``, ``"plot"``, ``"bench"`` to those groups'
+    subparsers.  A benchmark is a parser added to ``groups["bench"]`` with its own options and
+    ``set_defaults(bench=callable)``, the callable taking ``(out_dir, build_dir, args)`` and
+    returning a one-line summary; this module gives each one ``--out DIR`` and adds
+    ``bench all``, which runs every benchmark (but those registered with ``in_all=False``) with
+    its defaults.  A command that does not use torch says so with ``set_defaults(torch=False)``.
     """
     ap = _Parser(prog="licforge", description=__doc__.splitlines()[0])
     ap.add_argument("--build", default="build",
                     help="folder of generated files: Verilog, simulations, synthesis runs (default ./build)")
+    ap.add_argument("--threads", type=int, default=1, metavar="N",
+                    help="torch CPU threads (default 1: on a shared 2-core machine more threads spin and run slower)")
     top = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
     groups = {"top": top}
     for name, what in (("rtl", "generate Verilog + memory init files"),
                        ("sim", "cocotb simulation against the golden model"),
-                       ("watermark", "embed / extract / attack / report watermarks")):
+                       ("watermark", "embed / deploy / extract / attack watermarks"),
+                       ("plot", "figures from results files"),
+                       ("bench", f"benchmarks -> {BENCH_RESULTS}/NAME*.json + PNGs")):
         g = top.add_parser(name, help=what)
         groups[name] = g.add_subparsers(dest="kind", required=True, parser_class=_Parser)
-    benches: dict = {}
     for mod in _command_modules():
         mod.register(groups)
-        benches.update(getattr(mod, "BENCHES", {}))
-    bench = top.add_parser("bench", help="benchmarks -> bench/results/*.json")
-    bench.add_argument("what", choices=sorted(benches) + ["all"])
-    bench.add_argument("--results", default="bench/results")
-    bench.set_defaults(func=lambda a: _run_benches(a, benches))
+    benches = dict(groups["bench"].choices)
+    for p in benches.values():
+        _out_arg(p)
+        p.set_defaults(func=_run_bench)
+    left_out = [n for n, b in benches.items() if b.get_default("in_all") is False]
+    p = groups["bench"].add_parser("all", help="every benchmark with its defaults"
+                                   + (f" but {', '.join(left_out)}" if left_out else ""))
+    _out_arg(p)
+    p.set_defaults(func=lambda a: _run_all(a, benches))
     return ap
+
+
+def _out_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=BENCH_RESULTS, metavar="DIR", help=f"results folder (default {BENCH_RESULTS})")
 
 
 def _command_modules() -> list:
@@ -61,17 +78,37 @@ def _command_modules() -> list:
     return [importlib.import_module(f"licforge.flows.{n}") for n in names]
 
 
-def _run_benches(args, benches: dict) -> int:
-    names = sorted(benches) if args.what == "all" else [args.what]
-    for n in names:
-        print(f"bench {n}: {benches[n](Path(args.results), Path(args.build))}", flush=True)
+def _run_bench(args: argparse.Namespace) -> int:
+    """``licforge bench NAME``: run one benchmark, print its summary line."""
+    print(f"bench {args.kind}: {args.bench(Path(args.out), Path(args.build), args)}", flush=True)
     return 0
+
+
+def _run_all(args: argparse.Namespace, benches: dict[str, argparse.ArgumentParser]) -> int:
+    """``licforge bench all``: every benchmark in ``all``, each with the defaults of its parser."""
+    for name, parser in benches.items():
+        if parser.get_default("in_all") is False:
+            continue
+        one = parser.parse_args(["--out", args.out])
+        one.build, one.threads, one.kind = args.build, args.threads, name
+        _run_bench(one)
+    return 0
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    """Apply ``--threads`` to torch, once, for the commands that use torch."""
+    need_int(args.threads, "--threads", 1, 256)
+    if getattr(args, "torch", True):
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``licforge`` console script."""
     try:
         args = build_parser().parse_args(argv)
+        _set_threads(args)
         return args.func(args)
     except UsageError as e:
         print(f"licforge: error: {e}", file=sys.stderr)

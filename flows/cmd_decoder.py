@@ -1,4 +1,4 @@
-"""CLI of the decoder slice: ``rtl gdn|decoder``, ``sim convt|gdn|decoder|decode``, ``perf``,
+"""CLI of the decoder slice: ``rtl gdn|decoder``, ``sim convt|gdn|decoder|image``, ``perf``,
 ``bench decoder``.
 
 BUNDLE is a bundle directory or ``synthetic:N:M[:SEED]`` (a random well-scaled decoder).
@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 
 from licforge.rtl.project import DEFAULT_MAX_WIDTH, DEFAULT_PART
+from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
 from licforge.errors import CheckFailed, UsageError, need_file, need_int
 
-__all__ = ["register", "BENCHES"]
+__all__ = ["register"]
 
 
 def _parallelism(args, layers) -> tuple[int, int]:
@@ -77,7 +78,8 @@ def _cmd_sim_block(args) -> int:
     need_int(args.height, "--height", 1, 4096)
     need_int(args.width, "--width", 1, 4096)
     image = _read_image(args.image) if args.image else None
-    r = check_block(bundle, args.kind, Path(args.build), layer=args.layer, pi=args.pi, po=args.po, height=args.height,
+    r = check_block(bundle, args.kind, Path(args.build), cache_dir=Path(args.build) / "sim-cache",
+                    layer=args.layer, pi=args.pi, po=args.po, height=args.height,
                     width=args.width, image=image, seed=args.seed, p_valid=args.p_valid, p_ready=args.p_ready,
                     simulator=args.simulator)
     print(f"{args.kind} {','.join(r['layers'])} (PI={r['pi']}, PO={r['po']}) on {r['simulator']}: seed {args.seed}, "
@@ -98,7 +100,7 @@ def _read_image(path_arg: str):
         raise UsageError(f"image {path}: cannot be read ({e})") from None
 
 
-def _cmd_sim_decode(args) -> int:
+def _cmd_sim_image(args) -> int:
     from licforge.quant.bundle import decoder_layers
     from licforge.quant.synthetic import load_decoder_bundle
     from licforge.sim.decode import sim_decode_image
@@ -107,7 +109,8 @@ def _cmd_sim_decode(args) -> int:
     path = Path(args.image)
     img = _read_image(args.image)
     pi, po = _parallelism(args, decoder_layers(bundle))
-    r = sim_decode_image(bundle, img, Path(args.build), pi=pi, po=po, max_width=args.max_width, simulator=args.simulator)
+    r = sim_decode_image(bundle, img, Path(args.build), pi=pi, po=po, max_width=args.max_width, simulator=args.simulator,
+                         cache_dir=Path(args.build) / "sim-cache")
     print(f"{path.name} {r['image_hw'][0]}x{r['image_hw'][1]}: {r['bytes']} bytes, {r['bpp']:.4f} bpp, "
           f"PSNR {r['psnr_db']:.2f} dB (hardware-decoded), mismatches {r['mismatches']}, {r['cycles']} cycles "
           f"({r['cycles_per_pixel']:.3f} per pixel; model {r['model_cycles']}), PI={pi} PO={po}, "
@@ -118,15 +121,16 @@ def _cmd_sim_decode(args) -> int:
 
 
 def _cmd_perf(args) -> int:
+    from licforge.bench.decoder import design_table, format_design_table, parallelism_sweep
+    from licforge.quant.bundle import decoder_layers
     from licforge.quant.synthetic import load_decoder_bundle
-    from licforge.bench.decoder import design_table, format_design_table
 
     bundle = load_decoder_bundle(args.bundle, Path(args.build))
-    pis = [int(v) for v in args.pi.split(",")]
-    pos = [int(v) for v in args.po.split(",")]
-    if len(pis) != len(pos):
-        raise UsageError("--pi and --po must list the same number of values")
-    rows = design_table(bundle, list(zip(pis, pos)), synth=args.synth, family=args.family,
+    if args.pi is None and args.po is None:
+        designs = parallelism_sweep(bundle)
+    else:
+        designs = [_parallelism(args, decoder_layers(bundle))]
+    rows = design_table(bundle, designs, synth=args.synth, family=args.family,
                         clock_hz=args.clock_mhz * 1e6, build_dir=Path(args.build))
     print(format_design_table(rows))
     if args.json:
@@ -137,14 +141,11 @@ def _cmd_perf(args) -> int:
     return 1 if failed else 0
 
 
-def _bench_decoder(results: Path, build: Path) -> str:
+def _bench_decoder(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.decoder import bench_decoder
 
-    res = bench_decoder(results / "decoder.json", build)
-    return f"wrote {results / 'decoder.json'} ({len(res['designs'])} designs)"
-
-
-BENCHES = {"decoder": _bench_decoder}
+    res = bench_decoder(out / "decoder.json", build, family=args.family)
+    return f"wrote {out / 'decoder.json'} ({len(res['designs'])} designs)"
 
 
 def _common(p: argparse.ArgumentParser, layer: bool = False) -> None:
@@ -155,6 +156,11 @@ def _common(p: argparse.ArgumentParser, layer: bool = False) -> None:
                    help="output channels per cycle of the heaviest layer (default: largest divisor <= 8)")
     if layer:
         p.add_argument("--layer", default=None, help="bundle layer name (default: the first of its op)")
+
+
+def _family_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--family", default=DEFAULT_FAMILY, choices=FAMILIES,
+                   help=f"Yosys synth_xilinx family (default {DEFAULT_FAMILY}: UltraScale+, as the ZCU102)")
 
 
 def _sim_opts(p: argparse.ArgumentParser) -> None:
@@ -191,19 +197,23 @@ def register(groups: dict) -> None:
         _sim_opts(p)
         p.set_defaults(func=_cmd_sim_block, kind=kind)
 
-    p = groups["sim"].add_parser("decode", help="compress an image, decode its latents with the RTL, compare")
+    p = groups["sim"].add_parser("image", help="compress an image, decode its latents with the RTL, compare")
     _common(p)
     p.add_argument("image", help="an RGB image file (PNG, JPEG)")
     p.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH, help="widest latent grid of the generated decoder")
     _sim_opts(p)
-    p.set_defaults(func=_cmd_sim_decode)
+    p.set_defaults(func=_cmd_sim_image)
 
-    p = groups["top"].add_parser("perf", help="decoder resources (Yosys) and analytical throughput, as a table")
-    p.add_argument("bundle", help="bundle directory, or synthetic:N:M[:SEED]")
-    p.add_argument("--pi", required=True, help="comma-separated PI values, one per design")
-    p.add_argument("--po", required=True, help="comma-separated PO values, one per design")
+    p = groups["top"].add_parser("perf", help="decoder resources (Yosys) and analytical throughput, as a table: "
+                                              "one design with --pi/--po, else the sweep of bench decoder")
+    _common(p)
     p.add_argument("--synth", action="store_true", help="also run Yosys synth_xilinx on each design")
-    p.add_argument("--family", default="xcup", help="Yosys family: xc7, xcu, xcup (default, ZCU102)")
+    _family_arg(p)
     p.add_argument("--clock-mhz", type=float, default=200.0)
     p.add_argument("--json", help="also write the rows to this file")
     p.set_defaults(func=_cmd_perf)
+
+    p = groups["bench"].add_parser("decoder", help="decoder resources, throughput, bit-exact decodes of every "
+                                                   "student -> decoder.json")
+    _family_arg(p)
+    p.set_defaults(bench=_bench_decoder)

@@ -1,5 +1,5 @@
-"""CLI of the LIC slice: ``train``, ``distill``, ``quantize``, ``bundle-info``, ``eval``,
-``rd-plot``, and ``bench lic``."""
+"""CLI of the LIC slice: ``train``, ``distill``, ``quantize``, ``inspect``, ``eval``,
+``plot rd``, ``bench lic`` and ``bench kd``."""
 from __future__ import annotations
 
 import argparse
@@ -8,26 +8,19 @@ from pathlib import Path
 
 from licforge.errors import UsageError
 
-__all__ = ["register", "BENCHES"]
+__all__ = ["register"]
 
 
 def _boundary(fn):
-    """Set the torch thread count; turn the LIC modules' input errors (files, recipes, data,
-    bitstreams) into exit 2."""
-    def run(args) -> int:
-        import torch
-
+    """Turn the LIC modules' input errors (files, recipes, data, bitstreams) into exit 2."""
+    def run(*args):
         from licforge.models.data import DataError
         from licforge.models.lic import CheckpointError
         from licforge.quant.codec import BitstreamError
         from licforge.quant.lic_recipe import RecipeError
 
-        if getattr(args, "threads", None) is not None:
-            if not 1 <= args.threads <= 256:
-                raise UsageError(f"--threads must be between 1 and 256, not {args.threads}")
-            torch.set_num_threads(args.threads)
         try:
-            return fn(args)
+            return fn(*args)
         except (CheckpointError, RecipeError, DataError, BitstreamError) as e:
             raise UsageError(str(e)) from None
     return run
@@ -124,7 +117,7 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
-def _cmd_bundle_info(args) -> int:
+def _cmd_inspect(args) -> int:
     from licforge.quant.bundle import read_bundle
 
     b = read_bundle(args.bundle)
@@ -147,12 +140,23 @@ def _cmd_eval(args) -> int:
     res = evaluate([Path(m) for m in args.models], images, baselines=not args.no_baselines,
                    bitstreams=Path(args.bitstreams) if args.bitstreams else None)
     res["data"] = args.data or "embedded"
-    write_json(Path(args.json), res)
-    print(f"results: {args.json}")
+    for e in res["entries"]:
+        if e["kind"] == "baseline":  # the models' lines were printed as they were evaluated
+            print(_eval_line(e))
+    if args.json:
+        write_json(Path(args.json), res)
+        print(f"results: {args.json}")
     return 0
 
 
-def _cmd_rd_plot(args) -> int:
+def _eval_line(entry: dict) -> str:
+    """One row of the ``eval`` table, as :func:`quant.eval.evaluate` prints a model's."""
+    m = entry["mean"]
+    ssim = "n/a" if m["ms_ssim"] is None else f"{m['ms_ssim']:.4f}"
+    return f"{entry['name']:<36} {entry['curve']:<28} {m['bpp']:.4f} bpp  {m['psnr']:.2f} dB  MS-SSIM {ssim}"
+
+
+def _cmd_plot_rd(args) -> int:
     from licforge.errors import need_file
     from licforge.quant.rd import curves_from_results, plot_rd, rd_report, write_json
 
@@ -169,26 +173,25 @@ def _cmd_rd_plot(args) -> int:
     if args.anchor not in curves:
         raise UsageError(f"--anchor {args.anchor!r}: no such curve (curves: {sorted(curves)})")
     report = rd_report(curves, args.anchor)
-    plot_rd(curves, Path(args.png), title=f"held-out images, BD-rate anchor: {args.anchor}")
-    write_json(Path(args.json), report)
+    png = Path(args.out) if args.out else Path(args.build) / "lic" / "rd.png"
+    plot_rd(curves, png, title=f"held-out images, BD-rate anchor: {args.anchor}")
     for k, v in sorted(report["curves"].items()):
         r = v["bd_rate_pct"]
         print(f"{k:<40} BD-rate {'n/a' if r is None else f'{r:+.2f} %'}")
-    print(f"plot: {args.png}; BD-rates: {args.json}")
+    if args.json:
+        write_json(Path(args.json), report)
+    print(f"plot: {png}" + (f"; BD-rates: {args.json}" if args.json else ""))
     return 0
 
 
-def _bench_lic(results: Path, build: Path) -> str:
+def _bench_lic(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.lic import bench_lic
 
-    res = bench_lic(results, build / "lic" / "bench")
-    return f"wrote {results / 'lic.json'} and {results / 'rd.png'} ({len(res['models'])} models)"
+    res = bench_lic(out, build / "lic" / "bench")
+    return f"wrote {out / 'lic.json'} and {out / 'rd.png'} ({len(res['models'])} models)"
 
 
-BENCHES = {"lic": _bench_lic}
-
-
-def _cmd_kd_study(args) -> int:
+def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.kd_study import kd_study
 
     if args.workers < 1:
@@ -199,21 +202,21 @@ def _cmd_kd_study(args) -> int:
     if args.lambdas is not None and (len(args.lambdas) < 4 or min(args.lambdas) <= 0):
         raise UsageError(f"--lambdas: give at least 4 positive values (a BD-rate needs 4 points), not {args.lambdas}")
     lambdas = {"lambdas": tuple(sorted(args.lambdas))} if args.lambdas else {}
-    out = kd_study(Path(args.results), Path(args.work), base=args.base_steps, ft=args.ft_steps, batch=args.batch,
+    work = Path(args.work) if args.work else build / "lic" / "kd"
+    res = kd_study(out, work, base=args.base_steps, ft=args.ft_steps, batch=args.batch,
                    crop=args.crop, device=args.device, workers=args.workers, tag=args.tag,
                    widths=tuple(args.widths), seeds=tuple(args.seeds), **lambdas)
 
     def f(v: float | None, fmt: str) -> str:  # BD figures are None where two curves do not overlap
         return "n/a" if v is None else format(v, fmt)
 
-    for w, rec in out["distillation"].items():
+    for w, rec in res["distillation"].items():
         print(f"{w}: " + ", ".join(f"{arm} {f(r['bd_rate_vs_nokd_pct'], '+.1f')} % / "
                                    f"{f(r['bd_psnr_vs_nokd_db'], '+.3f')} dB vs no KD"
                                    for arm, r in rec.items() if arm != "nokd"))
-    for n in out["seed_noise"]:
+    for n in res["seed_noise"]:
         print(f"seed noise ({' vs '.join(n['pair'])}): {f(n['bd_rate_pct'], '+.1f')} % / {f(n['bd_psnr_db'], '+.3f')} dB")
-    print(f"wrote {Path(args.results) / ('lic_kd_' + args.tag + '.json')}")
-    return 0
+    return f"wrote {out / ('lic_kd_' + args.tag + '.json')} and {out / ('rd_kd_' + args.tag + '.png')}"
 
 
 def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -226,7 +229,6 @@ def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
     p.add_argument("--data", default=None, help="image folder (default: embedded scikit-image photographs)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     p.add_argument("--curve", default=None, help="label of the RD curve this model belongs to")
-    _threads_arg(p)
 
 
 def _init_arg(p: argparse.ArgumentParser) -> None:
@@ -237,11 +239,6 @@ def _init_arg(p: argparse.ArgumentParser) -> None:
 def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
                    help="train on cpu (default) or cuda[:i]; the weights are written for the CPU either way")
-
-
-def _threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: fastest on a shared 2-core machine)")
 
 
 def _model_args(p: argparse.ArgumentParser, n: int, gdn: str) -> None:
@@ -274,11 +271,12 @@ def register(groups: dict) -> None:
                    help="weight of the distortion against the image (1 - kd-recon interpolates)")
     _init_arg(p)
     _device_arg(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="weight file to write (.pt)")
     p.set_defaults(func=_boundary(_cmd_distill))
 
-    p = top.add_parser("kd-study", help="teacher + students with/without KD at every width, trained as long as "
-                                         "asked (a GPU run) -> lic_kd_<tag>.json, rd_kd_<tag>.png")
+    p = groups["bench"].add_parser("kd", help="teacher + students with/without KD at every width, trained as long "
+                                              "as asked (a GPU run, not in bench all) -> lic_kd_<tag>.json, "
+                                              "rd_kd_<tag>.png")
     p.add_argument("--base-steps", type=int, default=2000, help="steps of each base model (at lambda 0.013)")
     p.add_argument("--ft-steps", type=int, default=800, help="steps of each fine-tune to one lambda")
     p.add_argument("--crop", type=int, default=64, help="random crop size (multiple of 16)")
@@ -290,10 +288,13 @@ def register(groups: dict) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds of every student (one seed: plus a twin without KD at the next seed)")
     p.add_argument("--tag", default="long", help="suffix of the result files")
-    p.add_argument("--work", default="build/lic/kd", help="folder of the models, evaluations and logs")
-    p.add_argument("--results", default="bench/results")
+    p.add_argument("--work", default=None, help="folder of the models, evaluations and logs (default <build>/lic/kd)")
     _device_arg(p)
-    p.set_defaults(func=_boundary(_cmd_kd_study))
+    p.set_defaults(bench=_boundary(_bench_kd), in_all=False)
+
+    p = groups["bench"].add_parser("lic", help="the rate-distortion study: teacher, students, KD, QAT/PTQ, "
+                                               "baselines -> lic.json, rd.png (hours; cached under <build>/lic/bench)")
+    p.set_defaults(bench=_boundary(_bench_lic))
 
     p = top.add_parser("quantize", help="QAT (default) or PTQ of a GDN1 student -> deployment bundle")
     p.add_argument("weights", help="float student weight file")
@@ -303,22 +304,21 @@ def register(groups: dict) -> None:
     p.add_argument("--out", required=True, help="bundle directory (the Brevitas model goes to <out>.quant.pt)")
     p.set_defaults(func=_boundary(_cmd_quantize))
 
-    p = top.add_parser("bundle-info", help="validate a bundle and list its layers")
-    p.add_argument("bundle")
-    p.set_defaults(func=_boundary(_cmd_bundle_info))
+    p = top.add_parser("inspect", help="validate a bundle and list its layers")
+    p.add_argument("bundle", help="bundle directory")
+    p.set_defaults(func=_boundary(_cmd_inspect))
 
     p = top.add_parser("eval", help="encode held-out images to files, decode, bpp/PSNR/MS-SSIM")
     p.add_argument("models", nargs="*", help="weight files (.pt) and bundle directories")
     p.add_argument("--data", default=None, help="image folder (default: embedded held-out images)")
     p.add_argument("--no-baselines", action="store_true", help="skip JPEG/WebP")
     p.add_argument("--bitstreams", default=None, help="keep the bitstream files in this directory")
-    p.add_argument("--json", default="build/lic/eval.json")
-    _threads_arg(p)
+    p.add_argument("--json", default=None, help="write the results to this file (read by plot rd)")
     p.set_defaults(func=_boundary(_cmd_eval))
 
-    p = top.add_parser("rd-plot", help="RD curves (PNG) and BD-rates against an anchor (JSON)")
-    p.add_argument("results", nargs="+", help="JSON files written by 'licforge eval'")
+    p = groups["plot"].add_parser("rd", help="RD curves (PNG) and BD-rates against an anchor")
+    p.add_argument("results", nargs="+", help="JSON files written by 'licforge eval --json'")
     p.add_argument("--anchor", default="teacher")
-    p.add_argument("--png", default="build/lic/rd.png")
-    p.add_argument("--json", default="build/lic/bd.json")
-    p.set_defaults(func=_boundary(_cmd_rd_plot))
+    p.add_argument("--out", default=None, help="the plot, a PNG file (default <build>/lic/rd.png)")
+    p.add_argument("--json", default=None, help="write the BD-rates to this file")
+    p.set_defaults(func=_boundary(_cmd_plot_rd))

@@ -1,5 +1,5 @@
-"""CLI of the MinConv slice: ``rtl minconv|mac``, ``sim minconv|mac``, ``synth``, ``demo``,
-``bench minconv``."""
+"""CLI of the MinConv slice: ``rtl minconv|mac``, ``sim minconv|mac``, ``synth``,
+``bench minconv`` (the digits slice itself is ``flow --digits``, :mod:`flows.cmd_flow`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from licforge.errors import UsageError
+from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
 
-__all__ = ["register", "BENCHES"]
+__all__ = ["register"]
 
 
 def _cmd_rtl_array(args) -> int:
@@ -22,10 +23,8 @@ def _cmd_rtl_array(args) -> int:
 
 
 def _cmd_synth(args) -> int:
-    from licforge.rtl.yosys import FAMILIES, synthesize
+    from licforge.rtl.yosys import synthesize
 
-    if args.family not in FAMILIES:
-        raise UsageError(f"--family must be one of {', '.join(FAMILIES)}, not {args.family!r}")
     sources: list[Path] = []
     for p in map(Path, args.verilog):
         if p.is_dir():
@@ -56,23 +55,11 @@ def _cmd_sim_array(args) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    from licforge.bench.minconv import run_minconv_slice
-
-    out = Path(args.out)
-    run_minconv_slice(out, lanes=args.lanes, bits=args.bits, seed=args.seed, simulator=args.simulator)
-    print(f"summary: {out / 'summary.json'}")
-    return 0
-
-
-def _bench_minconv(results: Path, build: Path) -> str:
+def _bench_minconv(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.minconv import bench_minconv
 
-    res = bench_minconv(results / "minconv.json", build)
-    return f"wrote {results / 'minconv.json'} ({len(res['arrays'])} array pairs)"
-
-
-BENCHES = {"minconv": _bench_minconv}
+    res = bench_minconv(out / "minconv.json", build)
+    return f"wrote {out / 'minconv.json'} ({len(res['arrays'])} array pairs)"
 
 
 def _array_args(p: argparse.ArgumentParser) -> None:
@@ -88,28 +75,25 @@ def register(groups: dict) -> None:
     for kind, what in (("minconv", "MinConvArray (comparator lanes)"), ("mac", "MacArray (multiplier lanes)")):
         p = groups["rtl"].add_parser(kind, help=what)
         _array_args(p)
-        p.add_argument("--out", help="output directory (default build/rtl/<design>)")
-        p.set_defaults(func=_cmd_rtl_array)
+        p.add_argument("--out", help="output directory (default <build>/rtl/<design>)")
+        p.set_defaults(func=_cmd_rtl_array, torch=False)
         p = groups["sim"].add_parser(kind, help=f"random vectors through the {what}")
         _array_args(p)
         p.add_argument("--vectors", type=int, default=1000, help="dot products to check")
         p.add_argument("--beats", type=int, default=4, help="beats per dot product")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
-        p.set_defaults(func=_cmd_sim_array)
+        p.set_defaults(func=_cmd_sim_array, torch=False)
 
     syn = groups["top"].add_parser("synth", help="Yosys synth_xilinx resources as JSON")
     syn.add_argument("verilog", nargs="+", help="Verilog files or directories of them")
     syn.add_argument("--top", default="top", help="top module (default: top)")
-    syn.add_argument("--family", default="xc7", help="xc7 (default), xcu, xcup")
+    syn.add_argument("--family", default=DEFAULT_FAMILY, choices=FAMILIES,
+                     help=f"Yosys synth_xilinx family (default {DEFAULT_FAMILY}: UltraScale+)")
     syn.add_argument("--no-dsp", action="store_true", help="map multipliers to LUTs")
     syn.add_argument("--json", help="also write the report to this file")
-    syn.set_defaults(func=_cmd_synth)
+    syn.set_defaults(func=_cmd_synth, torch=False)
 
-    demo = groups["top"].add_parser("demo", help="the main flow on the embedded default")
-    demo.add_argument("--out", default="build/demo")
-    demo.add_argument("--lanes", type=int, default=8)
-    demo.add_argument("--bits", type=int, default=8)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
-    demo.set_defaults(func=_cmd_demo)
+    p = groups["bench"].add_parser("minconv", help="comparator vs multiplier lanes: Yosys resources, "
+                                                   "simulated dot products -> minconv.json")
+    p.set_defaults(bench=_bench_minconv)

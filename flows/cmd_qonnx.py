@@ -36,7 +36,8 @@ def _cmd_lic(args) -> int:
     from licforge.quant.qonnx import export_synthesis
 
     quant_pt = need_file(args.quant_pt, "quantized model")
-    return _report(export_synthesis(quant_pt, Path(args.out), data=args.data), Path(args.out))
+    out = _out(args)
+    return _report(export_synthesis(quant_pt, out, data=args.data), out)
 
 
 def _cmd_digits(args) -> int:
@@ -44,7 +45,13 @@ def _cmd_digits(args) -> int:
 
     need_int(args.bits, "--bits", 2, 16)
     q, x_test = train_exact_classifier(args.seed, args.bits, progress=True)
-    return _report(export_classifier(q, x_test, Path(args.out)), Path(args.out))
+    out = _out(args)
+    return _report(export_classifier(q, x_test, out), out)
+
+
+def _out(args) -> Path:
+    """The output folder: ``--out``, else ``<build>/qonnx``."""
+    return Path(args.out) if args.out else Path(args.build) / "qonnx"
 
 
 def register(groups: dict) -> None:
@@ -54,10 +61,10 @@ def register(groups: dict) -> None:
     lic = sub.add_parser("lic", help="the LIC student's synthesis transform (decoder)")
     lic.add_argument("quant_pt", help="quantized student (.quant.pt from licforge quantize)")
     lic.add_argument("--data", default=None, help="image folder for the held-out latents (default: embedded)")
-    lic.add_argument("--out", default="build/qonnx")
+    lic.add_argument("--out", default=None, help="output folder (default <build>/qonnx)")
     lic.set_defaults(func=_cmd_lic)
     dig = sub.add_parser("digits", help="the exact-product digits classifier (trained here)")
     dig.add_argument("--seed", type=int, default=0)
     dig.add_argument("--bits", type=int, default=8)
-    dig.add_argument("--out", default="build/qonnx")
+    dig.add_argument("--out", default=None, help="output folder (default <build>/qonnx)")
     dig.set_defaults(func=_cmd_digits)

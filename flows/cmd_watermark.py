@@ -1,16 +1,17 @@
-"""CLI of the watermark slice: ``watermark embed | deploy | extract | attack | report`` and
+"""CLI of the watermark slice: ``watermark embed | deploy | extract | attack`` and
 ``bench watermark``.  embed / deploy / attack work on the digits classifier; extract reads
-any bundle or memory-init directory (digits weight ROMs, LIC decoder); report runs the
-digits study (:mod:`watermark.study`) and the LIC study (:mod:`watermark.lic_study`).
+any bundle or memory-init directory (digits weight ROMs, LIC decoder) or model file; the
+benchmark runs the digits study (:mod:`watermark.study`) and the LIC study
+(:mod:`watermark.lic_study`).
 
     licforge watermark embed   --scheme watermas --payload 64 --out build/wm
-    licforge watermark deploy  --model build/wm/model.pt --key build/wm/key.json --bits 4 \\
+    licforge watermark deploy  build/wm/model.pt --key build/wm/key.json --bits 4 \\
                                --out build/wm/b4 --verilog build/wm/b4_rtl
-    licforge watermark extract --key build/wm/key.json --verilog build/wm/b4_rtl --max-ber 0
-    licforge watermark attack  --bundle build/wm/b4 --attack permute --out build/wm/b4_perm
-    licforge watermark extract --key build/wm/key.json --bundle build/wm/b4_perm \\
+    licforge watermark extract build/wm/b4_rtl --key build/wm/key.json --max-ber 0
+    licforge watermark attack  build/wm/b4 --attack permute --out build/wm/b4_perm
+    licforge watermark extract build/wm/b4_perm --key build/wm/key.json \\
                                --reference build/wm/model.pt --max-ber 0
-    licforge watermark report  (= licforge bench watermark)
+    licforge bench watermark   [--hosts digits,lic] [--products mul,min] [--quick]
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from licforge.errors import CheckFailed, UsageError, need_dir, need_file, need_int
 
-__all__ = ["register", "BENCHES"]
+__all__ = ["register"]
 
 ATTACKS = ("noise", "prune", "finetune", "quantize", "permute")
 
@@ -34,7 +35,7 @@ def _key(path: str):
 
 
 def _model(path: str):
-    from licforge.watermark.digits import load_digits_model
+    from licforge.models.digits import load_digits_model
 
     try:
         return load_digits_model(need_file(path, "model file"))
@@ -53,26 +54,24 @@ def _bundle(path: str, digits: bool = True):
 
 
 def _host(args):
-    """The digits host; one torch thread (the classifier is tiny; threads only contend)."""
-    import torch
-
+    """The digits host (torch threads: the global ``--threads``, 1 by default: the classifier is
+    tiny, more threads only contend)."""
     from licforge.watermark.digits import DigitsHost
 
-    torch.set_num_threads(1)
     return DigitsHost(seed=args.seed, qat_epochs=getattr(args, "qat_epochs", 5), progress=True)
 
 
 def _cmd_embed(args) -> int:
     import copy
 
-    from licforge.watermark.digits import save_digits_model
+    from licforge.models.digits import save_digits_model
     from licforge.watermark.markers import MarkerParams
     from licforge.watermark.extract import ber
     from licforge.watermark.keys import save_key
     from licforge.watermark.layers import chain_weights, model_chain
 
     need_int(args.payload, "--payload", 1, 1 << 20)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path(args.build) / "watermark"
     host = _host(args)
     base = host.train_base(args.product)
     params = MarkerParams(watermas_lam=args.lam if args.lam is not None else MarkerParams.watermas_lam,
@@ -117,21 +116,37 @@ def _cmd_deploy(args) -> int:
     return 0
 
 
+def _source(path: str, verilog: bool) -> str:
+    """What the positional SOURCE is: ``"model"`` (a file), ``"bundle"`` (a directory with a
+    bundle manifest, or any directory when ``verilog`` is False) or ``"verilog"`` (another
+    directory: memory init files beside generated Verilog); UsageError naming it if absent."""
+    from licforge.quant.bundle import MANIFEST
+
+    p = Path(path)
+    if p.is_file():
+        return "model"
+    if p.is_dir():
+        return "bundle" if (p / MANIFEST).is_file() or not verilog else "verilog"
+    expected = "a bundle directory, a Verilog directory of memory init files or a model file" if verilog else \
+        "a model file or a bundle directory"
+    raise UsageError(f"SOURCE {p}: not found ({expected})")
+
+
 def _cmd_extract(args) -> int:
     from licforge.watermark.deployed import verilog_weights
     from licforge.watermark.extract import bit_error_rate, extract_bits
     from licforge.watermark.layers import bundle_chain, chain_weights, model_chain
 
     key = _key(args.key)
-    sources = [s for s in (args.bundle, args.verilog, args.model) if s]
-    if len(sources) != 1:
-        raise UsageError("give exactly one of --bundle DIR, --verilog DIR, --model FILE")
-    if args.verilog:
+    kind = _source(args.source, verilog=True)
+    if kind == "verilog":
         if args.reference:
-            raise UsageError("--reference re-synchronizes a --bundle or --model (the layer graph is needed)")
-        weights = verilog_weights(args.verilog)
+            raise UsageError("--reference re-synchronizes a bundle or a model file (the layer graph is needed), "
+                             "not a Verilog directory")
+        weights = verilog_weights(args.source)
     else:
-        chain = bundle_chain(_bundle(args.bundle, digits=False)) if args.bundle else model_chain(_model(args.model))
+        chain = (bundle_chain(_bundle(args.source, digits=False)) if kind == "bundle"
+                 else model_chain(_model(args.source)))
         if args.reference:
             import numpy as np
 
@@ -159,28 +174,27 @@ def _cmd_extract(args) -> int:
 def _cmd_attack(args) -> int:
     from licforge.quant.bundle import Bundle, write_bundle
     from licforge.watermark.attacks import gaussian_noise, magnitude_prune
-    from licforge.watermark.digits import save_digits_model
+    from licforge.models.digits import save_digits_model
     from licforge.watermark.extract import ber
     from licforge.watermark.layers import bundle_chain, chain_weights, load_chain_weights, model_chain
     from licforge.watermark.permute import permute, permute_model, random_permutation
-    from licforge.watermark.train import classifier_loss, train
+    from licforge.models.training import classifier_loss, train
 
-    if (args.model is None) == (args.bundle is None):
-        raise UsageError("give exactly one of --model FILE, --bundle DIR")
-    if args.bundle and args.attack != "permute":
-        raise UsageError(f"--attack {args.attack} works on a float --model; a --bundle can be permuted")
+    kind = _source(args.source, verilog=False)
+    if kind == "bundle" and args.attack != "permute":
+        raise UsageError(f"--attack {args.attack} works on a float model file; a bundle directory can be permuted")
     key = _key(args.key) if args.key else None
     host = _host(args)
     out = Path(args.out)
-    if args.bundle:
-        b = _bundle(args.bundle)
+    if kind == "bundle":
+        b = _bundle(args.source)
         chain = permute(bundle_chain(b), random_permutation(bundle_chain(b), args.seed))
         write_bundle(Bundle(b.model, b.input, chain), out)
         print(f"permuted bundle {out}: golden accuracy {host.bundle_accuracy(b):.2%} before, "
               f"{host.bundle_accuracy(Bundle(b.model, b.input, chain)):.2%} after", end="")
         print(f"; BER {ber(key, chain_weights(chain)):.3f}" if key else "")
         return 0
-    net = _model(args.model)
+    net = _model(args.source)
     s = args.strength
     if args.attack == "noise":
         load_chain_weights(net, gaussian_noise(chain_weights(model_chain(net)), s, args.seed))
@@ -205,8 +219,10 @@ def _cmd_attack(args) -> int:
     return 0
 
 
-def _cmd_report(args) -> int:
+def _bench_watermark(out: Path, build: Path, args: argparse.Namespace) -> str:
+    """``licforge bench watermark``: the digits and/or LIC studies -> ``OUT/watermark.json`` + PNGs."""
     from licforge.bench.watermark import watermark_study
+
     hosts, products = tuple(args.hosts.split(",")), tuple(args.products.split(","))
     for h in hosts:
         if h not in ("digits", "lic"):
@@ -214,23 +230,14 @@ def _cmd_report(args) -> int:
     for p in products:
         if p not in ("mul", "min"):
             raise UsageError(f"--products: {p!r} is not 'mul' or 'min'")
-    watermark_study(Path(args.out), Path(args.build), args.quick, hosts, products)
-    return 0
-
-
-def _bench_watermark(results: Path, build: Path) -> str:
-    from licforge.bench.watermark import watermark_study
-
-    res = watermark_study(results / "watermark.json", build)
-    runs = sum(len(p["runs"]) for p in res["digits"]["products"].values()) + len(res["lic"]["runs"])
-    return f"wrote {results / 'watermark.json'} ({runs} runs)"
-
-
-BENCHES = {"watermark": _bench_watermark}
+    res = watermark_study(out / "watermark.json", build, args.quick, hosts, products)
+    runs = sum(len(p["runs"]) for p in res.get("digits", {}).get("products", {}).values())
+    runs += len(res.get("lic", {}).get("runs", []))
+    return f"wrote {out / 'watermark.json'} ({runs} runs)"
 
 
 def register(groups: dict) -> None:
-    """Add ``watermark embed|deploy|extract|attack|report`` to the ``licforge`` parser."""
+    """Add ``watermark embed|deploy|extract|attack`` and ``bench watermark`` to the ``licforge`` parser."""
     g = groups["watermark"]
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -244,14 +251,14 @@ def register(groups: dict) -> None:
     p.add_argument("--layers", help="comma-separated layers the key may use (default: all)")
     p.add_argument("--lam", type=float, help="embedding strength (default: WaterMAS 1.0, Uchida 0.1)")
     p.add_argument("--min-bits", type=int, default=4, help="coarsest deployment bit width (WaterMAS floor)")
-    p.add_argument("--out", default="build/watermark", help="directory for model.pt (and key.json)")
+    p.add_argument("--out", default=None, help="directory for model.pt (and key.json) (default <build>/watermark)")
     p.add_argument("--key", help="key file (default OUT/key.json)")
     common(p)
     p.set_defaults(func=_cmd_embed)
 
     p = g.add_parser("deploy", help="QAT with the key preserved -> bundle (+ weight-ROM Verilog)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--key", required=True)
+    p.add_argument("model", metavar="MODEL", help="watermarked float model file (model.pt of watermark embed)")
+    p.add_argument("--key", required=True, help="key file")
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--qat-epochs", type=int, default=5)
     p.add_argument("--out", required=True, help="bundle directory")
@@ -261,28 +268,25 @@ def register(groups: dict) -> None:
     p.set_defaults(func=_cmd_deploy)
 
     p = g.add_parser("extract", help="read the watermark back and report the BER")
-    p.add_argument("--key", required=True)
-    p.add_argument("--bundle", help="deployment bundle directory")
-    p.add_argument("--verilog", help="directory of memory init files beside the generated Verilog")
-    p.add_argument("--model", help="float model file")
+    p.add_argument("source", metavar="SOURCE", help="a bundle directory, a directory of memory init files "
+                                                    "beside the generated Verilog, or a float model file")
+    p.add_argument("--key", required=True, help="key file")
     p.add_argument("--reference", help="owner's float model: re-synchronize permuted neurons first")
     p.add_argument("--max-ber", type=float, help="exit 1 if the BER is above this")
     p.set_defaults(func=_cmd_extract)
 
     p = g.add_parser("attack", help="attack a model (or permute a bundle) without the key")
+    p.add_argument("source", metavar="SOURCE", help="a float model file, or a bundle directory (permute only)")
     p.add_argument("--attack", choices=ATTACKS, required=True)
     p.add_argument("--strength", type=float, default=0.0,
                    help="noise sigma (x layer std) | pruning rate | fine-tuning steps | bits")
-    p.add_argument("--model", help="float model file")
-    p.add_argument("--bundle", help="bundle directory (permute only)")
-    p.add_argument("--out", required=True, help="attacked model file (bundle directory for quantize/--bundle)")
+    p.add_argument("--out", required=True, help="attacked model file (bundle directory for quantize or a bundle)")
     p.add_argument("--key", help="report the BER with this key")
     common(p)
     p.set_defaults(func=_cmd_attack)
 
-    p = g.add_parser("report", help="the whole study -> bench/results/watermark.json + PNGs")
-    p.add_argument("--out", default="bench/results/watermark.json")
+    p = groups["bench"].add_parser("watermark", help="the digits and LIC watermark studies -> watermark.json + PNGs")
     p.add_argument("--hosts", default="digits,lic", help="digits classifier, LIC student or both")
     p.add_argument("--products", default="mul,min", help="mul (exact CNN), min (MinConv) or both")
     p.add_argument("--quick", action="store_true", help="one payload, short sweeps (a smoke run)")
-    p.set_defaults(func=_cmd_report)
+    p.set_defaults(bench=_bench_watermark)

@@ -38,6 +38,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from licforge.tables import markdown_table
+
 __all__ = ["Table", "Section", "BrowserError", "format_cell", "write_html", "write_markdown",
            "package_version", "tool_versions", "versions_table", "find_browser", "screenshot",
            "STATUS_COLOURS", "PACKAGES"]
@@ -241,16 +243,10 @@ def write_html(path: Path, title: str, sections: list[Section],
     return path
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
 def _md_table(table: Table) -> list[str]:
+    """The lines of ``table`` in a Markdown report: its caption in bold, then the table (cells not padded)."""
     out = [f"**{table.caption}**", ""] if table.caption else []
-    out.append("| " + " | ".join(_md_cell(c) for c in table.columns) + " |")
-    out.append("|" + "|".join(" --- " for _ in table.columns) + "|")
-    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.cells()]
-    return out + [""]
+    return out + [markdown_table(table.columns, table.cells(), aligned=False), ""]
 
 
 def _md_fence(code: str) -> str:

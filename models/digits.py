@@ -6,17 +6,25 @@ classes): the embedded default for the MinConv and watermark studies.
     fc     C2*16 -> 10
 
 Layers carry no bias (a MinConv array is a pure dot-product engine).  ``exact=False`` builds
-the same network from :class:`MinConv2d` / :class:`MinLinear`.
+the same network from :class:`MinConv2d` / :class:`MinLinear`.  A network file
+(:func:`save_digits_model`) holds the architecture and the weights, nothing else.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .lic import CheckpointError, read_checkpoint
 from .minconv import MinConv2d, MinLinear
+from .training import plain_tensor
 
-__all__ = ["DigitsNet", "load_digits_split", "to_minconv", "accuracy"]
+__all__ = ["DigitsNet", "load_digits_split", "to_minconv", "accuracy", "save_digits_model", "load_digits_model",
+           "MODEL_FORMAT"]
+
+MODEL_FORMAT = "licforge-digits-model/1"
 
 
 class DigitsNet(nn.Module):
@@ -68,6 +76,30 @@ def to_minconv(net: DigitsNet, calib: Tensor) -> DigitsNet:
 
 @torch.no_grad()
 def accuracy(net: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Top-1 accuracy of ``net`` on (x, y)."""
+    """Top-1 accuracy of ``net`` (float or Brevitas) on (x, y), in eval mode."""
     net.eval()
-    return float((net(x).argmax(1) == y).float().mean())
+    return float((plain_tensor(net(x)).argmax(1) == y).float().mean())
+
+
+def save_digits_model(net: DigitsNet, path: str | Path) -> Path:
+    """Write a float digits network (architecture + weights) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": MODEL_FORMAT, "c1": net.c1, "c2": net.c2, "exact": net.exact,
+                "state_dict": net.state_dict()}, path)
+    return path
+
+
+def load_digits_model(path: str | Path, writer: str = "licforge watermark embed") -> DigitsNet:
+    """The network written by :func:`save_digits_model` at ``path``, in eval mode; a
+    :class:`CheckpointError` names the file (and ``writer``, what writes one) when it is
+    missing, corrupt, of another format or its weights do not fit."""
+    doc = read_checkpoint(path, MODEL_FORMAT, writer)
+    try:
+        net = DigitsNet(doc["c1"], doc["c2"], exact=doc["exact"])
+        net.load_state_dict(doc["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a whole digits network ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:160]}); write it again with {writer}") from None
+    net.eval()
+    return net

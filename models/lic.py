@@ -101,9 +101,10 @@ def save_weights(net: nn.Module, cfg: LICConfig, path: str | Path, meta: dict[st
     return path
 
 
-def read_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, fmt: str, writer: str | None = None) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` of a licforge checkpoint of format ``fmt``,
-    or a :class:`CheckpointError` saying what is wrong with the file."""
+    or a :class:`CheckpointError` saying what is wrong with the file; ``writer`` names what
+    writes that format (default: the LIC commands)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: not found")
@@ -115,8 +116,8 @@ def read_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
                               f"train or copy it again") from None
     if not isinstance(ck, dict) or ck.get("format") != fmt:
         got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
-        raise CheckpointError(f"{path}: format {got!r}, expected {fmt!r} (a file written by "
-                              f"licforge {'train/distill' if fmt == WEIGHTS_FORMAT else 'quantize'})")
+        writer = writer or f"licforge {'train/distill' if fmt == WEIGHTS_FORMAT else 'quantize'}"
+        raise CheckpointError(f"{path}: format {got!r}, expected {fmt!r} (a file written by {writer})")
     return ck
 
 

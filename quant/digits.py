@@ -6,19 +6,30 @@ MinConv (``sign(x)sign(w)min(|x|,|w|)`` on the dequantized fake-quant values); w
 ``"mul"`` ordinary convolutions.  :func:`export_digits_bundle` writes the integers;
 :func:`run_digits_golden` evaluates the bundle in integer arithmetic only and equals the
 Brevitas model exactly (tested).
+
+:func:`train_digits_models` is the one digits recipe (exact CNN -> MinConv twin -> QAT,
+budget :class:`DigitsRecipe`); its networks at seed 0 are committed in
+``models/checkpoints/digits`` (:func:`load_digits_models`; ``python -m licforge.quant.digits``
+rewrites them).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
 from torch import Tensor, nn
 
-from licforge.models.digits import DigitsNet
+from licforge.models.digits import (DigitsNet, accuracy, load_digits_model, load_digits_split, save_digits_model,
+                                    to_minconv)
+from licforge.models.lic import CheckpointError, read_checkpoint
 from licforge.models.minconv import min_conv2d, min_linear
+from licforge.models.training import classifier_loss, epoch_steps, plain_tensor, train
 from .bundle import Bundle, Layer
 from .fixed import accumulator_bits, check_bits, requantize
 from .golden import run_layers
@@ -26,13 +37,10 @@ from .quantizers import ActFixedPoint, WeightFixedPoint
 
 __all__ = ["QuantMinConv2d", "QuantMinLinear", "QuantDigitsNet", "quantize_digits",
            "export_digits_bundle", "run_digits_golden", "input_to_int", "PIXEL_FRAC_BITS",
-           "LogitsOnly", "DigitsModels", "train_digits_models"]
+           "DigitsRecipe", "DigitsModels", "train_digits_models", "save_digits_models", "load_digits_models",
+           "DIGITS_CHECKPOINT", "CHECKPOINT_FORMAT", "QUANT_FORMAT", "PRODUCTS", "CALIB_IMAGES"]
 
 PIXEL_FRAC_BITS = 4  # digits pixels are p / 16, p in 0..16
-
-
-def _value(t) -> Tensor:
-    return t.value if hasattr(t, "value") else t
 
 
 def _exp(scale) -> int:
@@ -52,7 +60,7 @@ class QuantMinConv2d(QuantConv2d):
         self.log2_gain = int(log2_gain)
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
-        y = min_conv2d(_value(x), _value(quant_weight), self.stride[0], self.padding[0])
+        y = min_conv2d(plain_tensor(x), plain_tensor(quant_weight), self.stride[0], self.padding[0])
         return y * 2.0 ** -self.log2_gain
 
 
@@ -64,7 +72,7 @@ class QuantMinLinear(QuantLinear):
         self.log2_gain = int(log2_gain)
 
     def inner_forward_impl(self, x, quant_weight, quant_bias):
-        return min_linear(_value(x), _value(quant_weight)) * 2.0 ** -self.log2_gain
+        return min_linear(plain_tensor(x), plain_tensor(quant_weight)) * 2.0 ** -self.log2_gain
 
 
 class QuantDigitsNet(nn.Module):
@@ -108,11 +116,11 @@ class QuantDigitsNet(nn.Module):
 
 
 def quantize_digits(net: DigitsNet, bits: int, x_train: Tensor, y_train: Tensor, *,
-                    qat_epochs: int = 10, seed: int = 0, out_bits: int = 16,
+                    qat_epochs: int = 10, lr: float = 5e-4, seed: int = 0, out_bits: int = 16,
                     progress: bool = True) -> QuantDigitsNet:
-    """Quantization-aware fine-tuning of a (MinConv or exact) float digits network."""
-    from licforge.models.training import fit_classifier
-
+    """The ``bits``-bit Brevitas twin of a (MinConv or exact) float digits network, after
+    ``qat_epochs`` epochs of quantization-aware training on (x_train, y_train) (0: the
+    twin as converted); ``seed`` seeds the twin's construction and the shuffling."""
     torch.manual_seed(seed)
     product = "mul" if net.exact else "min"
     gains = (0, 0, 0) if net.exact else tuple(int(l.log2_gain) for l in (net.conv1, net.conv2, net.fc))
@@ -120,22 +128,9 @@ def quantize_digits(net: DigitsNet, bits: int, x_train: Tensor, y_train: Tensor,
     with torch.no_grad():
         for src, dst, g in zip((net.conv1, net.conv2, net.fc), (q.conv1, q.conv2, q.fc), gains):
             dst.weight.copy_(src.weight * 2.0 ** g)
-    wrapped = LogitsOnly(q)
-    fit_classifier(wrapped, x_train, y_train, epochs=qat_epochs, lr=5e-4, seed=seed,
-                   desc=f"QAT {bits}-bit", progress=progress)
-    q.eval()
+    train(q, classifier_loss, (x_train, y_train), epochs=qat_epochs, lr=lr, seed=seed, desc=f"QAT {bits}-bit",
+          progress=progress)
     return q
-
-
-class LogitsOnly(nn.Module):
-    """The logits of a quantized network as a plain tensor (Brevitas may return a QuantTensor)."""
-
-    def __init__(self, q: QuantDigitsNet) -> None:
-        super().__init__()
-        self.q = q
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _value(self.q(x))
 
 
 @torch.no_grad()
@@ -189,35 +184,168 @@ def run_digits_golden(bundle: Bundle, x_int: np.ndarray, upto: int | None = None
     return run_layers(bundle.layers[start:upto], x_int)
 
 
+DIGITS_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "digits"
+"""The committed networks of the recipe at seed 0 (8-bit MinConv QAT); see :func:`load_digits_models`."""
+CHECKPOINT_FORMAT = "licforge-digits-checkpoint/1"
+QUANT_FORMAT = "licforge-digits-quant/1"
+PRODUCTS = ("mul", "min")
+CALIB_IMAGES = 256
+"""The MinConv twin's weight gains are calibrated on this many training images."""
+_REWRITE = "python -m licforge.quant.digits (trains the recipe at seed 0 and rewrites the folder)"
+
+
+@dataclass(frozen=True)
+class DigitsRecipe:
+    """Budget of the digits training chain: epochs and learning rates of the exact CNN, of the
+    MinConv twin's fine-tuning and of QAT.  With ``whole_epochs`` (the default) an epoch of
+    the float stages is one pass over the images, the learning rate annealed once per epoch;
+    without, ``epochs`` stands for :func:`models.training.epoch_steps` full minibatches, the
+    learning rate annealed every step (the watermark study's budget).  QAT always counts passes."""
+    exact_epochs: int = 40
+    minconv_epochs: int = 20
+    qat_epochs: int = 10
+    exact_lr: float = 3e-3
+    minconv_lr: float = 1e-3
+    qat_lr: float = 5e-4
+    whole_epochs: bool = True
+
+    def budget(self, n: int, epochs: int) -> dict[str, int]:
+        """The keyword argument of :func:`models.training.train` for ``epochs`` epochs over ``n`` images."""
+        return {"epochs": epochs} if self.whole_epochs else {"steps": epoch_steps(n, epochs)}
+
+
 @dataclass
 class DigitsModels:
-    """Float exact, float MinConv and quantized networks with held-out accuracies."""
-    exact: object
-    minconv: object
-    quantized: dict
-    accuracy: dict
-    split: tuple
+    """The networks of one run of :func:`train_digits_models`: the float exact CNN, its float
+    MinConv twin (None for ``product="mul"``) and the QAT networks by bit width, with their
+    accuracies on the test images of ``split`` = (x_train, y_train, x_test, y_test)."""
+    exact: DigitsNet
+    minconv: DigitsNet | None
+    quantized: dict[int, QuantDigitsNet]
+    accuracy: dict[str, float]
+    split: tuple[Tensor, Tensor, Tensor, Tensor]
+    seed: int = 0
+    product: str = "min"
+    recipe: DigitsRecipe = DigitsRecipe()
 
 
 def train_digits_models(seed: int = 0, bits: tuple[int, ...] = (8,), *, product: str = "min",
+                        recipe: DigitsRecipe = DigitsRecipe(),
+                        split: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
                         progress: bool = True) -> DigitsModels:
-    """Train the exact classifier, its MinConv twin, and QAT versions at each bit width."""
-    from licforge.models.digits import accuracy, load_digits_split, to_minconv
-    from licforge.models.training import fit_classifier
-
+    """The digits recipe: the exact CNN (torch seeded with ``seed``); for ``product="min"``
+    its MinConv twin (gains calibrated on the first :data:`CALIB_IMAGES` training images),
+    fine-tuned; then QAT at each of ``bits`` of the MinConv (``"min"``) or exact (``"mul"``)
+    network.  ``split`` = (x_train, y_train, x_test, y_test) defaults to
+    :func:`models.digits.load_digits_split` of ``seed``; accuracies are on its test images."""
+    if product not in PRODUCTS:
+        raise ValueError(f"product must be one of {PRODUCTS}, not {product!r}")
     torch.manual_seed(seed)
-    xtr, ytr, xte, yte = load_digits_split(seed=seed)
+    split = load_digits_split(seed=seed) if split is None else split
+    xtr, ytr = split[0], split[1]
     exact = DigitsNet()
-    fit_classifier(exact, xtr, ytr, epochs=40, seed=seed, desc="exact CNN", progress=progress)
+    train(exact, classifier_loss, (xtr, ytr), **recipe.budget(len(xtr), recipe.exact_epochs), lr=recipe.exact_lr,
+          seed=seed, desc="exact CNN", progress=progress)
+    minconv = None
+    if product == "min":
+        minconv = to_minconv(exact, xtr[:CALIB_IMAGES])
+        train(minconv, classifier_loss, (xtr, ytr), **recipe.budget(len(xtr), recipe.minconv_epochs),
+              lr=recipe.minconv_lr, seed=seed, desc="MinConv fine-tune", progress=progress)
+    src = minconv if minconv is not None else exact
+    quantized = {b: quantize_digits(src, b, xtr, ytr, qat_epochs=recipe.qat_epochs, lr=recipe.qat_lr, seed=seed,
+                                    progress=progress) for b in bits}
+    return DigitsModels(exact, minconv, quantized, _accuracies(exact, minconv, quantized, product, split), split,
+                        seed, product, recipe)
+
+
+def _accuracies(exact: DigitsNet, minconv: DigitsNet | None, quantized: dict[int, QuantDigitsNet], product: str,
+                split: tuple[Tensor, Tensor, Tensor, Tensor]) -> dict[str, float]:
+    """Test accuracy of every network of a run (and of the MinConv twin right after conversion)."""
+    xtr, _, xte, yte = split
     acc = {"float_exact": accuracy(exact, xte, yte)}
-    mc = to_minconv(exact, xtr[:256])
-    acc["float_minconv_converted"] = accuracy(mc, xte, yte)
-    fit_classifier(mc, xtr, ytr, epochs=20, lr=1e-3, seed=seed, desc="MinConv fine-tune", progress=progress)
-    acc["float_minconv"] = accuracy(mc, xte, yte)
-    src = mc if product == "min" else exact
+    if minconv is not None:
+        acc["float_minconv_converted"] = accuracy(to_minconv(exact, xtr[:CALIB_IMAGES]), xte, yte)
+        acc["float_minconv"] = accuracy(minconv, xte, yte)
+    acc.update({f"quant_{product}_{b}bit": accuracy(q, xte, yte) for b, q in quantized.items()})
+    return acc
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _quant_file(product: str, bits: int) -> str:
+    return f"quant_{product}_{bits}bit.pt"
+
+
+def save_digits_models(models: DigitsModels, folder: str | Path = DIGITS_CHECKPOINT) -> Path:
+    """Write the networks of ``models`` (trained on the default split of their seed) to
+    ``folder``: ``exact.pt`` and ``minconv.pt`` (:func:`models.digits.save_digits_model`),
+    ``quant_<product>_<bits>bit.pt`` per QAT network, and ``meta.json`` (seed, recipe,
+    accuracies, sha256 of every file).  Returns the path of ``meta.json``."""
+    if not all(torch.equal(a, b) for a, b in zip(models.split, load_digits_split(seed=models.seed))):
+        raise ValueError(f"a digits checkpoint holds networks trained on load_digits_split(seed={models.seed}); "
+                         f"these were trained on another split")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [save_digits_model(models.exact, folder / "exact.pt")]
+    if models.minconv is not None:
+        paths.append(save_digits_model(models.minconv, folder / "minconv.pt"))
+    for b, q in models.quantized.items():
+        gains = [int(getattr(m, "log2_gain", 0)) for m in (q.conv1, q.conv2, q.fc)]
+        torch.save({"format": QUANT_FORMAT, "c1": q.c1, "c2": q.c2, "bits": q.bits, "out_bits": q.out_bits,
+                    "product": q.product, "gains": gains, "state_dict": q.state_dict()},
+                   folder / _quant_file(models.product, b))
+        paths.append(folder / _quant_file(models.product, b))
+    meta = {"format": CHECKPOINT_FORMAT, "seed": models.seed, "product": models.product,
+            "bits": sorted(models.quantized), "recipe": asdict(models.recipe), "accuracy": models.accuracy,
+            "torch": torch.__version__, "files": {p.name: _sha256(p) for p in paths}}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return folder / "meta.json"
+
+
+def load_digits_models(folder: str | Path = DIGITS_CHECKPOINT) -> DigitsModels:
+    """The networks written by :func:`save_digits_models` (by default the committed ones),
+    with the split of their seed and their accuracies measured again.  A missing, corrupt,
+    edited or mismatched file raises :class:`models.lic.CheckpointError` naming it and the fix."""
+    folder = Path(folder)
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path}: not found; write the digits checkpoint with {_REWRITE}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: not JSON ({e}); rewrite it with {_REWRITE}") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{meta_path}: format {got!r}, expected {CHECKPOINT_FORMAT!r}; "
+                              f"rewrite it with {_REWRITE}")
+    for name, digest in meta["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found (listed in {meta_path}); rewrite the folder with {_REWRITE}")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: sha256 differs from the one recorded in {meta_path} (a corrupt file, "
+                                  f"or one of another run); rewrite the folder with {_REWRITE}")
+    product, seed = meta["product"], meta["seed"]
+    exact = load_digits_model(folder / "exact.pt", _REWRITE)
+    minconv = load_digits_model(folder / "minconv.pt", _REWRITE) if "minconv.pt" in meta["files"] else None
     quantized = {}
-    for b in bits:
-        q = quantize_digits(src, b, xtr, ytr, seed=seed, progress=progress)
-        quantized[b] = q
-        acc[f"quant_{product}_{b}bit"] = accuracy(LogitsOnly(q), xte, yte)
-    return DigitsModels(exact, mc, quantized, acc, (xtr, ytr, xte, yte))
+    for b in meta["bits"]:
+        path = folder / _quant_file(product, b)
+        ck = read_checkpoint(path, QUANT_FORMAT, _REWRITE)
+        try:
+            q = QuantDigitsNet(ck["c1"], ck["c2"], ck["bits"], ck["out_bits"], ck["product"], tuple(ck["gains"]))
+            q.load_state_dict(ck["state_dict"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: not a whole quantized digits network ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:160]}); rewrite the folder with {_REWRITE}") from None
+        quantized[b] = q.eval()
+    split = load_digits_split(seed=seed)
+    return DigitsModels(exact, minconv, quantized, _accuracies(exact, minconv, quantized, product, split), split,
+                        seed, product, DigitsRecipe(**meta["recipe"]))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # as in the tests: the checkpoint is what one thread computes
+    print(save_digits_models(train_digits_models(seed=0, bits=(8,))))

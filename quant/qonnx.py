@@ -134,7 +134,7 @@ def _finn_verdict(model, node) -> tuple[str, str, str]:
     elif op == "Mul" and any(model.get_initializer(i) is not None for i in node.input):
         key = "Mul.const"
     if key not in FINN_NOTES:
-        return "unsupported", f"{op}: not in licforge's FINN table (flows/qonnx_export.py FINN_NOTES)", ""
+        return "unsupported", f"{op}: not in licforge's FINN table (quant/qonnx.py FINN_NOTES)", ""
     status, why, src = FINN_NOTES[key]
     return status, why.format(**fill), src
 
@@ -312,15 +312,10 @@ def export_classifier(q: nn.Module, x: Tensor, out: str | Path) -> dict[str, Any
 
 
 def train_exact_classifier(seed: int = 0, bits: int = 8, *, progress: bool = False) -> tuple[nn.Module, Tensor]:
-    """The exact-product digits classifier (float training, then ``bits``-bit QAT) and the
-    held-out digits: what ``licforge qonnx digits`` exports."""
-    from licforge.models.digits import DigitsNet, load_digits_split
-    from licforge.models.training import fit_classifier
-    from licforge.quant.digits import quantize_digits
+    """The exact-product digits classifier (the digits recipe with ``product="mul"``: float
+    training, then ``bits``-bit QAT) and the held-out digits: what ``licforge qonnx digits`` exports."""
+    from licforge.quant.digits import train_digits_models
 
-    torch.manual_seed(seed)
-    xtr, ytr, xte, _ = load_digits_split(seed=seed)
-    net = DigitsNet()
-    fit_classifier(net, xtr, ytr, epochs=40, seed=seed, desc="exact CNN", progress=progress)
-    return quantize_digits(net, bits, xtr, ytr, seed=seed, progress=progress), xte
+    m = train_digits_models(seed, (bits,), product="mul", progress=progress)
+    return m.quantized[bits], m.split[2]
 

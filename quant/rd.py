@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["bd_rate", "bd_psnr", "curves_from_results", "rd_report", "plot_rd"]
+__all__ = ["bd_rate", "bd_psnr", "curves_from_results", "rd_report", "plot_rd", "curve_style"]
 
 
 def _pchip_mean(x: np.ndarray, y: np.ndarray, lo: float, hi: float) -> float:
@@ -81,10 +81,12 @@ def rd_report(curves: dict[str, list[tuple[float, float]]], anchor: str) -> dict
                            "points": [list(p) for p in v]} for k, v in curves.items()}}
 
 
-def _style(label: str, palette: dict[str, str]) -> dict[str, Any]:
-    """Colour by model family (the teacher black, each width ``N=..`` its own colour, each
-    baseline a grey), line style by variant: distilled solid (``mix50`` dashed), not distilled
-    dotted, another seed dash-dot, fixed point dash-dot-dot, float GDN long dashes."""
+def curve_style(label: str, palette: dict[str, str]) -> dict[str, Any]:
+    """Matplotlib ``color``, ``ls`` and ``marker`` of the RD curve named ``label``.  Colour by
+    model family (the teacher black, each width ``N=..`` its own colour, recorded in ``palette``
+    on first sight, each baseline a grey), line style by variant: distilled solid (``mix50``
+    dashed), not distilled dotted, another seed dash-dot, fixed point dash-dot-dot, float GDN
+    long dashes."""
     word = label.split()[0]
     if word in ("JPEG", "WebP"):
         return {"color": {"JPEG": "0.55", "WebP": "0.25"}[word], "ls": "--", "marker": "s"}
@@ -105,7 +107,7 @@ def _style(label: str, palette: dict[str, str]) -> dict[str, Any]:
 
 
 def plot_rd(curves: dict[str, list[tuple[float, float]]], out: Path, title: str = "") -> Path:
-    """PSNR vs bpp, one line per curve (see :func:`_style`); the rate axis ends a little
+    """PSNR vs bpp, one line per curve (see :func:`curve_style`); the rate axis ends a little
     past the learned codecs' largest rate."""
     import matplotlib
 
@@ -117,7 +119,7 @@ def plot_rd(curves: dict[str, list[tuple[float, float]]], out: Path, title: str 
     learned = []
     for k in sorted(curves, key=lambda c: (c.split()[0] in ("JPEG", "WebP"), c)):
         pts = np.array(curves[k])
-        st = _style(k, palette)
+        st = curve_style(k, palette)
         ax.plot(pts[:, 0], pts[:, 1], linestyle=st["ls"], color=st["color"], marker=st["marker"], ms=3.5,
                 lw=1.4, label=k)
         if st["marker"] == "o":

@@ -2,7 +2,7 @@
 
 Each flow writes its result next to a resumable training state (``<out>.state.pt``) and
 records in the weight file's ``meta`` what produced it (curve label, lambda, settings,
-training wall time), which ``licforge eval`` and ``rd-plot`` read back.
+training wall time), which ``licforge eval`` and ``plot rd`` read back.
 """
 from __future__ import annotations
 

@@ -16,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["YosysError", "synthesize", "summarize_cells", "FAMILIES"]
+__all__ = ["YosysError", "synthesize", "summarize_cells", "FAMILIES", "DEFAULT_FAMILY"]
 
 FAMILIES = ("xc7", "xcu", "xcup")
+DEFAULT_FAMILY = "xcup"  # the command line's --family: UltraScale+, as the ZCU102 of the seed paper
 
 
 class YosysError(RuntimeError):

@@ -1,7 +1,8 @@
 """RTL simulation of a bundle's decoder against the integer golden model: single blocks
 (random extremes or the real tensors of an image), whole decodes of integer latents, and
-whole images through a real bitstream.  Every run builds under an explicit ``build_dir``
-(``build_dir/sim/<kind>/<bundle hash>_<tag>``).
+whole images through a real bitstream.  Every run works under an explicit ``build_dir``
+(``build_dir/sim/<kind>/<bundle hash>_<tag>``) and builds its simulator there, or, given
+``cache_dir``, takes it from that build cache (:func:`sim.runner.run_cocotb`).
 """
 from __future__ import annotations
 
@@ -12,16 +13,9 @@ import numpy as np
 
 from licforge.errors import CheckFailed, UsageError
 from licforge.rtl.project import DEFAULT_MAX_WIDTH, build_decoder
+from .stimulus import extreme_ints
 
-__all__ = ["extreme_pixels", "layer_inputs", "check_block", "rtl_decode", "sim_decode_image"]
-
-def extreme_pixels(rng: np.random.Generator, shape: tuple[int, ...], bits: int) -> np.ndarray:
-    """Random signed ``bits``-bit integers of which a third are the extremes -2^(b-1), 0,
-    2^(b-1)-1."""
-    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    v = rng.integers(lo, hi + 1, size=shape)
-    pick = rng.random(shape)
-    return np.where(pick < 0.11, lo, np.where(pick < 0.22, 0, np.where(pick < 0.33, hi, v))).astype(np.int64)
+__all__ = ["layer_inputs", "check_block", "rtl_decode", "sim_decode_image"]
 
 
 def _work(build_dir: Path, kind: str, bundle, tag: str) -> Path:
@@ -29,13 +23,15 @@ def _work(build_dir: Path, kind: str, bundle, tag: str) -> Path:
 
 
 def _simulate(dut, bundle, layers: list[str], x: np.ndarray, work: Path, *, frame: bool, timeout: int,
-              seed: int, p_ready: float, p_valid: float = 1.0, simulator: str = "verilator", run_name=None):
+              seed: int, p_ready: float, p_valid: float = 1.0, simulator: str = "verilator", run_name=None,
+              cache_dir: Path | None = None):
     from licforge.sim.layer_chain import simulate_chain
     from licforge.sim.runner import SimulationFailed
 
     try:
         return simulate_chain(dut, bundle.path, layers, x, work=work, timeout_cycles=timeout, frame_ports=frame,
-                              seed=seed, p_valid=p_valid, p_ready=p_ready, simulator=simulator, run_name=run_name)
+                              seed=seed, p_valid=p_valid, p_ready=p_ready, simulator=simulator, run_name=run_name,
+                              cache_dir=cache_dir)
     except SimulationFailed as e:
         raise CheckFailed(str(e)) from None
 
@@ -119,7 +115,7 @@ def _block(bundle, kind: str, layer, pi: int, po: int, width: int):
 def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: int | None, po: int | None, height: int = 3,
                 width: int = 4,
                 image: np.ndarray | None = None, seed: int = 0, p_valid: float = 0.8, p_ready: float = 0.6,
-                simulator: str = "verilator") -> dict:
+                simulator: str = "verilator", cache_dir: Path | None = None) -> dict:
     """One block (``kind`` 'convt' or 'gdn': a bundle layer, by default the first of its op)
     or the whole decoder ('decoder') against the golden model, with random bubbles and
     back-pressure; ``pi``/``po`` None picks the largest divisors up to 8 (of the heaviest
@@ -136,7 +132,7 @@ def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: in
     dpi, dpo = _default_parallelism(bundle, kind, layers[0])
     pi, po = pi or dpi, po or dpo
     dut, channels, bits, frame = _block(bundle, kind, layers[0], pi, po, width)
-    x = real if real is not None else extreme_pixels(np.random.default_rng(seed), (1, channels, height, width), bits)
+    x = real if real is not None else extreme_ints(np.random.default_rng(seed), (1, channels, height, width), bits)
     if kind == "decoder":
         busy = frame_timeline(dut.plan, height, width)["cycles"]
     else:
@@ -144,13 +140,14 @@ def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: in
     timeout = int((4 * busy + 10_000) / min(p_valid, p_ready))
     tag = f"{names[0] if kind != 'decoder' else 'all'}_pi{pi}_po{po}_w{width}"
     res = _simulate(dut, bundle, names, x, _work(build_dir, kind, bundle, tag), frame=frame, timeout=timeout, seed=seed,
-                    p_valid=p_valid, p_ready=p_ready, simulator=simulator)
+                    p_valid=p_valid, p_ready=p_ready, simulator=simulator, cache_dir=cache_dir)
     return {**res.report, "layers": names, "pi": pi, "po": po, "input_shape": list(x.shape),
             "simulator": res.simulator, "wall_s": round(res.wall_s, 2)}
 
 
 def rtl_decode(bundle, latents: np.ndarray, build_dir: Path, *, pi: int, po: int, max_width: int = DEFAULT_MAX_WIDTH,
-               seed: int = 0, p_ready: float = 1.0, simulator: str = "verilator") -> tuple[np.ndarray, dict]:
+               seed: int = 0, p_ready: float = 1.0, simulator: str = "verilator",
+               cache_dir: Path | None = None) -> tuple[np.ndarray, dict]:
     """Decode integer latents (frames, M, h, w), frames back to back, with the decoder RTL
     (checked against the golden decoder inside the testbench); returns the pixels
     (frames, 3, 16h, 16w) and the report (mismatches, cycles, simulated cycles per second,
@@ -167,7 +164,7 @@ def rtl_decode(bundle, latents: np.ndarray, build_dir: Path, *, pi: int, po: int
     res = _simulate(dut, bundle, [l.name for l in dut.layers], latents,
                     _work(build_dir, "decoder", bundle, f"pi{pi}_po{po}_w{max_width}"), frame=True,
                     timeout=int(4 * model["cycles"] / p_ready) + 10_000, seed=seed, p_ready=p_ready,
-                    simulator=simulator, run_name=f"decode_{frames}x{h}x{w}_s{seed}")
+                    simulator=simulator, run_name=f"decode_{frames}x{h}x{w}_s{seed}", cache_dir=cache_dir)
     pixels = np.load(Path(res.report["run_dir"]) / "outputs.npy")
     report = {**res.report, "model_cycles": model["cycles"], "multipliers": sum(p.multipliers for p in dut.plan),
               "simulator": res.simulator, "wall_s": round(time.perf_counter() - t0, 2)}
@@ -175,7 +172,7 @@ def rtl_decode(bundle, latents: np.ndarray, build_dir: Path, *, pi: int, po: int
 
 
 def sim_decode_image(bundle, image: np.ndarray, build_dir: Path, *, pi: int, po: int, max_width: int = DEFAULT_MAX_WIDTH,
-                     simulator: str = "verilator") -> dict:
+                     simulator: str = "verilator", cache_dir: Path | None = None) -> dict:
     """Compress ``image`` (uint8 H x W x 3) to a real bitstream with the bundle's encoder,
     entropy-decode the latents, decode them with the RTL, and compare: bits per pixel, PSNR
     of the hardware-decoded image, mismatches against the golden decoder, cycles."""
@@ -186,7 +183,8 @@ def sim_decode_image(bundle, image: np.ndarray, build_dir: Path, *, pi: int, po:
     img = np.asarray(image)
     data = encode_image(bundle, img)
     latents, (hh, ww) = decode_latents(bundle, data)
-    pixels, rep = rtl_decode(bundle, latents, build_dir, pi=pi, po=po, max_width=max_width, simulator=simulator)
+    pixels, rep = rtl_decode(bundle, latents, build_dir, pi=pi, po=po, max_width=max_width, simulator=simulator,
+                             cache_dir=cache_dir)
     rgb = pixels[0, :, :hh, :ww].transpose(1, 2, 0)
     return {"bytes": len(data), "bpp": 8 * len(data) / (hh * ww), "psnr_db": psnr(rgb, img),
             "mismatches": rep["mismatches"], "cycles": rep["cycles"], "model_cycles": rep["model_cycles"],

@@ -12,6 +12,7 @@ from licforge.rtl.lane_array import LaneArray
 from licforge.errors import UsageError, need_int
 
 from .runner import SimResult, run_cocotb
+from .stimulus import extreme_ints
 
 __all__ = ["LaneArrayConfig", "simulate_lane_array", "extreme_vectors", "layer_array_config",
            "layer_stimulus", "layer_output_from_dots", "array_config", "generate_array", "random_array_check"]
@@ -44,27 +45,24 @@ class LaneArrayConfig:
 
 def extreme_vectors(rng: np.random.Generator, dots: int, beats: int, lanes: int,
                     bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random operands in which a third of the entries are the extremes -2^(b-1), 0, 2^(b-1)-1."""
+    """Operands x, w of shape (dots, beats, lanes) from :func:`sim.stimulus.extreme_ints`; with
+    three dots or more, the first three are whole dot products of extremes (x, w all -2^(b-1);
+    -2^(b-1) and 2^(b-1)-1; all 2^(b-1)-1), to hit the accumulator's corners."""
     lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    shape = (dots, beats, lanes)
-    out = []
-    for _ in range(2):
-        v = rng.integers(lo, hi + 1, size=shape)
-        pick = rng.random(shape)
-        v = np.where(pick < 0.11, lo, np.where(pick < 0.22, 0, np.where(pick < 0.33, hi, v)))
-        out.append(v.astype(np.int64))
-    # whole dot products of extremes, to hit the accumulator's corners
+    x, w = (extreme_ints(rng, (dots, beats, lanes), bits) for _ in range(2))
     if dots >= 3:
-        out[0][0], out[1][0] = lo, lo
-        out[0][1], out[1][1] = lo, hi
-        out[0][2], out[1][2] = hi, hi
-    return out[0], out[1]
+        x[0], w[0] = lo, lo
+        x[1], w[1] = lo, hi
+        x[2], w[2] = hi, hi
+    return x, w
 
 
 def simulate_lane_array(cfg: LaneArrayConfig, x: np.ndarray, w: np.ndarray, work: Path, *, seed: int = 0,
-                        p_valid: float = 1.0, p_ready: float = 1.0, simulator: str = "verilator") -> SimResult:
+                        p_valid: float = 1.0, p_ready: float = 1.0, simulator: str = "verilator",
+                        cache_dir: Path | None = None) -> SimResult:
     """Generate ``cfg``'s Verilog, stream ``x``/``w`` (dots, beats, lanes) through it and
-    compare every output with the golden model; returns the testbench's report."""
+    compare every output with the golden model; returns the testbench's report.  The
+    simulator is built in ``work/build_<simulator>``, or taken from the build cache ``cache_dir``."""
     if x.shape != w.shape or x.ndim != 3 or x.shape[2] != cfg.lanes:
         raise ValueError(f"x and w must both have shape (dots, beats, {cfg.lanes}); got {x.shape}, {w.shape}")
     if x.shape[1] > cfg.max_beats:
@@ -77,7 +75,8 @@ def simulate_lane_array(cfg: LaneArrayConfig, x: np.ndarray, w: np.ndarray, work
     params = {**asdict(cfg), "seed": seed, "p_valid": p_valid, "p_ready": p_ready}
     np.savez(run_dir / "stimulus.npz", x=x, w=w, params=json.dumps(params))
     return run_cocotb(sources=sources, toplevel="top", test_module="licforge.sim.tb_lane_array",
-                      build_dir=work / f"build_{simulator}", test_dir=run_dir,
+                      build_dir=None if cache_dir is not None else work / f"build_{simulator}",
+                      cache_dir=cache_dir, test_dir=run_dir,
                       tb_input=run_dir / "stimulus.npz", simulator=simulator, seed=seed)
 
 

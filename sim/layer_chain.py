@@ -1,9 +1,10 @@
 """Simulate a chain of bundle layers in RTL (an engine, a GDN unit, the whole decoder) on its
 generated Verilog inside :mod:`sim.harness`, checked by :mod:`sim.tb_layer_chain`.
 
-Builds are cached per ``work`` directory: the Verilog is rewritten only when its text
+Builds are reused: the Verilog in a ``work`` directory is rewritten only when its text
 changes, so that several stimuli (seeds, frame sizes, back-pressure) share one Verilator
-build.
+build there; given ``cache_dir``, the build comes from :func:`sim.runner.run_cocotb`'s cache
+instead, shared by every ``work`` directory.
 """
 from __future__ import annotations
 
@@ -46,11 +47,12 @@ def generate_sources(component, rtl_dir: Path, *, depth: int, frame_ports: bool)
 def simulate_chain(component, bundle_dir: Path, layers: list[str], x: np.ndarray, *, work: Path,
                    timeout_cycles: int, frame_ports: bool = True, seed: int = 0, p_valid: float = 1.0,
                    p_ready: float = 1.0, simulator: str = "verilator", depth: int | None = None,
-                   run_name: str | None = None) -> SimResult:
+                   run_name: str | None = None, cache_dir: Path | None = None) -> SimResult:
     """Stream ``x`` (frames, C, H, W) through ``component`` (frames back to back, one size) and
     compare with the golden model of ``layers`` of the bundle at ``bundle_dir``; returns the
     testbench's report (mismatches, cycles, simulated cycles per second) with ``run_dir``
-    added (``outputs.npy`` is there)."""
+    added (``outputs.npy`` is there).  The simulator is built in ``work/build_<simulator>``, or
+    taken from the build cache ``cache_dir``."""
     x = np.asarray(x, np.int64)
     n_in = x.shape[0] * x.shape[2] * x.shape[3]
     depth = depth or max(1024, 1 << (n_in - 1).bit_length())
@@ -68,7 +70,7 @@ def simulate_chain(component, bundle_dir: Path, layers: list[str], x: np.ndarray
               "seed": seed, "p_valid": p_valid, "p_ready": p_ready, "timeout_cycles": int(timeout_cycles)}
     np.savez(run_dir / "stimulus.npz", x=x, params=json.dumps(params))
     res = run_cocotb(sources=sources, toplevel=HARNESS_TOP, test_module="licforge.sim.tb_layer_chain",
-                     build_dir=work / f"build_{simulator}", test_dir=run_dir, tb_input=run_dir / "stimulus.npz",
-                     simulator=simulator, seed=seed)
+                     build_dir=None if cache_dir is not None else work / f"build_{simulator}", cache_dir=cache_dir,
+                     test_dir=run_dir, tb_input=run_dir / "stimulus.npz", simulator=simulator, seed=seed)
     res.report["run_dir"] = str(run_dir)
     return res

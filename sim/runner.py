@@ -9,18 +9,40 @@ The testbench side reads its stimulus from ``LICFORGE_TB_INPUT`` (an ``.npz``/``
 written by the caller) and writes its findings (checked, mismatches, cycles, ...) as JSON to
 ``LICFORGE_TB_RESULT``; :func:`run_cocotb` returns that JSON and raises
 :class:`SimulationFailed` when cocotb reports a failed test.
+
+Build cache: given ``cache_dir`` instead of ``build_dir``, :func:`run_cocotb` compiles a
+design once into ``cache_dir/<key>`` (:func:`build_key`: the Verilog sources' names and
+contents, the toplevel, the simulator and its version, cocotb, the build arguments and the
+timescale) and reuses that simulator for every later run with the same key, in this process
+or another.  ROM contents are not part of the key: ``$readmemh`` reads its hex files at run
+time, from the run's ``test_dir``.  Concurrent builders of one key (pytest-xdist workers)
+take turns on a lock file beside the entry; an entry counts as built only once its build has
+finished (the ``BUILT`` marker), so a build that died half-way is redone.  A finished entry
+keeps the simulator, the generated C++ and the build log, not the compiler's intermediates.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["SimulatorUnavailable", "SimulationFailed", "SimResult", "simulator_env", "run_cocotb"]
+__all__ = ["SimulatorUnavailable", "SimulationFailed", "SimResult", "simulator_env", "run_cocotb", "build_key",
+           "TIMESCALE"]
+
+#: time unit and precision of every simulation
+TIMESCALE = ("1ns", "1ps")
+_BUILT = "BUILT"  # marker file of a finished cache entry
+#: compiler intermediates a finished cache entry drops (Verilator's precompiled headers are
+#: ~150 MB for the decoder; the simulator executable is all that a run needs)
+_INTERMEDIATES = (".gch", ".o", ".a")
 
 
 class SimulatorUnavailable(RuntimeError):
@@ -92,19 +114,76 @@ def _patched_env(values: dict[str, str], drop: tuple[str, ...] = ()):
                 os.environ[k] = v
 
 
-def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, build_dir: Path,
-               test_dir: Path, tb_input: Path | None = None, simulator: str = "verilator",
-               extra_env: dict[str, str] | None = None, seed: int = 0) -> SimResult:
+def _build_args(simulator: str) -> list[str]:
+    return ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"] if simulator == "verilator" else []
+
+
+def _tool_identity(simulator: str) -> str:
+    """What a compiled simulator depends on beyond its sources: the simulator's version and
+    location, cocotb's version and the folder of the VPI libraries it links."""
+    from cocotb_tools.config import libs_dir
+
+    if simulator == "verilator":
+        tool = f"verilator {importlib.metadata.version('verilator')} at {_verilator_root()}"
+    else:
+        exe = shutil.which("iverilog")
+        tool = f"iverilog at {exe} (modified {os.stat(exe).st_mtime_ns if exe else None})"
+    return f"{tool}; cocotb {importlib.metadata.version('cocotb')} at {libs_dir}"
+
+
+def build_key(sources: list[Path], toplevel: str, simulator: str) -> str:
+    """SHA-256 (hex) of everything a compiled simulator of ``sources`` depends on: each
+    source's file name and contents (in order), ``toplevel``, ``simulator`` with its version,
+    cocotb, the build arguments and :data:`TIMESCALE`; not the sources' folders, nor the
+    contents of the ROM files they read at run time."""
+    h = hashlib.sha256()
+    for part in (simulator, _tool_identity(simulator), toplevel, json.dumps(_build_args(simulator)),
+                 json.dumps(TIMESCALE)):
+        h.update(part.encode() + b"\0")
+    for src in sources:
+        data = Path(src).read_bytes()
+        h.update(f"{Path(src).name}\0{len(data)}\0".encode() + data)
+    return h.hexdigest()
+
+
+def _build_once(entry: Path, build: Callable[[Path], None]) -> None:
+    """Run ``build(entry)`` unless ``entry`` holds a finished build; builders of one entry
+    (threads or processes) take turns on ``entry.lock``, and a half-built entry is built anew."""
+    done = entry / _BUILT
+    if done.is_file():
+        return
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(entry.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if done.is_file():  # built by another while this one waited
+            return
+        shutil.rmtree(entry, ignore_errors=True)
+        build(entry)
+        done.write_text("")
+
+
+def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, test_dir: Path,
+               build_dir: Path | None = None, cache_dir: Path | None = None, tb_input: Path | None = None,
+               simulator: str = "verilator", extra_env: dict[str, str] | None = None, seed: int = 0) -> SimResult:
     """Build ``sources`` with ``simulator`` and run cocotb ``test_module`` against ``toplevel``.
 
-    ``test_dir`` is the simulation's working directory (ROM hex files are found there).
-    Raises :class:`SimulatorUnavailable` or :class:`SimulationFailed`.
+    The simulator is built in ``build_dir`` (rebuilt there as its tools see fit), or, given
+    ``cache_dir`` instead, taken from the build cache: ``cache_dir/<simulator>-<the first 32
+    digits of build_key>``, built there first if absent.  ``test_dir`` is the simulation's
+    working directory (ROM hex files are found there).  Raises :class:`SimulatorUnavailable`
+    or :class:`SimulationFailed`.
     """
     from cocotb_tools.check_results import get_results
     from cocotb_tools.runner import get_runner
 
+    if (build_dir is None) == (cache_dir is None):
+        raise ValueError("run_cocotb needs one of build_dir (a private build) and cache_dir (a shared cache)")
     env = simulator_env(simulator)
-    build_dir, test_dir = Path(build_dir).resolve(), Path(test_dir).resolve()
+    sources = [Path(s).resolve() for s in sources]
+    test_dir = Path(test_dir).resolve()
+    if cache_dir is not None:
+        build_dir = Path(cache_dir) / f"{simulator}-{build_key(sources, toplevel, simulator)[:32]}"
+    build_dir = Path(build_dir).resolve()
     test_dir.mkdir(parents=True, exist_ok=True)
     result_json = test_dir / f"{test_module.rsplit('.', 1)[-1]}.{simulator}.result.json"
     result_json.unlink(missing_ok=True)
@@ -116,14 +195,25 @@ def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, build_di
     # its results file ourselves instead, so the same code serves pytest and the CLI.
     with _patched_env(env, drop=("PYTEST_CURRENT_TEST",)):
         runner = get_runner(simulator)
-        build_args = ["-Wno-fatal", "-Wno-WIDTHEXPAND", "-Wno-WIDTHTRUNC"] if simulator == "verilator" else []
-        runner.build(sources=[Path(s).resolve() for s in sources], hdl_toplevel=toplevel,
-                     build_dir=build_dir, build_args=build_args, timescale=("1ns", "1ps"),
-                     log_file=build_dir / "build.log")
+
+        def build(into: Path) -> None:
+            runner.build(sources=sources, hdl_toplevel=toplevel, build_dir=into, build_args=_build_args(simulator),
+                         timescale=TIMESCALE, log_file=into / "build.log")
+
+        def build_and_prune(into: Path) -> None:
+            build(into)
+            for f in into.iterdir():
+                if f.suffix in _INTERMEDIATES:
+                    f.unlink()
+
+        if cache_dir is None:
+            build(build_dir)
+        else:
+            _build_once(build_dir, build_and_prune)
         try:
-            xml = runner.test(hdl_toplevel=toplevel, test_module=test_module, test_dir=test_dir,
-                              build_dir=build_dir, extra_env=tb_env, seed=seed,
-                              timescale=("1ns", "1ps"), log_file=test_dir / f"{simulator}.log")
+            xml = runner.test(hdl_toplevel=toplevel, hdl_toplevel_lang="verilog", test_module=test_module,
+                              test_dir=test_dir, build_dir=build_dir, extra_env=tb_env, seed=seed,
+                              timescale=TIMESCALE, log_file=test_dir / f"{simulator}.log")
         except SystemExit as e:  # simulator crashed before writing results
             raise SimulationFailed(f"{simulator} exited with {e.code}; see {test_dir / (simulator + '.log')}") from None
     tests, failed = get_results(Path(xml))

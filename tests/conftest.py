@@ -1,4 +1,4 @@
-"""Shared fixtures: one trained digits classifier per session, simulator selection."""
+"""Shared fixtures: the committed digits classifiers, simulator selection, the LIC bundles."""
 from __future__ import annotations
 
 import shutil
@@ -13,10 +13,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def digits_models():
-    """Exact CNN, MinConv twin and an 8-bit QAT MinConv classifier (seed 0), trained once."""
-    from licforge.quant.digits import train_digits_models
+    """Exact CNN, MinConv twin and an 8-bit QAT MinConv classifier (seed 0): the committed
+    checkpoint (models/checkpoints/digits), which one test retrains to check it is current."""
+    from licforge.quant.digits import load_digits_models
 
-    return train_digits_models(seed=0, bits=(8,), progress=False)
+    return load_digits_models()
 
 
 @pytest.fixture(scope="session")
@@ -30,14 +31,13 @@ def digits_bundle(digits_models, tmp_path_factory):
     return read_bundle(out)
 
 
-def require_simulator(name: str) -> None:
-    """Skip (with the reason) when the HDL simulator ``name`` is not installed."""
-    from licforge.sim.runner import SimulatorUnavailable, simulator_env
+@pytest.fixture(scope="session")
+def sim_cache():
+    """The simulator build cache the RTL tests share (``cache_dir`` of :func:`sim.runner.run_cocotb`):
+    ``build/sim-cache`` in the repository, kept between sessions; a design is compiled once."""
+    from pathlib import Path
 
-    try:
-        simulator_env(name)
-    except SimulatorUnavailable as e:
-        pytest.skip(str(e))
+    return Path(__file__).resolve().parent.parent / "build" / "sim-cache"
 
 
 LIC_BUNDLE = "models/checkpoints/bundles/student_n16_hybrid8"

@@ -1,15 +1,15 @@
-"""The command line: generated files, Yosys reports, and one-line errors with exit code 2."""
+"""The command line: one grammar, generated files, Yosys reports, and one-line errors with exit code 2."""
+import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from licforge.flows.cli import main
+from licforge.flows.cli import build_parser, main
 
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "licforge.flows.cli", *args], capture_output=True, text=True)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -19,12 +19,151 @@ def run_cli(*args):
     (["synth", "no/such/file.v"], "no/such/file.v: not found"),
     (["rtl", "minconv", "--lanes", "eight"], "invalid int value: 'eight'"),
     (["sim", "mac", "--beats", "100"], "--beats must be between 1 and --max-beats (64), not 100"),
+    (["--threads", "0", "rtl", "minconv"], "--threads must be between 1 and 256, not 0"),
+    (["perf", "synthetic:8:8", "--pi", "4,8"], "argument --pi: invalid int value: '4,8'"),
+    (["synth", "x.v", "--family", "ecp5"], "argument --family: invalid choice: 'ecp5'"),
+    (["flow", "--out", "x"], "--out: only with --digits"),
+    (["flow", "--digits", "my.toml", "--run-dir", "r"], "CONFIG, --run-dir: not with --digits"),
 ])
-def test_bad_input_is_one_line_exit_2(args, needle):
-    r = run_cli(*args)
+def test_bad_input_is_one_line_exit_2(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
+
+
+def test_console_script_exits_2_with_one_line():
+    """The installed ``licforge`` entry point (``-m licforge.flows.cli`` without one): exit code 2, one line."""
+    script = Path(sys.executable).with_name("licforge")
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "licforge.flows.cli"]
+    r = subprocess.run(cmd + ["rtl", "minconv", "--bits", "0"], capture_output=True, text=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+    assert lines == ["licforge: error: --bits must be between 2 and 32, not 0"]
+
+
+def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(command path, parser) of every parser in the ``licforge`` tree, the top one first."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, path + (name,))
+
+
+def _option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action | None:
+    return next((a for a in parser._actions if flag in a.option_strings), None)
+
+
+COMMANDS = {path: p for path, p in _parsers(build_parser())}
+
+
+@pytest.mark.parametrize("old", [["demo"], ["kd-study"], ["bundle-info", "b"], ["rd-plot", "r.json"],
+                                 ["sim", "decode", "synthetic:8:8", "x.png"], ["watermark", "report"],
+                                 ["bench", "lic", "--results", "r"], ["eval", "--threads", "2"]])
+def test_the_old_grammar_is_refused(old, capsys):
+    assert main(old) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_one_name_per_command():
+    """Verb then object: no "demo", one name for each command, every benchmark under bench."""
+    names = {" ".join(path) for path in COMMANDS if path}
+    assert not any("demo" in path for path in COMMANDS)
+    assert {"flow", "sim image", "sim decoder", "inspect", "plot rd", "bench kd", "bench watermark", "bench all",
+            "watermark extract", "watermark attack", "watermark deploy"} <= names
+    assert not names & {"sim decode", "watermark report", "kd-study", "bundle-info", "rd-plot"}
+    assert {p[1] for p in COMMANDS if len(p) == 2 and p[0] == "bench"} == {
+        "decoder", "kd", "lic", "minconv", "watermark", "all"}
+    assert _option(COMMANDS[("flow",)], "--digits").help == "run the MinConv digits slice instead of the LIC flow"
+    for path, flags in {("bench", "watermark"): ["--hosts", "--products", "--quick"],
+                        ("bench", "kd"): ["--base-steps", "--ft-steps", "--widths", "--seeds", "--lambdas", "--work",
+                                          "--device", "--tag", "--workers"]}.items():
+        assert all(_option(COMMANDS[path], f) for f in flags), path
+    for cmd, inp in {("watermark", "extract"): "source", ("watermark", "attack"): "source",
+                     ("watermark", "deploy"): "model", ("sim", "image"): "image", ("inspect",): "bundle"}.items():
+        assert any(a.dest == inp and not a.option_strings for a in COMMANDS[cmd]._actions), cmd
+
+
+def test_the_command_table_lists_every_command():
+    """The README's command table has a row for every command of the parser, and no other."""
+    import itertools
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("\n## Commands\n"):readme.index("**Grammar.**")]
+    listed = set()
+    for line in table.splitlines():
+        if line.startswith("| `licforge "):
+            words = line.split("`")[1].split()[1:]
+            words = list(itertools.takewhile(lambda w: w.islower() and not w.startswith(("-", "[")), words))
+            listed |= set(itertools.product(*(w.split("\\|") for w in words)))
+    leaves = {path for path, p in COMMANDS.items()
+              if path and not any(isinstance(a, argparse._SubParsersAction) for a in p._actions)}
+    assert listed == leaves
+
+
+def test_one_meaning_and_one_default_per_flag():
+    """--json: never a default; --out of a benchmark: bench/results; --family: xcup; --pi/--po:
+    integers; --threads, --build: global only; no --results, --png, --model, --bundle, --verilog input flags."""
+    from licforge.rtl.yosys import DEFAULT_FAMILY
+
+    assert DEFAULT_FAMILY == "xcup"
+    seen = set()
+    for path, p in COMMANDS.items():
+        for a in p._actions:
+            for flag in a.option_strings:
+                seen.add(flag)
+                where = f"licforge {' '.join(path)} {flag}"
+                if flag == "--json":
+                    assert a.default is None, where
+                elif flag == "--family":
+                    assert a.default == DEFAULT_FAMILY, where
+                elif flag in ("--pi", "--po"):
+                    assert a.type is int, where
+                elif flag in ("--threads", "--build"):
+                    assert path == (), where
+                elif flag == "--out" and path[:1] == ("bench",):
+                    assert a.default == "bench/results", where
+                assert flag not in ("--results", "--png"), where
+                if path[:1] == ("watermark",) and path[1:] != ("deploy",):
+                    assert flag not in ("--model", "--bundle", "--verilog"), where
+    assert {"--json", "--family", "--pi", "--po", "--threads", "--out"} <= seen
+
+
+def test_bench_all_runs_every_benchmark_with_its_defaults(monkeypatch, tmp_path, capsys):
+    """Each benchmark gets (out_dir, build_dir, args with its own defaults); kd (a GPU study) is not in all."""
+    from licforge.flows import cmd_decoder, cmd_lic, cmd_minconv, cmd_watermark
+
+    calls = {}
+
+    def fake(name):
+        def bench(out, build, args):
+            calls[name] = (out, build, args)
+            return f"{name} done"
+        return bench
+
+    for mod, name in ((cmd_decoder, "decoder"), (cmd_lic, "lic"), (cmd_lic, "kd"), (cmd_minconv, "minconv"),
+                      (cmd_watermark, "watermark")):
+        monkeypatch.setattr(mod, f"_bench_{name}", fake(name))
+    assert main(["--build", str(tmp_path / "b"), "bench", "all", "--out", str(tmp_path / "r")]) == 0
+    assert sorted(calls) == ["decoder", "lic", "minconv", "watermark"]
+    assert all(c[:2] == (tmp_path / "r", tmp_path / "b") for c in calls.values())
+    assert calls["watermark"][2].hosts == "digits,lic" and calls["watermark"][2].quick is False
+    assert calls["decoder"][2].family == "xcup"
+    assert "bench minconv: minconv done" in capsys.readouterr().out
+    calls.clear()
+    assert main(["bench", "kd", "--widths", "16", "--out", str(tmp_path / "k")]) == 0
+    out, build, args = calls["kd"]
+    assert out == tmp_path / "k" and build == Path("build") and args.widths == [16] and args.work is None
+
+
+def test_threads_are_set_once_at_the_entry_point(monkeypatch, capsys):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", seen.append)
+    assert main(["--threads", "3", "inspect", str(ROOT / "models/checkpoints/bundles/student_n16_hybrid8")]) == 0
+    assert seen == [3] and "valid, hash" in capsys.readouterr().out
 
 
 def test_rtl_then_synth(tmp_path, capsys):
@@ -51,4 +190,4 @@ def test_yosys_failure_is_reported_without_traceback(tmp_path, capsys):
     bad.write_text("module top(input a; endmodule\n")
     assert main(["synth", str(bad), "--top", "top"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("licforge: yosys failed on top (xc7):") and "Traceback" not in err
+    assert err.startswith("licforge: yosys failed on top (xcup):") and "Traceback" not in err

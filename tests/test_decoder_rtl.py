@@ -7,7 +7,7 @@ import pytest
 
 from licforge.flows.cli import main
 from licforge.rtl.project import generate_decoder
-from licforge.sim.decode import extreme_pixels
+from licforge.sim.stimulus import extreme_ints
 from licforge.rtl.perf import frame_timeline
 from licforge.quant.bundle import read_bundle, write_bundle
 from licforge.quant.golden import run_layers
@@ -16,7 +16,7 @@ from licforge.quant.synthetic import random_decoder_bundle
 from licforge.rtl.decoder import Decoder
 from licforge.rtl.deployed import DeploymentError, read_deployed_weights
 from licforge.sim.layer_chain import simulate_chain
-from tests.conftest import require_simulator
+from helpers import require_simulator
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def small_bundle(tmp_path_factory):
     return read_bundle(out)
 
 
-def test_whole_decoder_is_bit_exact_and_matches_the_cycle_model(small_bundle, tmp_path_factory):
+def test_whole_decoder_is_bit_exact_and_matches_the_cycle_model(small_bundle, tmp_path_factory, sim_cache):
     require_simulator("verilator")
     layers = decoder_layers(small_bundle)
     dut = Decoder(layers, pi=2, po=3, max_width=4)
@@ -35,7 +35,8 @@ def test_whole_decoder_is_bit_exact_and_matches_the_cycle_model(small_bundle, tm
     names = [l.name for l in layers]
     # 1) a 3x2 latent grid, output always ready: pixels == golden, cycles == model within 5 %
     lat = np.random.default_rng(0).integers(-32, 33, size=(1, 8, 3, 2))
-    r = simulate_chain(dut, small_bundle.path, names, lat, work=work, timeout_cycles=10 ** 6, seed=1)
+    r = simulate_chain(dut, small_bundle.path, names, lat, work=work, timeout_cycles=10 ** 6, seed=1,
+                       cache_dir=sim_cache)
     pix = np.load(f"{r.report['run_dir']}/outputs.npy")
     assert pix.shape == (1, 3, 48, 32) and np.array_equal(pix, run_layers(layers, lat))
     assert 0 <= pix.min() and pix.max() <= 255 and len(np.unique(pix)) > 20
@@ -43,9 +44,9 @@ def test_whole_decoder_is_bit_exact_and_matches_the_cycle_model(small_bundle, tm
     print(f"cycles: simulated {r.report['cycles']}, model {model}, {r.report['sim_cycles_per_s']} cycles/s")
     assert abs(model / r.report["cycles"] - 1) < 0.05
     # 2) two frames of extreme latents back to back, input bubbles, heavy output back-pressure
-    lat = extreme_pixels(np.random.default_rng(1), (2, 8, 2, 3), 8)
+    lat = extreme_ints(np.random.default_rng(1), (2, 8, 2, 3), 8)
     r = simulate_chain(dut, small_bundle.path, names, lat, work=work, timeout_cycles=10 ** 6, seed=2,
-                       p_valid=0.5, p_ready=0.3)
+                       p_valid=0.5, p_ready=0.3, cache_dir=sim_cache)
     assert r.report["mismatches"] == 0 and r.report["checked"] == 2 * 3 * 32 * 48
 
 
@@ -81,9 +82,12 @@ def test_cli_rtl_decoder_and_its_errors(tmp_path, capsys):
 
 
 def test_cli_perf_table_prints_model_figures(capsys):
-    assert main(["perf", "synthetic:16:16", "--pi", "4,8", "--po", "4,8"]) == 0
+    assert main(["perf", "synthetic:16:16", "--pi", "8", "--po", "8"]) == 0
     out = capsys.readouterr().out
     assert "| 16/16 | 8x8     | 156" in out and "15.32" in out and "93.5%" in out
+    assert main(["perf", "synthetic:16:16"]) == 0  # no --pi/--po: the benchmark's sweep
+    out = capsys.readouterr().out
+    assert "| 16/16 | 16x2" in out and "| 16/16 | 16x4" in out and "8x8" not in out
 
 
 def test_cli_perf_keeps_the_table_when_yosys_fails(monkeypatch, tmp_path, capsys):
@@ -106,8 +110,9 @@ def test_cli_perf_keeps_the_table_when_yosys_fails(monkeypatch, tmp_path, capsys
     assert row["resources"] == {} and row["multipliers"] == 18 and row["1080p"]["fps"] > 0
 
 
-def test_sim_decode_on_the_trained_student(tmp_path, lic_bundle, capsys):
-    """``licforge sim decode`` on a real bitstream of a held-out image crop."""
+def test_sim_image_on_the_trained_student(tmp_path, lic_bundle, capsys, sim_cache):
+    """``licforge sim image`` on a real bitstream of a held-out image crop (``--build`` holds the
+    session's simulator cache, ``<build>/sim-cache``)."""
     require_simulator("verilator")
     from PIL import Image
 
@@ -115,7 +120,7 @@ def test_sim_decode_on_the_trained_student(tmp_path, lic_bundle, capsys):
 
     img = embedded_images("held-out")["chelsea"][100:164, 150:230]
     Image.fromarray(img).save(tmp_path / "crop.png")
-    rc = main(["--build", str(tmp_path / "build"), "sim", "decode", str(lic_bundle.path), str(tmp_path / "crop.png"),
+    rc = main(["--build", str(sim_cache.parent), "sim", "image", str(lic_bundle.path), str(tmp_path / "crop.png"),
                "--pi", "2", "--po", "2", "--max-width", "8"])
     out = capsys.readouterr()
     assert rc == 0, out.err

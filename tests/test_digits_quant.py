@@ -1,8 +1,19 @@
-"""Equality 1 on the digits classifier: Brevitas fake-quant == integer golden model, exactly."""
+"""Equality 1 on the digits classifier: Brevitas fake-quant == integer golden model, exactly;
+the committed digits checkpoint: current (the recipe reproduces it) and checked when loaded."""
+import hashlib
+import json
+import re
+import shutil
+
 import numpy as np
 import pytest
+import torch
 
-from licforge.quant.digits import export_digits_bundle, input_to_int, quantize_digits, run_digits_golden
+from licforge.models.lic import CheckpointError
+from licforge.quant.digits import (DIGITS_CHECKPOINT, DigitsRecipe, export_digits_bundle, input_to_int,
+                                   load_digits_models, quantize_digits, run_digits_golden, train_digits_models)
+
+REWRITE = "python -m licforge.quant.digits"
 
 
 def brevitas_int_logits(q, x):
@@ -19,6 +30,47 @@ def test_accuracies_of_the_embedded_default(digits_models):
     assert acc["float_exact"] >= 0.94
     assert acc["float_minconv"] >= 0.92
     assert acc["quant_min_8bit"] >= 0.92
+
+
+def test_the_recipe_reproduces_the_committed_checkpoint(digits_models):
+    """The one test that trains the digits recipe (seed 0): the accuracies of the committed
+    networks (measured again when loaded) are those of a fresh run and those recorded."""
+    meta = json.loads((DIGITS_CHECKPOINT / "meta.json").read_text())
+    assert meta["seed"] == 0 and meta["bits"] == [8] and DigitsRecipe(**meta["recipe"]) == DigitsRecipe()
+    fresh = train_digits_models(seed=0, bits=(8,), progress=False)
+    assert fresh.accuracy == digits_models.accuracy == meta["accuracy"]
+    assert list(fresh.accuracy) == ["float_exact", "float_minconv_converted", "float_minconv", "quant_min_8bit"]
+
+
+def test_loading_refuses_a_corrupt_or_mismatched_checkpoint(tmp_path):
+    d = tmp_path / "digits"
+    shutil.copytree(DIGITS_CHECKPOINT, d)
+    good = {f.name: f.read_bytes() for f in d.iterdir()}
+
+    def refused(start: str) -> None:
+        with pytest.raises(CheckpointError, match="^" + re.escape(start)) as e:
+            load_digits_models(d)
+        assert REWRITE in str(e.value)
+        for name, blob in good.items():
+            (d / name).write_bytes(blob)
+
+    (d / "exact.pt").write_bytes(good["minconv.pt"])  # another network's file: its sha256 is not the recorded one
+    refused(f"{d / 'exact.pt'}: sha256 differs from the one recorded in {d / 'meta.json'}")
+    (d / "quant_min_8bit.pt").write_bytes(good["quant_min_8bit.pt"][:1000])
+    refused(f"{d / 'quant_min_8bit.pt'}: sha256 differs")
+    (d / "minconv.pt").unlink()
+    refused(f"{d / 'minconv.pt'}: not found")
+    (d / "meta.json").write_text("{not json")
+    refused(f"{d / 'meta.json'}: not JSON")
+    (d / "meta.json").unlink()
+    refused(f"{d / 'meta.json'}: not found")
+    # a readable file of another format, recorded as it is: its loader names the file and the fix
+    meta = json.loads(good["meta.json"])
+    torch.save({"format": "licforge-lic-weights/1"}, d / "exact.pt")
+    meta["files"]["exact.pt"] = hashlib.sha256((d / "exact.pt").read_bytes()).hexdigest()
+    (d / "meta.json").write_text(json.dumps(meta))
+    refused(f"{d / 'exact.pt'}: format 'licforge-lic-weights/1', expected 'licforge-digits-model/1'")
+    assert load_digits_models(d).accuracy == load_digits_models().accuracy
 
 
 def test_brevitas_equals_golden_on_whole_test_split(digits_models, digits_bundle):

@@ -119,6 +119,20 @@ def test_bad_config_stops_at_once(tmp_path, capsys, text, message):
     assert not (tmp_path / "run").exists()  # nothing ran
 
 
+def test_flow_digits_runs_the_minconv_slice(tmp_path, monkeypatch, capsys):
+    """``flow --digits`` (no subcommand "demo"): the digits slice into --out, else <build>/flow/digits."""
+    import licforge.bench.minconv
+
+    calls = []
+    monkeypatch.setattr(licforge.bench.minconv, "run_minconv_slice", lambda out, **kw: calls.append((out, kw)))
+    assert main(["--build", str(tmp_path / "b"), "flow", "--digits", "--lanes", "4"]) == 0
+    assert main(["flow", "--digits", "--out", str(tmp_path / "d"), "--simulator", "icarus"]) == 0
+    assert calls == [(tmp_path / "b" / "flow" / "digits", {"lanes": 4, "bits": 8, "seed": 0, "simulator": "verilator"}),
+                     (tmp_path / "d", {"lanes": 8, "bits": 8, "seed": 0, "simulator": "icarus"})]
+    assert f"summary: {tmp_path / 'd' / 'summary.json'}" in capsys.readouterr().out
+    assert main(["flow", "--lanes", "4"]) == 2 and "--lanes: only with --digits" in capsys.readouterr().err
+
+
 def test_default_config_is_valid_and_documented():
     cfg, text = load_config(None)
     assert cfg["student"]["N"] == 16 and cfg["quant"]["w_bits"] == 8 and cfg["watermark"]["scheme"] == "watermas"

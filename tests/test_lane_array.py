@@ -8,7 +8,7 @@ from licforge.quant.digits import input_to_int, run_digits_golden
 from licforge.sim.lane_array import (LaneArrayConfig, extreme_vectors, layer_array_config, layer_output_from_dots,
                             layer_stimulus, simulate_lane_array)
 from licforge.sim.runner import SimulationFailed, run_cocotb
-from tests.conftest import require_simulator
+from helpers import require_simulator
 
 SIMULATORS = ["verilator", "icarus"]
 
@@ -22,13 +22,14 @@ CONFIGS = [
 
 @pytest.mark.parametrize("simulator", SIMULATORS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
-def test_random_vectors_with_extremes(cfg, simulator, tmp_path):
+def test_random_vectors_with_extremes(cfg, simulator, tmp_path, sim_cache):
     require_simulator(simulator)
     seed = 1234
     x, w = extreme_vectors(np.random.default_rng(seed), dots=600, beats=cfg.max_beats, lanes=cfg.lanes, bits=cfg.bits)
     lo, hi = -(1 << (cfg.bits - 1)), (1 << (cfg.bits - 1)) - 1
     assert (x == lo).any() and (x == hi).any() and (x == 0).any()
-    r = simulate_lane_array(cfg, x, w, tmp_path, seed=seed, p_valid=0.7, p_ready=0.6, simulator=simulator)
+    r = simulate_lane_array(cfg, x, w, tmp_path, seed=seed, p_valid=0.7, p_ready=0.6, simulator=simulator,
+                            cache_dir=sim_cache)
     print(f"seed {seed}: {r.report['checked']} dots, {r.report['mismatches']} mismatches, {r.report['cycles']} cycles")
     assert r.report["checked"] == 600 and r.report["mismatches"] == 0
     # saturation is exercised: some outputs sit at the rails
@@ -36,7 +37,7 @@ def test_random_vectors_with_extremes(cfg, simulator, tmp_path):
     assert (outs == (1 << (cfg.out_bits - 1)) - 1).any()
 
 
-def test_checker_reports_a_wrong_golden(tmp_path):
+def test_checker_reports_a_wrong_golden(tmp_path, sim_cache):
     """The testbench must fail when RTL and reference disagree (here: the reference is told
     a different shift than the RTL was built with)."""
     cfg = CONFIGS[1]
@@ -46,13 +47,14 @@ def test_checker_reports_a_wrong_golden(tmp_path):
     params = {**cfg.__dict__, "shift": cfg.shift + 1, "seed": 0, "p_valid": 1.0, "p_ready": 1.0}
     np.savez(tmp_path / "stim.npz", x=x, w=w, params=json.dumps(params))
     with pytest.raises(SimulationFailed):
-        run_cocotb(sources=sources, toplevel="top", test_module="licforge.sim.tb_lane_array", build_dir=tmp_path / "b",
+        run_cocotb(sources=sources, toplevel="top", test_module="licforge.sim.tb_lane_array", cache_dir=sim_cache,
                    test_dir=tmp_path / "run", tb_input=tmp_path / "stim.npz")
     report = json.loads((tmp_path / "run" / "tb_lane_array.verilator.result.json").read_text())
     assert report["mismatches"] > 0
 
 
-def test_classifier_first_layer_through_rtl_gives_golden_class_scores(digits_models, digits_bundle, tmp_path):
+def test_classifier_first_layer_through_rtl_gives_golden_class_scores(digits_models, digits_bundle, tmp_path,
+                                                                      sim_cache):
     require_simulator("verilator")
     _, _, xte, yte = digits_models.split
     x_int = input_to_int((xte * 16).round().long().numpy(), digits_bundle.input)
@@ -61,7 +63,7 @@ def test_classifier_first_layer_through_rtl_gives_golden_class_scores(digits_mod
     assert cfg.op == "min"
     xs, ws = layer_stimulus(layer, x_int, 8)
     assert xs.shape == (360 * 64 * 8, 2, 8)
-    r = simulate_lane_array(cfg, xs, ws, tmp_path, seed=7)
+    r = simulate_lane_array(cfg, xs, ws, tmp_path, seed=7, cache_dir=sim_cache)
     assert r.report["mismatches"] == 0
     y1 = layer_output_from_dots(layer, np.array(r.report["outputs"]), len(x_int), (8, 8))
     logits_rtl = run_digits_golden(digits_bundle, y1, start=1)
@@ -70,7 +72,7 @@ def test_classifier_first_layer_through_rtl_gives_golden_class_scores(digits_mod
     assert (logits_rtl.argmax(1) == yte.numpy()).mean() == (logits.argmax(1) == yte.numpy()).mean()
 
 
-def test_classifier_second_layer_real_vectors_with_back_pressure(digits_bundle, digits_models, tmp_path):
+def test_classifier_second_layer_real_vectors_with_back_pressure(digits_bundle, digits_models, tmp_path, sim_cache):
     require_simulator("verilator")
     _, _, xte, _ = digits_models.split
     x_int = input_to_int((xte[:12] * 16).round().long().numpy(), digits_bundle.input)
@@ -79,7 +81,7 @@ def test_classifier_second_layer_real_vectors_with_back_pressure(digits_bundle, 
     cfg = layer_array_config(layer, lanes=16)
     xs, ws = layer_stimulus(layer, h1, 16)
     assert xs.shape[1] == 5  # 72-long dot products in 16-lane beats
-    r = simulate_lane_array(cfg, xs, ws, tmp_path, seed=3, p_valid=0.8, p_ready=0.5)
+    r = simulate_lane_array(cfg, xs, ws, tmp_path, seed=3, p_valid=0.8, p_ready=0.5, cache_dir=sim_cache)
     assert r.report["mismatches"] == 0
     h2 = layer_output_from_dots(layer, np.array(r.report["outputs"]), len(h1), (4, 4))
     assert np.array_equal(h2, run_digits_golden(digits_bundle, h1, start=1, upto=2))

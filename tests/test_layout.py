@@ -1,6 +1,6 @@
 """The house rules: import layering, one namespace, and a non-editable install that works.
 
-Layers (DESIGN.md): ``errors <- models <- quant <- {rtl, sim, watermark} <- bench <- flows``;
+Layers (DESIGN.md): ``{errors, tables} <- models <- quant <- {rtl, sim, watermark} <- bench <- flows``;
 ``rtl`` imports no torch; nothing but ``flows`` (and its tests) imports ``flows``.
 """
 from __future__ import annotations
@@ -18,21 +18,23 @@ PACKAGES = ("models", "quant", "rtl", "sim", "watermark", "bench", "flows")
 # what each folder may import from licforge (itself always)
 ALLOWED = {
     "errors": set(),
-    "models": {"errors"},
-    "quant": {"errors", "models"},
-    "rtl": {"errors", "quant"},
-    "sim": {"errors", "models", "quant", "rtl"},
-    "watermark": {"errors", "models", "quant", "rtl"},
-    "bench": {"errors", "models", "quant", "rtl", "sim", "watermark"},
-    "flows": {"errors", "models", "quant", "rtl", "sim", "watermark", "bench"},
+    "tables": set(),
+    "models": {"errors", "tables"},
+    "quant": {"errors", "tables", "models"},
+    "rtl": {"errors", "tables", "quant"},
+    "sim": {"errors", "tables", "models", "quant", "rtl"},
+    "watermark": {"errors", "tables", "models", "quant", "rtl"},
+    "bench": {"errors", "tables", "models", "quant", "rtl", "sim", "watermark"},
+    "flows": {"errors", "tables", "models", "quant", "rtl", "sim", "watermark", "bench"},
 }
 # the only licforge modules rtl/ may import from quant/ (numbers and the bundle reader: no torch)
 RTL_FROM_QUANT = {"licforge.quant.fixed", "licforge.quant.bundle"}
-TOP_NAMES = set(PACKAGES) | {"errors"}
+GROUND = ("errors", "tables")  # modules of the namespace root
+TOP_NAMES = set(PACKAGES) | set(GROUND)
 
 
 def _sources() -> list[tuple[str, Path]]:
-    out = [("errors", ROOT / "errors.py")]
+    out = [(name, ROOT / f"{name}.py") for name in GROUND]
     for pkg in PACKAGES:
         out += [(pkg, p) for p in sorted((ROOT / pkg).rglob("*.py"))]
     return out
@@ -46,7 +48,7 @@ def _imports(path: Path, pkg: str) -> list[tuple[int, str]]:
             found += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative: inside its own package (or the namespace root)
-                base = ["licforge", pkg][: 2 - (node.level - 1)] if pkg != "errors" else ["licforge"]
+                base = ["licforge", pkg][: 2 - (node.level - 1)] if pkg not in GROUND else ["licforge"]
                 found.append((node.lineno, ".".join(base + ([node.module] if node.module else []))))
             else:
                 found.append((node.lineno, node.module))
@@ -94,7 +96,7 @@ def test_importing_the_rtl_generators_loads_no_torch():
 
 def test_only_the_namespace_is_importable_from_outside_the_repository(tmp_path):
     code = ("import importlib.util as u, licforge.models.lic, licforge.flows.cli, licforge.bench.decoder\n"
-            "print([n for n in ('models', 'quant', 'rtl', 'sim', 'flows', 'watermark', 'bench', 'errors') "
+            "print([n for n in ('models', 'quant', 'rtl', 'sim', 'flows', 'watermark', 'bench', 'errors', 'tables') "
             "if u.find_spec(n) is not None and 'licforge' in str(u.find_spec(n).origin)])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
@@ -129,14 +131,14 @@ def test_a_non_editable_install_carries_the_checkpoints_recipes_and_config(tmp_p
             "print(u.find_spec('models') is None, u.find_spec('flows') is None)\n"
             "for f in ('models/checkpoints/teacher_n128_l0.0130.pt', 'models/checkpoints/student_n16.pt',\n"
             "          'models/checkpoints/bundles/student_n16_hybrid8/bundle.json', 'quant/recipes/hybrid8.json',\n"
-            "          'flows/default.toml', 'bench/results/lic.json'):\n"
+            "          'flows/default.toml', 'bench/results/lic.json', 'models/checkpoints/digits/meta.json'):\n"
             "    print(f, (p / f).is_file())\n")
     out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     lines = out.split("\n")
     assert lines[0] == "site-packages" and lines[1] == "True True"
-    assert [l.rsplit(" ", 1)[1] for l in lines[2:8]] == ["True"] * 6, out
+    assert [l.rsplit(" ", 1)[1] for l in lines[2:9]] == ["True"] * 7, out
     bundle = next((site / "licforge").glob("models/checkpoints/bundles/student_n16_hybrid8"))
-    cli = subprocess.run([str(venv / "bin" / "licforge"), "bundle-info", str(bundle)], capture_output=True,
+    cli = subprocess.run([str(venv / "bin" / "licforge"), "inspect", str(bundle)], capture_output=True,
                          text=True, cwd=tmp_path)
     assert cli.returncode == 0, cli.stderr
     assert "g_s.0" in cli.stdout

@@ -1,11 +1,10 @@
 """The LIC deployment bundle: layer graph, entropy-coder tables, and refusal of bad bundles."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from licforge.flows.cli import main
 from licforge.quant.bundle import Bundle, BundleError, Layer, read_bundle, write_bundle
 from licforge.quant.codec import encode_image
 from licforge.quant.lic_recipe import RecipeError, load_recipe, parse_recipe
@@ -78,15 +77,15 @@ def test_bundle_without_tables_cannot_encode(lic_bundle, tmp_path):
         encode_image(b, np.zeros((16, 16, 3), np.uint8))
 
 
-def test_cli_bundle_info_and_its_refusal(lic_bundle, copy_bundle):
-    cmd = [sys.executable, "-m", "licforge.flows.cli", "bundle-info"]
-    r = subprocess.run(cmd + [str(lic_bundle.path)], capture_output=True, text=True)
-    assert r.returncode == 0 and f"valid, hash {lic_bundle.hash}" in r.stdout and "g_s.6" in r.stdout
+def test_cli_inspect_and_its_refusal(lic_bundle, copy_bundle, capsys):
+    rc = main(["inspect", str(lic_bundle.path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"valid, hash {lic_bundle.hash}" in out and "g_s.6" in out
     d = copy_bundle(lic_bundle)
     (d / "g_s.3.gamma.npy").unlink()
-    r = subprocess.run(cmd + [str(d)], capture_output=True, text=True)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and "g_s.3.gamma.npy: missing" in lines[0]
+    rc = main(["inspect", str(d)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "g_s.3.gamma.npy: missing" in lines[0]
 
 
 def test_recipes_load_and_bad_ones_name_the_key(tmp_path):

@@ -1,12 +1,11 @@
-"""Bjøntegaard deltas, baselines, the data split and the eval / rd-plot command line."""
+"""Bjøntegaard deltas, baselines, the data split and the eval / plot rd command line."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from licforge.flows.cli import main
 from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results, rd_report
 from licforge.models.data import DataError, EMBEDDED_HELD_OUT, EMBEDDED_TRAIN, embedded_images, folder_images
 
@@ -51,41 +50,44 @@ def test_image_folder_split_and_errors(tmp_path):
         folder_images(tmp_path / "nothing", "train")
 
 
-def test_eval_baselines_and_rd_plot_cli(tmp_path):
+def test_eval_baselines_and_plot_rd_cli(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "imgs"
     (folder / "train").mkdir(parents=True)
     (folder / "test").mkdir()
     img = embedded_images("held-out")["chelsea"][:192, :256]
     Image.fromarray(img).save(folder / "test" / "cat.png")
-    cmd = [sys.executable, "-m", "licforge.flows.cli"]
-    r = subprocess.run(cmd + ["eval", "--data", str(folder), "--json", str(tmp_path / "e.json")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--data", str(folder)]) == 0  # no --json: the table only, no file
+    assert "jpeg_q75" in capsys.readouterr().out and not (tmp_path / "build").exists()
+    rc = main(["eval", "--data", str(folder), "--json", str(tmp_path / "e.json")])
+    assert rc == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "e.json").read_text())
     jpeg = [e for e in res["entries"] if e["curve"] == "JPEG (Pillow)"]
     assert [e["quality"] for e in jpeg] == [1, 3, 5, 10, 20, 30, 50, 75]
     assert all(e["per_image"]["cat"]["bpp"] == 8 * e["per_image"]["cat"]["bytes"] / (192 * 256) for e in jpeg)
     assert np.all(np.diff([e["mean"]["psnr"] for e in jpeg]) > 0)
-    r = subprocess.run(cmd + ["rd-plot", str(tmp_path / "e.json"), "--anchor", "JPEG (Pillow)",
-                              "--png", str(tmp_path / "rd.png"), "--json", str(tmp_path / "bd.json")],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    rc = main(["plot", "rd", str(tmp_path / "e.json"), "--anchor", "JPEG (Pillow)",
+               "--out", str(tmp_path / "rd.png"), "--json", str(tmp_path / "bd.json")])
+    assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "rd.png").read_bytes()[:4] == b"\x89PNG"
     bd = json.loads((tmp_path / "bd.json").read_text())
     assert bd["curves"]["WebP (Pillow)"]["bd_rate_pct"] < 0  # WebP beats JPEG
-    r = subprocess.run(cmd + ["rd-plot", str(tmp_path / "e.json"), "--anchor", "teacher"], capture_output=True,
-                       text=True)
-    assert r.returncode == 2 and "--anchor 'teacher': no such curve" in r.stderr
+    rc = main(["plot", "rd", str(tmp_path / "e.json"), "--anchor", "teacher"])
+    assert rc == 2 and "--anchor 'teacher': no such curve" in capsys.readouterr().err
+    rc = main(["--build", str(tmp_path / "b"), "plot", "rd", str(tmp_path / "e.json"), "--anchor", "JPEG (Pillow)"])
+    assert rc == 0 and "BD-rates" not in capsys.readouterr().out  # no --json: the plot alone, in <build>/lic
+    assert (tmp_path / "b" / "lic" / "rd.png").is_file() and list((tmp_path / "b" / "lic").iterdir()) == [
+        tmp_path / "b" / "lic" / "rd.png"]
 
 
 def test_rd_plot_styles_keep_teacher_and_widths_apart():
     """The teacher is black and no width shares its colour; line style names the variant."""
-    from licforge.quant.rd import _style
+    from licforge.quant.rd import curve_style
 
     palette = {"teacher": "k"}
     labels = ["N=16 GDN1", "N=16 GDN1 + KD", "N=16 GDN1 + KD mix50", "N=16 GDN1 seed 1", "N=32 GDN1", "N=64 GDN1 + KD",
               "N=64 GDN1 + KD, hybrid8 QAT"]
-    st = {k: _style(k, palette) for k in labels}
+    st = {k: curve_style(k, palette) for k in labels}
     assert [st[k]["color"] for k in labels] == ["C0", "C0", "C0", "C0", "C1", "C2", "C2"]
     assert [st[k]["ls"] for k in labels[:4]] == [":", "-", (0, (4, 2)), "-."]
-    assert _style("teacher", palette)["color"] == "k" and _style("WebP (Pillow)", palette)["marker"] == "s"
+    assert curve_style("teacher", palette)["color"] == "k" and curve_style("WebP (Pillow)", palette)["marker"] == "s"

@@ -1,10 +1,8 @@
 """LIC training: exact resume, weights_only checkpoints, clear errors, distillation terms."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from licforge.flows.cli import main
 from licforge.models.data import CropSampler, embedded_images
 from licforge.models.lic import CheckpointError, build_lic, load_weights, save_weights, student_config
 from licforge.models.lic_train import TrainConfig, train_lic
@@ -49,6 +47,38 @@ def test_interrupted_run_resumes_exactly(train_images, tmp_path):
     # and training moved the weights (the comparison above is not vacuous)
     torch.manual_seed(3)
     assert not torch.equal(build_lic(cfg).state_dict()["g_s.0.weight"], a["g_s.0.weight"])
+
+
+def test_run_resumed_inside_a_log_window_logs_the_uninterrupted_averages(train_images, tmp_path):
+    """Logged every 3 steps, saved every 2, interrupted during step 5: the resumed run starts at
+    step 4, inside the window of steps 4-6, and must log the averages of the straight run."""
+    cfg, tcfg = student_config(4), TrainConfig(steps=8, crop=32, batch=2, seed=3)
+
+    def run(state, resume=False, stop_after=None):
+        torch.manual_seed(tcfg.seed)
+        net, calls = build_lic(cfg), []
+
+        def hook(m):
+            calls.append(1)
+            if stop_after is not None and len(calls) > stop_after:
+                raise Interrupt
+
+        rec = train_lic(net, CropSampler(train_images, tcfg.crop, tcfg.batch, tcfg.seed), tcfg,
+                        arch=cfg.to_dict(), after_step=hook, state_path=state, resume=resume, save_every=2,
+                        log_every=3, log=None)
+        return net, rec["history"]
+
+    straight, want = run(tmp_path / "a.state.pt")
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b.state.pt", stop_after=4)
+    assert torch.load(tmp_path / "b.state.pt", weights_only=True)["step"] == 4
+    resumed, got = run(tmp_path / "b.state.pt", resume=True)
+    assert [h["step"] for h in got] == [h["step"] for h in want] == [3, 6, 8]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys() == {"step", "loss", "bpp", "mse"}
+        assert g == pytest.approx(w, rel=1e-12, abs=0), g["step"]
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_with_other_settings_is_refused(train_images, tmp_path):
@@ -105,16 +135,14 @@ def test_distillation_terms_and_identical_crops(train_images):
         train_lic(net, CropSampler(train_images, 32, 2), tcfg, arch={}, log=None)
 
 
-def test_cli_refuses_a_corrupt_teacher_and_a_bad_crop(tmp_path):
+def test_cli_refuses_a_corrupt_teacher_and_a_bad_crop(tmp_path, capsys):
     bad = tmp_path / "t.pt"
     bad.write_bytes(b"\x00" * 100)
-    cmd = [sys.executable, "-m", "licforge.flows.cli"]
-    r = subprocess.run(cmd + ["distill", "--teacher", str(bad), "--steps", "1", "--out", str(tmp_path / "s.pt")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "t.pt: not a readable checkpoint" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(cmd + ["train", "--N", "8", "--crop", "40", "--out", str(tmp_path / "s.pt")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "--crop must be a multiple of 16" in r.stderr
+    rc = main(["distill", "--teacher", str(bad), "--steps", "1", "--out", str(tmp_path / "s.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "t.pt: not a readable checkpoint" in err and "Traceback" not in err
+    rc = main(["train", "--N", "8", "--crop", "40", "--out", str(tmp_path / "s.pt")])
+    assert rc == 2 and "--crop must be a multiple of 16" in capsys.readouterr().err
     assert not (tmp_path / "s.pt").exists()
 
 
@@ -156,7 +184,7 @@ def test_bench_kd_variants_train_like_the_student_without_kd():
 
 
 def test_kd_study_pairs_every_arm_and_puts_the_critical_path_first():
-    """kd-study: the three students of a width differ only in loss weights and teacher (same steps,
+    """bench kd: the three students of a width differ only in loss weights and teacher (same steps,
     batch, crops, seed, device); the KD arms use the teacher of the same lambda; bases run first."""
     from pathlib import Path
 
@@ -191,11 +219,11 @@ def test_kd_study_pairs_every_arm_and_puts_the_critical_path_first():
             plan_kd(Path("w"), **bad)
 
 
-def test_cli_device_is_checked_before_training(tmp_path):
-    cmd = [sys.executable, "-m", "licforge.flows.cli", "distill", "--kd-recon", "0", "--steps", "1", "--out", str(tmp_path / "s.pt")]
-    r = subprocess.run(cmd + ["--device", "tpu"], capture_output=True, text=True)
-    assert r.returncode == 2 and "--device 'tpu': not a device; use cpu or cuda" in r.stderr
+def test_cli_device_is_checked_before_training(tmp_path, capsys):
+    cmd = ["distill", "--kd-recon", "0", "--steps", "1", "--out", str(tmp_path / "s.pt")]
+    rc = main(cmd + ["--device", "tpu"])
+    assert rc == 2 and "--device 'tpu': not a device; use cpu or cuda" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        r = subprocess.run(cmd + ["--device", "cuda"], capture_output=True, text=True)
-        assert r.returncode == 2 and "sees no CUDA GPU on this machine; train with --device cpu" in r.stderr
+        rc = main(cmd + ["--device", "cuda"])
+        assert rc == 2 and "sees no CUDA GPU on this machine; train with --device cpu" in capsys.readouterr().err
     assert not (tmp_path / "s.pt").exists()

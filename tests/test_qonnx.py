@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from licforge.flows.cli import main
-from licforge.quant.qonnx import export_classifier, export_synthesis, train_exact_classifier
-from licforge.quant.digits import QuantDigitsNet
+from licforge.quant.qonnx import export_classifier, export_synthesis
+from licforge.quant.digits import QuantDigitsNet, quantize_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 QUANT_PT = ROOT / "models/checkpoints/bundles/student_n16_hybrid8.quant.pt"
@@ -50,8 +50,9 @@ def test_synthesis_names_every_layer_finn_cannot_build(synthesis):
         ("g_s.6", "at risk", [CONV_T])]
 
 
-def test_exact_digits_classifier_executes_exactly_on_held_out_digits(tmp_path):
-    q, x_test = train_exact_classifier(seed=0, bits=8)
+def test_exact_digits_classifier_executes_exactly_on_held_out_digits(digits_models, tmp_path):
+    xtr, ytr, x_test, _ = digits_models.split  # the committed exact CNN, after the recipe's 8-bit QAT
+    q = quantize_digits(digits_models.exact, 8, xtr, ytr, progress=False)
     res = export_classifier(q, x_test, tmp_path)
     assert res["exact"] is True and res["max_abs_diff"] == 0.0 and res["samples"] == 360
     assert res["ops"] == {"Conv": 2, "Gemm": 1, "Quant": 7, "Relu": 2, "Reshape": 1}

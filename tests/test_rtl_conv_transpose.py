@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from licforge.sim.decode import check_block, extreme_pixels
+from licforge.sim.decode import check_block
+from licforge.sim.stimulus import extreme_ints
 from licforge.rtl.perf import frame_timeline
 from licforge.quant.bundle import read_bundle, write_bundle
 from licforge.quant.golden import conv_transpose2d_int, run_layer, subpixel_taps
@@ -13,7 +14,7 @@ from licforge.quant.synthetic import random_decoder_bundle
 from licforge.rtl.conv_transpose import ConvTransposeEngine, conv_weight_layout, phase_taps
 from licforge.rtl.plan import LayerPlan
 from licforge.sim.layer_chain import simulate_chain
-from tests.conftest import require_simulator
+from helpers import require_simulator
 
 STUDENT_DIR = "models/checkpoints/bundles"
 
@@ -56,16 +57,16 @@ def extreme_bundle(tmp_path_factory):
     return read_bundle(out)
 
 
-def test_engine_random_extremes_with_bubbles_and_back_pressure(extreme_bundle, tmp_path_factory):
+def test_engine_random_extremes_with_bubbles_and_back_pressure(extreme_bundle, tmp_path_factory, sim_cache):
     require_simulator("verilator")
     lay = extreme_bundle.layer("g_s.2")
     dut = ConvTransposeEngine.for_layer(lay, pi=4, po=2, max_width=8)
     work = tmp_path_factory.getbasetemp() / "convt_build"
     runs = [(11, (2, 3, 5), 0.7, 0.4), (12, (3, 1, 1), 1.0, 0.5), (13, (1, 2, 8), 1.0, 1.0)]
     for seed, (n, h, w), p_valid, p_ready in runs:  # n frames of h x w, back to back
-        x = extreme_pixels(np.random.default_rng(seed), (n, 8, h, w), 8)
+        x = extreme_ints(np.random.default_rng(seed), (n, 8, h, w), 8)
         r = simulate_chain(dut, extreme_bundle.path, [lay.name], x, work=work, timeout_cycles=200_000, seed=seed,
-                           p_valid=p_valid, p_ready=p_ready)
+                           p_valid=p_valid, p_ready=p_ready, cache_dir=sim_cache)
         print(f"seed {seed} {n}x{h}x{w}: {r.report['checked']} checked, {r.report['mismatches']} mismatches, "
               f"{r.report['cycles']} cycles")
         assert r.report["checked"] == n * 8 * 4 * h * w and r.report["mismatches"] == 0
@@ -84,7 +85,7 @@ def test_engine_amaranth_simulation_matches_golden():
 
     b = random_decoder_bundle(4, 6, seed=2)
     lay = decoder_layers(b)[0]  # 6 -> 4 channels
-    x = extreme_pixels(np.random.default_rng(2), (1, 6, 2, 3), 8)
+    x = extreme_ints(np.random.default_rng(2), (1, 6, 2, 3), 8)
     dut = ConvTransposeEngine.for_layer(lay, pi=3, po=2, max_width=4)
     got = []
 
@@ -113,7 +114,7 @@ def test_engine_amaranth_simulation_matches_golden():
     assert conv_transpose2d_int(x, lay.tensors["weight"], 2, 2, 1).shape == (1, 4, 4, 6)
 
 
-def test_engine_on_real_student_tensors(tmp_path, lic_bundle):
+def test_engine_on_real_student_tensors(tmp_path, lic_bundle, sim_cache):
     """The student's second transposed convolution on the tensors a held-out image crop
     produces (real bitstream -> latents -> golden layers), with back-pressure."""
     require_simulator("verilator")
@@ -121,6 +122,7 @@ def test_engine_on_real_student_tensors(tmp_path, lic_bundle):
 
     bundle = lic_bundle
     img = embedded_images("held-out")["astronaut"][200:264, 180:276]
-    r = check_block(bundle, "convt", tmp_path, layer="g_s.2", pi=8, po=2, image=img, seed=1, p_valid=1.0, p_ready=0.5)
+    r = check_block(bundle, "convt", tmp_path, layer="g_s.2", pi=8, po=2, image=img, seed=1, p_valid=1.0, p_ready=0.5,
+                    cache_dir=sim_cache)
     print(json.dumps({k: r[k] for k in ("checked", "mismatches", "cycles", "input_shape")}))
     assert r["input_shape"] == [1, 16, 8, 12] and r["checked"] == 16 * 16 * 24 and r["mismatches"] == 0

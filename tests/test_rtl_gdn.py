@@ -7,14 +7,14 @@ import pytest
 from amaranth import Module, Signal, signed, unsigned
 from amaranth.sim import Simulator
 
-from licforge.sim.decode import extreme_pixels
+from licforge.sim.stimulus import extreme_ints
 from licforge.quant.bundle import read_bundle, write_bundle
 from licforge.quant.fixed import saturate
 from licforge.quant.golden import div_round_half_even, run_layer
 from licforge.quant.synthetic import random_decoder_bundle
 from licforge.rtl.gdn import GdnUnit, divide_round_half_even, gamma_layout
 from licforge.sim.layer_chain import simulate_chain
-from tests.conftest import require_simulator
+from helpers import require_simulator
 
 
 def test_gamma_layout_holds_every_entry_once():
@@ -85,13 +85,13 @@ def gdn_bundle(tmp_path_factory):
     return read_bundle(out)
 
 
-def test_gdn_random_extremes_with_bubbles_and_back_pressure(gdn_bundle, tmp_path_factory):
+def test_gdn_random_extremes_with_bubbles_and_back_pressure(gdn_bundle, tmp_path_factory, sim_cache):
     require_simulator("verilator")
     lay = gdn_bundle.layer("g_s.1")
     dut = GdnUnit.for_layer(lay, pi=4, po=2)
-    x = extreme_pixels(np.random.default_rng(3), (1, 8, 6, 7), lay.attrs["x_bits"])
+    x = extreme_ints(np.random.default_rng(3), (1, 8, 6, 7), lay.attrs["x_bits"])
     r = simulate_chain(dut, gdn_bundle.path, [lay.name], x, work=tmp_path_factory.getbasetemp() / "gdn_build",
-                       timeout_cycles=100_000, frame_ports=False, seed=3, p_valid=0.6, p_ready=0.4)
+                       timeout_cycles=100_000, frame_ports=False, seed=3, p_valid=0.6, p_ready=0.4, cache_dir=sim_cache)
     assert r.report["checked"] == x.size and r.report["mismatches"] == 0
     y = np.load(f"{r.report['run_dir']}/outputs.npy")
     assert np.array_equal(y, run_layer(lay, x))
@@ -129,7 +129,7 @@ def test_full_parallelism_is_one_pixel_per_cycle():
     b = random_decoder_bundle(4, 4, seed=1)
     lay = b.layer("g_s.3")
     dut = GdnUnit.for_layer(lay, pi=4, po=4)
-    x = extreme_pixels(np.random.default_rng(1), (1, 4, 1, 40), 8)
+    x = extreme_ints(np.random.default_rng(1), (1, 4, 1, 40), 8)
     out, when = _stream(dut, x[0, :, 0].T.tolist())
     assert np.array_equal(np.array(out).T[None, :, None, :], run_layer(lay, x))
     assert np.diff(when).tolist() == [1] * 39          # fully pipelined
@@ -140,7 +140,7 @@ def test_partial_parallelism_takes_c_over_pi_times_c_over_po_cycles_and_holds_un
     b = random_decoder_bundle(4, 4, seed=1)
     lay = b.layer("g_s.1")
     dut = GdnUnit.for_layer(lay, pi=2, po=1)           # (4/2) * (4/1) = 8 cycles a pixel
-    x = extreme_pixels(np.random.default_rng(4), (1, 4, 1, 12), 8)
+    x = extreme_ints(np.random.default_rng(4), (1, 4, 1, 12), 8)
     out, when = _stream(dut, x[0, :, 0].T.tolist())
     assert np.array_equal(np.array(out).T[None, :, None, :], run_layer(lay, x))
     assert set(np.diff(when).tolist()) == {8}
@@ -148,7 +148,7 @@ def test_partial_parallelism_takes_c_over_pi_times_c_over_po_cycles_and_holds_un
     assert stalled == out
 
 
-def test_gdn_on_real_student_tensors(tmp_path, lic_bundle):
+def test_gdn_on_real_student_tensors(tmp_path, lic_bundle, sim_cache):
     """The student's second inverse GDN on the tensors a held-out image crop produces."""
     require_simulator("verilator")
     from licforge.sim.decode import check_block
@@ -156,7 +156,8 @@ def test_gdn_on_real_student_tensors(tmp_path, lic_bundle):
 
     bundle = lic_bundle
     img = embedded_images("held-out")["coffee"][100:164, 200:296]
-    r = check_block(bundle, "gdn", tmp_path, layer="g_s.3", pi=4, po=2, image=img, seed=2, p_valid=0.7, p_ready=0.5)
+    r = check_block(bundle, "gdn", tmp_path, layer="g_s.3", pi=4, po=2, image=img, seed=2, p_valid=0.7, p_ready=0.5,
+                    cache_dir=sim_cache)
     assert r["input_shape"] == [1, 16, 16, 24] and r["checked"] == 16 * 16 * 24 and r["mismatches"] == 0
 
 
@@ -165,7 +166,7 @@ def test_forward_gdn_full_parallelism_is_one_pixel_per_cycle(out_shift, coarser_
     """Forward GDN (a numerator shift, or a denominator shift), the divider 1 to 3 bits a stage."""
     lay = _forward(random_decoder_bundle(4, 4, seed=1).layer("g_s.3"), out_shift, coarser_norm)
     dut = GdnUnit.for_layer(lay, pi=4, po=4, div_bits=div_bits)
-    x = extreme_pixels(np.random.default_rng(5), (1, 4, 1, 40), 8)
+    x = extreme_ints(np.random.default_rng(5), (1, 4, 1, 40), 8)
     out, when = _stream(dut, x[0, :, 0].T.tolist())
     exp = run_layer(lay, x)
     assert np.array_equal(np.array(out).T[None, :, None, :], exp)
@@ -175,7 +176,7 @@ def test_forward_gdn_full_parallelism_is_one_pixel_per_cycle(out_shift, coarser_
     assert when[0] == dut.latency + 1 == 4 + 2 + -(-7 // div_bits) + 1
 
 
-def test_forward_gdn_random_extremes_and_real_tensors_of_the_student_encoder(tmp_path, lic_bundle):
+def test_forward_gdn_random_extremes_and_real_tensors_of_the_student_encoder(tmp_path, lic_bundle, sim_cache):
     """The student's analysis GDNs g_a.1/3/5 (forward, a division): random inputs with
     -2^(b-1), 0, 2^(b-1)-1, and the tensors the golden encoder makes of a held-out crop;
     random bubbles and back-pressure, three parallelisms.  (Its norms, >= 1641 LSB, keep
@@ -189,8 +190,9 @@ def test_forward_gdn_random_extremes_and_real_tensors_of_the_student_encoder(tmp
     g1 = bundle.layer("g_a.1")
     assert g1.op == "gdn" and g1.attrs["x_bits"] == 10
     r = check_block(bundle, "gdn", tmp_path, layer="g_a.1", pi=4, po=2, height=32, width=48, seed=11, p_valid=0.7,
-                    p_ready=0.5)
+                    p_ready=0.5, cache_dir=sim_cache)
     assert r["checked"] == 16 * 32 * 48 and r["mismatches"] == 0
     for name, (pi, po), hw in (("g_a.1", (4, 2), (32, 48)), ("g_a.3", (8, 4), (16, 24)), ("g_a.5", (2, 8), (8, 12))):
-        r = check_block(bundle, "gdn", tmp_path, layer=name, pi=pi, po=po, image=img, seed=2, p_valid=0.7, p_ready=0.5)
+        r = check_block(bundle, "gdn", tmp_path, layer=name, pi=pi, po=po, image=img, seed=2, p_valid=0.7, p_ready=0.5,
+                        cache_dir=sim_cache)
         assert r["input_shape"] == [1, 16, *hw] and r["checked"] == 16 * hw[0] * hw[1] and r["mismatches"] == 0

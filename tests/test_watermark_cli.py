@@ -34,37 +34,41 @@ def test_embed_writes_model_and_separate_key_file(embedded):
 def test_deploy_then_extract_from_the_deployed_integers(embedded, capsys):
     before = torch.get_num_threads()
     d = embedded
-    assert run("watermark", "deploy", "--model", d / "model.pt", "--key", d / "key.json", "--bits", 4,
+    assert run("watermark", "deploy", d / "model.pt", "--key", d / "key.json", "--bits", 4,
                "--qat-epochs", 2, "--out", d / "b4", "--verilog", d / "b4_rtl") == 0
     torch.set_num_threads(before)
     assert "BER from the bundle integers 0.000, from the memory init files" in capsys.readouterr().out
     assert sorted(p.name for p in (d / "b4_rtl").glob("*.hex")) == ["conv1_w.hex", "conv2_w.hex", "fc_w.hex"]
-    for src in (["--verilog", d / "b4_rtl"], ["--bundle", d / "b4"], ["--model", d / "model.pt"]):
-        assert run("watermark", "extract", "--key", d / "key.json", *src, "--max-ber", 0) == 0
+    for src in (d / "b4_rtl", d / "b4", d / "model.pt"):  # memory init files, bundle, model: told apart
+        assert run("watermark", "extract", src, "--key", d / "key.json", "--max-ber", 0) == 0
         assert "BER 0.0000 (0 bit errors)" in capsys.readouterr().out
 
-    assert run("watermark", "attack", "--bundle", d / "b4", "--attack", "permute", "--seed", 3,
+    assert run("watermark", "attack", d / "b4", "--attack", "permute", "--seed", 3,
                "--out", d / "b4_perm") == 0
     torch.set_num_threads(before)
     before_after = re.search(r"golden accuracy ([\d.]+)% before, ([\d.]+)% after", capsys.readouterr().out)
     assert before_after[1] == before_after[2]  # the permuted integer network is the same
-    assert run("watermark", "extract", "--key", d / "key.json", "--bundle", d / "b4_perm", "--max-ber", 0.1) == 1
-    assert run("watermark", "extract", "--key", d / "key.json", "--bundle", d / "b4_perm",
+    assert run("watermark", "extract", d / "b4_perm", "--key", d / "key.json", "--max-ber", 0.1) == 1
+    assert run("watermark", "extract", d / "b4_perm", "--key", d / "key.json",
                "--reference", d / "model.pt", "--max-ber", 0) == 0
     assert "BER 0.0000" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["watermark", "extract", "--key", "no/such/key.json", "--bundle", "."], "key file no/such/key.json: not found"),
-    (["watermark", "deploy", "--model", "no/model.pt", "--key", "k.json", "--out", "x"], "key file k.json: not found"),
-    (["watermark", "extract", "--key", "KEY", "--bundle", "a", "--model", "b"],
-     "give exactly one of --bundle DIR, --verilog DIR, --model FILE"),
-    (["watermark", "attack", "--bundle", "BUNDLE", "--attack", "noise", "--out", "x"],
-     "--attack noise works on a float --model; a --bundle can be permuted"),
+    (["watermark", "extract", ".", "--key", "no/such/key.json"], "key file no/such/key.json: not found"),
+    (["watermark", "deploy", "no/model.pt", "--key", "k.json", "--out", "x"], "key file k.json: not found"),
+    (["watermark", "extract", "no/such/dir", "--key", "KEY"],
+     "SOURCE no/such/dir: not found (a bundle directory, a Verilog directory of memory init files or a model file)"),
+    (["watermark", "extract", "--key", "KEY", "--bundle", "BUNDLE"], "unrecognized arguments: --bundle"),
+    (["watermark", "extract", "--key", "KEY"], "the following arguments are required: SOURCE"),
+    (["watermark", "extract", "RTL", "--key", "KEY", "--reference", "MODEL"],
+     "--reference re-synchronizes a bundle or a model file (the layer graph is needed), not a Verilog directory"),
+    (["watermark", "attack", "BUNDLE", "--attack", "noise", "--out", "x"],
+     "--attack noise works on a float model file; a bundle directory can be permuted"),
 ])
 def test_bad_input_is_one_line_exit_2(embedded, capsys, args, needle):
-    args = [str(embedded / "key.json") if a == "KEY" else str(embedded / "b4") if a == "BUNDLE" else a
-            for a in args]
+    named = {"KEY": "key.json", "BUNDLE": "b4", "RTL": "b4_rtl", "MODEL": "model.pt"}
+    args = [str(embedded / named[a]) if a in named else a for a in args]
     assert run(*args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from licforge.quant.eval import psnr
 from licforge.quant.golden import run_layers
 from licforge.quant.lic import golden_forward
 from licforge.watermark.extract import ber
@@ -58,7 +59,7 @@ def test_lic_attack_sweeps_read_the_bundle_of_the_attacked_student(host):
 
     def metric(bundle, tag):
         out = golden_forward(bundle, pixels)[1]
-        return {"psnr": float(10 * np.log10(255.0 ** 2 / np.mean((out - pixels) ** 2.0)))}
+        return {"psnr": psnr(out, pixels)}
 
     cfg = LICStudyConfig(noise=(0.0, 0.25), prune=(0.0, 1.0), finetune_steps=(0, 2), quant_bits=(8,),
                          attack_qat_steps=1, perm_prune=0.0, perm_finetune_steps=1)

@@ -4,8 +4,8 @@
 ``layers``    a model's or a bundle's dot layers as one chain of named weight tensors
 ``watermas``  WaterMAS: sign-coded substitution + sharpness-aware maximization
 ``uchida``    Uchida et al. 2017: projection regulariser on one layer's mean kernel
-``markers``   a key bound to a model with the strengths recorded in the key
-``train``     the training loop shared by embedding, QAT deployment and fine-tuning attacks
+``markers``   a key bound to a model with the strengths recorded in the key (it takes part in
+              :func:`models.training.train`: embedding, QAT deployment; fine-tuning attacks without one)
 ``extract``   bits and bit error rate from any ``{layer: weight}`` (float or integers)
 ``attacks``   Gaussian noise, magnitude pruning
 ``permute``   function-preserving neuron permutation (models and bundles)

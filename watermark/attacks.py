@@ -8,7 +8,7 @@ Each attack takes ``{layer name: float weight}`` of every dot layer (see
 * :func:`magnitude_prune`: in every layer, the fraction ``rate`` of weights of smallest
   magnitude set to 0 (ties broken by position, so exactly ``round(rate * n)`` per layer).
 
-Fine-tuning is :func:`watermark.train.train` without a marker on the attacker's data;
+Fine-tuning is :func:`models.training.train` without a marker on the attacker's data;
 quantization is the host model's own QAT / export (e.g. :func:`quant.digits.quantize_digits`
 then :func:`quant.digits.export_digits_bundle`); neuron permutation is in
 :mod:`watermark.permute`.

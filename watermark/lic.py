@@ -6,7 +6,7 @@ read back from the bundle or from the decoder's ROM files (``licforge rtl decode
 :func:`rtl.deployed.read_deployed_weights`).  Deployment at ``w_bits`` is the student's
 Brevitas model with the ``hybrid8`` recipe and every convolution's weights at ``w_bits``:
 post-training calibration (:func:`quant.lic.quantize_student` without training), then QAT
-with :func:`watermark.train.train` on random training crops of the embedded images and the
+with :func:`models.training.train` on random training crops of the embedded images and the
 rate-distortion loss ``bpp + lmbda * MSE`` (:func:`models.lic_train.rd_terms`, ``lmbda`` of
 the student), the GDN constraints re-imposed after every step, and the marker bound (or
 not, for the control).  The imperceptibility metrics (PSNR, bpp of real bitstreams) are
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from licforge.quant.bundle import Bundle
 from .keys import WatermarkKey, make_key
 from .layers import model_chain
-from .train import Marker, train
+from licforge.models.training import Marker, train
 
 __all__ = ["LICHost", "DECODER_LAYERS", "DEFAULT_STUDENT"]
 

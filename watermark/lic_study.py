@@ -48,7 +48,7 @@ from .lic import DECODER_LAYERS, LICHost
 from .markers import MarkerParams, bind_marker
 from .permute import permute, random_permutation
 from .study import BER_LIMIT, attack_sweeps, ber_above_limit, resync_row
-from .train import train
+from licforge.models.training import train
 
 __all__ = ["LICStudyConfig", "LICTarget", "permuted_attacks", "permutation_resync", "run_lic_study"]
 

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from .keys import WatermarkKey
-from .train import Marker
+from licforge.models.training import Marker
 from .uchida import Uchida
 from .watermas import WaterMAS
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from licforge.tables import markdown_table
 from .study import BER_LIMIT
 
 __all__ = ["write_report", "markdown_tables", "ATTACK_AXES"]
@@ -129,54 +130,53 @@ def _pct(v: float | None) -> str:
 
 def markdown_tables(results: dict) -> str:
     """The studies' headline numbers as Markdown tables (for the README and the console)."""
-    out = []
+    tables = []
     if "digits" in results:
-        out += _digits_tables(results["digits"])
+        tables += _digits_tables(results["digits"])
     if "lic" in results:
-        out += _lic_table(results["lic"])
-    return "\n".join(out)
+        tables += _lic_tables(results["lic"])
+    return "\n\n".join(markdown_table(cols, rows) for cols, rows in tables)
 
 
-def _lic_table(lic: dict) -> list[str]:
+_Table = tuple[list[str], list[list[str]]]
+"""Columns and rows of one table, cells as text."""
+
+
+def _lic_tables(lic: dict) -> list[_Table]:
     bits = [str(b) for b in lic["config"]["w_bits"]]
-    out = ["", f"| LIC student N={lic['N']} | weights | PSNR (dB) | bpp | BER bundle | BER decoder ROM files | "
-               f"wrong keys, mean BER |", "|---|---|---|---|---|---|---|"]
-    for b in bits:
-        c = lic["control"][b]
-        out.append(f"| control (no watermark) | {b}-bit | {c['psnr']:.2f} | {c['bpp']:.4f} | – | – | – |")
+    rows = [["control (no watermark)", f"{b}-bit", f"{c['psnr']:.2f}", f"{c['bpp']:.4f}", "–", "–", "–"]
+            for b, c in ((b, lic["control"][b]) for b in bits)]
     for r in lic["runs"].values():
         for b in bits:
             d = r["deployed"][b]
-            out.append(f"| {r['scheme']} {r['payload']} bits | {b}-bit | {d['psnr']:.2f} | {d['bpp']:.4f} | "
-                       f"{_pct(d['ber_bundle'])} | {_pct(d.get('ber_memory_files'))} | "
-                       f"{_pct(d['ber_wrong_keys_mean'])} |")
-    out += ["", "| LIC student, permuted deployed bundle | weights | golden pixels changed | BER without re-sync | "
-                "BER with re-sync | neurons restored |", "|---|---|---|---|---|---|"]
+            rows.append([f"{r['scheme']} {r['payload']} bits", f"{b}-bit", f"{d['psnr']:.2f}", f"{d['bpp']:.4f}",
+                         _pct(d["ber_bundle"]), _pct(d.get("ber_memory_files")), _pct(d["ber_wrong_keys_mean"])])
+    tables = [([f"LIC student N={lic['N']}", "weights", "PSNR (dB)", "bpp", "BER bundle", "BER decoder ROM files",
+                "wrong keys, mean BER"], rows)]
+    rows = []
     for r in lic["runs"].values():
         for b in bits:
             p = r["deployed"][b].get("permutation")
             if p:
-                out.append(f"| {r['scheme']} {r['payload']} bits | {b}-bit | {p['golden_pixel_mismatches']} of "
-                           f"{p['pixels_checked']} | {_pct(p['ber_without_resync'])} | {_pct(p['ber_with_resync'])} | "
-                           f"{_pct(p['neurons_restored'])} |")
+                rows.append([f"{r['scheme']} {r['payload']} bits", f"{b}-bit",
+                             f"{p['golden_pixel_mismatches']} of {p['pixels_checked']}", _pct(p["ber_without_resync"]),
+                             _pct(p["ber_with_resync"]), _pct(p["neurons_restored"])])
+    tables.append((["LIC student, permuted deployed bundle", "weights", "golden pixels changed", "BER without re-sync",
+                    "BER with re-sync", "neurons restored"], rows))
     runs = [r for r in lic["runs"].values() if "attacks" in r]
     if not runs:
-        return out
-    out += ["", f"| LIC student, {lic['attacked_w_bits']}-bit weights | " + " | ".join(
-        f"{a}: strength for BER > 10 % (PSNR lost, bpp added)" for a in ATTACK_AXES) + " |",
-        "|---|" + "---|" * len(ATTACK_AXES)]
-    for r in runs:
-        out.append(f"| {r['scheme']} {r['payload']} bits | " + " | ".join(
-            _limit_cell(r, a, lambda h: f"{h['psnr_loss']:.2f} dB, {h['bpp_loss']:+.4f}",
-                        lambda t: f"PSNR {t['psnr']:.2f} dB") for a in ATTACK_AXES) + " |")
-    out += ["", "| LIC student, permutation with attacks on top | case | BER without re-sync | BER with re-sync | "
-                "neurons restored | PSNR (dB) | bpp |", "|---|---|---|---|---|---|---|"]
-    for r in runs:
-        for case, v in r["permutation_attacks"].items():
-            out.append(f"| {r['scheme']} {r['payload']} bits | {case} | {_pct(v['ber_without_resync'])} | "
-                       f"{_pct(v['ber_with_resync'])} | {_pct(v['neurons_restored'])} | {v['psnr']:.2f} | "
-                       f"{v['bpp']:.4f} |")
-    return out
+        return tables
+    tables.append(([f"LIC student, {lic['attacked_w_bits']}-bit weights"]
+                   + [f"{a}: strength for BER > 10 % (PSNR lost, bpp added)" for a in ATTACK_AXES],
+                   [[f"{r['scheme']} {r['payload']} bits"]
+                    + [_limit_cell(r, a, lambda h: f"{h['psnr_loss']:.2f} dB, {h['bpp_loss']:+.4f}",
+                                   lambda t: f"PSNR {t['psnr']:.2f} dB") for a in ATTACK_AXES] for r in runs]))
+    tables.append((["LIC student, permutation with attacks on top", "case", "BER without re-sync", "BER with re-sync",
+                    "neurons restored", "PSNR (dB)", "bpp"],
+                   [[f"{r['scheme']} {r['payload']} bits", case, _pct(v["ber_without_resync"]),
+                     _pct(v["ber_with_resync"]), _pct(v["neurons_restored"]), f"{v['psnr']:.2f}", f"{v['bpp']:.4f}"]
+                    for r in runs for case, v in r["permutation_attacks"].items()]))
+    return tables
 
 
 def _limit_cell(run: dict, attack: str, loss: Callable[[dict], str], metric: Callable[[dict], str]) -> str:
@@ -188,48 +188,38 @@ def _limit_cell(run: dict, attack: str, loss: Callable[[dict], str], metric: Cal
     return f"{hit['strength']} ({loss(hit)})"
 
 
-def _digits_tables(results: dict) -> list[str]:
+def _digits_tables(results: dict) -> list[_Table]:
     bits = results["config"]["deploy_bits"]
-    out = []
-    out.append("| host | scheme | payload | accuracy marked / control | " +
-               " | ".join(f"BER {b}-bit bundle / hex" for b in bits) + " | wrong keys, mean BER |")
-    out.append("|---|---|---|---|" + "---|" * len(bits) + "---|")
-    for product, pres in results["products"].items():
+    products = results["products"].items()
+    rows = []
+    for product, pres in products:
         for r in pres["runs"].values():
             if "skipped" in r:
-                out.append(f"| {_HOST[product]} | {r['scheme']} | {r['payload']} | not embedded: {r['skipped']} |"
-                           + " |" * (len(bits) + 1))
+                rows.append([_HOST[product], r["scheme"], str(r["payload"]), f"not embedded: {r['skipped']}"]
+                            + [""] * (len(bits) + 1))
                 continue
             dep = r["deployed"]
-            cells = [f"{_pct(dep[str(b)]['ber_bundle'])} / {_pct(dep[str(b)].get('ber_memory_files'))}"
-                     for b in bits]
-            wrong = dep[str(min(bits))]["ber_wrong_keys_mean"]
-            out.append(f"| {_HOST[product]} | {r['scheme']} | {r['payload']} | "
-                       f"{_pct(r['accuracy_marked'])} / {_pct(pres['accuracy_control'])} | "
-                       + " | ".join(cells) + f" | {_pct(wrong)} |")
-    out.append("")
-    out.append("| host | scheme | payload | " + " | ".join(
-        f"{a}: strength for BER > 10 % (accuracy lost)" for a in ATTACK_AXES) + " |")
-    out.append("|---|---|---|" + "---|" * len(ATTACK_AXES))
-    for product, pres in results["products"].items():
-        for r in pres["runs"].values():
-            if "skipped" in r:
-                continue
-            cells = [_limit_cell(r, a, lambda h: _pct(h["accuracy_loss"]), lambda t: f"accuracy {_pct(t['accuracy'])}")
-                     for a in ATTACK_AXES]
-            out.append(f"| {_HOST[product]} | {r['scheme']} | {r['payload']} | " + " | ".join(cells) + " |")
-    out.append("")
-    out.append("| host | scheme | payload | case | BER without re-sync | BER with re-sync | neurons restored |")
-    out.append("|---|---|---|---|---|---|---|")
-    for product, pres in results["products"].items():
-        for r in pres["runs"].values():
-            if "skipped" in r:
-                continue
-            for case, v in r["permutation"].items():
-                if isinstance(v, dict):
-                    name = case if case != "deployed" else f"deployed {v['bits']}-bit (golden logits changed: " \
-                                                           f"{v['golden_logit_mismatches']})"
-                    out.append(f"| {_HOST[product]} | {r['scheme']} | {r['payload']} | {name} | "
-                               f"{_pct(v['ber_without_resync'])} | {_pct(v['ber_with_resync'])} | "
-                               f"{_pct(v['neurons_restored'])} |")
-    return out
+            rows.append([_HOST[product], r["scheme"], str(r["payload"]),
+                         f"{_pct(r['accuracy_marked'])} / {_pct(pres['accuracy_control'])}"]
+                        + [f"{_pct(dep[str(b)]['ber_bundle'])} / {_pct(dep[str(b)].get('ber_memory_files'))}"
+                           for b in bits]
+                        + [_pct(dep[str(min(bits))]["ber_wrong_keys_mean"])])
+    tables = [(["host", "scheme", "payload", "accuracy marked / control"]
+               + [f"BER {b}-bit bundle / hex" for b in bits] + ["wrong keys, mean BER"], rows)]
+    embedded = [(product, r) for product, pres in products for r in pres["runs"].values() if "skipped" not in r]
+    loss, metric = lambda h: _pct(h["accuracy_loss"]), lambda t: f"accuracy {_pct(t['accuracy'])}"
+    tables.append((["host", "scheme", "payload"] + [f"{a}: strength for BER > 10 % (accuracy lost)"
+                                                     for a in ATTACK_AXES],
+                   [[_HOST[product], r["scheme"], str(r["payload"])]
+                    + [_limit_cell(r, a, loss, metric) for a in ATTACK_AXES] for product, r in embedded]))
+    rows = []
+    for product, r in embedded:
+        for case, v in r["permutation"].items():
+            if isinstance(v, dict):
+                name = case if case != "deployed" else (f"deployed {v['bits']}-bit (golden logits changed: "
+                                                        f"{v['golden_logit_mismatches']})")
+                rows.append([_HOST[product], r["scheme"], str(r["payload"]), name, _pct(v["ber_without_resync"]),
+                             _pct(v["ber_with_resync"]), _pct(v["neurons_restored"])])
+    tables.append((["host", "scheme", "payload", "case", "BER without re-sync", "BER with re-sync", "neurons restored"],
+                   rows))
+    return tables

@@ -44,7 +44,7 @@ from .layers import bundle_chain, chain_weights, load_chain_weights, model_chain
 from .markers import MarkerParams
 from .permute import permute, permute_model, random_permutation
 from .resync import fraction_restored, resynchronize
-from .train import classifier_loss, train
+from licforge.models.training import classifier_loss, train
 
 __all__ = ["StudyConfig", "run_study", "first_above", "BER_LIMIT", "AttackTarget", "SweepConfig", "DigitsTarget",
            "attack_sweeps", "ber_above_limit", "resync_row"]

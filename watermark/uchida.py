@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .keys import WatermarkKey
 from .layers import OUT_AXIS, dot_modules, rows
-from .train import Marker
+from licforge.models.training import Marker
 
 __all__ = ["Uchida", "uchida_bits", "effective_weight"]
 

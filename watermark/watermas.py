@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from .keys import WatermarkKey
 from .layers import dot_modules
-from .train import Marker
+from licforge.models.training import Marker
 
 __all__ = ["WaterMAS", "watermas_bits", "magnitude_floor"]
 

@@ -1,0 +1,82 @@
+"""The simulator build cache of sim.runner: what its key covers, one build per key among processes."""
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from licforge.sim.runner import _build_once, build_key, run_cocotb
+
+TOP = "module top(input wire clk); endmodule\n"
+ROM = 'module rom; reg [7:0] m [0:3]; initial $readmemh("w.hex", m); endmodule\n'
+
+
+def _design(folder: Path, top: str = TOP, hex_words: str = "00\n") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "top.v").write_text(top)
+    (folder / "rom.v").write_text(ROM)
+    (folder / "w.hex").write_text(hex_words)
+    return [folder / "top.v", folder / "rom.v"]
+
+
+def test_key_follows_the_sources_contents_not_their_folder_nor_the_rom_words(tmp_path):
+    key = build_key(_design(tmp_path / "a"), "top", "verilator")
+    assert len(key) == 64
+    assert build_key(_design(tmp_path / "b", hex_words="ff\n"), "top", "verilator") == key
+    assert build_key(_design(tmp_path / "c", top=TOP + "// changed\n"), "top", "verilator") != key
+    assert build_key(_design(tmp_path / "a"), "rom", "verilator") != key
+    assert build_key(_design(tmp_path / "a"), "top", "icarus") != key
+    assert build_key(_design(tmp_path / "a")[::-1], "top", "verilator") != key
+    renamed = tmp_path / "a" / "top2.v"
+    renamed.write_text(TOP)
+    assert build_key([renamed, tmp_path / "a" / "rom.v"], "top", "verilator") != key
+
+
+def test_run_cocotb_takes_a_build_dir_or_a_cache_dir(tmp_path):
+    for dirs in ({}, {"build_dir": tmp_path / "b", "cache_dir": tmp_path / "c"}):
+        with pytest.raises(ValueError, match="needs one of build_dir .* and cache_dir"):
+            run_cocotb(sources=[], toplevel="top", test_module="m", test_dir=tmp_path / "t", **dirs)
+
+
+def _slow_build(entry: Path, log: Path) -> None:
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(0.5)
+    entry.mkdir(parents=True)
+    (entry / "sim").write_text("built")
+
+
+def _builder(entry: Path, log: Path) -> None:
+    _build_once(entry, lambda into: _slow_build(into, log))
+
+
+def test_concurrent_builders_of_one_key_build_it_once(tmp_path):
+    entry, log = tmp_path / "cache" / "verilator-k", tmp_path / "builds.log"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_builder, args=(entry, log)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(log.read_text().split()) == 1
+    assert (entry / "sim").read_text() == "built" and (entry / "BUILT").is_file()
+    _builder(entry, log)  # a finished entry is reused
+    assert len(log.read_text().split()) == 1
+
+
+def test_a_failed_or_half_done_build_is_built_anew(tmp_path):
+    entry, log = tmp_path / "verilator-k", tmp_path / "builds.log"
+
+    def failing(into: Path) -> None:
+        into.mkdir()
+        (into / "partial.o").write_text("")
+        raise RuntimeError("Command failed with return code: 2")
+
+    with pytest.raises(RuntimeError, match="return code: 2"):
+        _build_once(entry, failing)
+    assert not (entry / "BUILT").exists()
+    _builder(entry, log)
+    assert sorted(p.name for p in entry.iterdir()) == ["BUILT", "sim"]
+    assert len(log.read_text().split()) == 1
