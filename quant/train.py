@@ -40,6 +40,14 @@ def _device_name(device: str) -> str:
     return f"{d}: {torch.cuda.get_device_name(d)}" if d.type == "cuda" else "cpu"
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | None = None,
                 teacher: Path | None = None, init: Path | None = None, resume: bool = False,
                 curve: str | None = None, half: bool = False, device: str = "cpu",
@@ -47,7 +55,9 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
     """Train ``cfg`` with ``tcfg`` on ``device`` (distilling from the ``teacher`` weight file when its
     weights are non-zero), starting from the weights of ``init`` (same architecture; e.g. the
     model of a neighbouring lambda) or from a seeded random initialisation; writes the
-    weights to ``out`` and returns their meta record."""
+    weights to ``out`` and returns their meta record.  The training images are held on ``device``.
+    Inside :func:`models.lic_train.distributed` (a torchrun launch) every process trains its share
+    of each batch and rank 0 alone writes ``out`` and the state file."""
     out = Path(out)
     torch.manual_seed(tcfg.seed)  # model initialisation
     net = build_lic(cfg)
@@ -55,7 +65,8 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
     if init is not None:
         net.load_state_dict(load_weights(init, expect=cfg)[0].state_dict())
         init_meta = {"file": str(init), "sha256": file_sha256(init)}
-    sampler = CropSampler(load_split(data, "train"), tcfg.crop, tcfg.batch, tcfg.seed)
+    # the training images live on the training device; the crops are cut there (no per-step copy)
+    sampler = CropSampler(load_split(data, "train"), tcfg.crop, tcfg.batch, tcfg.seed, device=device)
     tnet = tcfg_m = None
     teacher_meta = None
     if tcfg.kd_recon > 0 or tcfg.kd_latent > 0:
@@ -69,11 +80,14 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
     record = train_lic(net, sampler, tcfg, arch=arch, teacher=tnet, teacher_m=tcfg_m,
                        state_path=state_path_for(out), resume=resume, desc=curve or cfg.name, log=log,
                        device=device)
+    rank, world = _rank_world()
     meta = {"curve": curve or cfg.name, "lmbda": tcfg.lmbda, "train": tcfg.to_dict(),
             "data": data or "embedded", "teacher": teacher_meta, "init": init_meta, "wall_s": record["wall_s"],
             "steps": record["steps"], "final": record["history"][-1] if record["history"] else {},
-            "threads": torch.get_num_threads(), "device": _device_name(device), "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
-    save_weights(net, cfg, out, meta, half=half)
+            "threads": torch.get_num_threads(), "device": _device_name(device), "processes": world,
+            "saved": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if rank == 0:  # distributed training: every process holds the same weights, rank 0 writes them
+        save_weights(net, cfg, out, meta, half=half)
     return meta
 
 

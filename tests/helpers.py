@@ -3,9 +3,11 @@ with ``--import-mode=importlib``, so the repository root is not on ``sys.path`` 
 ``import models`` fails as it does for a user)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 
-__all__ = ["require_simulator"]
+__all__ = ["require_simulator", "Interrupt", "interrupt_after"]
 
 
 def require_simulator(name: str) -> None:
@@ -16,3 +18,20 @@ def require_simulator(name: str) -> None:
         simulator_env(name)
     except SimulatorUnavailable as e:
         pytest.skip(str(e))
+
+
+class Interrupt(Exception):
+    """Raised by :func:`interrupt_after` to stop a training run the way a kill would."""
+
+
+def interrupt_after(steps: int | None) -> Callable[[object], None]:
+    """An ``after_step`` hook for ``train_lic`` that raises :class:`Interrupt` during step
+    ``steps + 1`` (after ``steps`` completed steps); ``None``: never."""
+    calls: list[int] = []
+
+    def hook(_net: object) -> None:
+        calls.append(1)
+        if steps is not None and len(calls) > steps:
+            raise Interrupt
+
+    return hook

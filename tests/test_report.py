@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from licforge.flows import report
-from licforge.flows.report import (STATUS_COLOURS, BrowserError, Section, Table, _yosys_upstream,
+from licforge.flows.report import (STATUS_COLOURS, BrowserError, Section, Table, yosys_upstream,
                           find_browser, format_cell, package_version, screenshot, tool_versions,
                           versions_table, write_html, write_markdown)
 
@@ -281,4 +281,4 @@ def test_tool_versions_name_missing_packages_and_read_yosys_from_its_wheel(fresh
     ("0.38.0.42.post600.dev0", "0.38+42"), ("0.70", None), ("0.70.0.0", None),
 ])
 def test_yosys_version_from_wheel(wheel, upstream):
-    assert _yosys_upstream(wheel) == upstream
+    assert yosys_upstream(wheel) == upstream
