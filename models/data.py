@@ -16,6 +16,7 @@ Only images shipped inside the scikit-image wheel are used (no pooch download).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["EMBEDDED_TRAIN", "EMBEDDED_HELD_OUT", "embedded_images", "folder_images", "load_split",
+__all__ = ["psnr_from_mse", "EMBEDDED_TRAIN", "EMBEDDED_HELD_OUT", "embedded_images", "folder_images", "load_split",
            "to_tensor", "CropSampler", "DataError", "IMAGE_SUFFIXES"]
 
 EMBEDDED_TRAIN = ("rocket", "motorcycle_left", "motorcycle_right", "hubble_deep_field",
@@ -165,3 +166,9 @@ class CropSampler:
                 patch = im[:, top:top + self.crop, left:left + self.crop]
                 out[b - lo] = patch.flip(-1) if flip else patch
         return out.float() / 256.0
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB of a mean squared error on the 0..255 pixel scale: ``10 log10(255^2 / MSE)``
+    (``inf`` for an exact reconstruction)."""
+    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)

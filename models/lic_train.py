@@ -76,7 +76,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .data import CropSampler
+from .data import CropSampler, psnr_from_mse
 from .lic import CheckpointError, read_checkpoint
 
 __all__ = ["TrainConfig", "rd_terms", "train_lic", "STATE_FORMAT", "lr_at", "torchrun_env", "distributed"]
@@ -512,7 +512,7 @@ def _log_line(desc: str, step: int, cfg: TrainConfig, avg: dict[str, float], wal
     left = wall_s / max(1, step) * (cfg.steps - step)
     kd = "".join(f" {k} {avg[k]:.3f}" for k in ("kd_recon", "kd_latent", "extra") if k in avg)
     aux = f" aux {avg['aux']:.2f}" if "aux" in avg else ""
-    psnr = 10 * math.log10(255.0 ** 2 / max(avg["mse"], 1e-12))
+    psnr = psnr_from_mse(max(avg["mse"], 1e-12))
     return (f"{desc}: step {step}/{cfg.steps} loss {avg['loss']:.4f} bpp {avg['bpp']:.4f} "
             f"mse {avg['mse']:.2f} ({psnr:.2f} dB){kd}{aux} | {wall_s:.0f} s, ~{left:.0f} s left")
 

@@ -36,8 +36,9 @@ WEBP_QUALITIES = (0, 5, 10, 20, 30, 50, 75)
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images (peak 255)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+    from licforge.models.data import psnr_from_mse
+
+    return psnr_from_mse(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
 def ms_ssim(a: np.ndarray, b: np.ndarray) -> float | None:
