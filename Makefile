@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/licforge flow
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -n $(JOBS) --dist loadfile
+	$(VENV)/bin/pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder
 
 bench: $(STAMP)
 	$(VENV)/bin/licforge bench all
