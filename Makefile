@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/licforge flow
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q -n $(JOBS) --dist loadfile --no-loadscope-reorder
+	$(VENV)/bin/pytest -q -n $(JOBS) --dist loadfile
 
 bench: $(STAMP)
 	$(VENV)/bin/licforge bench all

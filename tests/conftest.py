@@ -11,20 +11,6 @@ import torch
 torch.set_num_threads(1)
 
 
-# The longest test files first (measured on 2 cores, cold simulator cache): `make test` runs
-# pytest-xdist with --dist loadfile --no-loadscope-reorder, so the two workers take whole files
-# in this order and finish close together instead of one waiting for a long file picked last.
-LONGEST_FIRST = ("test_flow.py", "test_lane_array.py", "test_rtl_gdn.py", "test_decoder_rtl.py",
-                 "test_rtl_conv_transpose.py", "test_digits_quant.py", "test_qonnx.py", "test_cli.py",
-                 "test_watermark_lic.py", "test_lic_ddp.py")
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    """Order the collected tests by file, longest files first (stable inside a file)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 @pytest.fixture(scope="session")
 def digits_models():
     """Exact CNN, MinConv twin and an 8-bit QAT MinConv classifier (seed 0): the committed
