@@ -78,8 +78,7 @@ def _cmd_sim_block(args) -> int:
     need_int(args.height, "--height", 1, 4096)
     need_int(args.width, "--width", 1, 4096)
     image = _read_image(args.image) if args.image else None
-    r = check_block(bundle, args.kind, Path(args.build), cache_dir=Path(args.build) / "sim-cache",
-                    layer=args.layer, pi=args.pi, po=args.po, height=args.height,
+    r = check_block(bundle, args.kind, Path(args.build), layer=args.layer, pi=args.pi, po=args.po, height=args.height,
                     width=args.width, image=image, seed=args.seed, p_valid=args.p_valid, p_ready=args.p_ready,
                     simulator=args.simulator)
     print(f"{args.kind} {','.join(r['layers'])} (PI={r['pi']}, PO={r['po']}) on {r['simulator']}: seed {args.seed}, "
@@ -109,8 +108,7 @@ def _cmd_sim_image(args) -> int:
     path = Path(args.image)
     img = _read_image(args.image)
     pi, po = _parallelism(args, decoder_layers(bundle))
-    r = sim_decode_image(bundle, img, Path(args.build), pi=pi, po=po, max_width=args.max_width, simulator=args.simulator,
-                         cache_dir=Path(args.build) / "sim-cache")
+    r = sim_decode_image(bundle, img, Path(args.build), pi=pi, po=po, max_width=args.max_width, simulator=args.simulator)
     print(f"{path.name} {r['image_hw'][0]}x{r['image_hw'][1]}: {r['bytes']} bytes, {r['bpp']:.4f} bpp, "
           f"PSNR {r['psnr_db']:.2f} dB (hardware-decoded), mismatches {r['mismatches']}, {r['cycles']} cycles "
           f"({r['cycles_per_pixel']:.3f} per pixel; model {r['model_cycles']}), PI={pi} PO={po}, "

@@ -345,7 +345,7 @@ def _verify(ctx: StageContext) -> dict:
         h, w = img.shape[:2]
         top, left = (h - v["crop"]) // 2, (w - v["crop"]) // 2
         img = img[top:top + v["crop"], left:left + v["crop"]]
-    rep = sim_decode_image(_bundle(ctx), img, ctx.dir / "build", pi=r["pi"], po=r["po"], cache_dir=ctx.run_dir / "sim-cache")
+    rep = sim_decode_image(_bundle(ctx), img, ctx.dir / "build", pi=r["pi"], po=r["po"])
     return {"image": name, "crop": v["crop"], **rep, "pixels_checked": int(np.prod(rep["image_hw"])) * 3}
 
 

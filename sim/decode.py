@@ -1,8 +1,9 @@
 """RTL simulation of a bundle's decoder against the integer golden model: single blocks
 (random extremes or the real tensors of an image), whole decodes of integer latents, and
 whole images through a real bitstream.  Every run works under an explicit ``build_dir``
-(``build_dir/sim/<kind>/<bundle hash>_<tag>``) and builds its simulator there, or, given
-``cache_dir``, takes it from that build cache (:func:`sim.runner.run_cocotb`).
+(``build_dir/sim/<kind>/<bundle hash>_<tag>``) and takes its simulator from the build cache
+``build_dir/sim-cache`` (:func:`sim.runner.run_cocotb`: a design is compiled once), or from
+``cache_dir`` when one is given.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from licforge.rtl.project import DEFAULT_MAX_WIDTH, build_decoder
 from .stimulus import extreme_ints
 
 __all__ = ["layer_inputs", "check_block", "rtl_decode", "sim_decode_image"]
+
+
+def _cache(build_dir: Path, cache_dir: Path | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else Path(build_dir) / "sim-cache"
 
 
 def _work(build_dir: Path, kind: str, bundle, tag: str) -> Path:
@@ -140,7 +145,7 @@ def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: in
     timeout = int((4 * busy + 10_000) / min(p_valid, p_ready))
     tag = f"{names[0] if kind != 'decoder' else 'all'}_pi{pi}_po{po}_w{width}"
     res = _simulate(dut, bundle, names, x, _work(build_dir, kind, bundle, tag), frame=frame, timeout=timeout, seed=seed,
-                    p_valid=p_valid, p_ready=p_ready, simulator=simulator, cache_dir=cache_dir)
+                    p_valid=p_valid, p_ready=p_ready, simulator=simulator, cache_dir=_cache(build_dir, cache_dir))
     return {**res.report, "layers": names, "pi": pi, "po": po, "input_shape": list(x.shape),
             "simulator": res.simulator, "wall_s": round(res.wall_s, 2)}
 
@@ -164,7 +169,8 @@ def rtl_decode(bundle, latents: np.ndarray, build_dir: Path, *, pi: int, po: int
     res = _simulate(dut, bundle, [l.name for l in dut.layers], latents,
                     _work(build_dir, "decoder", bundle, f"pi{pi}_po{po}_w{max_width}"), frame=True,
                     timeout=int(4 * model["cycles"] / p_ready) + 10_000, seed=seed, p_ready=p_ready,
-                    simulator=simulator, run_name=f"decode_{frames}x{h}x{w}_s{seed}", cache_dir=cache_dir)
+                    simulator=simulator, run_name=f"decode_{frames}x{h}x{w}_s{seed}",
+                    cache_dir=_cache(build_dir, cache_dir))
     pixels = np.load(Path(res.report["run_dir"]) / "outputs.npy")
     report = {**res.report, "model_cycles": model["cycles"], "multipliers": sum(p.multipliers for p in dut.plan),
               "simulator": res.simulator, "wall_s": round(time.perf_counter() - t0, 2)}
