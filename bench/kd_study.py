@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from licforge.bench.lic import LAMBDAS, MIX50, TEACHER, Job, kd_args, plan_star, run_jobs
+from licforge.bench.lic import BASE_LAMBDA, LAMBDAS, MIX50, TEACHER, Job, kd_args, plan_star, run_jobs
 
 __all__ = ["plan_kd", "kd_study", "ARMS", "WIDTHS"]
 
@@ -47,22 +47,38 @@ def _curve(n: int, arm: str, seed: int = 0) -> str:
 
 def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, device: str = "cpu",
             lambdas: tuple[float, ...] = LAMBDAS, widths: tuple[int, ...] = WIDTHS,
-            seeds: tuple[int, ...] = (0,)) -> list[Job]:
-    """The study's jobs in a valid order, base models first: the teacher, per width and seed the
-    students of :data:`ARMS` (the teacher of the same lambda in each stage for the KD arms) and,
-    with a single seed, a twin of the smallest student without KD at the next seed (the noise
-    estimate); then their fine-tunes; then one ``licforge eval`` per fine-tuned model."""
+            seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = tuple(ARMS), data: str | None = None,
+            teachers: dict[float, Path] | None = None) -> list[Job]:
+    """The study's jobs in a valid order, base models first: the teacher (trained, or the weight
+    files ``teachers`` maps each lambda to: jobs of kind ``"given"``), per width and seed the
+    students of ``arms`` (the teacher of the same lambda in each stage for the KD arms) and, with a
+    single seed, a twin of the smallest student without KD at the next seed (the noise estimate);
+    then their fine-tunes; then one ``licforge eval`` per fine-tuned model.  ``data``: the
+    ``--data`` folder of every training and evaluation (default: the embedded images)."""
     if base < 1 or ft < 1:
         raise ValueError(f"base and fine-tune steps must be >= 1, not {base}/{ft}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"seeds must be distinct integers >= 0, not {seeds}")
+    if "nokd" not in arms or not set(arms) <= set(ARMS):
+        raise ValueError(f"arms must include nokd and be among {', '.join(ARMS)}, not {arms}")
     jobs: list[Job] = []
     common = ["--batch", str(batch), "--crop", str(crop), "--device", device]
-    targs = ["train", "--N", str(TEACHER["N"]), "--M", str(TEACHER["M"]), "--gdn", "gdn", *common]
-    plan_star(jobs, work, "teacher", {"base": targs, "ft": targs}, "teacher",
-              {"role": "teacher", "N": TEACHER["N"]}, {"lr": TEACHER["lr"], "base": base, "ft": ft}, lambdas=lambdas)
+    common += ["--data", data] if data else []
+    if teachers is not None:
+        missing = sorted({BASE_LAMBDA, *lambdas} - set(teachers))
+        if missing:
+            raise ValueError(f"no teacher for lambda {', '.join(map(str, missing))}: give one weight file per lambda")
+        info = {"role": "teacher", "N": TEACHER["N"]}
+        jobs.append(Job("teacher_base", [], Path(teachers[BASE_LAMBDA]), [], "given", {**info, "lmbda": BASE_LAMBDA}))
+        jobs += [Job(f"teacher_l{lam:.4f}", [], Path(teachers[lam]), [], "given", {**info, "lmbda": lam})
+                 for lam in lambdas]
+    else:
+        targs = ["train", "--N", str(TEACHER["N"]), "--M", str(TEACHER["M"]), "--gdn", "gdn", *common]
+        plan_star(jobs, work, "teacher", {"base": targs, "ft": targs}, "teacher",
+                  {"role": "teacher", "N": TEACHER["N"]}, {"lr": TEACHER["lr"], "base": base, "ft": ft},
+                  lambdas=lambdas)
     cfg = {"lr": STUDENT_LR, "base": base, "ft": ft}
-    runs = [(n, arm, seed) for n in widths for seed in seeds for arm in ARMS]
+    runs = [(n, arm, seed) for n in widths for seed in seeds for arm in arms]
     runs += [(min(widths), "nokd", seeds[0] + 1)] if len(seeds) == 1 else []
     for n, arm, seed in runs:
         kd = ARMS[arm]
@@ -71,17 +87,19 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
         plan_star(jobs, work, f"s{n}_{arm}" + (f"_seed{seed}" if seed else ""), {"base": args, "ft": args},
                   _curve(n, arm, seed), {"role": "student", "N": n, "arm": arm, "seed": seed}, cfg,
                   {"base": "same", "ft": "same"} if kd else None, lambdas=lambdas)
-    for j in [j for j in jobs if j.kind == "train"]:
+    evaluated = [j for j in jobs if j.kind == "train" or (j.kind == "given" and j.name != "teacher_base")]
+    for j in evaluated:
         ev = work / "eval" / f"{j.name}.json"
-        jobs.append(Job(f"eval_{j.name}", ["eval", str(j.out), "--no-baselines", "--json", str(ev)], ev,
-                        [j.name], "eval", {"model": j.name}))
+        jobs.append(Job(f"eval_{j.name}", ["eval", str(j.out), "--no-baselines", *common[6:], "--json", str(ev)],
+                        ev, [j.name], "eval", {"model": j.name, "teacher": j.kind == "given"}))
     # base models first (the distilled ones are on the critical path), then fine-tunes, then evals
-    return sorted(jobs, key=lambda j: ("base", "train", "eval").index(j.kind))
+    return sorted(jobs, key=lambda j: ("given", "base", "train", "eval").index(j.kind))
 
 
 def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, crop: int = 64,
              device: str = "cpu", workers: int = 2, tag: str = "long", lambdas: tuple[float, ...] = LAMBDAS,
-             widths: tuple[int, ...] = WIDTHS, seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
+             widths: tuple[int, ...] = WIDTHS, seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = tuple(ARMS),
+             data: str | None = None, teachers: dict[float, Path] | None = None) -> dict[str, Any]:
     """Run :func:`plan_kd` (finished steps are kept) and write ``results/lic_kd_<tag>.json``
     and ``results/rd_kd_<tag>.png``; returns the JSON record."""
     from licforge.models.lic import load_weights
@@ -89,14 +107,18 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
     from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results, plot_rd
 
     jobs = plan_kd(work, base, ft, batch=batch, crop=crop, device=device, lambdas=lambdas, widths=widths,
-                   seeds=seeds)
+                   seeds=seeds, arms=arms, data=data, teachers=teachers)
     t0 = time.perf_counter()
     run_jobs(jobs, work / "logs", workers)
     elapsed = time.perf_counter() - t0
     evals = {j.info["model"]: json.loads(j.out.read_text()) for j in jobs if j.kind == "eval"}
+    for j in jobs:  # given teachers carry their own curve names: one curve "teacher"
+        if j.kind == "eval" and j.info["teacher"]:
+            for e in evals[j.info["model"]]["entries"]:
+                e["curve"] = "teacher"
     curves = curves_from_results(list(evals.values()))
     students = [j.info for j in jobs if j.kind == "base" and j.info.get("role") == "student"]
-    per_width = {f"N={n}": _distillation(curves, n, list(seeds)) for n in widths}
+    per_width = {f"N={n}": _distillation(curves, n, list(seeds), arms) for n in widths}
     small = min(i["N"] for i in students)
     plain = sorted(i["seed"] for i in students if i["N"] == small and i["arm"] == "nokd")
 
@@ -107,11 +129,13 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
 
     models = {}
     for j in jobs:
-        if j.kind in ("train", "base"):
+        if j.kind in ("train", "base", "given"):
             meta = load_weights(j.out)[2]
             models[j.name] = {**j.info, "steps": meta["steps"], "train_wall_s": meta["wall_s"],
-                              "device": meta.get("device"), "command": "licforge " + shlex.join(j.args)}
-            if j.kind == "train":
+                              "device": meta.get("device")}
+            models[j.name].update({"file": str(j.out), "sha256": _sha256(j.out)} if j.kind == "given" else
+                                  {"command": "licforge " + shlex.join(j.args)})
+            if j.name in evals:
                 e = evals[j.name]["entries"][0]
                 models[j.name].update(curve=e["curve"], mean=e["mean"])
     results.mkdir(parents=True, exist_ok=True)
@@ -125,7 +149,8 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
            "settings": {"base_steps": base, "fine_tune_steps": ft, "batch": batch, "crop": crop,
                         "lambdas": list(lambdas), "teacher": {"N": TEACHER["N"], "M": TEACHER["M"],
                                                               "lr": TEACHER["lr"]},
-                        "student_lr": STUDENT_LR, "arms": dict(ARMS), "seeds": list(seeds)},
+                        "student_lr": STUDENT_LR, "arms": {a: ARMS[a] for a in arms}, "seeds": list(seeds),
+                        "data": data or "embedded", "teachers": "given" if teachers else "trained"},
            "distillation": per_width,
            "seed_noise": [noise(a, b) for k, a in enumerate(plain) for b in plain[k + 1:]], "models": models,
            "note": "bd_rate_vs_nokd_pct < 0 (bd_psnr_vs_nokd_db > 0): the distilled student beats its twin "
@@ -135,7 +160,14 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
     return out
 
 
-def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: list[int]) -> dict[str, Any]:
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: list[int],
+                  arms: tuple[str, ...]) -> dict[str, Any]:
     """BD-rate / BD-PSNR of width ``n``'s students vs the teacher and of each KD arm vs the student
     without KD of the same seed; with several seeds, per seed and their mean."""
     from licforge.quant.rd import bd_psnr, bd_rate
@@ -145,7 +177,7 @@ def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: l
 
     teacher = curves["teacher"]
     out: dict[str, Any] = {}
-    for arm in ARMS:
+    for arm in arms:
         per = {}
         for s in seeds:
             c, ref = curves[_curve(n, arm, s)], curves[_curve(n, "nokd", s)]

@@ -105,7 +105,8 @@ WORK = Path("build/lic/bench")
 
 @dataclass
 class Job:
-    """One licforge command; ``out`` is its main output, ``deps`` the jobs it needs."""
+    """One licforge command; ``out`` is its main output, ``deps`` the jobs it needs.  A job of kind
+    ``"given"`` has no command: its output is a file the user supplied (a teacher trained elsewhere)."""
     name: str
     args: list[str]
     out: Path
@@ -145,7 +146,7 @@ def plan_star(jobs: list[Job], work: Path, prefix: str, stage_args: dict[str, li
         t = teachers[stage]
         if t is not None:
             t = ("teacher_base" if init is None else f"teacher_l{_lam(lam)}") if t == "same" else f"teacher_l{t}"
-            args += ["--teacher", str(work / f"{t}.pt")]
+            args += ["--teacher", str(next((j.out for j in jobs if j.name == t), work / f"{t}.pt"))]
             deps.append(t)
         return Job(name, args, out, deps, "train" if init is not None else "base", {**info, "lmbda": lam})
 
@@ -256,6 +257,11 @@ def run_jobs(jobs: list[Job], logs: Path, workers: int) -> dict[str, float]:
             if any(d not in finished for d in job.deps):
                 continue
             pending.remove(job)
+            if job.kind == "given":
+                if not job.out.is_file():
+                    raise FileNotFoundError(f"bench: {job.name}: no weight file {job.out}")
+                finished.add(job.name)
+                continue
             if _done(job) and not any(d in rerun for d in job.deps):
                 finished.add(job.name)
                 continue

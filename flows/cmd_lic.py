@@ -232,6 +232,23 @@ def _bench_lic(out: Path, build: Path, args: argparse.Namespace) -> str:
     return f"wrote {out / 'lic.json'} and {out / 'rd.png'} ({len(res['models'])} models)"
 
 
+def _given_teachers(files: list[str] | None) -> dict[float, Path] | None:
+    """``bench kd --teachers FILE...``: each teacher weight file keyed by the lambda it was trained at
+    (from its metadata); two files of one lambda are refused."""
+    from licforge.models.lic import load_weights
+
+    if not files:
+        return None
+    out: dict[float, Path] = {}
+    for f in files:
+        lam = load_weights(f)[2].get("lmbda")
+        if lam is None or lam in out:
+            raise UsageError(f"--teachers {f}: " + ("its metadata names no lambda" if lam is None else
+                                                    f"a second teacher for lambda {lam} (first: {out[lam]})"))
+        out[lam] = Path(f)
+    return out
+
+
 def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.kd_study import kd_study
 
@@ -246,7 +263,8 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     work = Path(args.work) if args.work else build / "lic" / "kd"
     res = kd_study(out, work, base=args.base_steps, ft=args.ft_steps, batch=args.batch,
                    crop=args.crop, device=args.device, workers=args.workers, tag=args.tag,
-                   widths=tuple(args.widths), seeds=tuple(args.seeds), **lambdas)
+                   widths=tuple(args.widths), seeds=tuple(args.seeds), arms=tuple(args.arms), data=args.data,
+                   teachers=_given_teachers(args.teachers), **lambdas)
 
     def f(v: float | None, fmt: str) -> str:  # BD figures are None where two curves do not overlap
         return "n/a" if v is None else format(v, fmt)
@@ -337,6 +355,12 @@ def register(groups: dict) -> None:
                    help="rate-distortion points (default: those of licforge bench lic)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds of every student (one seed: plus a twin without KD at the next seed)")
+    p.add_argument("--arms", nargs="+", default=["nokd", "recon1", "mix50"], choices=["nokd", "recon1", "mix50"],
+                   help="students per width and seed: without KD, KD on reconstructions, half image/half teacher")
+    p.add_argument("--teachers", nargs="+", default=None, metavar="FILE",
+                   help="teacher weight files, one per lambda (read from each file's metadata) instead of training "
+                        "the teacher")
+    p.add_argument("--data", default=None, help="image folder (default: embedded scikit-image photographs)")
     p.add_argument("--tag", default="long", help="suffix of the result files")
     p.add_argument("--work", default=None, help="folder of the models, evaluations and logs (default <build>/lic/kd)")
     _device_arg(p)

@@ -19,6 +19,8 @@ time, from the run's ``test_dir``.  Concurrent builders of one key (pytest-xdist
 take turns on a lock file beside the entry; an entry counts as built only once its build has
 finished (the ``BUILT`` marker), so a build that died half-way is redone.  A finished entry
 keeps the simulator, the generated C++ and the build log, not the compiler's intermediates.
+The Verilator runtime that every build compiles is compiled once per cache
+(``cache_dir/objects``, :mod:`sim.objcache`).
 """
 from __future__ import annotations
 
@@ -179,6 +181,12 @@ def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, test_dir
     if (build_dir is None) == (cache_dir is None):
         raise ValueError("run_cocotb needs one of build_dir (a private build) and cache_dir (a shared cache)")
     env = simulator_env(simulator)
+    if cache_dir is not None and simulator == "verilator":
+        from licforge.sim.objcache import wrapper
+
+        script = wrapper(Path(cache_dir) / "objects")
+        if script is not None:  # the runtime's objects, compiled once per cache (sim/objcache.py)
+            env["MAKEFLAGS"] = f"{env.get('MAKEFLAGS', os.environ.get('MAKEFLAGS', ''))} OBJCACHE={script}".strip()
     sources = [Path(s).resolve() for s in sources]
     test_dir = Path(test_dir).resolve()
     if cache_dir is not None:

@@ -205,6 +205,32 @@ def test_kd_study_pairs_every_arm_and_puts_the_critical_path_first():
             plan_kd(Path("w"), **bad)
 
 
+def test_kd_study_with_given_teachers_trains_no_teacher_and_evaluates_them():
+    """bench kd --teachers: the teachers are given files (one per lambda, none trained), the KD
+    arms read them, every job and evaluation reads --data, and a missing lambda is refused."""
+    from pathlib import Path
+
+    from licforge.bench.kd_study import plan_kd
+
+    given = {lam: Path(f"t/{lam}.pt") for lam in (0.0035, 0.0067, 0.013, 0.025)}
+    jobs = plan_kd(Path("w"), 40, 10, widths=(16,), seeds=(0, 1), arms=("nokd", "mix50"), data="photos",
+                   lambdas=(0.0035, 0.0067, 0.013, 0.025), teachers=given)
+    by = {j.name: j for j in jobs}
+    assert [j.name for j in jobs if j.kind == "given"] == ["teacher_base"] + [
+        f"teacher_l{lam:.4f}" for lam in (0.0035, 0.0067, 0.013, 0.025)]
+    assert by["teacher_base"].out == Path("t/0.013.pt") and not any(j.args[:1] == ["train"] for j in jobs)
+    assert by["s16_mix50_seed1_l0.0067"].args[-2:] == ["--teacher", "t/0.0067.pt"]
+    assert by["s16_mix50_base"].args[-2:] == ["--teacher", "t/0.013.pt"]
+    assert "s16_recon1_base" not in by and len(jobs) == 5 + 2 * 2 * 5 + 4 + 2 * 2 * 4
+    assert all(j.args[j.args.index("--data") + 1] == "photos" for j in jobs if j.kind != "given")
+    assert by["eval_teacher_l0.0250"].info == {"model": "teacher_l0.0250", "teacher": True}
+    with pytest.raises(ValueError, match="no teacher for lambda 0.0067"):
+        plan_kd(Path("w"), 40, 10, lambdas=(0.0035, 0.0067, 0.013, 0.025),
+                teachers={k: v for k, v in given.items() if k != 0.0067})
+    with pytest.raises(ValueError, match="arms must include nokd"):
+        plan_kd(Path("w"), 40, 10, arms=("mix50",))
+
+
 def test_cli_device_is_checked_before_training(tmp_path, capsys):
     cmd = ["distill", "--kd-recon", "0", "--steps", "1", "--out", str(tmp_path / "s.pt")]
     rc = main(cmd + ["--device", "tpu"])

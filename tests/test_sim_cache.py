@@ -80,3 +80,54 @@ def test_a_failed_or_half_done_build_is_built_anew(tmp_path):
     _builder(entry, log)
     assert sorted(p.name for p in entry.iterdir()) == ["BUILT", "sim"]
     assert len(log.read_text().split()) == 1
+
+
+def _fake_compiler(tmp_path: Path) -> tuple[Path, Path]:
+    """A 'compiler' that logs each call and writes ``-o`` (the source's bytes) and an -MMD file
+    naming the source and, when the source asks for it, a header of the build directory."""
+    log = tmp_path / "calls.log"
+    cc = tmp_path / "cc"
+    cc.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+while [ "$1" != "-o" ]; do shift; done
+obj=$2; src=$3
+cp "$src" "$obj"
+if grep -q LOCAL "$src"; then echo "${{obj%.o}}.o: $src Vtop.h" > "${{obj%.o}}.d"; else echo "${{obj%.o}}.o: $src" > "${{obj%.o}}.d"; fi
+""")
+    cc.chmod(0o755)
+    return cc, log
+
+
+def test_objcache_compiles_the_runtime_once_and_never_shares_design_files(tmp_path, monkeypatch):
+    from licforge.sim.objcache import main as objcache
+
+    cc, log = _fake_compiler(tmp_path)
+    runtime, store = tmp_path / "include", tmp_path / "store"
+    runtime.mkdir()
+    (runtime / "verilated.cpp").write_text("int runtime;\n")
+    (runtime / "cocotb.cpp").write_text("// LOCAL: includes Vtop.h\n")
+    builds = [tmp_path / f"build{i}" for i in range(3)]
+
+    def compile_in(build: Path, src: Path) -> bytes:
+        build.mkdir(exist_ok=True)
+        monkeypatch.chdir(build)
+        obj = src.stem + ".o"
+        assert objcache([str(store), str(cc), "-I.", "-MMD", "-Os", "-c", "-o", obj, str(src)]) == 0
+        assert (build / (src.stem + ".d")).is_file()
+        return (build / obj).read_bytes()
+
+    def calls() -> int:
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    assert compile_in(builds[0], runtime / "verilated.cpp") == b"int runtime;\n" and calls() == 1
+    assert compile_in(builds[1], runtime / "verilated.cpp") == b"int runtime;\n" and calls() == 1  # a hit
+    assert sorted(p.suffix for p in store.iterdir()) == [".d", ".o"]
+    (runtime / "verilated.cpp").write_text("int runtime2;\n")  # new contents: a miss
+    assert compile_in(builds[2], runtime / "verilated.cpp") == b"int runtime2;\n" and calls() == 2
+    for b in builds[:2]:  # a source that includes a file of its build directory is compiled every time
+        compile_in(b, runtime / "cocotb.cpp")
+    assert calls() == 4
+    (builds[0] / "Vtop__ALL.cpp").write_text("int design;\n")
+    for _ in range(2):  # the design's own files likewise
+        compile_in(builds[0], builds[0] / "Vtop__ALL.cpp")
+    assert calls() == 6 and len(list(store.iterdir())) == 4
