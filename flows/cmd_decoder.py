@@ -1,5 +1,6 @@
-"""CLI of the decoder slice: ``rtl gdn|decoder``, ``sim convt|gdn|decoder|image``, ``perf``,
-``bench decoder``.
+"""CLI of the decoder slice: ``rtl gdn|decoder``, ``sim convt|gdn|decoder``, ``perf``,
+``bench decoder`` (a licforge file is decoded by the RTL with ``licforge decode --rtl``, in
+``flows/cmd_codec.py``).
 
 BUNDLE is a bundle directory or ``synthetic:N:M[:SEED]`` (a random well-scaled decoder).
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from licforge.rtl.project import DEFAULT_MAX_WIDTH, DEFAULT_PART
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
-from licforge.errors import CheckFailed, UsageError, need_file, need_int
+from licforge.errors import UsageError, need_file, need_int
 
 __all__ = ["register"]
 
@@ -78,10 +79,13 @@ def _cmd_sim_block(args) -> int:
     need_int(args.height, "--height", 1, 4096)
     need_int(args.width, "--width", 1, 4096)
     image = _read_image(args.image) if args.image else None
+    lanes = {"pp": need_int(args.pp, "--pp", 1, 256), "pack": args.pack} if args.kind != "decoder" else {}
     r = check_block(bundle, args.kind, Path(args.build), layer=args.layer, pi=args.pi, po=args.po, height=args.height,
                     width=args.width, image=image, seed=args.seed, p_valid=args.p_valid, p_ready=args.p_ready,
-                    simulator=args.simulator)
-    print(f"{args.kind} {','.join(r['layers'])} (PI={r['pi']}, PO={r['po']}) on {r['simulator']}: seed {args.seed}, "
+                    simulator=args.simulator, **lanes)
+    lanes_text = f", PP={r['pp']}{', packed' if r['pack'] else ''}" if lanes else ""
+    print(f"{args.kind} {','.join(r['layers'])} (PI={r['pi']}, PO={r['po']}{lanes_text}) on {r['simulator']}: "
+          f"seed {args.seed}, "
           f"input {r['input_shape']}, {r['checked']} outputs checked, {r['mismatches']} mismatches, "
           f"{r['cycles']} cycles")
     return 0
@@ -99,25 +103,6 @@ def _read_image(path_arg: str):
         raise UsageError(f"image {path}: cannot be read ({e})") from None
 
 
-def _cmd_sim_image(args) -> int:
-    from licforge.quant.bundle import decoder_layers
-    from licforge.quant.synthetic import load_decoder_bundle
-    from licforge.sim.decode import sim_decode_image
-
-    bundle = load_decoder_bundle(args.bundle, Path(args.build))
-    path = Path(args.image)
-    img = _read_image(args.image)
-    pi, po = _parallelism(args, decoder_layers(bundle))
-    r = sim_decode_image(bundle, img, Path(args.build), pi=pi, po=po, max_width=args.max_width, simulator=args.simulator)
-    print(f"{path.name} {r['image_hw'][0]}x{r['image_hw'][1]}: {r['bytes']} bytes, {r['bpp']:.4f} bpp, "
-          f"PSNR {r['psnr_db']:.2f} dB (hardware-decoded), mismatches {r['mismatches']}, {r['cycles']} cycles "
-          f"({r['cycles_per_pixel']:.3f} per pixel; model {r['model_cycles']}), PI={pi} PO={po}, "
-          f"{r['sim_cycles_per_s']} simulated cycles/s")
-    if r["mismatches"]:
-        raise CheckFailed(f"{r['mismatches']} pixels differ from the golden decoder")
-    return 0
-
-
 def _cmd_perf(args) -> int:
     from licforge.bench.decoder import design_table, format_design_table, parallelism_sweep
     from licforge.quant.bundle import decoder_layers
@@ -128,11 +113,22 @@ def _cmd_perf(args) -> int:
         designs = parallelism_sweep(bundle)
     else:
         designs = [_parallelism(args, decoder_layers(bundle))]
-    rows = design_table(bundle, designs, synth=args.synth, family=args.family,
-                        clock_hz=args.clock_mhz * 1e6, build_dir=Path(args.build))
+    if args.per_layer and not args.synth:
+        raise UsageError("--per-layer: it says how --synth synthesizes; give --synth too")
+    rows = design_table(bundle, designs, synth=args.synth, per_layer=args.per_layer, family=args.family,
+                        clock_hz=args.clock_mhz * 1e6, build_dir=Path(args.build),
+                        progress=(lambda s: print(s, flush=True)) if args.per_layer else None)
     print(format_design_table(rows))
+    targets = None
+    if args.pi is None and args.po is None:   # the sweep: also the planner's pixel-parallel, packed designs
+        from licforge.rtl.perf import ZCU102_DSP, format_target_table, target_sweep
+
+        targets = target_sweep(decoder_layers(bundle), dsp_budget=ZCU102_DSP, clock_hz=args.clock_mhz * 1e6)
+        print(f"\nplanned for frame-rate targets within {ZCU102_DSP} DSPs (licforge plan; per layer g_s.0 ..):")
+        print(format_target_table(targets))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(rows if targets is None else {"designs": rows, "targets": targets},
+                                              indent=1))
     failed = [r for r in rows if r.get("synth_error")]
     for r in failed:
         print(f"Yosys failed on PI={r['pi']} PO={r['po']} ({r['verilog']}): {r['synth_error']}", file=sys.stderr)
@@ -142,8 +138,8 @@ def _cmd_perf(args) -> int:
 def _bench_decoder(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.decoder import bench_decoder
 
-    res = bench_decoder(out / "decoder.json", build, family=args.family)
-    return f"wrote {out / 'decoder.json'} ({len(res['designs'])} designs)"
+    res = bench_decoder(out / "decoder.json", build, family=args.family, sections=args.sections.split(","))
+    return f"wrote {out / 'decoder.json'} (sections {args.sections}; {len(res.get('designs', []))} designs)"
 
 
 def _common(p: argparse.ArgumentParser, layer: bool = False) -> None:
@@ -192,20 +188,19 @@ def register(groups: dict) -> None:
         p.add_argument("--p-valid", type=float, default=0.8, help="probability an input beat is offered")
         p.add_argument("--p-ready", type=float, default=0.6, help="probability the output is taken (back-pressure)")
         p.add_argument("--image", help="use the real tensors this image produces (needs a trained bundle)")
+        if kind != "decoder":
+            p.add_argument("--pp", type=int, default=1, help="output pixels per cycle (lanes; default 1)")
+            p.add_argument("--pack", action="store_true", help="two 8-bit products per DSP48E2 where they fit")
         _sim_opts(p)
         p.set_defaults(func=_cmd_sim_block, kind=kind)
-
-    p = groups["sim"].add_parser("image", help="compress an image, decode its latents with the RTL, compare")
-    _common(p)
-    p.add_argument("image", help="an RGB image file (PNG, JPEG)")
-    p.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH, help="widest latent grid of the generated decoder")
-    _sim_opts(p)
-    p.set_defaults(func=_cmd_sim_image)
 
     p = groups["top"].add_parser("perf", help="decoder resources (Yosys) and analytical throughput, as a table: "
                                               "one design with --pi/--po, else the sweep of bench decoder")
     _common(p)
     p.add_argument("--synth", action="store_true", help="also run Yosys synth_xilinx on each design")
+    p.add_argument("--per-layer", action="store_true",
+                   help="with --synth: each layer's block in a Yosys of its own, resources summed (scales to "
+                        "N=64 and beyond; the whole design needs it all in one 4 GiB WebAssembly Yosys)")
     _family_arg(p)
     p.add_argument("--clock-mhz", type=float, default=200.0)
     p.add_argument("--json", help="also write the rows to this file")
@@ -214,4 +209,7 @@ def register(groups: dict) -> None:
     p = groups["bench"].add_parser("decoder", help="decoder resources, throughput, bit-exact decodes of every "
                                                    "student -> decoder.json")
     _family_arg(p)
+    p.add_argument("--sections", default="designs,synth,pnr",
+                   help="comma-separated: designs (model + simulated decodes), synth (Yosys per layer, N=16..128), "
+                        "pnr (N=16 on an ECP5-85F); the others' results are kept from the existing decoder.json")
     p.set_defaults(bench=_bench_decoder)

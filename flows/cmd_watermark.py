@@ -1,8 +1,9 @@
-"""CLI of the watermark slice: ``watermark embed | deploy | extract | attack`` and
-``bench watermark``.  embed / deploy / attack work on the digits classifier; extract reads
-any bundle or memory-init directory (digits weight ROMs, LIC decoder) or model file; the
-benchmark runs the digits study (:mod:`watermark.study`) and the LIC study
-(:mod:`watermark.lic_study`).
+"""CLI of the watermark slice: ``watermark embed | deploy | extract | verify | attack`` and
+``bench watermark``.  embed / deploy / attack work on the digits classifier; extract and verify
+read any bundle or memory-init directory (digits weight ROMs, LIC decoder) or model file; the
+benchmark runs the digits study (:mod:`watermark.study`), the LIC study
+(:mod:`watermark.lic_study`) and the informed-attacker studies (:mod:`watermark.adversary`,
+:mod:`watermark.lic_adversary`).
 
     licforge watermark embed   --scheme watermas --payload 64 --out build/wm
     licforge watermark deploy  build/wm/model.pt --key build/wm/key.json --bits 4 \\
@@ -11,6 +12,7 @@ benchmark runs the digits study (:mod:`watermark.study`) and the LIC study
     licforge watermark attack  build/wm/b4 --attack permute --out build/wm/b4_perm
     licforge watermark extract build/wm/b4_perm --key build/wm/key.json \\
                                --reference build/wm/model.pt --max-ber 0
+    licforge watermark verify  build/wm/key.json build/wm/b4_perm --reference build/wm/model.pt
     licforge bench watermark   [--hosts digits,lic] [--products mul,min] [--quick]
 """
 from __future__ import annotations
@@ -152,7 +154,7 @@ def _cmd_extract(args) -> int:
 
             from licforge.watermark.resync import resynchronize
             try:
-                est, chain = resynchronize(model_chain(_model(args.reference)), chain)
+                est, chain = resynchronize(_reference(args.reference), chain)
             except ValueError as e:
                 raise UsageError(f"--reference: {e}") from None
             moved = sum(int((p != np.arange(len(p))).sum()) for p in est.values())
@@ -168,6 +170,144 @@ def _cmd_extract(args) -> int:
           f"bit errors); read: {''.join(map(str, bits[:64]))}{'...' if key.payload > 64 else ''}")
     if args.max_ber is not None and rate > args.max_ber:
         raise CheckFailed(f"BER {rate:.4f} is above --max-ber {args.max_ber}")
+    return 0
+
+
+def _reference(path: str):
+    """The owner's reference as layers: a digits model file (``watermark embed``) or a quantized
+    LIC student (``.quant.pt`` beside a bundle of ``licforge quantize`` / the flow)."""
+    from licforge.models.lic import CheckpointError
+    from licforge.watermark.layers import model_chain
+
+    try:
+        return model_chain(_model(path))
+    except UsageError as digits_error:
+        from licforge.quant.lic import load_quantized
+
+        try:
+            return model_chain(load_quantized(path)[0])
+        except CheckpointError:
+            raise digits_error from None
+
+
+def _suspect(args, kind: str, reference):
+    """The suspect's layers (a bundle's, a model file's, or memory init files' weights laid on the
+    reference's layer graph), or, for memory init files without a reference, their weights."""
+    from licforge.watermark.deployed import verilog_weights
+    from licforge.watermark.layers import bundle_chain, chain_from_weights, model_chain
+
+    if kind == "bundle":
+        return bundle_chain(_bundle(args.source, digits=False))
+    if kind == "model":
+        return model_chain(_model(args.source))
+    weights = verilog_weights(args.source)
+    if reference is None:
+        return weights
+    try:
+        return chain_from_weights(weights, reference)
+    except ValueError as e:
+        raise UsageError(f"SOURCE {args.source}: {e}; re-synchronize the bundle instead") from None
+
+
+def _suspect_bits(args, kind: str, suspect) -> int | None:
+    """Weight bit width of the suspect (what the null models are deployed at; None: float): a
+    bundle's, the weight ROMs' manifest's, or, for other memory init files, the narrowest signed
+    width holding the largest integer (power-of-two scales put it in the top binade)."""
+    from licforge.watermark.deployed import verilog_bits
+
+    if kind == "bundle":
+        b = _bundle(args.source, digits=False)
+        if "bits" in b.model:
+            return int(b.model["bits"])
+        return max(int(l.attrs["w_bits"]) for l in b.layers if "w_bits" in l.attrs)
+    if kind == "model":
+        return None
+    weights = suspect if isinstance(suspect, dict) else {l.name: l.tensors["weight"] for l in suspect
+                                                         if "weight" in l.tensors}
+    return verilog_bits(args.source) or max(int(abs(w).max()).bit_length() + 1 for w in weights.values())
+
+
+def _calibrate(args, key, reference, kind: str, suspect):
+    """The calibration of ``key`` for this reading: ``--calibration FILE``, or made now on null
+    models (digits by default; LIC students only with an explicit ``--nulls``); returns it and where it is."""
+    from licforge.watermark.layers import chain_weights
+    from licforge.watermark.verify import Calibration, key_fingerprint, weights_fingerprint
+
+    mode = "direct" if reference is None else "resync"
+    if args.calibration:
+        try:
+            cal = Calibration.load(need_file(args.calibration, "calibration file"))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        ref = None if reference is None else weights_fingerprint(chain_weights(reference))
+        if (cal.key, cal.mode, cal.reference) != (key_fingerprint(key), mode, ref):
+            raise UsageError(f"--calibration {args.calibration}: made for key {cal.key}, {cal.mode} reading "
+                             f"(reference {cal.reference}); this is key {key_fingerprint(key)}, {mode} reading "
+                             f"(reference {ref}): calibrate again without --calibration")
+        return cal, args.calibration
+    cache = Path(args.build) / "watermark" / "nulls"
+    bits = _suspect_bits(args, kind, suspect)
+    arch = key.model.get("arch")
+    if arch == "digits":
+        from licforge.watermark.nulls import digits_calibration
+
+        return digits_calibration(key, reference, _host(args), bits, count=args.nulls or 30,
+                                  heldout=30 if args.heldout is None else args.heldout, alpha=args.alpha, cache=cache)
+    if arch == "lic" and args.nulls:
+        from licforge.watermark.lic import DEFAULT_STUDENT, LICHost
+        from licforge.watermark.nulls import lic_calibration
+
+        student = DEFAULT_STUDENT.parent / key.model.get("student", DEFAULT_STUDENT.name)
+        if not student.is_file() or bits is None:
+            raise UsageError(f"key {args.key}: its student {student.name} is not in {student.parent} (the null "
+                             f"students copy its architecture); pass --calibration FILE")
+        return lic_calibration(key, reference, LICHost(weights=student, seed=args.seed), bits, count=args.nulls,
+                               heldout=args.heldout or 0, alpha=args.alpha, cache=cache)
+    raise UsageError(f"key {args.key}: a {arch!r} key is calibrated on null students that take minutes each: "
+                     f"pass --nulls N (and --heldout M), or --calibration FILE")
+
+
+def _cmd_verify(args) -> int:
+    import json
+    import math
+
+    from licforge.watermark.layers import chain_weights
+    from licforge.watermark.verify import decide, read_direct, read_resync
+
+    key = _key(args.key)
+    kind = _source(args.source, verilog=True)
+    if args.nulls is not None:
+        need_int(args.nulls, "--nulls", 2, 10000)
+    if args.heldout is not None:
+        need_int(args.heldout, "--heldout", 0, 10000)
+    if not 0 < args.alpha < 1:
+        raise UsageError(f"--alpha must be in (0, 1), not {args.alpha}")
+    reference = _reference(args.reference) if args.reference else None
+    suspect = _suspect(args, kind, reference)
+    try:
+        bits = (read_direct(key, suspect if isinstance(suspect, dict) else chain_weights(suspect)) if reference is None
+                else read_resync(key, reference, suspect)[0])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    cal, where = _calibrate(args, key, reference, kind, suspect)
+    v = decide(key, bits, cal)
+    fpr = cal.false_positive_rate
+    print(f"{key.scheme} watermark, {key.payload} bits, read {'after re-synchronization' if reference else 'directly'}"
+          f": {v['matched']} matched, BER {v['ber']:.4f}")
+    print(f"binomial p-value {v['p_binomial']:.3g} (log10 {v['log10_p_binomial']:.2f}): the chance of "
+          f">= {v['matched']} matches if every bit were a fair coin")
+    print(f"threshold {cal.threshold} matches, calibrated on {len(cal.null_matches)} unmarked null models "
+          f"(alpha {cal.alpha:g}; null matches {min(cal.null_matches)}..{max(cal.null_matches)}"
+          + (f"; held-out false positives {round(fpr * len(cal.heldout_matches))} of {len(cal.heldout_matches)}"
+             if fpr is not None else "") + f"): {where}")
+    print(f"null-law tail at {v['matched']}: {10 ** v['log10_p_null']:.3g} (log10 {v['log10_p_null']:.2f})")
+    print(f"verdict: watermark {'PRESENT' if v['present'] else 'ABSENT'}")
+    if args.json:
+        doc = {**v, "source": str(args.source), "key": str(args.key), "calibration": cal.to_dict()}
+        doc = {k: (None if isinstance(x, float) and not math.isfinite(x) else x) for k, x in doc.items()}
+        Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")
+    if not v["present"]:
+        raise CheckFailed(f"watermark absent: {v['matched']} of {key.payload} bits matched, threshold {cal.threshold}")
     return 0
 
 
@@ -220,24 +360,28 @@ def _cmd_attack(args) -> int:
 
 
 def _bench_watermark(out: Path, build: Path, args: argparse.Namespace) -> str:
-    """``licforge bench watermark``: the digits and/or LIC studies -> ``OUT/watermark.json`` + PNGs."""
-    from licforge.bench.watermark import watermark_study
+    """``licforge bench watermark``: the digits and/or LIC studies -> ``OUT/watermark.json``,
+    ``OUT/watermark_adversary.json`` + PNGs."""
+    from licforge.bench.watermark import STUDIES, watermark_study
 
     hosts, products = tuple(args.hosts.split(",")), tuple(args.products.split(","))
+    studies = tuple(args.studies.split(","))
     for h in hosts:
         if h not in ("digits", "lic"):
             raise UsageError(f"--hosts: {h!r} is not 'digits' or 'lic'")
     for p in products:
         if p not in ("mul", "min"):
             raise UsageError(f"--products: {p!r} is not 'mul' or 'min'")
-    res = watermark_study(out / "watermark.json", build, args.quick, hosts, products)
-    runs = sum(len(p["runs"]) for p in res.get("digits", {}).get("products", {}).values())
-    runs += len(res.get("lic", {}).get("runs", []))
-    return f"wrote {out / 'watermark.json'} ({runs} runs)"
+    for s in studies:
+        if s not in STUDIES:
+            raise UsageError(f"--studies: {s!r} is not one of {', '.join(STUDIES)}")
+    res = watermark_study(out / "watermark.json", build, args.quick, hosts, products, studies)
+    files = {"removal": "watermark.json", "adversary": "watermark_adversary.json"}
+    return "wrote " + ", ".join(str(out / files[s]) for s in res)
 
 
 def register(groups: dict) -> None:
-    """Add ``watermark embed|deploy|extract|attack`` and ``bench watermark`` to the ``licforge`` parser."""
+    """Add ``watermark embed|deploy|extract|verify|attack`` and ``bench watermark`` to the ``licforge`` parser."""
     g = groups["watermark"]
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -275,6 +419,25 @@ def register(groups: dict) -> None:
     p.add_argument("--max-ber", type=float, help="exit 1 if the BER is above this")
     p.set_defaults(func=_cmd_extract)
 
+    p = g.add_parser("verify", help="matched bits, binomial p-value and a verdict against a threshold calibrated "
+                                    "on unmarked null models")
+    p.add_argument("key", metavar="KEY", help="key file")
+    p.add_argument("source", metavar="SOURCE", help="a bundle directory, a directory of memory init files "
+                                                    "beside the generated Verilog, or a float model file")
+    p.add_argument("--reference", help="owner's model (digits model file, or an LIC student's .quant.pt): "
+                                       "re-synchronize first (permutation, sign, scale, split and dummy neurons)")
+    p.add_argument("--calibration", help="calibration file (JSON); default: calibrated now on digits null models "
+                                         "(cached under <build>/watermark)")
+    p.add_argument("--nulls", type=int, help="null models the threshold is fitted on (digits: default 30; an "
+                                              "LIC key needs it: each null student trains for minutes)")
+    p.add_argument("--heldout", type=int, help="null models held out to measure the false-positive rate "
+                                               "(digits: default 30; LIC: 0)")
+    p.add_argument("--alpha", type=float, default=0.01, help="false-positive rate of the threshold on the "
+                                                             "fitted null law (default 0.01)")
+    p.add_argument("--json", help="write the verdict and calibration as JSON")
+    common(p)
+    p.set_defaults(func=_cmd_verify)
+
     p = g.add_parser("attack", help="attack a model (or permute a bundle) without the key")
     p.add_argument("source", metavar="SOURCE", help="a float model file, or a bundle directory (permute only)")
     p.add_argument("--attack", choices=ATTACKS, required=True)
@@ -288,5 +451,8 @@ def register(groups: dict) -> None:
     p = groups["bench"].add_parser("watermark", help="the digits and LIC watermark studies -> watermark.json + PNGs")
     p.add_argument("--hosts", default="digits,lic", help="digits classifier, LIC student or both")
     p.add_argument("--products", default="mul,min", help="mul (exact CNN), min (MinConv) or both")
+    p.add_argument("--studies", default="removal,adversary",
+                   help="removal (noise, pruning, fine-tuning, quantization, permutation) and/or adversary "
+                        "(obfuscation, intercepted key, calibrated verdicts)")
     p.add_argument("--quick", action="store_true", help="one payload, short sweeps (a smoke run)")
     p.set_defaults(bench=_bench_watermark)

@@ -335,6 +335,8 @@ def _rtl(ctx: StageContext) -> dict:
 
 
 def _verify(ctx: StageContext) -> dict:
+    from PIL import Image
+
     from licforge.sim.decode import sim_decode_image
 
     v, r = ctx.config["verify"], ctx.config["rtl"]
@@ -345,8 +347,10 @@ def _verify(ctx: StageContext) -> dict:
         h, w = img.shape[:2]
         top, left = (h - v["crop"]) // 2, (w - v["crop"]) // 2
         img = img[top:top + v["crop"], left:left + v["crop"]]
-    rep = sim_decode_image(_bundle(ctx), img, ctx.dir / "build", pi=r["pi"], po=r["po"])
-    return {"image": name, "crop": v["crop"], **rep, "pixels_checked": int(np.prod(rep["image_hw"])) * 3}
+    rep = sim_decode_image(_bundle(ctx), img, ctx.dir / "build", pi=r["pi"], po=r["po"], png=ctx.dir / "decoded.png")
+    Image.fromarray(img).save(ctx.dir / "original.png")
+    return {"image": name, "crop": v["crop"], **rep, "pixels_checked": int(np.prod(rep["image_hw"])) * 3,
+            "original_png": str(ctx.dir / "original.png"), "decoded_png": str(ctx.dir / "decoded.png")}
 
 
 def _synth(ctx: StageContext) -> dict:
@@ -428,6 +432,23 @@ def _qonnx_section(q: dict):
                                    "; ".join(r["reasons"])] for r in q["layers"]])])
 
 
+def _comparison_png(ctx: StageContext, ver: dict) -> Path:
+    """The verify image and its hardware-decoded twin side by side, bpp and PSNR under each, a
+    central square enlarged below (flows.report.image_comparison)."""
+    from PIL import Image
+
+    from licforge.flows.report import image_comparison
+
+    orig, dec = (np.asarray(Image.open(ver[k]).convert("RGB")) for k in ("original_png", "decoded_png"))
+    h, w = orig.shape[:2]
+    side = min(64, h, w)
+    return image_comparison([(orig, [f"original {ver['image']} ({h}x{w})", "24 bpp (8-bit RGB)"]),
+                             (dec, ["decoded by the RTL (Verilator)",
+                                    f"{ver['bpp']:.4f} bpp, PSNR {ver['psnr_db']:.2f} dB"])],
+                            ctx.dir / "verify_comparison.png", crop=((h - side) // 2, (w - side) // 2, side),
+                            zoom=max(1, min(4, 256 // side)))
+
+
 def _report_sections(ctx: StageContext) -> list:
     """The report's sections from the results of every earlier stage."""
     from licforge.flows.report import Section, Table, tool_versions, versions_table
@@ -472,7 +493,8 @@ def _report_sections(ctx: StageContext) -> list:
           ver["mismatches"], ver["cycles"], ver["model_cycles"], ver["bpp"], ver["psnr_db"]],
          ["Brevitas vs integer golden model (latents and pixels)",
           next((e["check"] for e in ev["rows"] if e["kind"] == "quantized"), None), 0, None, None, None, None]])],
-        text=f"simulation: {ver['sim_cycles_per_s']:.0f} cycles/s, {ver['wall_s']:.1f} s wall"))
+        text=f"simulation: {ver['sim_cycles_per_s']:.0f} cycles/s, {ver['wall_s']:.1f} s wall",
+        images=[_comparison_png(ctx, ver)] if "decoded_png" in ver else []))
     if "skipped" not in wm:
         ev_q = next(e for e in ev["rows"] if e["kind"] == "quantized")
         rows = [["deployed bundle integers", wm["ber_bundle"], None, None],

@@ -15,6 +15,8 @@ contents.
 - :func:`tool_versions` lists the versions of the Python packages and binaries a run used.
 - :func:`screenshot` renders a report in headless Chromium (when one is on PATH), so that a
   test can check what a reader would see, pixel for pixel.
+- :func:`image_comparison` draws images side by side with captions under each (bpp, PSNR) and
+  the same square of each enlarged below them: the original beside the hardware-decoded image.
 
 Numbers in tables go through :func:`format_cell`: integers are printed exactly, floats to
 ``digits`` significant digits (never fewer integer digits than the number has), ``None``
@@ -42,10 +44,14 @@ from licforge.tables import markdown_table
 
 __all__ = ["Table", "Section", "BrowserError", "format_cell", "write_html", "write_markdown",
            "package_version", "tool_versions", "versions_table", "find_browser", "screenshot",
-           "STATUS_COLOURS", "PACKAGES", "yosys_upstream"]
+           "image_comparison", "comparison_layout", "STATUS_COLOURS", "PACKAGES", "yosys_upstream",
+           "CROP_OUTLINE"]
 
 #: badge background colours, distinctive enough that a screenshot test can count them
 STATUS_COLOURS = {"pass": "#1a7f37", "fail": "#cc0000"}
+
+#: the colour of the square outlined on each full image of :func:`image_comparison`
+CROP_OUTLINE = (255, 0, 255)
 
 #: Python packages listed by :func:`tool_versions`, in this order (distribution names)
 PACKAGES = ("torch", "torchvision", "brevitas", "compressai", "amaranth", "cocotb", "qonnx",
@@ -445,3 +451,63 @@ def screenshot(html_path: Path, png: Path, width: int = 1280, height: int = 2000
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-10:])
         raise BrowserError(f"{exe}: exit {proc.returncode}, no PNG written to {png}:\n{tail}")
     return png
+
+
+_GAP, _LINE = 12, 18  # pixels between panels; height of one caption line
+
+
+def comparison_layout(shape: tuple[int, int], count: int, lines: int, crop: tuple[int, int, int] | None,
+                      zoom: int) -> dict[str, object]:
+    """Where :func:`image_comparison` draws ``count`` images of ``shape`` (H, W) with ``lines``
+    caption lines each: ``size`` (width, height) of the figure, ``full[i]`` and ``zoomed[i]``
+    the (x, y) of image i and of its enlarged square (None without ``crop``)."""
+    h, w = shape
+    side = 0 if crop is None else crop[2] * zoom
+    col = max(w, side)
+    caption = lines * _LINE + _GAP // 2
+    y_zoom = _GAP + h + caption
+    full = [(_GAP + i * (col + _GAP), _GAP) for i in range(count)]
+    zoomed = [(x, y_zoom) for x, _ in full] if crop is not None else None
+    height = y_zoom + (side + _GAP if crop is not None else 0)
+    return {"size": (_GAP + count * (col + _GAP), height), "full": full, "zoomed": zoomed}
+
+
+def image_comparison(images: list[tuple[object, list[str]]], out: Path,
+                     crop: tuple[int, int, int] | None = None, zoom: int = 4) -> Path:
+    """Write one PNG (``out``) of uint8 (H, W, 3) images of one size, side by side, each with
+    its caption lines under it (e.g. name, bpp and PSNR) and, when ``crop = (top, left,
+    size)`` is given, that square of every image enlarged ``zoom`` times (nearest neighbour)
+    in a second row, and outlined in :data:`CROP_OUTLINE` on the full images.  Positions:
+    :func:`comparison_layout`.  Returns ``out``."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    arrays = [np.asarray(img, dtype=np.uint8) for img, _ in images]
+    shape = arrays[0].shape[:2]
+    if any(a.shape != (*shape, 3) for a in arrays):
+        raise ValueError(f"image_comparison: images must be uint8 (H, W, 3) of one size, not "
+                         f"{[a.shape for a in arrays]}")
+    if crop is not None:
+        top, left, side = crop
+        if top < 0 or left < 0 or side < 1 or top + side > shape[0] or left + side > shape[1]:
+            raise ValueError(f"image_comparison: crop {crop} lies outside the {shape[0]}x{shape[1]} images")
+    lines = max(len(c) for _, c in images)
+    lay = comparison_layout(shape, len(images), lines, crop, zoom)
+    fig = Image.new("RGB", lay["size"], "white")
+    draw = ImageDraw.Draw(fig)
+    font = ImageFont.load_default(size=14)
+    for i, (arr, (_, caption)) in enumerate(zip(arrays, images)):
+        x, y = lay["full"][i]
+        fig.paste(Image.fromarray(arr), (x, y))
+        for k, text in enumerate(caption):
+            draw.text((x, y + shape[0] + 4 + k * _LINE), text, fill="black", font=font)
+        if crop is not None:
+            top, left, side = crop
+            square = arr[top:top + side, left:left + side]
+            fig.paste(Image.fromarray(square).resize((side * zoom, side * zoom), Image.Resampling.NEAREST),
+                      lay["zoomed"][i])
+            draw.rectangle((x + left - 1, y + top - 1, x + left + side, y + top + side), outline=CROP_OUTLINE)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.save(out)
+    return out

@@ -1,9 +1,9 @@
 """Evaluation on real bitstreams: every held-out image is encoded to a file, read back,
 decoded, and scored (bits per pixel from the file size, PSNR, MS-SSIM on 8-bit RGB).
 
-* float model (a weight file): CompressAI ``compress`` / ``decompress`` with integer medians;
-  the strings go into the :mod:`quant.codec` container (the model id is the weight file's
-  sha256 prefix); reconstruction ``p = clamp(round(256 x_hat), 0, 255)``.
+* float model (a weight file): :func:`quant.codec.encode_image` / :func:`quant.codec.decode_image`
+  (CompressAI ``compress`` / ``decompress`` with integer medians, in the licforge file of
+  :mod:`quant.container`); reconstruction ``p = clamp(round(256 x_hat), 0, 255)``.
 * quantized model (a bundle directory): :func:`quant.codec.encode_image` (integer golden
   encoder + rANS) -> file -> :func:`quant.codec.decode_latents` -> integer golden decoder.
   When the Brevitas model (``<bundle>.quant.pt``) is present, its encoder (float64) must give
@@ -83,29 +83,16 @@ def _write(bitstreams: Path | None, name: str, data: bytes) -> bytes:
 @torch.no_grad()
 def eval_float(path: Path, images: dict[str, np.ndarray], bitstreams: Path | None = None) -> dict[str, Any]:
     """Encode/decode every image with a float weight file (module doc)."""
-    from licforge.models.lic import load_weights
-    from licforge.quant.codec import pack, pad_image, prepare_entropy_coder, unpack
+    from licforge.quant.codec import decode_image, encode_image, load_float_model
 
-    from licforge.quant.train import file_sha256
-
-    net, cfg, meta = load_weights(path)
-    prepare_entropy_coder(net.entropy_bottleneck)
-    net.update(force=True)
-    mid = bytes.fromhex(file_sha256(path)[:16])
-    pad = net.downsampling_factor  # 16 (factorized), 64 (hyperprior)
+    model = load_float_model(path)
     per_image = {}
     for name, img in images.items():
-        x = torch.from_numpy(pad_image(img, pad)).float() / 256.0
-        enc = net.compress(x)
-        strings = [s[0] for s in enc["strings"]]
-        data = _write(bitstreams, f"{Path(path).stem}_{name}.licf",
-                      pack(mid, img.shape[:2], tuple(enc["shape"]), strings, pad))
-        (hh, ww), (h, w), got = unpack(data, mid)
-        x_hat = net.decompress([[s] for s in got], (h, w))["x_hat"]
-        rec = torch.clamp(torch.round(x_hat * 256.0), 0, 255)[0, :, :hh, :ww].permute(1, 2, 0)
-        per_image[name] = _score(img, rec.numpy().astype(np.uint8), len(data))
-    return {"name": Path(path).stem, "curve": meta.get("curve", cfg.name), "lmbda": meta.get("lmbda"),
-            "kind": "float", "file": str(path), "config": cfg.to_dict(), "per_image": per_image,
+        data = _write(bitstreams, f"{Path(path).stem}_{name}.licf", encode_image(model, img))
+        per_image[name] = _score(img, decode_image(model, data), len(data))
+    meta = model.meta
+    return {"name": Path(path).stem, "curve": meta.get("curve", model.config.name), "lmbda": meta.get("lmbda"),
+            "kind": "float", "file": str(path), "config": model.config.to_dict(), "per_image": per_image,
             "mean": _mean(per_image)}
 
 

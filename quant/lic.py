@@ -37,7 +37,7 @@ from licforge.models.lic import CheckpointError, LICConfig, read_checkpoint
 from licforge.models.lic_train import TrainConfig, train_lic
 from .bundle import Bundle, Layer
 from .fixed import accumulator_bits, bits_for_range, requantize
-from .golden import run_layers
+from .golden import golden_decode, golden_encode, golden_forward  # noqa: F401 (re-exported)
 from .lic_layers import QuantGDN1, exp_for_range, fixed_act, fixed_act_quant
 from .lic_recipe import GDN_LAYERS, Recipe, parse_recipe
 from .quantizers import BiasAtAccumulator, WeightFixedPoint
@@ -326,30 +326,6 @@ def _latent_layer(q: QuantFactorizedPrior) -> Layer:
              "offset_bits": bits_for_range(int(offset.min()), int(offset.max()))}
     return Layer("latent", "latent", attrs, {"cdf": cdf, "cdf_length": length, "offset": offset,
                                              "median": median})
-
-
-def _latent_index(bundle: Bundle) -> int:
-    ops = [l.op for l in bundle.layers]
-    if "latent" not in ops:
-        raise ValueError(f"bundle {bundle.path} has no 'latent' layer (a decoder-only bundle)")
-    return ops.index("latent") + 1
-
-
-def golden_encode(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
-    """Integer golden encoder: uint8 pixels (N, 3, H, W), H and W multiples of 16 ->
-    integer latents (N, M, H/16, W/16) (layers up to and including ``latent``)."""
-    return run_layers(bundle.layers[:_latent_index(bundle)], np.asarray(pixels, np.int64))
-
-
-def golden_decode(bundle: Bundle, latent: np.ndarray) -> np.ndarray:
-    """Integer golden decoder (synthesis transform): latents -> pixel integers 0..255."""
-    return run_layers(bundle.layers[_latent_index(bundle):], latent)
-
-
-def golden_forward(bundle: Bundle, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The whole quantized model in integer arithmetic: (latents, output pixels)."""
-    latent = golden_encode(bundle, pixels)
-    return latent, golden_decode(bundle, latent)
 
 
 @torch.no_grad()

@@ -4,7 +4,9 @@ decomposition: each 2x2 block of outputs is four ordinary convolutions with the 
 
 Pixels stream in and out in raster order, one pixel (all its channels) per beat.  The frame
 size is a run-time input (``width``, ``height`` of the *input* grid, ``width <= max_width``);
-the output grid is ``2*height x 2*width``.
+the output grid is ``2*height x 2*width``.  Output-pixel parallelism (``pp`` lanes) computes
+``PP`` output columns of one phase at once: they share every weight and every tap count, so
+the phases' unequal work (9/6/6/4 taps) never leaves a lane idle.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from amaranth.lib.wiring import In, Out
 
 from licforge.quant.fixed import accumulator_bits, check_bits, int_range
 from .emit import rom_file_attr
-from .mac_pipe import Delayed, accumulate, check_divisor, emit_pixels, mac_array
+from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, emit_pixels, mac_array, pack_chunk,
+                       packed_dsps)
 from .requantizer import requantize_expr
 
 __all__ = ["ConvTransposeEngine", "conv_latency", "phase_taps", "conv_weight_layout", "pack_words", "LINE_SLOTS",
@@ -81,28 +84,38 @@ class ConvTransposeEngine(wiring.Component):
     the accumulator scale; ``y`` ``out_bits`` (signed, or unsigned when ``out_signed`` is
     false), rounded half to even and saturated exactly as :func:`quant.golden.run_layer`.
 
-    Structure: a line buffer of 4 input rows (``PI`` channels a word, depth
-    ``4 * 2**ceil(log2 max_width) * 2**ceil(log2 Cin/PI)``, inferred RAM), a weight ROM of
-    ``25 * Cin/PI * Cout/PO`` words of ``PI*PO`` weights and a bias ROM of ``Cout/PO`` words,
-    both initialised from ``$readmemh`` files named ``<name>_w.hex`` / ``<name>_b.hex``;
-    ``PI x PO`` registered multipliers, ``PO`` adder trees, ``PO`` accumulators that start
-    from the bias, and requantizers.
+    Parallelism: ``pi`` input channels x ``po`` output channels x ``pp`` output pixels a
+    cycle.  The ``PP`` lanes compute output columns ``2(j0 + p) + b`` (``p < PP``) of one row
+    phase ``a`` and column phase ``b``: the same weight word feeds every lane.  ``pack``: two
+    8-bit products per DSP48E2 (:func:`rtl.mac_pipe.mac_array`): ``PI * PO * PP`` products
+    in ``dsp_pairs`` packed DSPs and ``dsp_single`` lone multipliers.
+
+    Structure: a line buffer of 4 input rows, split into ``PP`` banks by column modulo
+    ``PP`` (``PI`` channels a word, depth ``4 * 2**ceil(log2 ceil(max_width/PP)) *
+    2**ceil(log2 Cin/PI)`` each, inferred RAM), so that the lanes' ``PP`` consecutive input
+    columns are read in one cycle; a weight ROM of ``25 * Cin/PI * Cout/PO`` words of
+    ``PI*PO`` weights and a bias ROM of ``Cout/PO`` words, both initialised from
+    ``$readmemh`` files named ``<name>_w.hex`` / ``<name>_b.hex``; the multiplier array,
+    adder trees, ``PP * PO`` accumulators that start from the bias, requantizers, and an
+    output queue of one block of pixels.
 
     Schedule: output rows ``2i`` and ``2i+1`` start once input rows ``i-1 .. i+1`` are in the
-    line buffer; each output pixel of phase (a, b) takes ``taps(a) * taps(b) * Cin/PI * Cout/PO``
-    cycles (taps = 3 for even, 2 for odd phases; border taps read zeros), so a frame of
-    ``h x w`` input pixels takes ``25 * h * w * Cin/PI * Cout/PO`` cycles plus the wait for
-    the first rows.  Input pixels are written into the line buffer at one per ``Cin/PI``
-    cycles while computing; the input stalls while 4 rows are held.  Latency from the last
-    cycle of an output pixel to its beat: ``3 + ceil(log2 PI)`` cycles.  Back-pressure: the
-    finished pixel waits in the output register; the engine stalls only when a second pixel
-    is finished meanwhile.  ``width``/``height`` must stay constant while a frame is in the
-    engine.
+    line buffer; a block of ``PP`` output pixels of phase (a, b) takes ``taps(a) * taps(b) *
+    Cin/PI * Cout/PO`` cycles (taps = 3 for even, 2 for odd phases; border taps read zeros),
+    so a frame of ``h x w`` input pixels takes ``25 * h * ceil(w/PP) * Cin/PI * Cout/PO``
+    cycles plus the wait for the first rows, as long as the output keeps up (one pixel a
+    beat: a block of ``2*PP`` pixels of both column phases goes out while the next computes;
+    with ``PP = 1`` each pixel goes out when finished).  Input pixels are written into the
+    line buffer at one per ``Cin/PI`` cycles while computing; the input stalls while 4 rows
+    are held.  Latency from the last cycle of an output block to its first beat:
+    ``3 + ceil(log2 PI)`` cycles.  Back-pressure: the finished block waits in the output
+    queue; the engine stalls only when a second block is finished meanwhile.
+    ``width``/``height`` must stay constant while a frame is in the engine.
     """
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, *, shift: int, x_bits: int, w_bits: int,
-                 b_bits: int, out_bits: int, out_signed: bool = True, pi: int = 1, po: int = 1,
-                 max_width: int = 128, name: str = "convt") -> None:
+                 b_bits: int, out_bits: int, out_signed: bool = True, pi: int = 1, po: int = 1, pp: int = 1,
+                 pack: bool = False, max_width: int = 128, name: str = "convt") -> None:
         weight, bias = np.asarray(weight), np.asarray(bias)
         if weight.ndim != 4 or weight.shape[2:] != (KERNEL, KERNEL):
             raise ValueError(f"weight must have shape (Cin, Cout, {KERNEL}, {KERNEL}), not {weight.shape}")
@@ -121,12 +134,19 @@ class ConvTransposeEngine(wiring.Component):
             raise ValueError(f"max_width must be a positive integer, not {max_width!r}")
         self.pi = check_divisor(pi, "pi", self.cin, "input channels")
         self.po = check_divisor(po, "po", self.cout, "output channels")
+        self.pp = check_lanes(pp)
         self.shift, self.out_signed, self.max_width, self.name = int(shift), bool(out_signed), max_width, name
+        self.pack = bool(pack)
         self.weight, self.bias = weight.astype(np.int64), bias.astype(np.int64)
         taps = len(phase_taps(0))
         self.acc_bits = accumulator_bits((1 << (x_bits - 1)) * (1 << (w_bits - 1)), taps * taps * self.cin,
                                          1 << (b_bits - 1))
         self.latency = conv_latency(self.pi)
+        self.multipliers = self.pi * self.po * self.pp
+        xs, ws = signed(self.x_bits), signed(self.w_bits)
+        self.dsp_pairs, self.dsp_single = packed_dsps(self.pp, self.po, self.pi, pack and pack_chunk(ws, xs) > 0,
+                                                      pack and pack_chunk(xs, ws) > 0)
+        self.dsps = self.dsp_pairs + self.dsp_single
         out_shape = signed(out_bits) if out_signed else unsigned(out_bits)
         super().__init__({
             "i": In(stream.Signature(data.ArrayLayout(signed(x_bits), self.cin))),
@@ -136,7 +156,8 @@ class ConvTransposeEngine(wiring.Component):
         })
 
     @classmethod
-    def for_layer(cls, layer, *, pi: int, po: int, max_width: int) -> "ConvTransposeEngine":
+    def for_layer(cls, layer, *, pi: int, po: int, pp: int = 1, pack: bool = False,
+                  max_width: int) -> "ConvTransposeEngine":
         """The engine of a bundle ``conv_transpose2d`` layer (:class:`quant.bundle.Layer`)."""
         a = layer.attrs
         if layer.op != "conv_transpose2d":
@@ -150,7 +171,7 @@ class ConvTransposeEngine(wiring.Component):
         bias = layer.tensors.get("bias", np.zeros(layer.tensors["weight"].shape[1], np.int64))
         return cls(layer.tensors["weight"], bias, shift=a["shift"], x_bits=a["x_bits"], w_bits=a["w_bits"],
                    b_bits=a["b_bits"], out_bits=a["out_bits"], out_signed=a.get("out_signed", True),
-                   pi=pi, po=po, max_width=max_width, name=layer.name)
+                   pi=pi, po=po, pp=pp, pack=pack, max_width=max_width, name=layer.name)
 
     @property
     def groups(self) -> tuple[int, int]:
@@ -169,11 +190,12 @@ class ConvTransposeEngine(wiring.Component):
     def deployment(self) -> dict:
         """The block's entry in a deployment manifest: shapes, parallelism, number formats and
         its ROM files (layouts: :func:`conv_weight_layout`, bias word ``o`` = channels
-        ``o*PO ..``)."""
+        ``o*PO ..``; neither depends on ``pp`` or ``pack``)."""
         return {"name": self.name, "op": "conv_transpose2d", "cin": self.cin, "cout": self.cout,
-                "kernel": KERNEL, "pi": self.pi, "po": self.po, "x_bits": self.x_bits, "shift": self.shift,
-                "out_bits": self.out_bits, "out_signed": self.out_signed, "acc_bits": self.acc_bits,
-                "max_width": self.max_width, "latency": self.latency,
+                "kernel": KERNEL, "pi": self.pi, "po": self.po, "pp": self.pp, "pack": self.pack,
+                "dsp_pairs": self.dsp_pairs, "dsp_single": self.dsp_single, "x_bits": self.x_bits,
+                "shift": self.shift, "out_bits": self.out_bits, "out_signed": self.out_signed,
+                "acc_bits": self.acc_bits, "max_width": self.max_width, "latency": self.latency,
                 "roms": {"weight": {"file": f"{self.name}_w.hex", "bits": self.w_bits},
                          "bias": {"file": f"{self.name}_b.hex", "bits": self.b_bits}}}
 
@@ -181,64 +203,77 @@ class ConvTransposeEngine(wiring.Component):
         m = Module()
         _, go = self.groups
         advance, free = Signal(), Signal()
-        m.submodules.lines = lines = Memory(shape=unsigned(self.pi * self.x_bits), init=[],
-                                            depth=LINE_SLOTS << (self._col_bits + self._group_bits))
+        banks = []
+        for k in range(self.pp):
+            m.submodules[f"lines{k}" if self.pp > 1 else "lines"] = mem = Memory(
+                shape=unsigned(self.pi * self.x_bits), init=[],
+                depth=LINE_SLOTS << (self._col_bits + self._group_bits))
+            banks.append(mem)
         words = self.weight_words()
         m.submodules.wrom = wrom = Memory(shape=unsigned(self.pi * self.po * self.w_bits), depth=len(words),
                                           init=words, attrs=rom_file_attr(f"{self.name}_w"))
         m.submodules.brom = brom = Memory(shape=unsigned(self.po * self.b_bits), depth=go, init=self.bias_words(),
                                           attrs=rom_file_attr(f"{self.name}_b"))
-        rd, wport = lines.read_port(), wrom.read_port()
-        complete = self._writer(m, lines.write_port(), free)
-        items = self._issuer(m, advance, complete, free, rd, wport, len(words))
-        self._datapath(m, advance, rd, wport, brom.read_port(), items)
+        reads, wport = [b.read_port() for b in banks], wrom.read_port()
+        complete = self._writer(m, [b.write_port() for b in banks], free)
+        items = self._issuer(m, advance, complete, free, reads, wport, len(words))
+        self._datapath(m, advance, reads, wport, brom.read_port(), items)
         return m
 
     @property
     def _col_bits(self) -> int:
-        return max(1, (self.max_width - 1).bit_length())
+        """Address bits of a column inside a bank (bank ``c % PP`` holds column ``c`` at ``c // PP``)."""
+        return max(1, (-(-self.max_width // self.pp) - 1).bit_length())
 
     @property
     def _group_bits(self) -> int:
         return (self.groups[0] - 1).bit_length()
 
-    def _writer(self, m: Module, wr, free: Signal) -> Signal:
+    def _writer(self, m: Module, writes: list, free: Signal) -> Signal:
         """Input pixels -> line buffer, one pixel accepted per Cin/PI cycles and written PI
-        channels a cycle.  A row is allocated a slot when its first pixel is accepted (at most
-        4 rows held); returns ``complete``, the number of whole rows held."""
-        gi, xb = self.groups[0], self.x_bits
+        channels a cycle into bank ``column % PP``.  A row is allocated a slot when its first
+        pixel is accepted (at most 4 rows held); returns ``complete``, the number of whole
+        rows held."""
+        gi, xb, pp = self.groups[0], self.x_bits, self.pp
         occupied = Signal(range(LINE_SLOTS + 1))   # rows allocated (complete or being written)
         complete = Signal(range(LINE_SLOTS + 1))   # rows fully written, not yet freed
         acol, aslot = Signal(range(self.max_width)), Signal(2)   # where the next pixel goes
+        aq, am = Signal(self._col_bits), Signal(range(pp))   # acol // PP, acol % PP
         held = Signal(self.cin * xb)
         wbusy, wg = Signal(), Signal(range(gi))
-        wcol, wslot = Signal(range(self.max_width)), Signal(2)
+        wcol, wq, wm, wslot = Signal(range(self.max_width)), Signal.like(aq), Signal.like(am), Signal(2)
         wdone = wbusy & (wg == gi - 1)
         m.d.comb += self.i.ready.eq((~wbusy | wdone) & ((acol != 0) | (occupied < LINE_SLOTS)))
         accept = self.i.valid & self.i.ready
-        m.d.comb += [wr.en.eq(wbusy), wr.addr.eq(Cat(wg, wcol[:self._col_bits], wslot)),
-                     wr.data.eq(held.word_select(wg, self.pi * xb))]
+        for k, wr in enumerate(writes):
+            m.d.comb += [wr.en.eq(wbusy & (wm == k)), wr.addr.eq(Cat(wg, wq[:self._col_bits], wslot)),
+                         wr.data.eq(held.word_select(wg, self.pi * xb))]
         with m.If(wbusy):
             m.d.sync += wg.eq(Mux(wdone, 0, wg + 1))
             with m.If(wdone):
                 m.d.sync += wbusy.eq(0)
         with m.If(accept):
-            m.d.sync += [held.eq(self.i.payload.as_value()), wbusy.eq(1), wg.eq(0), wcol.eq(acol), wslot.eq(aslot)]
+            m.d.sync += [held.eq(self.i.payload.as_value()), wbusy.eq(1), wg.eq(0), wcol.eq(acol), wq.eq(aq),
+                         wm.eq(am), wslot.eq(aslot)]
             with m.If(acol == self.width - 1):
-                m.d.sync += [acol.eq(0), aslot.eq(aslot + 1)]
+                m.d.sync += [acol.eq(0), aq.eq(0), am.eq(0), aslot.eq(aslot + 1)]
             with m.Else():
-                m.d.sync += acol.eq(acol + 1)
+                m.d.sync += [acol.eq(acol + 1), am.eq(Mux(am == pp - 1, 0, am + 1)),
+                             aq.eq(aq + (am == pp - 1))]
         row_written = wdone & (wcol == self.width - 1)
         m.d.sync += [occupied.eq(occupied + (accept & (acol == 0)) - free),
                      complete.eq(complete + row_written - free)]
         return complete
 
-    def _issuer(self, m: Module, advance: Signal, complete: Signal, free: Signal, rd, wport, rom_depth: int) -> dict:
+    def _issuer(self, m: Module, advance: Signal, complete: Signal, free: Signal, reads: list, wport,
+                rom_depth: int) -> dict:
         """One item a cycle: (output group o, row tap, column tap, input group g) of the
-        current output pixel, as line-buffer and weight-ROM addresses.  Output rows 2i and
-        2i+1 start when input rows i-1 .. i+1 are held; ``free`` releases row i-1 after row
-        2i, and the last row after the frame's last output row."""
+        current block of ``PP`` output pixels (columns ``2(j0 + p) + b``), as line-buffer and
+        weight-ROM addresses.  Output rows 2i and 2i+1 start when input rows i-1 .. i+1 are
+        held; ``free`` releases row i-1 after row 2i, and the last row after the frame's last
+        output row."""
         gi, go = self.groups
+        pp = self.pp
         taps = [phase_taps(0), phase_taps(1)]
         ntmax = len(taps[0])
         nt = Array([len(taps[0]), len(taps[1])])
@@ -248,63 +283,83 @@ class ConvTransposeEngine(wiring.Component):
             return Mux(phase, Array(rows[1])[idx], Array(rows[0])[idx])
 
         i = Signal(16)                               # input row of the current pair
-        a = Signal()                                 # output row 2i + a
-        x = Signal(range(2 * self.max_width))        # output column; phase b = x[0]
+        a, b = Signal(), Signal()                    # output row 2i + a; column phase b
+        j0 = Signal(range(self.max_width + pp))      # first input column of the block
+        jb = Signal(range(-(-self.max_width // pp) + 1))   # j0 // PP: the block's address in a bank
         o, ty, tx, g = Signal(range(go)), Signal(range(ntmax)), Signal(range(ntmax)), Signal(range(gi))
         slot_i = Signal(2)                           # line-buffer slot of input row i
         wa = Signal(range(rom_depth))                # weight ROM address
-        b, j = x[0], x >> 1
+        nv = Signal(range(pp + 1))                   # lanes holding real pixels
         last_g, last_tx, last_ty = g == gi - 1, tx == nt[b] - 1, ty == nt[a] - 1
-        last_o, last_x, last_i = o == go - 1, x == 2 * self.width - 1, i == self.height - 1
+        last_o, last_j, last_i = o == go - 1, j0 + pp >= self.width, i == self.height - 1
+        last_x = b & last_j
         item_last = last_g & last_tx & last_ty
         pix_last = item_last & last_o
-        pair_start = (a == 0) & (x == 0) & (o == 0) & (ty == 0) & (tx == 0) & (g == 0)
+        pair_start = (a == 0) & ~b & (j0 == 0) & (o == 0) & (ty == 0) & (tx == 0) & (g == 0)
         issue = Mux(pair_start, complete >= 1 + (i != 0) + ~last_i, 1)
         step = advance & issue
-        m.d.comb += free.eq(step & pix_last & last_x & Mux(a, last_i, i != 0))
-        counters = [(g, last_g), (tx, last_tx), (ty, last_ty), (o, last_o), (x, last_x)]
+        m.d.comb += [free.eq(step & pix_last & last_x & Mux(a, last_i, i != 0)),
+                     nv.eq(Mux(last_j, self.width - j0, pp))]
+        counters = [(last_g, [g.eq(g + 1)], [g.eq(0)]), (last_tx, [tx.eq(tx + 1)], [tx.eq(0)]),
+                    (last_ty, [ty.eq(ty + 1)], [ty.eq(0)]), (last_o, [o.eq(o + 1)], [o.eq(0)]),
+                    (b, [b.eq(1)], [b.eq(0)]), (last_j, [j0.eq(j0 + pp), jb.eq(jb + 1)], [j0.eq(0), jb.eq(0)])]
         with m.If(step):
             self._count(m, counters, [a.eq(~a)], a, [slot_i.eq(slot_i + 1), i.eq(Mux(last_i, 0, i + 1))])
             base_a1 = go * gi * ntmax * (len(taps[0]) + len(taps[1]))   # first word of phase (1, 0)
             m.d.sync += wa.eq(Mux(pix_last & b, Mux(Mux(last_x, ~a, a), base_a1, 0), wa + 1))
         dy, dx = offset(a, ty), offset(b, tx)
-        r, c = (i + dy).as_signed(), (j + dx).as_signed()
-        m.d.comb += [rd.addr.eq(Cat(g, c[:self._col_bits], (slot_i + dy)[:2])), rd.en.eq(advance),
-                     wport.addr.eq(wa), wport.en.eq(advance)]
-        return {"v": issue, "inside": (r >= 0) & (r < self.height) & (c >= 0) & (c < self.width),
+        r = (i + dy).as_signed()
+        back, ahead = dx == -1, dx == 1      # the lanes read columns j0 + p + dx, dx in {-1, 0, 1}
+        # bank k at the block's address, but lane PP-1 reads bank 0 of the next block (dx = 1)
+        # and lane 0 the last bank of the previous one (dx = -1)
+        for k, rd in enumerate(reads):
+            idx = jb + (ahead if k == 0 else 0) - (back if k == pp - 1 else 0)
+            m.d.comb += [rd.addr.eq(Cat(g, idx[:self._col_bits], (slot_i + dy)[:2])), rd.en.eq(advance)]
+        m.d.comb += [wport.addr.eq(wa), wport.en.eq(advance)]
+        inside = [(r >= 0) & (r < self.height) & ((j0 + k + dx).as_signed() >= 0) & (j0 + k + dx < self.width)
+                  for k in range(pp)]
+        return {"v": issue, "inside": Cat(*inside), "back": back, "ahead": ahead, "b": b, "nv": nv,
                 "first": (g == 0) & (tx == 0) & (ty == 0), "last": item_last, "pix": pix_last, "o": o}
 
     @staticmethod
     def _count(m: Module, counters: list, on_row: list, a: Signal, on_pair: list) -> None:
-        """Nested counters, innermost first: each wraps to 0 at its last value and carries."""
+        """Nested counters, innermost first, each (last, increment, clear): a counter at its
+        last value clears and carries into the next."""
         if not counters:
             m.d.sync += on_row
             with m.If(a):
                 m.d.sync += on_pair
             return
-        (ctr, last), rest = counters[0], counters[1:]
+        (last, incr, clear), rest = counters[0], counters[1:]
         with m.If(~last):
-            m.d.sync += ctr.eq(ctr + 1)
+            m.d.sync += incr
         with m.Else():
-            m.d.sync += ctr.eq(0)
+            m.d.sync += clear
             ConvTransposeEngine._count(m, rest, on_row, a, on_pair)
 
-    def _datapath(self, m: Module, advance: Signal, rd, wport, bport, items: dict) -> None:
-        """PI x PO multipliers, adder trees, accumulators that start from the bias,
-        requantizers, and the output pixel register."""
-        pi, po, xb, wb = self.pi, self.po, self.x_bits, self.w_bits
+    def _datapath(self, m: Module, advance: Signal, reads: list, wport, bport, items: dict) -> None:
+        """The lanes' operands (bank ``(p + dx) % PP`` for lane ``p``), the multiplier array,
+        adder trees, accumulators that start from the bias, requantizers, and the output
+        queue."""
+        pi, po, pp, xb, wb = self.pi, self.po, self.pp, self.x_bits, self.w_bits
         root = 2 + (pi - 1).bit_length()            # ROM read, products, adder-tree levels
         flags = Delayed(m, items, root, advance, "s")
         s1 = flags.stage(1)
-        xs = [Mux(s1["inside"], rd.data[k * xb:(k + 1) * xb], 0).as_signed() for k in range(pi)]
+        words = [Mux(s1["back"], reads[(k - 1) % pp].data, Mux(s1["ahead"], reads[(k + 1) % pp].data,
+                                                                 reads[k].data)) for k in range(pp)]
+        xs = [[Mux(s1["inside"][k], words[k][ii * xb:(ii + 1) * xb], 0).as_signed() for ii in range(pi)]
+              for k in range(pp)]
         ws = [[wport.data[(oo * pi + ii) * wb:(oo * pi + ii + 1) * wb].as_signed() for ii in range(pi)]
               for oo in range(po)]
-        roots, _ = mac_array(m, xs, ws, advance, "mac")
+        roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack)
         m.d.comb += [bport.addr.eq(flags.stage(root - 1)["o"]), bport.en.eq(advance)]
         sr = flags.stage(root)
         bias = [bport.data[k * self.b_bits:(k + 1) * self.b_bits].as_signed() for k in range(po)]
-        running = accumulate(m, roots, bias, sr["first"], advance & sr["v"], self.acc_bits, "acc")
+        running = accumulate(m, [s for lane in roots for s in lane], bias * pp, sr["first"], advance & sr["v"],
+                             self.acc_bits, "acc")
         q = [requantize_expr(s, self.shift, self.out_bits, self.out_signed) for s in running]
         done = sr["v"] & sr["last"]
-        stall = emit_pixels(m, self.o, q, advance & done, sr["pix"], done, self.groups[1], self.out_bits)
+        stall = emit_pixels(m, self.o, [q[k * po:(k + 1) * po] for k in range(pp)], write=advance & done,
+                            pixel_done=sr["pix"], finishing=done, groups=self.groups[1], bits=self.out_bits,
+                            count=sr["nv"], phase=sr["b"] if pp > 1 else None)
         m.d.comb += advance.eq(~stall)

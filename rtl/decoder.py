@@ -26,8 +26,9 @@ class Decoder(wiring.Component):
     (R, G, B unsigned 8-bit) per beat, raster order, on the ``16*height x 16*width`` grid;
     the integers equal :func:`quant.golden.run_layers` of the layers exactly.
 
-    Every layer runs concurrently; the frame takes about ``max_layer cycles_per_latent *
-    width * height`` cycles plus the pipeline fill (:mod:`rtl.perf`).  Back-pressure on the
+    Every layer runs concurrently, with the parallelism (PI, PO, PP, packing) of its plan
+    entry; the frame takes about ``max_layer frame_cycles`` plus the pipeline fill
+    (:mod:`rtl.perf`).  Back-pressure on the
     output stalls the last engine, and the stall propagates upstream through the line buffers.
     ``width``/``height`` must stay constant while a frame is in the pipeline.
     """
@@ -57,10 +58,11 @@ class Decoder(wiring.Component):
         self.blocks, scale = [], 0
         for lay, p in zip(layers, plan):
             if lay.op == "conv_transpose2d":
-                self.blocks.append(ConvTransposeEngine.for_layer(lay, pi=p.pi, po=p.po, max_width=max_width << scale))
+                self.blocks.append(ConvTransposeEngine.for_layer(lay, pi=p.pi, po=p.po, pp=p.pp, pack=p.pack,
+                                                                 max_width=max_width << scale))
                 scale += 1
             else:
-                self.blocks.append(GdnUnit.for_layer(lay, pi=p.pi, po=p.po))
+                self.blocks.append(GdnUnit.for_layer(lay, pi=p.pi, po=p.po, pp=p.pp, pack=p.pack))
         self.upsampling = 1 << scale
         first = layers[0]
         self.latent_channels = int(first.tensors["weight"].shape[0])
@@ -77,6 +79,7 @@ class Decoder(wiring.Component):
         return {"max_width": self.max_width, "upsampling": self.upsampling,
                 "latent_channels": self.latent_channels, "latent_bits": self.latent_bits,
                 "blocks": [b.deployment() for b in self.blocks],
+                "dsps": sum(b.dsps for b in self.blocks),
                 "plan": [p.as_dict() for p in self.plan]}
 
     def elaborate(self, platform) -> Module:
@@ -84,10 +87,12 @@ class Decoder(wiring.Component):
         scale = 0
         for k, blk in enumerate(self.blocks):
             m.submodules[f"l{k}_{blk.name.replace('.', '_')}"] = blk
+            width = Cat(Const(0, scale), self.width) if scale else self.width
             if isinstance(blk, ConvTransposeEngine):
-                m.d.comb += [blk.width.eq(Cat(Const(0, scale), self.width) if scale else self.width),
-                             blk.height.eq(self.height << scale)]
+                m.d.comb += [blk.width.eq(width), blk.height.eq(self.height << scale)]
                 scale += 1
+            elif blk.pp > 1:   # a GDN with lanes cuts its blocks at the end of a row
+                m.d.comb += blk.width.eq(width)
         wiring.connect(m, wiring.flipped(self.i), self.blocks[0].i)
         for a, b in zip(self.blocks, self.blocks[1:]):
             wiring.connect(m, a.o, b.i)

@@ -19,7 +19,8 @@ from amaranth.lib.wiring import In, Out
 from licforge.quant.fixed import accumulator_bits, check_bits, int_range, requantize
 from .conv_transpose import pack_words
 from .emit import rom_file_attr
-from .mac_pipe import Delayed, accumulate, check_divisor, delay, emit_pixels, mac_array
+from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, delay, emit_pixels, mac_array, pack_chunk,
+                       packed_dsps)
 from .requantizer import requantize_expr
 
 __all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "divide_round_half_even"]
@@ -90,25 +91,35 @@ class GdnUnit(wiring.Component):
     of ``gamma |x|``, ``n`` unsigned ``norm_bits`` (the forward GDN needs every beta to
     requantize to a norm >= 1, as :func:`quant.golden.gdn_int` does).
 
-    Parallelism: ``po`` norms per item, each over ``pi`` input channels: ``PI * PO``
-    multipliers for ``gamma |x|``, then ``PO`` multipliers for ``x * n`` (inverse) or ``PO``
-    pipelined restoring dividers of ``out_bits - 1`` quotient bits, ``div_bits`` of them per
-    stage (forward; :func:`divide_round_half_even`, ``(out_bits - 1) * PO`` subtractors of
-    ``norm_bits + max(0, out_shift) + 1`` bits); a pixel takes ``(C/PI) * (C/PO)`` cycles, so
-    ``pi = po = C`` is one pixel per cycle, fully pipelined.  ``gamma``/``beta`` live in ROMs
+    Parallelism: ``po`` norms per item, each over ``pi`` input channels, for ``pp`` pixels
+    (lanes) at once: ``PI * PO * PP`` multipliers for ``gamma |x|``, then ``PO * PP``
+    multipliers for ``x * n`` (inverse) or ``PO * PP`` pipelined restoring dividers of
+    ``out_bits - 1`` quotient bits, ``div_bits`` of them per stage (forward;
+    :func:`divide_round_half_even`, ``(out_bits - 1) * PO`` subtractors of
+    ``norm_bits + max(0, out_shift) + 1`` bits per lane); a block of ``PP`` pixels takes
+    ``(C/PI) * (C/PO)`` cycles, so ``pi = po = C`` is one pixel per cycle, fully pipelined.
+    ``pack``: two ``gamma |x|`` products per DSP48E2 where a gamma pair fits
+    (:func:`rtl.mac_pipe.mac_array`; ``dsp_pairs`` packed DSPs, ``dsp_single`` lone
+    multipliers, the ``x * n`` products not included).  ``gamma``/``beta`` live in ROMs
     initialised from ``<name>_gamma.hex`` / ``<name>_beta.hex``.
 
-    Timing: the input pixel is held while its items issue (the next one is accepted in the
-    cycle its last item issues); latency from the last item to the output beat
+    Lanes: with ``pp > 1`` the unit has a ``width`` port (pixels a row) and its blocks are up
+    to ``PP`` consecutive pixels of one row: ``PP - 1`` pixels wait in a gather register
+    while the previous block computes, and the block starts when its last pixel (the
+    ``PP``-th, or the row's last) arrives.  The block's pixels leave one a beat, in order.
+
+    Timing: the input block is held while its items issue (the next block's last pixel is
+    accepted in the cycle its last item issues); latency from the last item to the output beat
     ``4 + ceil(log2 PI) + T`` cycles (:func:`gdn_latency`), ``T = 1`` for the inverse and
     ``ceil((out_bits - 1) / div_bits)`` for the forward GDN (8-bit output, ``div_bits = 2``:
-    ``T = 4``).  A finished pixel waits in the output register; the unit stalls only when a
-    second one finishes meanwhile.
+    ``T = 4``).  A finished block waits in the output queue (one block, the output register
+    first); the unit stalls only when a second one finishes meanwhile.
     """
 
     def __init__(self, gamma: np.ndarray, beta: np.ndarray, *, x_bits: int, gamma_bits: int, beta_bits: int,
                  norm_shift: int, norm_bits: int, out_shift: int, out_bits: int, pi: int | None = None,
-                 po: int = 1, inverse: bool = True, div_bits: int | None = None, name: str = "igdn") -> None:
+                 po: int = 1, pp: int = 1, pack: bool = False, inverse: bool = True, div_bits: int | None = None,
+                 name: str = "igdn") -> None:
         gamma, beta = np.asarray(gamma), np.asarray(beta)
         c = int(beta.shape[0]) if beta.ndim == 1 else -1
         if c < 1 or gamma.shape != (c, c):
@@ -128,6 +139,7 @@ class GdnUnit(wiring.Component):
                 raise ValueError(f"{what} must be an integer in [-63, 63], not {v!r}")
         self.pi = check_divisor(c if pi is None else pi, "pi", c, "channels")
         self.po = check_divisor(po, "po", c, "channels")
+        self.pp, self.pack = check_lanes(pp), bool(pack)
         self.norm_shift, self.out_shift, self.name = int(norm_shift), int(out_shift), name
         self.inverse, self.div_bits = bool(inverse), None
         if self.inverse:
@@ -144,22 +156,27 @@ class GdnUnit(wiring.Component):
         self.gamma, self.beta = gamma.astype(np.int64), beta.astype(np.int64)
         self.acc_bits = accumulator_bits((1 << (x_bits - 1)) * (1 << (gamma_bits - 1)), c, 1 << (beta_bits - 1))
         self.latency = gdn_latency(self.pi, self.tail)
+        lone = self.po * self.pp if self.inverse else 0   # x * n (the forward GDN divides instead)
+        self.multipliers = self.pi * self.po * self.pp + lone
+        xs, gs = unsigned(self.x_bits), signed(self.gamma_bits)   # |x| and gamma
+        self.dsp_pairs, self.dsp_single = packed_dsps(self.pp, self.po, self.pi, pack and pack_chunk(gs, xs) > 0,
+                                                      pack and pack_chunk(xs, gs) > 0)
+        self.dsps = self.dsp_pairs + self.dsp_single + lone
         pixel = data.ArrayLayout(signed(x_bits), c)
-        super().__init__({
-            "i": In(stream.Signature(pixel)),
-            "o": Out(stream.Signature(data.ArrayLayout(signed(out_bits), c))),
-        })
+        ports = {"i": In(stream.Signature(pixel)), "o": Out(stream.Signature(data.ArrayLayout(signed(out_bits), c)))}
+        super().__init__({**ports, "width": In(16)} if self.pp > 1 else ports)
 
     @classmethod
-    def for_layer(cls, layer, *, pi: int | None = None, po: int = 1, div_bits: int | None = None) -> "GdnUnit":
+    def for_layer(cls, layer, *, pi: int | None = None, po: int = 1, pp: int = 1, pack: bool = False,
+                  div_bits: int | None = None) -> "GdnUnit":
         """The unit of a bundle ``igdn`` or ``gdn`` layer (:class:`quant.bundle.Layer`)."""
         if layer.op not in ("igdn", "gdn"):
             raise ValueError(f"layer {layer.name!r} is {layer.op!r}: GdnUnit implements 'igdn' and 'gdn' layers")
         a, t = layer.attrs, layer.tensors
         return cls(t["gamma"], t["beta"], x_bits=a["x_bits"], gamma_bits=a["gamma_bits"],
                    beta_bits=a["beta_bits"], norm_shift=a["norm_shift"], norm_bits=a["norm_bits"],
-                   out_shift=a["out_shift"], out_bits=a["out_bits"], pi=pi, po=po, inverse=layer.op == "igdn",
-                   div_bits=div_bits, name=layer.name)
+                   out_shift=a["out_shift"], out_bits=a["out_bits"], pi=pi, po=po, pp=pp, pack=pack,
+                   inverse=layer.op == "igdn", div_bits=div_bits, name=layer.name)
 
     @property
     def groups(self) -> tuple[int, int]:
@@ -177,6 +194,7 @@ class GdnUnit(wiring.Component):
         """The block's entry in a deployment manifest (layouts: :func:`gamma_layout`, beta word
         ``o`` = channels ``o*PO ..``)."""
         return {"name": self.name, "op": "igdn" if self.inverse else "gdn", "channels": self.channels, "pi": self.pi, "po": self.po,
+                "pp": self.pp, "pack": self.pack, "dsp_pairs": self.dsp_pairs, "dsp_single": self.dsp_single,
                 "x_bits": self.x_bits, "norm_shift": self.norm_shift, "norm_bits": self.norm_bits,
                 "out_shift": self.out_shift, "out_bits": self.out_bits, "acc_bits": self.acc_bits,
                 "latency": self.latency,
@@ -186,7 +204,7 @@ class GdnUnit(wiring.Component):
     def elaborate(self, platform) -> Module:
         m = Module()
         gi, go = self.groups
-        pi, po, xb = self.pi, self.po, self.x_bits
+        pi, po, pp, xb = self.pi, self.po, self.pp, self.x_bits
         advance = Signal()
         gwords = self.gamma_words()
         m.submodules.grom = grom = Memory(shape=unsigned(pi * po * self.gamma_bits), depth=len(gwords),
@@ -195,41 +213,37 @@ class GdnUnit(wiring.Component):
                                           attrs=rom_file_attr(f"{self.name}_beta"))
         gport, bport = grom.read_port(), brom.read_port()
 
-        # ---- hold one input pixel while its (norm group, input group) items issue
-        held, have = Signal(self.channels * xb), Signal()
+        # ---- hold one block of input pixels while its (norm group, input group) items issue
+        have = Signal()
         o, g, ga = Signal(range(go)), Signal(range(gi)), Signal(range(len(gwords)))
         last_g, last_o = g == gi - 1, o == go - 1
         step = advance & have
         pix_last = last_g & last_o
-        m.d.comb += self.i.ready.eq(~have | (step & pix_last))
+        held, nv = self._gather(m, have, step & pix_last)
         with m.If(step):
             m.d.sync += [g.eq(Mux(last_g, 0, g + 1)), ga.eq(Mux(pix_last, 0, ga + 1))]
             with m.If(last_g):
                 m.d.sync += o.eq(Mux(last_o, 0, o + 1))
-            with m.If(pix_last):
-                m.d.sync += have.eq(0)
-        with m.If(self.i.valid & self.i.ready):
-            m.d.sync += [held.eq(self.i.payload.as_value()), have.eq(1)]
         m.d.comb += [gport.addr.eq(ga), gport.en.eq(advance)]
-        xg = held.word_select(g, pi * xb)
-        absx = Cat(*(abs(xg[k * xb:(k + 1) * xb].as_signed()) for k in range(pi)))
+        absx = Cat(*(abs(h.word_select(g, pi * xb).word_select(k, xb).as_signed()) for h in held for k in range(pi)))
 
-        # ---- gamma |x| (PI x PO multipliers, adder trees), + beta, norm; then x * n and
+        # ---- gamma |x| (PI x PO x PP multipliers, adder trees), + beta, norm; then x * n and
         # requantize (inverse) or the divider (forward): ``tail`` registers after the norm's
         root, tail = 2 + (pi - 1).bit_length(), self.tail
-        flags = Delayed(m, {"v": have, "first": g == 0, "last": last_g, "pix": pix_last, "o": o},
+        flags = Delayed(m, {"v": have, "first": g == 0, "last": last_g, "pix": pix_last, "o": o, "nv": nv},
                         root + 1 + tail, advance, "s")
         absx1 = delay(m, absx, 1, advance, "absx")[1]
-        xo = delay(m, held.word_select(o, po * xb), root + 1, advance, "xo")[root + 1]
+        xo = delay(m, Cat(*(h.word_select(o, po * xb) for h in held)), root + 1, advance, "xo")[root + 1]
         gb = self.gamma_bits
-        xs = [absx1[k * xb:(k + 1) * xb] for k in range(pi)]
+        xs = [[absx1[(p * pi + k) * xb:(p * pi + k + 1) * xb] for k in range(pi)] for p in range(pp)]
         ws = [[gport.data[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb].as_signed() for ii in range(pi)]
               for oo in range(po)]
-        roots, _ = mac_array(m, xs, ws, advance, "mac")
+        roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack)
         m.d.comb += [bport.addr.eq(flags.stage(root - 1)["o"]), bport.en.eq(advance)]
         sr = flags.stage(root)
         beta = [bport.data[k * self.beta_bits:(k + 1) * self.beta_bits].as_signed() for k in range(po)]
-        running = accumulate(m, roots, beta, sr["first"], advance & sr["v"], self.acc_bits, "acc")
+        running = accumulate(m, [s for lane in roots for s in lane], beta * pp, sr["first"], advance & sr["v"],
+                             self.acc_bits, "acc")
         y = []
         for k, s in enumerate(running):
             n = Signal(unsigned(self.norm_bits), name=f"norm{k}")
@@ -248,6 +262,39 @@ class GdnUnit(wiring.Component):
                 y.append(q)
         se = flags.stage(root + 1 + tail)
         done = se["v"] & se["last"]
-        stall = emit_pixels(m, self.o, y, advance & done, se["pix"], done, go, self.out_bits)
+        stall = emit_pixels(m, self.o, [y[p * po:(p + 1) * po] for p in range(pp)], write=advance & done,
+                            pixel_done=se["pix"], finishing=done, groups=go, bits=self.out_bits, count=se["nv"])
         m.d.comb += advance.eq(~stall)
         return m
+
+    def _gather(self, m: Module, have: Signal, freeing: Value) -> tuple[list[Signal], Value]:
+        """Input pixels -> the held block (``PP`` pixels, the first ``nv`` of them real;
+        ``have`` while its items issue, cleared when ``freeing``: its last item issues).  The
+        first pixels of a block wait in a gather register; the block's last pixel (the
+        ``PP``-th, or the row's last) moves the block into ``held`` when the held block is done
+        or freeing, and is accepted only then."""
+        pp = self.pp
+        pixel = self.i.payload.as_value()
+        held = [Signal(len(pixel), name=f"held{k}" if pp > 1 else "held") for k in range(pp)]
+        if pp == 1:
+            m.d.comb += self.i.ready.eq(~have | freeing)
+            with m.If(freeing):
+                m.d.sync += have.eq(0)
+            with m.If(self.i.valid & self.i.ready):
+                m.d.sync += [held[0].eq(pixel), have.eq(1)]
+            return held, Const(1, 1)
+        gather = [Signal(len(pixel), name=f"gather{k}") for k in range(pp - 1)]
+        count, nv, col = Signal(range(pp)), Signal(range(pp + 1)), Signal(16)
+        ends = (count == pp - 1) | (col == self.width - 1)
+        m.d.comb += self.i.ready.eq(~ends | ~have | freeing)
+        with m.If(freeing):
+            m.d.sync += have.eq(0)
+        with m.If(self.i.valid & self.i.ready):
+            m.d.sync += col.eq(Mux(col == self.width - 1, 0, col + 1))
+            with m.If(ends):
+                m.d.sync += [h.eq(Mux(count == k, pixel, gather[k] if k < pp - 1 else pixel))
+                             for k, h in enumerate(held)]
+                m.d.sync += [nv.eq(count + 1), count.eq(0), have.eq(1)]
+            with m.Else():
+                m.d.sync += [gr.eq(Mux(count == k, pixel, gr)) for k, gr in enumerate(gather)] + [count.eq(count + 1)]
+        return held, nv

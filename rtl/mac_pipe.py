@@ -1,17 +1,23 @@
-"""Shared pieces of the streaming engines: stall-aware delay lines and a PI x PO multiplier
-array feeding PO adder trees.
+"""Shared pieces of the streaming engines: stall-aware delay lines, an array of multipliers
+over several lanes (output pixels) feeding adder trees, optionally two 8-bit products per
+DSP48E2, and the block emitter that turns finished pixels into one beat a cycle.
 
 Every register here is clocked by one ``enable`` (the engine's ``advance``): when a consumer
 stalls the engine, the whole pipeline holds its state.
 """
 from __future__ import annotations
 
-from amaranth import Cat, Module, Mux, Signal, Value, signed
+from amaranth import Cat, Const, Module, Mux, Shape, Signal, Value, signed
 from amaranth.hdl import ShapeLike
 
 from .lane_array import adder_tree
 
-__all__ = ["delay", "Delayed", "mac_array", "accumulate", "emit_pixels", "check_divisor"]
+__all__ = ["delay", "Delayed", "mac_array", "accumulate", "emit_pixels", "check_divisor", "check_lanes",
+           "pack_chunk", "product_pairs", "packed_dsps", "PACK_SHIFT", "PACK_A_BITS", "PACK_B_BITS"]
+
+#: shared-operand packing into one DSP48E2 (27 x 18 signed multiplier): the packed operand
+#: ``(a1 << PACK_SHIFT) + a2`` goes to the 27-bit A port, the shared one to the 18-bit B port
+PACK_SHIFT, PACK_A_BITS, PACK_B_BITS = 18, 27, 18
 
 
 def check_divisor(value: int, name: str, total: int, what: str) -> int:
@@ -20,6 +26,13 @@ def check_divisor(value: int, name: str, total: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or total % value:
         valid = [d for d in range(1, total + 1) if total % d == 0]
         raise ValueError(f"{name} must divide the {total} {what}: one of {valid}, not {value!r}")
+    return value
+
+
+def check_lanes(value: int, name: str = "pp", limit: int = 256) -> int:
+    """``value`` if it is an integer in [1, ``limit``] (output pixels per cycle); else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ValueError(f"{name} (output pixels per cycle) must be an integer in [1, {limit}], not {value!r}")
     return value
 
 
@@ -46,24 +59,123 @@ class Delayed:
         return {name: line[k] for name, line in self._lines.items()}
 
 
-def mac_array(m: Module, x: list[Value], w: list[list[Value]], enable: Value, name: str) -> tuple[list[Value], int]:
-    """``PO`` dot products of length ``PI`` per cycle: ``s_o = sum_i x_i * w[o][i]``.
+def _limits(shape: ShapeLike) -> tuple[int, int]:
+    s = Shape.cast(shape)
+    return (-(1 << (s.width - 1)), (1 << (s.width - 1)) - 1) if s.signed else (0, (1 << s.width) - 1)
 
-    One registered multiplier per (i, o) pair (``PI * PO`` DSP candidates), then one pipelined
-    adder tree per output.  Returns the ``PO`` sums and the latency in cycles,
-    ``1 + ceil(log2 PI)``.
+
+def pack_chunk(packed: ShapeLike, shared: ShapeLike) -> int:
+    """How many products ``(a1 << 18) + a2`` times ``s`` may be summed before the two fields
+    are separated (``a1, a2`` of shape ``packed``, ``s`` of shape ``shared``), or 0 when such
+    a pair does not fit one DSP48E2: ``(a1 << 18) + a2`` must fit its 27-bit signed A port,
+    ``s`` its 18-bit signed B port, and a sum of ``K`` low products ``a2 * s`` must stay in
+    ``[-2**17, 2**17)`` so that it can be read back from the low 18 bits (8 x 8 bits: 7)."""
+    alo, ahi = _limits(packed)
+    slo, shi = _limits(shared)
+    top = 1 << (PACK_A_BITS - 1)
+    if alo * (1 << PACK_SHIFT) + alo < -top or ahi * (1 << PACK_SHIFT) + ahi >= top:
+        return 0
+    if slo < -(1 << (PACK_B_BITS - 1)) or shi >= 1 << (PACK_B_BITS - 1):
+        return 0
+    corners = [a * s for a in (alo, ahi) for s in (slo, shi)]
+    half = 1 << (PACK_SHIFT - 1)
+    k = min((half - 1) // max(max(corners), 1), half // max(-min(corners), 1))
+    return max(0, k)
+
+
+def product_pairs(lanes: int, rows: int, row_pairs: bool, lane_pairs: bool) -> list[tuple]:
+    """How the ``lanes x rows`` dot products of a multiplier array share DSPs, per input:
+    ``("row", p, o)`` packs rows ``o`` and ``o + 1`` of lane ``p`` (a weight pair times the
+    shared activation), ``("lane", p, o)`` lanes ``p`` and ``p + 1`` of row ``o`` (an
+    activation pair times the shared weight: the odd row left over by an odd ``rows``),
+    ``("one", p, o)`` a lone product.  ``row_pairs``/``lane_pairs``: whether those operand
+    pairs fit a DSP (:func:`pack_chunk`)."""
+    paired = rows - rows % 2 if row_pairs else 0
+    out = [("row", p, o) for p in range(lanes) for o in range(0, paired, 2)]
+    for o in range(paired, rows):
+        p = 0
+        while p < lanes:
+            if lane_pairs and p + 1 < lanes:
+                out.append(("lane", p, o))
+                p += 2
+            else:
+                out.append(("one", p, o))
+                p += 1
+    return out
+
+
+def packed_dsps(lanes: int, rows: int, inputs: int, row_pairs: bool, lane_pairs: bool) -> tuple[int, int]:
+    """(packed DSPs, lone multipliers) of a ``lanes x rows x inputs`` multiplier array."""
+    kinds = [e[0] for e in product_pairs(lanes, rows, row_pairs, lane_pairs)]
+    return inputs * (len(kinds) - kinds.count("one")), inputs * kinds.count("one")
+
+
+def _unpack(total: Value) -> tuple[Value, Value]:
+    """(high, low) fields of a sum of packed products: low = the signed low 18 bits, high =
+    the rest plus the borrow a negative low field took from it."""
+    return (total >> PACK_SHIFT) + total[PACK_SHIFT - 1], total[:PACK_SHIFT].as_signed()
+
+
+def _packed_sums(m: Module, operands: list[tuple[Value, Value, Value]], chunk: int, enable: Value,
+                 name: str) -> tuple[Value, Value]:
+    """Two dot products through one multiplier per input: ``operands`` are (a1, a2, s) and
+    the results ``sum a1*s`` and ``sum a2*s``.  Each multiplier computes
+    ``((a1 << 18) + a2) * s`` (registered); adder trees sum ``chunk`` packed products (a power
+    of two, padded with zeros), whose roots are split (:func:`_unpack`) and summed on in two
+    trees.  Latency ``1 + ceil(log2 len(operands))``, as for unpacked products."""
+    terms = []
+    for k, (a1, a2, s) in enumerate(operands):
+        p = (a1.shift_left(PACK_SHIFT) + a2) * s
+        r = Signal(p.shape(), name=f"{name}_p{k}")
+        m.d.sync += r.eq(Mux(enable, p, r))
+        terms.append(r)
+    terms += [Const(0, signed(1))] * (-len(terms) % chunk)
+    highs, lows = [], []
+    for c in range(0, len(terms), chunk):
+        root, _ = adder_tree(m, terms[c:c + chunk], enable, f"{name}_c{c // chunk}")
+        hi, lo = _unpack(root)
+        highs.append(hi)
+        lows.append(lo)
+    return adder_tree(m, highs, enable, f"{name}_hi")[0], adder_tree(m, lows, enable, f"{name}_lo")[0]
+
+
+def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Value, name: str,
+              pack: bool = False) -> tuple[list[list[Value]], int]:
+    """``PP x PO`` dot products of length ``PI`` per cycle: ``s[p][o] = sum_i x[p][i] * w[o][i]``
+    for lanes (output pixels) ``p`` and rows (output channels) ``o``.
+
+    Unpacked: one registered multiplier per (p, o, i) (``PP * PO * PI`` DSP candidates), then
+    one pipelined adder tree per dot product.  ``pack``: two products share one DSP48E2
+    wherever their operands fit it (:func:`pack_chunk`, :func:`product_pairs`): rows ``o, o+1``
+    of a lane as the weight pair ``(w[o][i] << 18) + w[o+1][i]`` times ``x[p][i]``, an odd last
+    row as the activation pair ``(x[p][i] << 18) + x[p+1][i]`` times ``w[o][i]``; bit-exact.
+    Returns the sums (combinational of registers) and the latency in cycles,
+    ``1 + ceil(log2 PI)`` either way.
     """
-    roots, depth = [], 0
-    for o, row in enumerate(w):
-        terms = []
-        for i, (xi, wi) in enumerate(zip(x, row)):
-            p = xi * wi
-            r = Signal(p.shape(), name=f"{name}_p{o}_{i}")
-            m.d.sync += r.eq(Mux(enable, p, r))
-            terms.append(r)
-        root, depth = adder_tree(m, terms, enable, f"{name}_t{o}")
-        roots.append(root)
-    return roots, 1 + depth
+    lanes, rows, n = len(x), len(w), len(w[0])
+    xs, ws = x[0][0].shape(), w[0][0].shape()
+    row_chunk = pack_chunk(ws, xs) if pack else 0
+    lane_chunk = pack_chunk(xs, ws) if pack else 0
+    sums: list[list[Value | None]] = [[None] * rows for _ in range(lanes)]
+    for kind, p, o in product_pairs(lanes, rows, row_chunk > 0, lane_chunk > 0):
+        tag = f"{name}_{p}_{o}"
+        if kind == "one":
+            terms = []
+            for i in range(n):
+                r = Signal((x[p][i] * w[o][i]).shape(), name=f"{tag}_p{i}")
+                m.d.sync += r.eq(Mux(enable, x[p][i] * w[o][i], r))
+                terms.append(r)
+            sums[p][o], _ = adder_tree(m, terms, enable, f"{tag}_t")
+            continue
+        if kind == "row":
+            ops, chunk, into = [(w[o][i], w[o + 1][i], x[p][i]) for i in range(n)], row_chunk, [(p, o), (p, o + 1)]
+        else:
+            ops, chunk, into = [(x[p][i], x[p + 1][i], w[o][i]) for i in range(n)], lane_chunk, [(p, o), (p + 1, o)]
+        chunk = 1 << (min(chunk, n).bit_length() - 1)  # a power of two: every chunk tree has the same depth
+        hi, lo = _packed_sums(m, ops, chunk, enable, tag)
+        (p1, o1), (p2, o2) = into
+        sums[p1][o1], sums[p2][o2] = hi, lo
+    return sums, 1 + (n - 1).bit_length()
 
 
 def accumulate(m: Module, terms: list[Value], init: list[Value], first: Value, enable: Value, bits: int,
@@ -81,25 +193,53 @@ def accumulate(m: Module, terms: list[Value], init: list[Value], first: Value, e
     return running
 
 
-def emit_pixels(m: Module, out, values: list[Value], write: Value, pixel_done: Value, finishing: Value,
-                groups: int, bits: int) -> Value:
-    """Assemble ``groups`` consecutive groups of ``values`` (group 0 first, ``bits`` each) into
-    one pixel beat on stream ``out`` and return the stall condition.
+def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixel_done: Value, finishing: Value,
+                groups: int, bits: int, count: Value, phase: Value | None = None) -> Value:
+    """Assemble finished pixels of ``len(values)`` lanes into one pixel beat a cycle on stream
+    ``out``, and return the stall condition.
 
-    ``write``: a group is finished this cycle (and the pipeline advances); ``pixel_done``: it
-    is the pixel's last group; ``finishing``: a group is waiting at the end of the pipeline
-    (regardless of stalls).  The pixel beat is registered; the pipeline must stall (the
-    returned ``stall``) only when a finished pixel meets an output register not yet taken.
+    ``values[p]`` is the current group of output channels of lane ``p`` (``bits`` each); a
+    pixel has ``groups`` groups, group 0 first (at the LSB of the beat).  ``write``: a group
+    is finished this cycle (and the pipeline advances); ``pixel_done``: it is the last group
+    of the lanes' pixels; ``finishing``: a group is waiting at the end of the pipeline
+    (regardless of stalls); ``count``: how many lanes hold real pixels (a block cut short by
+    the end of a row).  Without ``phase`` the lanes' pixels go out in lane order as soon as
+    they are finished.  With ``phase`` (a transposed convolution's output column parity,
+    lanes ``p`` at columns ``2(j0 + p) + phase``), the even pixels wait for their odd
+    neighbours and the block goes out interleaved, even 0, odd 0, even 1, ...
+
+    The beats wait in a shift register of one block (``lanes`` pixels, or ``2 * lanes``
+    interleaved) whose first entry is the output register; the pipeline stalls (the returned
+    ``stall``) only when a finished block meets beats of the previous one not yet taken.  One
+    lane without ``phase`` is a single output register.
     """
-    gbits = len(values) * bits
-    parts = [v[:bits] for v in values]
-    held = Signal((groups - 1) * gbits)  # groups 0 .. groups-2, group 0 at the LSB
-    with m.If(out.ready):
-        m.d.sync += out.valid.eq(0)
-    with m.If(write):
-        with m.If(pixel_done):
-            m.d.sync += [out.payload.eq(Cat(held, *parts)), out.valid.eq(1)]
+    lanes, gbits = len(values), len(values[0]) * bits
+    pixels = []
+    for p, vals in enumerate(values):
+        parts = [v[:bits] for v in vals]
         if groups > 1:
-            with m.Else():
+            held = Signal((groups - 1) * gbits, name=f"emit_held{p}")  # groups 0 .. groups-2, group 0 at the LSB
+            with m.If(write & ~pixel_done):
                 m.d.sync += held.eq(Cat(held[gbits:], *parts))
-    return finishing & pixel_done & out.valid & ~out.ready
+            pixels.append(Cat(held, *parts))
+        else:
+            pixels.append(Cat(*parts))
+    width = groups * gbits
+    if phase is None:
+        block, n, load = pixels, count, write & pixel_done
+    else:
+        evens = [Signal(width, name=f"emit_even{p}") for p in range(lanes)]
+        with m.If(write & pixel_done & ~phase):
+            m.d.sync += [e.eq(v) for e, v in zip(evens, pixels)]
+        block = [v for pair in zip(evens, pixels) for v in pair]
+        n, load = count * 2, write & pixel_done & phase
+    queue = [Signal(width, name=f"emit_q{k}") for k in range(len(block))]
+    left = Signal(range(len(block) + 1))   # beats of the block not yet taken
+    taken = out.valid & out.ready
+    m.d.comb += [out.payload.eq(queue[0]), out.valid.eq(left != 0)]
+    with m.If(load):
+        m.d.sync += [q.eq(v) for q, v in zip(queue, block)] + [left.eq(n)]
+    with m.Elif(taken):
+        m.d.sync += [q.eq(nxt) for q, nxt in zip(queue, queue[1:])] + [left.eq(left - 1)]
+    busy = (left > 1) | ((left == 1) & ~out.ready)
+    return finishing & pixel_done & (1 if phase is None else phase) & busy

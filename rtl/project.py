@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from amaranth import Cat, Const, Module
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In
+
 from licforge.errors import UsageError
 from licforge.quant.bundle import Bundle, decoder_layers
 
@@ -15,7 +19,8 @@ from .emit import write_verilog
 from .perf import CLOCK_HZ, FRAMES, frame_report
 from .plan import plan_decoder
 
-__all__ = ["build_decoder", "generate_decoder", "vivado_tcl", "DEFAULT_PART", "DEFAULT_MAX_WIDTH"]
+__all__ = ["build_decoder", "generate_decoder", "generate_decoder_layers", "vivado_tcl", "DEFAULT_PART",
+           "DEFAULT_MAX_WIDTH"]
 
 DEFAULT_PART = "xczu9eg-ffvb1156-2-e"   # the ZCU102's device (2,520 DSP48E2)
 DEFAULT_MAX_WIDTH = 120                  # latent columns: 1920-pixel lines
@@ -76,3 +81,51 @@ def generate_decoder(bundle: Bundle, pi: int, po: int, out_dir: Path, *, max_wid
                 "model_figures": {k: frame_report(dec.plan, h, w, clock_hz) for k, (h, w) in FRAMES.items()}}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+class _InDecoder(wiring.Component):
+    """One block of a decoder with the frame-size wiring the decoder's top gives it: a block
+    whose input grid is ``2**scale`` times the latent grid gets ``width << scale`` and
+    ``height << scale`` on the frame-size ports it has (:class:`rtl.decoder.Decoder`), so that
+    synthesis sees the same constant low bits as in the whole design."""
+
+    def __init__(self, block, scale: int, max_width: int) -> None:
+        self.block, self.scale = block, scale
+        self.frame = [n for n in ("width", "height") if n in block.signature.members]
+        members = {"i": block.signature.members["i"], "o": block.signature.members["o"]}
+        members.update({n: In(max_width.bit_length() if n == "width" else 16) for n in self.frame})
+        super().__init__(members)
+
+    def elaborate(self, platform) -> Module:
+        m = Module()
+        m.submodules.block = blk = self.block
+        wiring.connect(m, wiring.flipped(self.i), blk.i)
+        wiring.connect(m, blk.o, wiring.flipped(self.o))
+        s = self.scale
+        if "width" in self.frame:
+            m.d.comb += blk.width.eq(Cat(Const(0, s), self.width) if s else self.width)
+        if "height" in self.frame:
+            m.d.comb += blk.height.eq(self.height << s)
+        return m
+
+
+def generate_decoder_layers(bundle: Bundle, pi: int, po: int, out_dir: Path, *,
+                            max_width: int = DEFAULT_MAX_WIDTH) -> list[dict]:
+    """Each block of the decoder of ``bundle`` as a design of its own, for synthesis one layer
+    at a time (a whole wide decoder can exceed what one WebAssembly Yosys holds): block ``k``
+    (the engine or GDN unit of layer ``name``, with the parallelism of the decoder's plan and
+    the frame-size wiring of the decoder's top) goes to ``out_dir/l<k>_<name>/`` as Verilog
+    with top module ``l<k>_<name>`` and its ROM files.
+
+    Returns per block ``{"name", "op", "top", "plan", "sources"}``; the blocks are exactly
+    the decoder's (its top adds only the wiring between them)."""
+    dec = build_decoder(bundle, pi, po, max_width)
+    dec._MustUse__silence = True  # only its blocks are elaborated, each on its own
+    parts, scale = [], 0
+    for k, (blk, plan) in enumerate(zip(dec.blocks, dec.plan)):
+        top = f"l{k}_{plan.name.replace('.', '_')}"
+        sources = write_verilog(_InDecoder(blk, scale, max_width), top, Path(out_dir) / top)
+        scale += plan.op == "conv_transpose2d"
+        parts.append({"name": plan.name, "op": plan.op, "top": top, "plan": plan.as_dict(),
+                      "sources": [str(s) for s in sources]})
+    return parts

@@ -4,13 +4,18 @@ This is the RTL twin of :func:`quant.fixed.requantize` (checked against it bit f
 """
 from __future__ import annotations
 
-from amaranth import Const, Module, Mux, Value, signed, unsigned
+from amaranth import Cat, Const, Module, Mux, Value, signed, unsigned
 from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from licforge.quant.fixed import check_bits, int_range
 
 __all__ = ["requantize_expr", "Requantizer"]
+
+
+def _extend(v: Value, width: int) -> Value:
+    """Signed ``v`` sign-extended to at least ``width`` bits."""
+    return Cat(v, v[-1].replicate(width - len(v))).as_signed() if len(v) < width else v
 
 
 def requantize_expr(value: Value, shift: int, out_bits: int, signed_out: bool = True,
@@ -20,24 +25,37 @@ def requantize_expr(value: Value, shift: int, out_bits: int, signed_out: bool = 
     ``value`` is a signed accumulator.  ``shift > 0`` drops ``shift`` bits, rounding up when
     the dropped bits exceed one half, or equal one half and the kept LSB is odd; ``shift <= 0``
     is an exact left shift.  The result saturates to ``out_bits`` (two's complement when
-    ``signed_out``), and to ``[0, max]`` when ``relu``.  Depth: one adder, two comparators.
+    ``signed_out``), and to ``[0, max]`` when ``relu``.
+
+    Structure (for the clock): with ``q`` the kept bits and ``up`` the rounding bit, the only
+    adder is ``q + up`` on the ``out_bits`` that are kept; whether ``q + up`` leaves the output
+    range is decided from ``q`` and ``up`` by bit reductions (the range is ``[-2**k, 2**k - 1]``
+    or ``[0, 2**k - 1]``), in parallel with that adder.  Depth: the rounding bit (an OR over the
+    dropped bits), an ``out_bits`` carry chain or a few LUT levels, one multiplexer.
     """
     check_bits(out_bits, "out_bits")
     value = value.as_signed()
     if shift > 0:
-        q = value >> shift
-        r = value[:shift]
-        half = 1 << (shift - 1)
-        up = (r > half) | ((r == half) & q[0])
-        rounded = q + up
+        value = _extend(value, shift + 1)    # the dropped bits of a narrow value are its sign
+        q, r = value >> shift, value[:shift]
+        # r > half, or r == half and q odd: the top dropped bit, and any other dropped bit or q's LSB
+        up = r[shift - 1] & ((r[:shift - 1].any() if shift > 1 else 0) | q[0])
     else:
-        rounded = value << (-shift)
+        q, up = value << (-shift), Const(0, 1)
     lo, hi = int_range(out_bits, signed_out)
     if relu:
         lo = max(lo, 0)
+    k = hi.bit_length()                      # hi = 2**k - 1
+    q = _extend(q.as_signed(), k + 2)        # room for q + up and the sign
+    top = q[k:]                              # zero for 0 <= q <= hi
+    over = ~q[-1] & (top.any() | (q[:k].all() & up))         # q > hi, or q == hi and rounding up
+    if lo < 0:                               # lo = -2**k: q < lo, unless q == lo - 1 rounds up to lo
+        under = q[-1] & ~top.all() & ~(up & q[:k].all() & ~top[0] & top[1:].all())
+    else:                                    # lo = 0: q < 0, unless q == -1 rounds up to 0
+        under = q[-1] & ~(up & q.all())
     shape = signed(out_bits) if signed_out else unsigned(out_bits)
-    kept = rounded[:out_bits].as_signed() if signed_out else rounded[:out_bits]
-    return Mux(rounded > hi, Const(hi, shape), Mux(rounded < lo, Const(lo, shape), kept))
+    kept = (q[:out_bits] + up)[:out_bits]
+    return Mux(over, Const(hi, shape), Mux(under, Const(lo, shape), kept.as_signed() if signed_out else kept))
 
 
 class Requantizer(wiring.Component):

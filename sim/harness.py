@@ -80,10 +80,12 @@ endmodule
 """
 
 
-def harness_verilog(*, in_bits: int, out_bits: int, depth: int, frame_ports: bool) -> str:
+def harness_verilog(*, in_bits: int, out_bits: int, depth: int, frame_ports: tuple[str, ...]) -> str:
     """Verilog of the harness around ``top``: input beats ``in_bits`` wide (at most ``depth``
-    of them), output beats ``out_bits`` wide; ``frame_ports`` wires ``width``/``height``."""
-    frame = ",\n        .width(width), .height(height)" if frame_ports else ""
+    of them), output beats ``out_bits`` wide; ``frame_ports`` names the frame-size ports of
+    ``top`` it wires (``width``, ``height``: an engine has both, a GDN unit with lanes
+    ``width`` only, a GDN unit without lanes none)."""
+    frame = "".join(f",\n        .{n}({n})" for n in frame_ports)
     return _TEMPLATE.format(iw=in_bits, ow=out_bits, depth=depth, stim=STIMULUS_FILE, out=OUTPUT_FILE,
                             frame=frame)
 

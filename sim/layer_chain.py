@@ -4,14 +4,15 @@ generated Verilog inside :mod:`sim.harness`, checked by :mod:`sim.tb_layer_chain
 Builds are reused: the Verilog in a ``work`` directory is rewritten only when its text
 changes, so that several stimuli (seeds, frame sizes, back-pressure) share one Verilator
 build there; given ``cache_dir``, the build comes from :func:`sim.runner.run_cocotb`'s cache
-instead, shared by every ``work`` directory.
+instead, shared by every ``work`` directory.  A component is converted to Verilog once (the
+files are kept while the component object lives): a whole decoder takes seconds to convert.
 """
 from __future__ import annotations
 
-import filecmp
 import json
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -23,25 +24,35 @@ from .runner import SimResult, run_cocotb
 __all__ = ["generate_sources", "simulate_chain"]
 
 
-def _sync(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        target = dst / f.name
-        if not target.exists() or not filecmp.cmp(f, target, shallow=False):
-            shutil.copyfile(f, target)
+#: the generated files of each component converted so far, by name (the component is the key)
+_GENERATED: "weakref.WeakKeyDictionary[object, tuple[list[str], dict[str, bytes]]]" = weakref.WeakKeyDictionary()
+
+
+def _verilog_files(component) -> tuple[list[str], dict[str, bytes]]:
+    """(Verilog source names, every file by name) of ``component`` as module ``top``."""
+    if component not in _GENERATED:
+        with tempfile.TemporaryDirectory() as tmp:
+            sources = write_verilog(component, "top", Path(tmp))
+            _GENERATED[component] = ([s.name for s in sources],
+                                     {f.name: f.read_bytes() for f in Path(tmp).iterdir()})
+    return _GENERATED[component]
 
 
 def generate_sources(component, rtl_dir: Path, *, depth: int, frame_ports: bool) -> list[Path]:
-    """Verilog of ``component`` (module ``top``), its ROM files and the harness in ``rtl_dir``;
+    """Verilog of ``component`` (module ``top``), its ROM files and the harness in ``rtl_dir``
+    (``frame_ports``: drive the component's ``width``/``height`` ports, those it has);
     files whose text did not change keep their time stamps (no rebuild)."""
     rtl_dir = Path(rtl_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        sources = write_verilog(component, "top", Path(tmp))
-        in_bits, out_bits = len(component.i.payload.as_value()), len(component.o.payload.as_value())
-        (Path(tmp) / "harness.v").write_text(harness_verilog(in_bits=in_bits, out_bits=out_bits, depth=depth,
-                                                             frame_ports=frame_ports))
-        _sync(Path(tmp), rtl_dir)
-        return [rtl_dir / s.name for s in sources] + [rtl_dir / "harness.v"]
+    names, files = _verilog_files(component)
+    in_bits, out_bits = len(component.i.payload.as_value()), len(component.o.payload.as_value())
+    ports = tuple(n for n in ("width", "height") if n in component.signature.members) if frame_ports else ()
+    harness = harness_verilog(in_bits=in_bits, out_bits=out_bits, depth=depth, frame_ports=ports).encode()
+    rtl_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in {**files, "harness.v": harness}.items():
+        target = rtl_dir / name
+        if not target.exists() or target.read_bytes() != data:
+            target.write_bytes(data)
+    return [rtl_dir / n for n in names] + [rtl_dir / "harness.v"]
 
 
 def simulate_chain(component, bundle_dir: Path, layers: list[str], x: np.ndarray, *, work: Path,

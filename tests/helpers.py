@@ -3,11 +3,12 @@ with ``--import-mode=importlib``, so the repository root is not on ``sys.path`` 
 ``import models`` fails as it does for a user)."""
 from __future__ import annotations
 
+import struct
 from typing import Callable
 
 import pytest
 
-__all__ = ["require_simulator", "Interrupt", "interrupt_after"]
+__all__ = ["require_simulator", "Interrupt", "interrupt_after", "rans64_encode"]
 
 
 def require_simulator(name: str) -> None:
@@ -35,3 +36,19 @@ def interrupt_after(steps: int | None) -> Callable[[object], None]:
             raise Interrupt
 
     return hook
+
+
+def rans64_encode(ops: list[tuple]) -> bytes:
+    """A rANS string that CompressAI's decoder (``rans64.h``, 16-bit probabilities, 32-bit
+    words) reads as ``ops``, in decode order: ``("sym", start, freq)`` decodes a symbol whose
+    cdf interval is ``[start, start + freq)``, ``("bits", value)`` a 4-bit bypass group.  For
+    crafting strings CompressAI's encoder cannot write (a test's adversarial payloads)."""
+    low, mask, words = 1 << 31, (1 << 32) - 1, []
+    x = low
+    for op in reversed(ops):
+        freq = op[2] if op[0] == "sym" else 1 << 12
+        if x >= ((low >> 16) << 32) * freq:
+            words.append(x & mask)
+            x >>= 32
+        x = ((x // freq) << 16) + (x % freq) + op[1] if op[0] == "sym" else (x << 4) | op[1]
+    return struct.pack(f"<{2 + len(words)}I", x & mask, x >> 32, *reversed(words))

@@ -70,18 +70,19 @@ def test_one_name_per_command():
     """Verb then object: no "demo", one name for each command, every benchmark under bench."""
     names = {" ".join(path) for path in COMMANDS if path}
     assert not any("demo" in path for path in COMMANDS)
-    assert {"flow", "sim image", "sim decoder", "inspect", "plot rd", "bench kd", "bench watermark", "bench all",
-            "watermark extract", "watermark attack", "watermark deploy"} <= names
-    assert not names & {"sim decode", "watermark report", "kd-study", "bundle-info", "rd-plot"}
+    assert {"flow", "encode", "decode", "sim decoder", "inspect", "plot rd", "bench kd", "bench watermark",
+            "bench all", "watermark extract", "watermark attack", "watermark deploy"} <= names
+    assert not names & {"sim decode", "sim image", "watermark report", "kd-study", "bundle-info", "rd-plot"}
     assert {p[1] for p in COMMANDS if len(p) == 2 and p[0] == "bench"} == {
-        "decoder", "kd", "lic", "minconv", "watermark", "all"}
+        "codec", "decoder", "kd", "lic", "minconv", "watermark", "all"}
     assert _option(COMMANDS[("flow",)], "--digits").help == "run the MinConv digits slice instead of the LIC flow"
     for path, flags in {("bench", "watermark"): ["--hosts", "--products", "--quick"],
                         ("bench", "kd"): ["--base-steps", "--ft-steps", "--widths", "--seeds", "--lambdas", "--work",
                                           "--device", "--tag", "--workers"]}.items():
         assert all(_option(COMMANDS[path], f) for f in flags), path
     for cmd, inp in {("watermark", "extract"): "source", ("watermark", "attack"): "source",
-                     ("watermark", "deploy"): "model", ("sim", "image"): "image", ("inspect",): "bundle"}.items():
+                     ("watermark", "deploy"): "model", ("encode",): "image", ("decode",): "file",
+                     ("inspect",): "bundle"}.items():
         assert any(a.dest == inp and not a.option_strings for a in COMMANDS[cmd]._actions), cmd
 
 
@@ -132,7 +133,7 @@ def test_one_meaning_and_one_default_per_flag():
 
 def test_bench_all_runs_every_benchmark_with_its_defaults(monkeypatch, tmp_path, capsys):
     """Each benchmark gets (out_dir, build_dir, args with its own defaults); kd (a GPU study) is not in all."""
-    from licforge.flows import cmd_decoder, cmd_lic, cmd_minconv, cmd_watermark
+    from licforge.flows import cmd_codec, cmd_decoder, cmd_lic, cmd_minconv, cmd_watermark
 
     calls = {}
 
@@ -142,11 +143,11 @@ def test_bench_all_runs_every_benchmark_with_its_defaults(monkeypatch, tmp_path,
             return f"{name} done"
         return bench
 
-    for mod, name in ((cmd_decoder, "decoder"), (cmd_lic, "lic"), (cmd_lic, "kd"), (cmd_minconv, "minconv"),
-                      (cmd_watermark, "watermark")):
+    for mod, name in ((cmd_codec, "codec"), (cmd_decoder, "decoder"), (cmd_lic, "lic"), (cmd_lic, "kd"),
+                      (cmd_minconv, "minconv"), (cmd_watermark, "watermark")):
         monkeypatch.setattr(mod, f"_bench_{name}", fake(name))
     assert main(["--build", str(tmp_path / "b"), "bench", "all", "--out", str(tmp_path / "r")]) == 0
-    assert sorted(calls) == ["decoder", "lic", "minconv", "watermark"]
+    assert sorted(calls) == ["codec", "decoder", "lic", "minconv", "watermark"]
     assert all(c[:2] == (tmp_path / "r", tmp_path / "b") for c in calls.values())
     assert calls["watermark"][2].hosts == "digits,lic" and calls["watermark"][2].quick is False
     assert calls["decoder"][2].family == "xcup"

@@ -108,20 +108,3 @@ def test_cli_perf_keeps_the_table_when_yosys_fails(monkeypatch, tmp_path, capsys
                                "wasm trap: out of bounds memory access")
     row = json.loads(out_json.read_text())[0]
     assert row["resources"] == {} and row["multipliers"] == 18 and row["1080p"]["fps"] > 0
-
-
-def test_sim_image_on_the_trained_student(tmp_path, lic_bundle, capsys, sim_cache):
-    """``licforge sim image`` on a real bitstream of a held-out image crop (``--build`` holds the
-    session's simulator cache, ``<build>/sim-cache``)."""
-    require_simulator("verilator")
-    from PIL import Image
-
-    from licforge.models.data import embedded_images
-
-    img = embedded_images("held-out")["chelsea"][100:164, 150:230]
-    Image.fromarray(img).save(tmp_path / "crop.png")
-    rc = main(["--build", str(sim_cache.parent), "sim", "image", str(lic_bundle.path), str(tmp_path / "crop.png"),
-               "--pi", "2", "--po", "2", "--max-width", "8"])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    assert "mismatches 0" in out.out and "bpp" in out.out and "PSNR" in out.out

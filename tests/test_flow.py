@@ -155,7 +155,8 @@ def test_report_shows_every_result(tiny):
                                          "Tool versions"]
     for title in res["report"]["sections"]:
         assert title in html and title in md
-    assert html.count("data:image/png;base64,") == 1  # the RD plot, embedded
+    assert html.count("data:image/png;base64,") == 2  # the RD plot and the verify comparison, embedded
+    assert "verify_comparison.png" in md and (run / "report" / "verify_comparison.png").is_file()
     assert "FAIL" not in md and md.count("PASS") >= 3
     assert f"| RTL decode of {res['verify']['image']}" in md
     assert "| memory init files beside the Verilog | 0 |" in md

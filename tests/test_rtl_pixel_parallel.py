@@ -1,0 +1,290 @@
+"""Output-pixel parallelism (PP lanes) and two 8-bit products per DSP48E2 (packing): the
+multiplier array bit-exact on extreme operands, Yosys's DSP count, the engines with lanes
+against the golden model under Amaranth's simulator, and a whole decoder with lanes and
+packing on Verilator (cocotb: a real bitstream, extreme latents, bubbles, back-pressure,
+frames back to back), each with its cycles against the analytical model."""
+import random
+
+import numpy as np
+import pytest
+from amaranth import Module, Signal, signed, unsigned
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+from amaranth.sim import Simulator
+
+from licforge.quant.bundle import read_bundle, write_bundle
+from licforge.quant.golden import run_layer
+from licforge.quant.synthetic import random_decoder_bundle
+from licforge.rtl.conv_transpose import ConvTransposeEngine
+from licforge.rtl.gdn import GdnUnit
+from licforge.rtl.mac_pipe import mac_array, pack_chunk, packed_dsps, product_pairs
+from licforge.rtl.perf import frame_timeline
+from licforge.rtl.plan import LayerPlan
+from licforge.sim.stimulus import extreme_ints
+from helpers import require_simulator
+
+
+def test_pack_chunk_bounds():
+    """8x8 signed: 7 low products sum inside [-2^17, 2^17); |x| of 10 bits times gamma: one;
+    a 10-bit packed operand does not fit the 27-bit A port, a 19-bit shared one not the B port."""
+    assert pack_chunk(signed(8), signed(8)) == 7
+    assert pack_chunk(signed(8), unsigned(10)) == 1
+    assert pack_chunk(unsigned(8), signed(8)) == 4
+    assert pack_chunk(unsigned(10), signed(8)) == 0 and pack_chunk(signed(10), signed(8)) == 0
+    assert pack_chunk(signed(8), signed(19)) == 0
+
+
+@pytest.mark.parametrize("lanes,rows,lane_ok", [(3, 3, True), (4, 1, True), (1, 3, True), (2, 5, False), (5, 4, True)])
+def test_product_pairs_cover_every_dot_product_once(lanes, rows, lane_ok):
+    dest = []
+    for kind, p, o in product_pairs(lanes, rows, True, lane_ok):
+        dest += {"row": [(p, o), (p, o + 1)], "lane": [(p, o), (p + 1, o)], "one": [(p, o)]}[kind]
+    assert sorted(dest) == [(p, o) for p in range(lanes) for o in range(rows)]
+    pairs, single = packed_dsps(lanes, rows, 16, True, lane_ok)
+    assert 2 * pairs + single == 16 * lanes * rows
+    if lane_ok and lanes % 2 == 0:
+        assert single == 0
+
+
+def _mac_vectors(m_lanes, m_rows, n, x_shape, w_shape, pack, vectors):
+    """Drive ``mac_array`` (enable high) with ``vectors`` (x, w) and return its sums, one cycle
+    apart, as an int array (vectors, lanes, rows)."""
+    m = Module()
+    x = [[Signal(x_shape, name=f"x{p}_{i}") for i in range(n)] for p in range(m_lanes)]
+    w = [[Signal(w_shape, name=f"w{o}_{i}") for i in range(n)] for o in range(m_rows)]
+    sums, depth = mac_array(m, x, w, 1, "mac", pack=pack)
+    got = []
+
+    async def tb(ctx):
+        for k in range(len(vectors) + depth):
+            if k < len(vectors):
+                xv, wv = vectors[k]
+                for p in range(m_lanes):
+                    for i in range(n):
+                        ctx.set(x[p][i], int(xv[p, i]))
+                for o in range(m_rows):
+                    for i in range(n):
+                        ctx.set(w[o][i], int(wv[o, i]))
+            await ctx.tick()
+            if k >= depth - 1 and len(got) < len(vectors):
+                got.append([[ctx.get(s) for s in lane] for lane in sums])
+
+    sim = Simulator(m)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    return np.array(got), depth
+
+
+@pytest.mark.parametrize("shapes", ["conv", "gdn"])
+def test_packed_mac_array_is_bit_exact_on_extremes(shapes):
+    """3 lanes x 3 rows x 9 inputs: row pairs, lane pairs and a lone product.  The operands are
+    random with the extremes, and all -128 (9 x 2^14 in the low field would overflow its 18
+    bits: the trees split after 4); the sums equal numpy's, with the latency of the unpacked
+    array."""
+    rng = np.random.default_rng(3)
+    if shapes == "conv":
+        xs, ws, xlim, wlim = signed(8), signed(8), (-128, 127), (-128, 127)
+    else:  # a GDN: |x| unsigned 10 bits times gamma (row pairs only: |x| does not fit the A port)
+        xs, ws, xlim, wlim = unsigned(10), signed(8), (0, 1023), (-128, 127)
+    full = [(np.full((3, 9), xv), np.full((3, 9), wv)) for xv in xlim for wv in wlim]
+    vecs = full + [(extreme_ints(rng, (3, 9), 8) if shapes == "conv" else rng.choice([0, 1, 512, 1023], (3, 9)),
+                    extreme_ints(rng, (3, 9), 8)) for _ in range(30)]
+    got, depth = _mac_vectors(3, 3, 9, xs, ws, True, vecs)
+    exp = np.array([np.einsum("pi,oi->po", x.astype(np.int64), w.astype(np.int64)) for x, w in vecs])
+    assert depth == 1 + 4 and np.array_equal(got, exp)
+
+
+def _stream(dut, x: np.ndarray, *, p_valid=1.0, p_ready=1.0, seed=0, frame=True) -> tuple[np.ndarray, int]:
+    """Frames ``x`` (n, C, H, W) back to back through an engine under Amaranth's simulator;
+    returns the output beats and the cycles to the last one, counted as :mod:`sim.harness`
+    counts them (its first beat is offered in cycle 1)."""
+    n, _, h, w = x.shape
+    pixels = [x[f, :, r, c].tolist() for f in range(n) for r in range(h) for c in range(w)]
+    scale = 2 if isinstance(dut, ConvTransposeEngine) else 1
+    n_out = n * h * w * scale * scale
+    rng = random.Random(seed)
+    got, cycles = [], [0]
+
+    async def tb(ctx):
+        if frame:
+            ctx.set(dut.width, w)
+            if isinstance(dut, ConvTransposeEngine):
+                ctx.set(dut.height, h)
+        k = cyc = 0
+        while len(got) < n_out and cyc < 100_000:
+            offer = k < len(pixels) and rng.random() < p_valid
+            take = rng.random() < p_ready
+            ctx.set(dut.i.valid, offer)
+            if offer:
+                ctx.set(dut.i.payload, pixels[k])
+            ctx.set(dut.o.ready, take)
+            await ctx.delay(1e-9)
+            k += offer and ctx.get(dut.i.ready)
+            if take and ctx.get(dut.o.valid):
+                got.append(list(ctx.get(dut.o.payload)))
+            await ctx.tick()
+            cyc += 1
+        cycles[0] = cyc + 1
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    return np.array(got), cycles[0]
+
+
+def test_conv_lanes_bound_by_the_output_stream():
+    """6 -> 4 channels at full channel parallelism (G = 1) with PP=8 lanes on 5 columns: a block
+    computes in 15 or 10 cycles but leaves in 2 x 5 beats, so the output stream sets the pace;
+    two frames back to back take the model's cycles exactly, and the same pixels under stalls."""
+    b = random_decoder_bundle(4, 6, seed=2)
+    lay = b.layer("g_s.0")
+    x = extreme_ints(np.random.default_rng(7), (2, 6, 3, 5), 8)
+    dut = ConvTransposeEngine.for_layer(lay, pi=6, po=4, pp=8, pack=True, max_width=8)
+    assert (dut.dsp_pairs, dut.dsp_single) == (6 * 2 * 8, 0)
+    out, cycles = _stream(dut, x)
+    assert np.array_equal(out.reshape(2, 6, 10, 4).transpose(0, 3, 1, 2), run_layer(lay, x))
+    plan = LayerPlan(lay.name, lay.op, 6, 4, 0, 6, 4, 8, True)
+    assert plan.frame_cycles(3, 5) == 3 * (max(15, 10) + max(10, 10))
+    assert cycles == frame_timeline([plan], 3, 5, frames=2)["cycles"]
+    stalled, _ = _stream(dut, x, p_valid=0.6, p_ready=0.4, seed=1)
+    assert np.array_equal(stalled, out)
+
+
+def test_gdn_lanes_in_amaranth_match_golden_and_the_model():
+    """An inverse GDN of 4 channels, PI=4, PO=1, PP=3 packed (lane pairs: 8-bit inputs), rows of
+    5 pixels (blocks of 3 + 2): the cycles of the row timeline, and a frame more takes the
+    steady-state cycles, exactly."""
+    b = random_decoder_bundle(4, 6, seed=2)
+    lay = b.layer("g_s.1")
+    x = extreme_ints(np.random.default_rng(8), (2, 4, 3, 5), lay.attrs["x_bits"])
+    dut = GdnUnit.for_layer(lay, pi=4, po=1, pp=3, pack=True)
+    assert dut.dsp_pairs == 4 * 1 and dut.dsp_single == 4 * 1 and dut.dsps == 4 + 4 + 3
+    out, cycles = _stream(dut, x)
+    assert np.array_equal(out.reshape(2, 3, 5, 4).transpose(0, 3, 1, 2), run_layer(lay, x))
+    plan = LayerPlan(lay.name, lay.op, 4, 4, 0, 4, 1, 3, True)
+    one = _stream(dut, x[:1])[1]
+    model = [frame_timeline([plan], 3, 5, frames=n)["cycles"] for n in (1, 2)]
+    assert (one, cycles) == tuple(model)
+    assert cycles - one == plan.frame_cycles(3, 5) == 3 * (4 + 4)
+    stalled, _ = _stream(dut, x, p_valid=0.5, p_ready=0.5, seed=2)
+    assert np.array_equal(stalled, out)
+
+
+class _MacTop(wiring.Component):
+    """A packed multiplier array with registered operands, for Yosys: 2 lanes x 3 rows x 4
+    inputs (24 products of 8 x 8 bits)."""
+
+    def __init__(self, pack: bool) -> None:
+        self.pack = pack
+        super().__init__({"x": In(2 * 4 * 8), "w": In(3 * 4 * 8), "s": Out(6 * 24)})
+
+    def elaborate(self, platform) -> Module:
+        m = Module()
+        x = [[self.x.word_select(p * 4 + i, 8).as_signed() for i in range(4)] for p in range(2)]
+        w = [[self.w.word_select(o * 4 + i, 8).as_signed() for i in range(4)] for o in range(3)]
+        sums, _ = mac_array(m, x, w, 1, "mac", pack=self.pack)
+        flat = [s for lane in sums for s in lane]
+        for k, s in enumerate(flat):
+            m.d.sync += self.s.word_select(k, 24).eq(s)
+        return m
+
+
+def test_yosys_maps_two_packed_products_to_one_dsp(tmp_path):
+    """synth_xilinx -family xcup: 24 products in 12 DSP48E2 (row pairs, and the odd row's lane pair)."""
+    from amaranth.back import verilog
+
+    from licforge.rtl.yosys import synthesize
+
+    (tmp_path / "mac.v").write_text(verilog.convert(_MacTop(True), name="mac"))
+    rep = synthesize([tmp_path / "mac.v"], "mac", family="xcup")
+    assert rep["resources"]["DSP"] == 12 == sum(packed_dsps(2, 3, 4, True, True))
+
+
+@pytest.fixture(scope="module")
+def extreme_bundle(tmp_path_factory):
+    """Synthetic N=8 decoder: g_s.2 with a third of its weights at +-127 and extreme biases,
+    g_s.1 with a quarter of its gammas at 127 (saturation at both rails)."""
+    b = random_decoder_bundle(8, 8, seed=5)
+    lay = b.layer("g_s.2")
+    rng = np.random.default_rng(5)
+    w = lay.tensors["weight"]
+    pick = rng.random(w.shape)
+    lay.tensors["weight"] = np.where(pick < 0.15, -127, np.where(pick < 0.3, 127, w))
+    lay.tensors["bias"][:2] = [-(1 << (lay.attrs["b_bits"] - 1)), (1 << (lay.attrs["b_bits"] - 1)) - 1]
+    g = b.layer("g_s.1").tensors["gamma"]
+    g[rng.random(g.shape) < 0.25] = 127
+    out = tmp_path_factory.mktemp("lanes") / "bundle"
+    write_bundle(b, out)
+    return read_bundle(out)
+
+
+def test_conv_lanes_packed_on_extremes(extreme_bundle):
+    """PI=4, PO=2, PP=3 packed on the extreme weights: frames back to back of ragged widths
+    (blocks cut at the row end; a 1-pixel row), bubbles and back-pressure; saturation at both
+    rails; always ready, the model's cycles exactly."""
+    lay = extreme_bundle.layer("g_s.2")
+    dut = ConvTransposeEngine.for_layer(lay, pi=4, po=2, pp=3, pack=True, max_width=8)
+    plan = LayerPlan(lay.name, lay.op, 8, 8, 0, 4, 2, 3, True)
+    for seed, (n, h, w), p_valid, p_ready in [(21, (2, 3, 5), 0.7, 0.4), (22, (3, 2, 1), 1.0, 0.5),
+                                             (23, (2, 2, 8), 1.0, 1.0)]:
+        x = extreme_ints(np.random.default_rng(seed), (n, 8, h, w), 8)
+        out, cycles = _stream(dut, x, p_valid=p_valid, p_ready=p_ready, seed=seed)
+        y = out.reshape(n, 2 * h, 2 * w, 8).transpose(0, 3, 1, 2)
+        assert np.array_equal(y, run_layer(lay, x)), seed
+        if seed == 21:
+            assert (y == 127).any() and (y == -128).any()
+        if p_valid == p_ready == 1.0:
+            assert cycles == frame_timeline([plan], h, w, frames=n)["cycles"]
+
+
+def test_gdn_lanes_packed_on_extreme_gammas(extreme_bundle):
+    """An inverse GDN with PI=4, PO=2, PP=3 packed (gamma pairs), rows of 7 pixels (blocks of
+    3 + 3 + 1), two frames back to back with bubbles and back-pressure: saturation at both rails."""
+    lay = extreme_bundle.layer("g_s.1")
+    dut = GdnUnit.for_layer(lay, pi=4, po=2, pp=3, pack=True)
+    assert dut.dsp_pairs == 4 * 3 and dut.dsp_single == 0
+    x = extreme_ints(np.random.default_rng(4), (2, 8, 3, 7), lay.attrs["x_bits"])
+    out, _ = _stream(dut, x, p_valid=0.6, p_ready=0.4, seed=4)
+    y = out.reshape(2, 3, 7, 8).transpose(0, 3, 1, 2)
+    assert np.array_equal(y, run_layer(lay, x))
+    assert (y == 127).any() and (y == -128).any()
+
+
+#: a plan of the committed N=16 student with lanes and packing in every kind of layer: row pairs,
+#: lane pairs and a lone product (g_s.6: PO=3, PP=3), GDNs with 2 and 3 lanes
+LANES_N16 = {"g_s.0": (6, 2, 1), "g_s.1": (4, 4, 2), "g_s.2": (8, 4, 2), "g_s.3": (8, 2, 3), "g_s.4": (16, 4, 2),
+             "g_s.5": (16, 4, 2), "g_s.6": (8, 3, 3)}
+
+
+def test_whole_image_decode_with_lanes_and_packing(lic_bundle, tmp_path, sim_cache):
+    """The committed N=16 student's decoder with PP > 1 and packed DSPs (one Verilator build):
+    a whole photograph (chelsea, resized to 128x85) through a real bitstream, bit-exact, its
+    cycles within 1 % of the model; then two frames of extreme latents back to back with
+    bubbles and back-pressure."""
+    require_simulator("verilator")
+    from PIL import Image
+
+    from licforge.models.data import embedded_images
+    from licforge.quant.bundle import decoder_layers
+    from licforge.quant.codec import decode_latents, encode_image
+    from licforge.quant.eval import psnr
+    from licforge.rtl.plan import layer_formats, layer_shapes
+    from licforge.sim.decode import rtl_decode
+
+    layers = decoder_layers(lic_bundle)
+    plan = [LayerPlan(*s[:5], *LANES_N16[s[0]], True, *f) for s, f in zip(layer_shapes(layers), layer_formats(layers))]
+    assert [p.dsp_split for p in plan] == [(6, 0), (16, 8), (32, 0), (24, 6), (64, 0), (64, 8), (32, 8)]
+    img = np.asarray(Image.fromarray(embedded_images("held-out")["chelsea"]).resize((128, 85), Image.LANCZOS))
+    lat, (hh, ww) = decode_latents(lic_bundle, encode_image(lic_bundle, img))
+    assert lat.shape == (1, 24, 6, 8)
+    pix, rep = rtl_decode(lic_bundle, lat, tmp_path, plan=plan, max_width=8, cache_dir=sim_cache)
+    print({k: rep[k] for k in ("mismatches", "cycles", "model_cycles", "dsps", "sim_cycles_per_s")})
+    assert rep["mismatches"] == 0 and rep["dsps"] == 268
+    assert abs(rep["model_cycles"] / rep["cycles"] - 1) < 0.01
+    assert psnr(pix[0, :, :hh, :ww].transpose(1, 2, 0), img) > 20
+    lat = extreme_ints(np.random.default_rng(9), (2, 24, 2, 3), 8)
+    _, rep = rtl_decode(lic_bundle, lat, tmp_path, plan=plan, max_width=8, p_valid=0.7, p_ready=0.5, seed=3,
+                        cache_dir=sim_cache)
+    assert rep["mismatches"] == 0 and rep["checked"] == 2 * 3 * 32 * 48
