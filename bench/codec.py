@@ -26,9 +26,9 @@ import torch
 
 __all__ = ["bench_codec", "photo_768x512", "format_codec_table"]
 
-BUNDLE = "models/checkpoints/bundles/student_n16_hybrid8"
-STUDENT = "models/checkpoints/student_n16.pt"
-TEACHER = "models/checkpoints/teacher_n128_l0.0130.pt"
+BUNDLE = "models/checkpoints/bundles/student_n16_photos_hybrid8"
+STUDENT = "models/checkpoints/student_n16_photos_l0.0130.pt"
+TEACHER = "models/checkpoints/teacher_n128_photos_l0.0130.pt"
 ROOT = Path(__file__).resolve().parent.parent
 
 

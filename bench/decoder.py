@@ -26,8 +26,8 @@ STUDENT_DIR = Path(__file__).resolve().parent.parent / "models" / "checkpoints" 
 SYNTHETIC = "synthetic:16:16"
 TEACHER_WIDTH = "synthetic:128:192"   # the teacher's N and M with random weights: synthesis only
 SECTIONS = ("designs", "synth", "pnr")  # model + simulated decodes; Yosys resources; ECP5 place and route
-SYNTH_TIMEOUT_S = 1800                # one layer's Yosys run; a layer past it is named as timed out
-PNR_BUNDLE = STUDENT_DIR / "student_n16_hybrid8"
+SYNTH_TIMEOUT_S = 1200                # one layer's Yosys run; a layer past it is named as timed out
+PNR_BUNDLE = STUDENT_DIR / "student_n16_photos_hybrid8"
 PNR_PARALLELISM = (16, 2)             # 81 of the ECP5-85F's 156 MULT18X18D (16 x 4 needs 158)
 PNR_DEVICE = "LFE5U-85F-6BG381C"      # the ULX3S's ECP5
 PNR_SEEDS = (1, 2, 3)
@@ -52,9 +52,14 @@ ANCHORS = [
 
 
 def _rel(path) -> str:
-    """``path`` relative to the working directory when it lies below it (for the results)."""
+    """``path`` for the results: relative to the working directory when it lies below it, else
+    relative to the package root when it lies there (a committed bundle of an installed
+    licforge), else absolute."""
     p = Path(path).resolve()
-    return str(p.relative_to(Path.cwd())) if p.is_relative_to(Path.cwd()) else str(p)
+    for root in (Path.cwd(), STUDENT_DIR.parent.parent.parent):
+        if p.is_relative_to(root):
+            return str(p.relative_to(root))
+    return str(p)
 
 
 def student_bundles(root: Path = STUDENT_DIR) -> list[Path]:
@@ -236,14 +241,17 @@ def _designs_section(build_dir: Path, family: str, log) -> dict:
 
 
 def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_TIMEOUT_S) -> dict:
-    """Yosys resources of every student decoder and of the teacher's width (N=128, M=192,
-    random weights), each layer's block synthesized alone and summed; for N=16 the whole
-    design too, to show how closely the sum matches it."""
+    """Yosys resources of the student decoders (one bundle per width N, M) and of the
+    teacher's width (N=128, M=192, random weights), each layer's block synthesized alone and
+    summed; for N=16 the whole design too, to show how closely the sum matches it."""
     from licforge.quant.synthetic import load_decoder_bundle
 
-    rows, checks = [], []
+    rows, checks, widths = [], [], set()
     for spec in [_rel(p) for p in student_bundles()] + [TEACHER_WIDTH]:
         bundle = load_decoder_bundle(spec, build_dir)
+        if (bundle.model.get("N"), bundle.model.get("M")) in widths:   # same layer shapes: same resources
+            continue
+        widths.add((bundle.model.get("N"), bundle.model.get("M")))
         for row in design_table(bundle, parallelism_sweep(bundle), synth=True, per_layer=True, family=family,
                                 build_dir=build_dir, timeout_s=timeout_s, progress=log):
             row["clock"] = ASSUMED_CLOCK

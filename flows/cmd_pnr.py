@@ -36,7 +36,8 @@ def _cmd_pnr(args) -> int:
     out = Path(args.out or f"{args.build}/pnr/{design.resolve().name}_{dev.part}")
     try:
         rep = run_pnr(design, out, device=dev.part, seeds=args.seeds, freq_mhz=args.freq_mhz, top=args.top,
-                      threads=args.threads, timeout_s=args.timeout_s, progress=lambda s: print(s, flush=True))
+                      threads=args.threads, timeout_s=args.timeout_s, pack_dsp=not args.no_dsp_pack,
+                      progress=lambda s: print(s, flush=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
     except (PnrError, YosysError) as e:
@@ -72,6 +73,8 @@ def register(groups: dict) -> None:
                    help=f"nextpnr's timing target (default {DEFAULT_FREQ_MHZ:g}); the measured Fmax is reported")
     p.add_argument("--top", default=None, help="top module (default: the board wrapper of a decoder, else the "
                                                "manifest's top)")
+    p.add_argument("--no-dsp-pack", action="store_true",
+                   help="leave the multipliers' operand registers in the fabric (default: moved into the MULT18X18D)")
     p.add_argument("--out", help="output folder (default <build>/pnr/<design folder>_<device>)")
     p.add_argument("--timeout-s", type=float, default=None, help="give up a Yosys or nextpnr run after this long")
     p.add_argument("--min-mhz", type=float, default=None, help="exit 1 when the slowest seed's Fmax is below this")

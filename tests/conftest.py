@@ -40,7 +40,7 @@ def sim_cache():
     return Path(__file__).resolve().parent.parent / "build" / "sim-cache"
 
 
-LIC_BUNDLE = "models/checkpoints/bundles/student_n16_hybrid8"
+LIC_BUNDLE = "models/checkpoints/bundles/student_n16_photos_hybrid8"
 
 
 @pytest.fixture(scope="session")

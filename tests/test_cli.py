@@ -163,7 +163,7 @@ def test_threads_are_set_once_at_the_entry_point(monkeypatch, capsys):
 
     seen = []
     monkeypatch.setattr(torch, "set_num_threads", seen.append)
-    assert main(["--threads", "3", "inspect", str(ROOT / "models/checkpoints/bundles/student_n16_hybrid8")]) == 0
+    assert main(["--threads", "3", "inspect", str(ROOT / "models/checkpoints/bundles/student_n16_photos_hybrid8")]) == 0
     assert seen == [3] and "valid, hash" in capsys.readouterr().out
 
 

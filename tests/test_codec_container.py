@@ -25,7 +25,7 @@ from licforge.quant.golden import golden_decode, golden_encode
 
 ROOT = Path(__file__).resolve().parent.parent
 N32 = ROOT / "models/checkpoints/bundles/student_n32_hybrid8"
-STUDENT = ROOT / "models/checkpoints/student_n16.pt"
+STUDENT = ROOT / "models/checkpoints/student_n16_photos_l0.0130.pt"
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_a_float_weight_file_encodes_and_decodes(small, tmp_path, capsys):
     assert 20 < 10 * np.log10(255 ** 2 / mse) < 40
     # a float model's file is not a bundle's
     err = _decode_error(capsys, ["decode", str(f), "--model", str(ROOT / "models/checkpoints/bundles/"
-                                                                         "student_n16_hybrid8")])
+                                                                         "student_n16_photos_hybrid8")])
     assert "encoded with the float weight file of sha256" in err and "not with this bundle" in err
 
 

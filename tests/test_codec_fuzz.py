@@ -36,8 +36,8 @@ from licforge.quant.codec import encode_image, load_model
 from licforge.quant.container import BitstreamError, read_file
 
 ROOT = Path(__file__).resolve().parent.parent
-BUNDLE = ROOT / "models/checkpoints/bundles/student_n16_hybrid8"
-STUDENT = ROOT / "models/checkpoints/student_n16.pt"
+BUNDLE = ROOT / "models/checkpoints/bundles/student_n16_photos_hybrid8"
+STUDENT = ROOT / "models/checkpoints/student_n16_photos_l0.0130.pt"
 SEED, CASES = 17, 1400  # 1200 on the bundle's file, 200 on the float model's
 FIELDS = {"version": (4, ">B"), "kind": (5, ">B"), "pad": (6, ">B"), "count": (7, ">B"), "H": (8, ">H"),
           "W": (10, ">H"), "C": (12, ">H"), "h": (14, ">H"), "w": (16, ">H"), "model": (18, ">B"),

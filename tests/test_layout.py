@@ -129,15 +129,15 @@ def test_a_non_editable_install_carries_the_checkpoints_recipes_and_config(tmp_p
     code = ("import licforge, pathlib, importlib.util as u; p = pathlib.Path(licforge.__file__).parent\n"
             "print(p.parent.name)\n"
             "print(u.find_spec('models') is None, u.find_spec('flows') is None)\n"
-            "for f in ('models/checkpoints/teacher_n128_l0.0130.pt', 'models/checkpoints/student_n16.pt',\n"
-            "          'models/checkpoints/bundles/student_n16_hybrid8/bundle.json', 'quant/recipes/hybrid8.json',\n"
+            "for f in ('models/checkpoints/teacher_n128_photos_l0.0130.pt', 'models/checkpoints/student_n16_photos_l0.0130.pt',\n"
+            "          'models/checkpoints/bundles/student_n16_photos_hybrid8/bundle.json', 'quant/recipes/hybrid8.json',\n"
             "          'flows/default.toml', 'bench/results/lic.json', 'models/checkpoints/digits/meta.json'):\n"
             "    print(f, (p / f).is_file())\n")
     out = subprocess.run([str(py), "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True).stdout
     lines = out.split("\n")
     assert lines[0] == "site-packages" and lines[1] == "True True"
     assert [l.rsplit(" ", 1)[1] for l in lines[2:9]] == ["True"] * 7, out
-    bundle = next((site / "licforge").glob("models/checkpoints/bundles/student_n16_hybrid8"))
+    bundle = next((site / "licforge").glob("models/checkpoints/bundles/student_n16_photos_hybrid8"))
     cli = subprocess.run([str(venv / "bin" / "licforge"), "inspect", str(bundle)], capture_output=True,
                          text=True, cwd=tmp_path)
     assert cli.returncode == 0, cli.stderr

@@ -9,7 +9,7 @@ from licforge.quant.codec import decode_image, decode_latents, encode_image, pad
 from licforge.quant.container import BitstreamError, read_file
 from licforge.quant.lic import brevitas_integers, golden_encode, golden_forward
 
-STUDENT = "models/checkpoints/student_n16.pt"
+STUDENT = "models/checkpoints/student_n16_photos_l0.0130.pt"
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_eval_reports_file_sizes_and_checks_golden(lic_bundle, chelsea, tmp_path
 
     imgs = {"chelsea": chelsea}
     q = eval_bundle(lic_bundle.path, imgs, tmp_path)
-    f = tmp_path / "student_n16_hybrid8_chelsea.licf"
+    f = tmp_path / "student_n16_photos_hybrid8_chelsea.licf"
     assert q["per_image"]["chelsea"]["bytes"] == f.stat().st_size
     assert q["per_image"]["chelsea"]["bpp"] == pytest.approx(8 * f.stat().st_size / (300 * 451))
     assert q["brevitas_equal_golden"] == "1/1 images"
@@ -75,5 +75,5 @@ def test_eval_reports_file_sizes_and_checks_golden(lic_bundle, chelsea, tmp_path
     mse = np.mean((rec.astype(float) - chelsea) ** 2)
     assert q["per_image"]["chelsea"]["psnr"] == pytest.approx(10 * np.log10(255 ** 2 / mse))
     fl = eval_float(STUDENT, imgs, tmp_path)
-    assert fl["per_image"]["chelsea"]["bytes"] == (tmp_path / "student_n16_chelsea.licf").stat().st_size
+    assert fl["per_image"]["chelsea"]["bytes"] == (tmp_path / "student_n16_photos_l0.0130_chelsea.licf").stat().st_size
     assert 15 < fl["per_image"]["chelsea"]["psnr"] < 40 and 0 < fl["mean"]["ms_ssim"] <= 1

@@ -16,7 +16,8 @@ def students():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / BUNDLES
-    return {n: decoder_layers(read_bundle(root / f"student_n{n}_hybrid8")) for n in (16, 32)}
+    names = {16: "student_n16_photos_hybrid8", 32: "student_n32_hybrid8"}
+    return {n: decoder_layers(read_bundle(root / names[n])) for n in (16, 32)}
 
 
 def test_lanes_cost_by_rows_of_blocks():
@@ -87,7 +88,7 @@ def test_plan_says_why_it_cannot(students):
 
 def test_cli_plan_table_json_and_refusals(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["plan", f"{BUNDLES}/student_n16_hybrid8", "--fps", "30", "--resolution", "1920x1080", "--dsp",
+    assert main(["plan", f"{BUNDLES}/student_n16_photos_hybrid8", "--fps", "30", "--resolution", "1920x1080", "--dsp",
                  "2520", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| g_s.6 | conv_transpose2d | 16->3" in text and "total: 161 DSPs" in text and "30.64 fps" in text

@@ -12,7 +12,7 @@ from licforge.quant.qonnx import export_classifier, export_synthesis
 from licforge.quant.digits import QuantDigitsNet, quantize_digits
 
 ROOT = Path(__file__).resolve().parent.parent
-QUANT_PT = ROOT / "models/checkpoints/bundles/student_n16_hybrid8.quant.pt"
+QUANT_PT = ROOT / "models/checkpoints/bundles/student_n16_photos_hybrid8.quant.pt"
 CONV_T = ("ConvTranspose with output_padding=1: InferPixelPaddingDeconv ignores output_padding (its output is "
           "(in-1)*stride-2*pad+k, one row and column short) and drops the bias input")
 ABS = "Abs: no FINN hardware layer or transformation (the elementwise functions are Relu, Exp, Erf only)"
@@ -68,8 +68,8 @@ def test_minconv_classifier_is_refused():
 
 @pytest.mark.parametrize("path,message", [
     ("no/such.quant.pt", "licforge: error: quantized model no/such.quant.pt: not found"),
-    ("models/checkpoints/student_n16.pt",
-     "licforge: error: models/checkpoints/student_n16.pt: format 'licforge-lic-weights/1', expected "
+    ("models/checkpoints/student_n16_photos_l0.0130.pt",
+     "licforge: error: models/checkpoints/student_n16_photos_l0.0130.pt: format 'licforge-lic-weights/1', expected "
      "'licforge-lic-quant/1' (a file written by licforge quantize)"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(path, message, capsys, monkeypatch):

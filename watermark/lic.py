@@ -31,7 +31,7 @@ from licforge.models.training import Marker, train
 __all__ = ["LICHost", "DECODER_LAYERS", "DEFAULT_STUDENT", "student_chain", "float_student"]
 
 DECODER_LAYERS = ("g_s.0", "g_s.2", "g_s.4", "g_s.6")
-DEFAULT_STUDENT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "student_n16.pt"
+DEFAULT_STUDENT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "student_n16_photos_l0.0130.pt"
 
 
 @dataclass
