@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import shlex
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 from licforge.bench.lic import BASE_LAMBDA, LAMBDAS, MIX50, TEACHER, Job, kd_args, plan_star, run_jobs
+from licforge.errors import UsageError
 
 __all__ = ["plan_kd", "kd_study", "ARMS", "WIDTHS"]
 
@@ -48,13 +50,15 @@ def _curve(n: int, arm: str, seed: int = 0) -> str:
 def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, device: str = "cpu",
             lambdas: tuple[float, ...] = LAMBDAS, widths: tuple[int, ...] = WIDTHS,
             seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = tuple(ARMS), data: str | None = None,
-            teachers: dict[float, Path] | None = None) -> list[Job]:
+            teachers: dict[float, Path] | None = None, kd_targets: str = "online") -> list[Job]:
     """The study's jobs in a valid order, base models first: the teacher (trained, or the weight
     files ``teachers`` maps each lambda to: jobs of kind ``"given"``), per width and seed the
     students of ``arms`` (the teacher of the same lambda in each stage for the KD arms) and, with a
     single seed, a twin of the smallest student without KD at the next seed (the noise estimate);
     then their fine-tunes; then one ``licforge eval`` per fine-tuned model.  ``data``: the
-    ``--data`` folder of every training and evaluation (default: the embedded images)."""
+    ``--data`` folder of every training and evaluation (default: the embedded images);
+    ``kd_targets``: the distilled students' ``--kd-targets`` (``"precomputed"``: the teacher runs
+    once per training image, see :mod:`models.lic_train`)."""
     if base < 1 or ft < 1:
         raise ValueError(f"base and fine-tune steps must be >= 1, not {base}/{ft}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
@@ -67,7 +71,8 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
     if teachers is not None:
         missing = sorted({BASE_LAMBDA, *lambdas} - set(teachers))
         if missing:
-            raise ValueError(f"no teacher for lambda {', '.join(map(str, missing))}: give one weight file per lambda")
+            raise UsageError(f"--teachers: no teacher for lambda {', '.join(map(str, missing))}: give one weight "
+                             f"file per lambda of --lambdas ({', '.join(map(str, sorted({BASE_LAMBDA, *lambdas})))})")
         info = {"role": "teacher", "N": TEACHER["N"]}
         jobs.append(Job("teacher_base", [], Path(teachers[BASE_LAMBDA]), [], "given", {**info, "lmbda": BASE_LAMBDA}))
         jobs += [Job(f"teacher_l{lam:.4f}", [], Path(teachers[lam]), [], "given", {**info, "lmbda": lam})
@@ -83,6 +88,7 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
     for n, arm, seed in runs:
         kd = ARMS[arm]
         args = ["distill", "--N", str(n), "--gdn", "gdn1", *kd_args(kd), *common]
+        args += ["--kd-targets", kd_targets] if kd and kd_targets != "online" else []
         args += ["--seed", str(seed)] if seed else []
         plan_star(jobs, work, f"s{n}_{arm}" + (f"_seed{seed}" if seed else ""), {"base": args, "ft": args},
                   _curve(n, arm, seed), {"role": "student", "N": n, "arm": arm, "seed": seed}, cfg,
@@ -99,7 +105,8 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
 def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, crop: int = 64,
              device: str = "cpu", workers: int = 2, tag: str = "long", lambdas: tuple[float, ...] = LAMBDAS,
              widths: tuple[int, ...] = WIDTHS, seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = tuple(ARMS),
-             data: str | None = None, teachers: dict[float, Path] | None = None) -> dict[str, Any]:
+             data: str | None = None, teachers: dict[float, Path] | None = None,
+             kd_targets: str = "online") -> dict[str, Any]:
     """Run :func:`plan_kd` (finished steps are kept) and write ``results/lic_kd_<tag>.json``
     and ``results/rd_kd_<tag>.png``; returns the JSON record."""
     from licforge.models.lic import load_weights
@@ -107,7 +114,7 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
     from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results, plot_rd
 
     jobs = plan_kd(work, base, ft, batch=batch, crop=crop, device=device, lambdas=lambdas, widths=widths,
-                   seeds=seeds, arms=arms, data=data, teachers=teachers)
+                   seeds=seeds, arms=arms, data=data, teachers=teachers, kd_targets=kd_targets)
     t0 = time.perf_counter()
     run_jobs(jobs, work / "logs", workers)
     elapsed = time.perf_counter() - t0
@@ -169,7 +176,8 @@ def _sha256(path: Path) -> str:
 def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: list[int],
                   arms: tuple[str, ...]) -> dict[str, Any]:
     """BD-rate / BD-PSNR of width ``n``'s students vs the teacher and of each KD arm vs the student
-    without KD of the same seed; with several seeds, per seed and their mean."""
+    without KD of the same seed; with several seeds, per seed, their mean and their spread
+    (min, max, sample standard deviation)."""
     from licforge.quant.rd import bd_psnr, bd_rate
 
     def mean(v: list[float | None]) -> float | None:
@@ -187,5 +195,8 @@ def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: l
         rec = {k: mean([p[k] for p in per.values()]) for k in per[seeds[0]]}
         if len(seeds) > 1:
             rec["seeds"] = {str(s): p for s, p in per.items()}
+            vals = {k: [p[k] for p in per.values()] for k in per[seeds[0]]}
+            rec["spread"] = {k: {"min": min(v), "max": max(v), "sd": statistics.stdev(v)}
+                             for k, v in vals.items() if None not in v}
         out[arm] = rec
     return out

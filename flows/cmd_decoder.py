@@ -27,6 +27,7 @@ def _parallelism(args, layers) -> tuple[int, int]:
 
 def _cmd_rtl_decoder(args) -> int:
     from licforge.quant.bundle import decoder_layers
+    from licforge.rtl.perf import format_efficiency
     from licforge.rtl.project import generate_decoder
     from licforge.quant.synthetic import load_decoder_bundle
 
@@ -40,7 +41,8 @@ def _cmd_rtl_decoder(args) -> int:
     print(f"decoder (PI={pi}, PO={po}, {fig['multipliers']} multipliers) -> {out}: "
           f"{', '.join(man['sources'])}, {len(man['roms'])} ROM files, manifest.json, vivado.tcl")
     print(f"model: 1080p {fig['cycles_steady']} cycles/frame streaming = {fig['fps']} fps at {args.clock_mhz:g} MHz "
-          f"({fig['cycles']} cycles for one isolated frame), DSP efficiency {fig['dsp_efficiency_steady']:.1%}")
+          f"({fig['cycles']} cycles for one isolated frame), DSP efficiency "
+          f"{format_efficiency(fig['dsp_efficiency_steady'])}")
     return 0
 
 

@@ -27,7 +27,7 @@ def _boundary(fn):
 
 
 def _train_config(args, kd_recon: float = 0.0, kd_latent: float = 0.0, dist_weight: float = 1.0,
-                  launched: bool = False):
+                  launched: bool = False, kd_targets: str = "online"):
     """The TrainConfig of the arguments; ``launched``: a train/distill command that joins a
     torchrun launch, whose noise is then drawn per global sample so that N processes train like
     one (and a run may resume with another number of processes)."""
@@ -37,7 +37,8 @@ def _train_config(args, kd_recon: float = 0.0, kd_latent: float = 0.0, dist_weig
     try:
         cfg = TrainConfig(lmbda=args.lmbda, steps=args.steps, lr=args.lr, crop=args.crop, batch=args.batch,
                           seed=args.seed, kd_recon=kd_recon, kd_latent=kd_latent, dist_weight=dist_weight,
-                          amp=getattr(args, "bf16", False), noise="sample" if launch else "global")
+                          amp=getattr(args, "bf16", False), noise="sample" if launch else "global",
+                          kd_targets=kd_targets)
     except ValueError as e:
         raise UsageError(f"--{str(e).replace('_', '-')}") from None
     if launch is not None and cfg.batch % launch[1]:
@@ -99,7 +100,7 @@ def _lic_config(args, gdn: str):
 
     m = args.M if args.M is not None else (3 * args.N + 1) // 2
     try:
-        return LICConfig(args.arch, args.N, m, gdn)
+        return LICConfig(args.arch, args.N, m, gdn, args.product)
     except ValueError as e:
         raise UsageError(f"--{e}") from None
 
@@ -136,7 +137,8 @@ def _cmd_distill(args) -> int:
             raise UsageError("--teacher is required when --kd-recon or --kd-latent is > 0 "
                              "(--kd-recon 0 trains the student without distillation)")
         teacher = need_file(args.teacher, "--teacher")
-    tcfg, init = _train_config(args, args.kd_recon, args.kd_latent, args.dist_weight, launched=True), _init(args)
+    tcfg, init = _train_config(args, args.kd_recon, args.kd_latent, args.dist_weight, launched=True,
+                               kd_targets=args.kd_targets), _init(args)
     with _launch(_device(args)) as device:
         meta = train_model(cfg, tcfg, Path(args.out), data=args.data, teacher=teacher, init=init,
                            resume=args.resume, curve=args.curve, half=args.half, device=device)
@@ -146,13 +148,14 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from licforge.errors import need_file
+    from licforge.errors import need_dir, need_file
     from licforge.quant.train import quant_model_path, quantize_model
 
     weights = need_file(args.weights, "weights")
     qat = None if args.ptq else _train_config(args)
+    parent = need_dir(args.parent, "--parent") if args.parent else None
     meta = quantize_model(weights, args.recipe, Path(args.out), qat=qat, data=args.data, resume=args.resume,
-                          curve=args.curve)
+                          curve=args.curve, parent=parent)
     print(f"{args.out}: bundle {meta['bundle_hash'][:16]} ({meta['mode']}, recipe {meta['recipe']}); "
           f"Brevitas model {quant_model_path(Path(args.out))}")
     return 0
@@ -264,7 +267,7 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     res = kd_study(out, work, base=args.base_steps, ft=args.ft_steps, batch=args.batch,
                    crop=args.crop, device=args.device, workers=args.workers, tag=args.tag,
                    widths=tuple(args.widths), seeds=tuple(args.seeds), arms=tuple(args.arms), data=args.data,
-                   teachers=_given_teachers(args.teachers), **lambdas)
+                   teachers=_given_teachers(args.teachers), kd_targets=args.kd_targets, **lambdas)
 
     def f(v: float | None, fmt: str) -> str:  # BD figures are None where two curves do not overlap
         return "n/a" if v is None else format(v, fmt)
@@ -313,6 +316,9 @@ def _model_args(p: argparse.ArgumentParser, n: int, gdn: str) -> None:
     p.add_argument("--arch", default="factorized", choices=("factorized", "hyperprior"))
     p.add_argument("--gdn", default=gdn, choices=("gdn", "gdn1"),
                    help="gdn: CompressAI float GDN; gdn1: simplified GDN (the hardware's)")
+    p.add_argument("--product", default="mul", choices=("mul", "min"),
+                   help="products of the synthesis transform: mul, or min (MinConv, multiplier-free; gdn1 "
+                        "only; --init may then be the multiplier twin, converted with calibrated gains)")
     p.add_argument("--half", action="store_true", help="store the weights in fp16")
 
 
@@ -336,6 +342,10 @@ def register(groups: dict) -> None:
     p.add_argument("--kd-latent", type=float, default=0.0, help="weight of the latent KD term")
     p.add_argument("--dist-weight", type=float, default=1.0,
                    help="weight of the distortion against the image (1 - kd-recon interpolates)")
+    p.add_argument("--kd-targets", choices=("online", "precomputed"), default="online",
+                   help="run the teacher on every batch (online), or once on each whole training image and "
+                        "crop its reconstructions with the images (precomputed: a KD step then costs a plain "
+                        "step; reconstruction KD only; cached in <out folder>/kd-targets/)")
     _init_arg(p)
     _device_arg(p)
     _bf16_arg(p)
@@ -361,6 +371,8 @@ def register(groups: dict) -> None:
                    help="teacher weight files, one per lambda (read from each file's metadata) instead of training "
                         "the teacher")
     p.add_argument("--data", default=None, help="image folder (default: embedded scikit-image photographs)")
+    p.add_argument("--kd-targets", choices=("online", "precomputed"), default="online",
+                   help="the distilled students' --kd-targets (see licforge distill)")
     p.add_argument("--tag", default="long", help="suffix of the result files")
     p.add_argument("--work", default=None, help="folder of the models, evaluations and logs (default <build>/lic/kd)")
     _device_arg(p)
@@ -374,6 +386,9 @@ def register(groups: dict) -> None:
     p.add_argument("weights", help="float student weight file")
     p.add_argument("--recipe", default="hybrid8", help="recipe name in quant/recipes or a JSON file")
     p.add_argument("--ptq", action="store_true", help="post-training quantization only (no QAT steps)")
+    p.add_argument("--parent", default=None,
+                   help="bundle this student descends from (e.g. a MinConv student's multiplier twin): its hash "
+                        "goes into the new bundle's metadata")
     _train_args(p, 400, 1e-4)
     p.add_argument("--out", required=True, help="bundle directory (the Brevitas model goes to <out>.quant.pt)")
     p.set_defaults(func=_boundary(_cmd_quantize))

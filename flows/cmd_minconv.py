@@ -70,6 +70,20 @@ def _array_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-beats", type=int, default=64, help="longest dot product, in beats")
 
 
+def _bench_minconv_lic(out: Path, build: Path, args) -> str:
+    from licforge.bench.minconv_lic import decode_held_out, format_synth_table, pnr_twins, synth_twins
+
+    path = out / "minconv_lic_rtl.json"
+    for section in args.sections:
+        if section == "synth":
+            print(format_synth_table(synth_twins(build, path)), flush=True)
+        elif section == "pnr":
+            pnr_twins(build, path)
+        else:
+            decode_held_out(build, path)
+    return f"wrote {path}"
+
+
 def register(groups: dict) -> None:
     """Add this module's subcommands to the ``licforge`` parser groups."""
     for kind, what in (("minconv", "MinConvArray (comparator lanes)"), ("mac", "MacArray (multiplier lanes)")):
@@ -93,6 +107,14 @@ def register(groups: dict) -> None:
     syn.add_argument("--no-dsp", action="store_true", help="map multipliers to LUTs")
     syn.add_argument("--json", help="also write the report to this file")
     syn.set_defaults(func=_cmd_synth, torch=False)
+
+    p = groups["bench"].add_parser("minconv-lic", help="MinConv vs multiplier N=16 decoders: Yosys (xcup, ECP5, "
+                                                       "-nodsp), ECP5 place and route, a held-out photo through "
+                                                       "the MinConv RTL -> minconv_lic_rtl.json (hours; not in "
+                                                       "bench all)")
+    p.add_argument("--sections", nargs="+", default=["synth", "pnr", "decode"], choices=["synth", "pnr", "decode"],
+                   help="parts to run; each updates its part of the JSON and keeps the others")
+    p.set_defaults(bench=_bench_minconv_lic, in_all=False)
 
     p = groups["bench"].add_parser("minconv", help="comparator vs multiplier lanes: Yosys resources, "
                                                    "simulated dot products -> minconv.json")

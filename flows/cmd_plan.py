@@ -24,7 +24,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 def format_plan(result: dict, width: int, height: int) -> str:
     """The plan as a table, one row per layer, and a total line."""
-    from licforge.rtl.perf import layer_luts
+    from licforge.rtl.perf import format_efficiency, layer_luts
     from licforge.tables import markdown_table
 
     rep = result["report"]
@@ -33,14 +33,15 @@ def format_plan(result: dict, width: int, height: int) -> str:
     for p in result["plan"]:
         cyc = p.frame_cycles(lh, lw)
         packed, lone = p.dsp_split
-        rows.append([p.name, p.op, f"{p.cin}->{p.cout}", p.pi, p.po, p.pp, p.multipliers, p.dsps,
+        rows.append([p.name, p.op, f"{p.cin}->{p.cout}", p.pi, p.po, p.pp, p.slots, p.dsps,
                      f"{packed} + {lone}", layer_luts(p), cyc, f"{cyc / rep['cycles_steady']:.1%}"])
     table = markdown_table(["layer", "op", "channels", "PI", "PO", "PP", "products/cycle", "DSPs", "packed + lone",
                             "LUT (est.)", "cycles/frame", "busy"], rows)
     total = (f"total: {rep['dsps']} DSPs ({rep['dsp_packed']} packed, 2 products each, + {rep['dsp_lone']} lone), "
              f"~{rep['lut_estimate']} LUT (estimate), {rep['fps']} fps at {width}x{height} = {rep['mpixel_s']} "
              f"Mpixel/s at {rep['clock_hz'] / 1e6:g} MHz (assumed clock, not placed and routed), DSP efficiency "
-             f"{rep['dsp_efficiency_steady']:.1%} (streaming; {rep['fps_single_frame']} fps for one isolated frame)")
+             f"{format_efficiency(rep['dsp_efficiency_steady'])} (streaming; {rep['fps_single_frame']} fps for one "
+             f"isolated frame)")
     return f"{table}\n{total}"
 
 

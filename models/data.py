@@ -136,6 +136,7 @@ class CropSampler:
         self._device = torch.device(self.device)
         self._tensors = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).to(self._device)
                          for im in self.images.values()]
+        self._targets: list[Tensor] | None = None
         self._gen = torch.Generator().manual_seed(self.seed)
 
     def state(self) -> Tensor:
@@ -146,9 +147,30 @@ class CropSampler:
         """Continue from a :meth:`state`."""
         self._gen.set_state(state)
 
+    def attach_targets(self, targets: list[Tensor]) -> None:
+        """Per-image tensors cut with the images: ``targets[i]`` (C, H, W), the H x W of image
+        ``i`` (e.g. a frozen teacher's reconstruction of the whole image), moved to ``device``;
+        :meth:`sample` then returns their crops beside the images' (same positions and flips)."""
+        if len(targets) != len(self._tensors):
+            raise ValueError(f"{len(targets)} targets for {len(self._tensors)} images")
+        for (name, im), t in zip(self.images.items(), targets):
+            if tuple(t.shape[1:]) != im.shape[:2]:
+                raise ValueError(f"target of image {name!r} is {tuple(t.shape[1:])}, the image {im.shape[:2]}")
+        self._targets = [t.to(self._device) for t in targets]
+
+    @property
+    def has_targets(self) -> bool:
+        """Whether :meth:`attach_targets` gave this sampler targets."""
+        return self._targets is not None
+
     def __call__(self, part: tuple[int, int] | None = None) -> Tensor:
         """A float (batch, 3, crop, crop) tensor of ``p / 256`` on ``device``; with
         ``part=(rank, world)`` the ``batch / world`` crops of that process (see the class doc)."""
+        return self.sample(part)[0]
+
+    def sample(self, part: tuple[int, int] | None = None) -> tuple[Tensor, Tensor | None]:
+        """(the crops of :meth:`__call__`, the same crops of the attached targets or None)."""
+        targets = self._targets
         lo, hi = 0, self.batch
         if part is not None:
             rank, world = part
@@ -156,6 +178,8 @@ class CropSampler:
                 raise ValueError(f"part {part}: the batch of {self.batch} does not split into {world} equal parts")
             lo, hi = rank * self.batch // world, (rank + 1) * self.batch // world
         out = torch.empty((hi - lo, 3, self.crop, self.crop), dtype=torch.uint8, device=self._device)
+        tout = None if targets is None else torch.empty((hi - lo, targets[0].shape[0], self.crop, self.crop),
+                                                        dtype=targets[0].dtype, device=self._device)
         idx = torch.randint(len(self._tensors), (self.batch,), generator=self._gen)
         for b, i in enumerate(idx.tolist()):
             im = self._tensors[i]
@@ -165,7 +189,10 @@ class CropSampler:
             if lo <= b < hi:
                 patch = im[:, top:top + self.crop, left:left + self.crop]
                 out[b - lo] = patch.flip(-1) if flip else patch
-        return out.float() / 256.0
+                if tout is not None:
+                    tpatch = targets[i][:, top:top + self.crop, left:left + self.crop]
+                    tout[b - lo] = tpatch.flip(-1) if flip else tpatch
+        return out.float() / 256.0, None if tout is None else tout.float()
 
 
 def psnr_from_mse(mse: float) -> float:

@@ -12,7 +12,12 @@ is the same architecture with one width knob ``N`` and ``M = 3N/2`` (CompressAI'
 N=128/M=192 ratio) — the knob an FPGA design turns to fit a board.  ``gdn="gdn1"`` swaps
 every GDN/IGDN for CompressAI's simplified ``GDN1`` (Johnston et al. 2019:
 ``y_i = x_i / (beta_i + sum_j gamma_ij |x_j|)``, inverse ``x_i * (...)``), the form the
-hardware computes.
+hardware computes.  ``product="min"`` (with gdn1) makes the synthesis transform g_s
+multiplier-free (issue 15): MinConv transposed convolutions
+(:class:`models.minconv.MinConvTranspose2d`) and inverse GDN1s whose norm is a sum of signed
+minimums and whose output multiplies by the norm rounded to a power of two
+(:class:`models.minconv.MinIGDN1`); the encoder is unchanged.  :func:`to_min_student` converts
+a multiplier student into its MinConv twin (weights copied, power-of-two gains calibrated).
 
 Weight files (:func:`save_weights`) hold only tensors, numbers and strings, so they load
 with ``torch.load(..., weights_only=True)``; :func:`load_weights` refuses a corrupt file or
@@ -27,12 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LICConfig", "student_config", "build_lic", "save_weights", "load_weights", "read_checkpoint",
-           "CheckpointError", "synthesis_cost", "WEIGHTS_FORMAT", "ARCHS", "GDNS"]
+__all__ = ["LICConfig", "student_config", "build_lic", "to_min_student", "save_weights", "load_weights",
+           "read_checkpoint", "CheckpointError", "synthesis_cost", "WEIGHTS_FORMAT", "ARCHS", "GDNS", "PRODUCTS"]
 
 WEIGHTS_FORMAT = "licforge-lic-weights/1"
 ARCHS = ("factorized", "hyperprior")
 GDNS = ("gdn", "gdn1")
+PRODUCTS = ("mul", "min")
 
 
 class CheckpointError(ValueError):
@@ -42,37 +48,47 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class LICConfig:
     """Architecture of a LIC model: ``arch`` (factorized | hyperprior), widths ``N``, ``M``,
-    and the normalisation ``gdn`` (gdn = CompressAI's float GDN, gdn1 = simplified GDN)."""
+    the normalisation ``gdn`` (gdn = CompressAI's float GDN, gdn1 = simplified GDN) and the
+    synthesis transform's ``product`` (mul, or min: MinConv, factorized gdn1 only)."""
     arch: str = "factorized"
     N: int = 128
     M: int = 192
     gdn: str = "gdn"
+    product: str = "mul"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, not {self.arch!r}")
         if self.gdn not in GDNS:
             raise ValueError(f"gdn must be one of {GDNS}, not {self.gdn!r}")
+        if self.product not in PRODUCTS:
+            raise ValueError(f"product must be one of {PRODUCTS}, not {self.product!r}")
+        if self.product == "min" and (self.arch, self.gdn) != ("factorized", "gdn1"):
+            raise ValueError(f"product 'min' needs arch factorized and gdn gdn1, not {self.arch}/{self.gdn}")
         for k in ("N", "M"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 1024:
                 raise ValueError(f"{k} must be an integer between 2 and 1024, not {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields; ``product`` only when not ``mul`` (the records of earlier files stay as they were)."""
+        d = asdict(self)
+        if self.product == "mul":
+            del d["product"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LICConfig":
-        return cls(**{k: d[k] for k in ("arch", "N", "M", "gdn")})
+        return cls(**{k: d[k] for k in ("arch", "N", "M", "gdn")}, product=d.get("product", "mul"))
 
     @property
     def name(self) -> str:
-        return f"{self.arch}_N{self.N}_M{self.M}_{self.gdn}"
+        return f"{self.arch}_N{self.N}_M{self.M}_{self.gdn}" + ("_min" if self.product == "min" else "")
 
 
-def student_config(n: int, gdn: str = "gdn1", arch: str = "factorized") -> LICConfig:
+def student_config(n: int, gdn: str = "gdn1", arch: str = "factorized", product: str = "mul") -> LICConfig:
     """A student of width ``n``: ``M = 3n/2`` (rounded up), simplified GDN by default."""
-    return LICConfig(arch, int(n), (3 * int(n) + 1) // 2, gdn)
+    return LICConfig(arch, int(n), (3 * int(n) + 1) // 2, gdn, product)
 
 
 def build_lic(cfg: LICConfig) -> nn.Module:
@@ -85,7 +101,47 @@ def build_lic(cfg: LICConfig) -> nn.Module:
         for seq, inverse in ((net.g_a, False), (net.g_s, True)):
             for i in (1, 3, 5):
                 seq[i] = GDN1(cfg.N, inverse=inverse)
+    if cfg.product == "min":
+        from .minconv import MinConvTranspose2d, MinIGDN1
+
+        for i, mod in enumerate(net.g_s):
+            if isinstance(mod, nn.ConvTranspose2d):
+                net.g_s[i] = MinConvTranspose2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
+                                                mod.padding, mod.output_padding)
+            else:
+                net.g_s[i] = MinIGDN1(cfg.N)
     return net
+
+
+@torch.no_grad()
+def to_min_student(net: nn.Module, cfg: LICConfig, calib: torch.Tensor) -> tuple[nn.Module, LICConfig, list[float]]:
+    """The MinConv twin (``product="min"``) of a multiplier gdn1 student: every weight copied,
+    then each synthesis layer fitted (:meth:`models.minconv.MinConvTranspose2d.fit_gain_`: weight
+    scale and power-of-two output scale) so that its sum of minimums, on the features the twin's
+    earlier layers produce from the rounded latents of ``calib`` (crops in p/256 units), matches
+    the parent's sum of products on the parent's own features (so each layer also absorbs the
+    drift of those before it).  Returns (twin in eval mode, its config, the relative RMS error of
+    each layer's fit)."""
+    if cfg.product != "mul" or cfg.gdn != "gdn1" or cfg.arch != "factorized":
+        raise ValueError(f"to_min_student converts a factorized gdn1 multiplier student, not {cfg.name}")
+    mcfg = LICConfig(cfg.arch, cfg.N, cfg.M, cfg.gdn, "min")
+    twin = build_lic(mcfg)
+    missing, unexpected = twin.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not k.endswith("log2_gain") for k in missing):
+        raise ValueError(f"to_min_student: state dicts differ ({missing[:3]}, {unexpected[:3]})")
+    twin.eval()
+    net.eval()
+    h = hp = torch.round(twin.g_a(calib))
+    errors = []
+    for mod, par in zip(twin.g_s, net.g_s):
+        if isinstance(par, nn.ConvTranspose2d):
+            target = par(hp) - par.bias.view(1, -1, 1, 1)
+        else:  # the GDN1 norm's sum: gamma |x|
+            c = hp.shape[1]
+            target = nn.functional.conv2d(hp.abs(), par.gamma_reparam(par.gamma).reshape(c, c, 1, 1))
+        errors.append(mod.fit_gain_(h, target))
+        h, hp = mod(h), par(hp)
+    return twin, mcfg, errors
 
 
 def save_weights(net: nn.Module, cfg: LICConfig, path: str | Path, meta: dict[str, Any] | None = None,

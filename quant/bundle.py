@@ -53,10 +53,12 @@ OPS: dict[str, OpSchema] = {
     # (default true) and "x_shift"/"w_shift" (MinConv scale alignment)
     "conv2d": OpSchema(_DOT + ("stride", "padding"), _WB, ("bias",)),
     "linear": OpSchema(_DOT, _WB, ("bias",)),
-    # PyTorch layout (Cin, Cout, K, K); always products
+    # PyTorch layout (Cin, Cout, K, K); "product" mul, or min with "x_shift"/"w_shift" (contract_15)
     "conv_transpose2d": OpSchema(_DOT + ("stride", "padding", "output_padding", "b_bits"), _WB),
     # simplified (inverse) GDN: n = requant(beta + gamma |x|, norm_shift); igdn y = x n,
-    # gdn y = x / n (see quant.golden); gamma (C, C) >= 0, beta (C,) at x_exp + gamma_exp
+    # gdn y = x / n (see quant.golden); gamma (C, C) >= 0, beta (C,) at x_exp + gamma_exp.
+    # igdn only, optional (contract_15): "norm_product" min (+ "norm_x_shift"/"norm_g_shift",
+    # "log2_gain"; beta at the min's scale) and "out_product" shift (y = x << pow2_round(n))
     "igdn": OpSchema(_GDN, {"gamma": ("gamma_bits", True, True), "beta": ("beta_bits", True, False)}),
     "gdn": OpSchema(_GDN, {"gamma": ("gamma_bits", True, True), "beta": ("beta_bits", True, False)}),
     # encoder output -> integer latent symbols (exp 0): requantize by "shift" to "out_bits"
@@ -144,8 +146,11 @@ def _check_layer(lay: Layer, where: str) -> None:
                               f"outside the {lay.attrs[bits_key]}-bit range [{lo}, {hi}] its "
                               f"'{bits_key}' declares")
     a = lay.attrs
+    _check_products(lay, where)
     if lay.op in ("igdn", "gdn"):
-        if a["norm_acc_exp"] != a["x_exp"] + a["gamma_exp"] or a["norm_shift"] != a["norm_exp"] - a["norm_acc_exp"]:
+        norm_acc = (a["x_exp"] + a["gamma_exp"] if a.get("norm_product", "mul") == "mul"
+                    else a["x_exp"] - a.get("norm_x_shift", 0) - a.get("log2_gain", 0))
+        if a["norm_acc_exp"] != norm_acc or a["norm_shift"] != a["norm_exp"] - a["norm_acc_exp"]:
             raise BundleError(f"{where}: layer {lay.name!r}: GDN exponents are inconsistent "
                               f"(norm_acc_exp must be x_exp + gamma_exp, norm_shift norm_exp - norm_acc_exp)")
         if (lay.tensors["gamma"] < 0).any():
@@ -157,6 +162,35 @@ def _check_layer(lay: Layer, where: str) -> None:
         if lay.attrs["shift"] != lay.attrs["out_exp"] - lay.attrs["acc_exp"]:
             raise BundleError(f"{where}: layer {lay.name!r}: shift {lay.attrs['shift']} != out_exp - "
                               f"acc_exp = {lay.attrs['out_exp'] - lay.attrs['acc_exp']}")
+
+
+def _check_min_operands(lay: Layer, where: str, x_exp: int, w_exp: int, xs: int, ws: int, acc_exp: int,
+                        what: str) -> None:
+    """A sum of signed minimums: shifts >= 0, at most one non-zero, aligning both operands to one
+    scale, and the accumulator at that scale divided by ``2**log2_gain``."""
+    gain = lay.attrs.get("log2_gain", 0)
+    if min(xs, ws) < 0 or min(xs, ws) > 0 or x_exp - xs != w_exp - ws or acc_exp != x_exp - xs - gain:
+        raise BundleError(f"{where}: layer {lay.name!r}: {what} shifts ({xs}, {ws}) do not align the operands "
+                          f"(at most one non-zero shift, x_exp - x_shift = w_exp - w_shift = acc_exp + log2_gain)")
+
+
+def _check_products(lay: Layer, where: str) -> None:
+    """The product attributes of contract_15: known values, on layers that have them."""
+    a = lay.attrs
+    if lay.op in ("conv2d", "linear", "conv_transpose2d"):
+        if a["product"] not in ("mul", "min"):
+            raise BundleError(f"{where}: layer {lay.name!r}: product {a['product']!r} is neither 'mul' nor 'min'")
+        if a["product"] == "min":
+            _check_min_operands(lay, where, a["x_exp"], a["w_exp"], a.get("x_shift", 0), a.get("w_shift", 0),
+                                a["acc_exp"], "x/w")
+    if lay.op in ("igdn", "gdn"):
+        norm, out = a.get("norm_product", "mul"), a.get("out_product", "mul")
+        if norm not in ("mul", "min") or out not in ("mul", "shift") or (lay.op == "gdn" and (norm, out) != ("mul", "mul")):
+            raise BundleError(f"{where}: layer {lay.name!r} ({lay.op}): norm_product {norm!r} / out_product {out!r} "
+                              f"not supported (igdn: mul|min and mul|shift; gdn: mul only)")
+        if norm == "min":
+            _check_min_operands(lay, where, a["x_exp"], a["gamma_exp"], a.get("norm_x_shift", 0),
+                                a.get("norm_g_shift", 0), a["norm_acc_exp"], "norm")
 
 
 def write_bundle(bundle: Bundle, out_dir: Path) -> str:

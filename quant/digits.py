@@ -28,11 +28,12 @@ from torch import Tensor, nn
 from licforge.models.digits import (DigitsNet, accuracy, load_digits_model, load_digits_split, save_digits_model,
                                     to_minconv)
 from licforge.models.lic import CheckpointError, read_checkpoint
-from licforge.models.minconv import min_conv2d, min_linear
+from licforge.models.minconv import min_linear
 from licforge.models.training import classifier_loss, epoch_steps, plain_tensor, train
 from .bundle import Bundle, Layer
 from .fixed import accumulator_bits, check_bits, requantize
 from .golden import run_layers
+from .lic_layers import QuantMinConv2d  # the one Brevitas MinConv convolution (LIC decoder too)
 from .quantizers import ActFixedPoint, WeightFixedPoint
 
 __all__ = ["QuantMinConv2d", "QuantMinLinear", "QuantDigitsNet", "quantize_digits",
@@ -49,19 +50,6 @@ def _exp(scale) -> int:
     if abs(e - round(e)) > 1e-9:
         raise ValueError(f"scale {s} is not a power of two")
     return int(round(e))
-
-
-class QuantMinConv2d(QuantConv2d):
-    """Brevitas conv layer whose products are signed minimums of the quantized operands;
-    the stored weight is the gained weight ``2**log2_gain * w``, the output is divided back."""
-
-    def __init__(self, *args, log2_gain: int = 0, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.log2_gain = int(log2_gain)
-
-    def inner_forward_impl(self, x, quant_weight, quant_bias):
-        y = min_conv2d(plain_tensor(x), plain_tensor(quant_weight), self.stride[0], self.padding[0])
-        return y * 2.0 ** -self.log2_gain
 
 
 class QuantMinLinear(QuantLinear):

@@ -7,7 +7,11 @@ convolutions, the GDN norm) run as matrix products in the fastest dtype that com
 float64 below 2**53, int64 otherwise.  Every partial sum of integer products is an integer
 bounded by ``max|x| * max_o sum|w[o]|``; below the dtype's integer limit each such integer
 is representable, so every rounding step of the floating-point matrix product is exact in
-any summation order, and the result equals the int64 sum bit for bit.  Requantization
+any summation order, and the result equals the int64 sum bit for bit.  Sums of signed
+minimums (``product="min"``: ``sign(x) sign(w) min(|x| << x_shift, |w| << w_shift)``) have no
+matrix product; they run as vectorized tensor operations over the taps
+(:func:`licforge.models.minconv.signed_min_matmul`) in the same exact dtypes, bounded by
+``min(K * max|x|, max_o sum|w[o]|)`` (a minimum never exceeds either operand).  Requantization
 (scaling by a power of two, rounding half to even) and the forward GDN's rounded division are
 exact in float under the bounds their functions state, so a chain of layers stays in float32
 from one layer to the next (:func:`run_layers`); beyond a bound the int64 definitions run.
@@ -18,12 +22,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from licforge.models.minconv import signed_min_matmul
+from licforge.models.minconv import min_conv_transpose2d, pow2_round_exp, signed_min_matmul, subpixel_taps
 from .bundle import Bundle
 from .fixed import int_range, requantize, saturate
 
 __all__ = ["exact_dtype", "lane_dot", "dot_requant", "im2col", "conv2d_int", "linear_int", "layer_accumulate",
-           "subpixel_taps", "conv_transpose2d_int", "div_round_half_even", "gdn_norm_int", "igdn_int",
+           "subpixel_taps", "conv_transpose2d_int", "div_round_half_even", "gdn_norm_int", "igdn_int", "pow2_round",
            "gdn_int", "run_layer", "run_layers", "golden_encode", "golden_decode", "golden_forward"]
 
 
@@ -205,24 +209,32 @@ def layer_accumulate(kind: str, x: np.ndarray, w: np.ndarray, op: str, stride: i
     raise ValueError(f"layer kind must be 'conv2d' or 'linear', not {kind!r}")
 
 
-def subpixel_taps(k: int, stride: int, padding: int, phase: int) -> list[tuple[int, int]]:
-    """Taps of one output phase of a transposed convolution, as (kernel index, input offset).
-
-    Output row ``y = stride*i + phase`` of ``conv_transpose2d`` receives kernel rows ``ky``
-    with ``ky = (phase + padding) mod stride`` (mod ``stride``), from input row
-    ``i + (phase + padding - ky) / stride``.  For k=5, stride=2, padding=2 the even phase has
-    3 taps (offsets +1, 0, -1) and the odd phase 2 (offsets +1, 0): 25 taps per 2x2 block.
-    """
-    return [(ky, (phase + padding - ky) // stride) for ky in range(k) if (ky - phase - padding) % stride == 0]
+def _min_bound(w: torch.Tensor, max_x: int, fan_in: int, max_bias: int) -> int:
+    """Bound on every partial sum of signed minimums of the weight rows ``w`` (outputs first,
+    already shifted) with integers ``|x| <= max_x`` (already shifted), ``fan_in`` terms per
+    output, plus a bias: a minimum is at most either operand."""
+    rows = int(w.abs().reshape(len(w), -1).sum(1).max()) if w.numel() else 0
+    return min(rows, fan_in * max_x) + max_bias
 
 
 def _convt_acc(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, output_padding: int,
-               bias: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
+               bias: np.ndarray | None = None, op: str = "mul", x_shift: int = 0,
+               w_shift: int = 0) -> tuple[torch.Tensor, int]:
     """(accumulator + bias, bound) of :func:`conv_transpose2d_int` on integer-valued tensors."""
     n, c, h, wd = x.shape
     cin, cout, k, _ = w.shape
     if cin != c:
         raise ValueError(f"conv_transpose2d_int: input has {c} channels, weight expects {cin}")
+    if op == "min":
+        x, w = x.to(torch.int64) << x_shift, w << w_shift
+        b, max_b = _bias_of(bias, 4)
+        taps = max(len(subpixel_taps(k, stride, padding, a)) for a in range(stride)) ** 2
+        bound = _min_bound(w.transpose(0, 1), _abs_max(x), cin * taps, max_b)
+        dt = exact_dtype(bound)
+        acc = min_conv_transpose2d(x.to(dt), w.to(dt), stride, padding, output_padding)
+        return (acc if b is None else acc + b.to(dt)), bound
+    if op != "mul" or x_shift or w_shift:
+        raise ValueError(f"conv_transpose2d_int: op must be 'mul' (no shifts) or 'min', not {op!r}")
     s = stride
     ho = (h - 1) * s - 2 * padding + k + output_padding
     wo = (wd - 1) * s - 2 * padding + k + output_padding
@@ -253,7 +265,7 @@ def _convt_acc(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, outp
 
 
 def conv_transpose2d_int(x: np.ndarray, w: np.ndarray, stride: int, padding: int,
-                         output_padding: int) -> np.ndarray:
+                         output_padding: int, op: str = "mul", x_shift: int = 0, w_shift: int = 0) -> np.ndarray:
     """Integer transposed convolution accumulator (NCHW; ``w`` is (Cin, Cout, K, K) as in
     PyTorch), computed by sub-pixel decomposition (no multiplications by inserted zeros).
 
@@ -261,8 +273,11 @@ def conv_transpose2d_int(x: np.ndarray, w: np.ndarray, stride: int, padding: int
     convolution of the input with the taps of :func:`subpixel_taps`; all ``stride**2`` phases
     are computed together, one exact matrix product (:func:`exact_dtype`) per input offset
     (dy, dx) with the phases' weights stacked (zero for a phase without a tap at that offset),
-    then interleaved (pixel shuffle) and cropped to the output size."""
-    return _np(_convt_acc(_i64(x), _i64(w), stride, padding, output_padding)[0])
+    then interleaved (pixel shuffle) and cropped to the output size.
+
+    ``op="min"``: every product is ``sign(x) sign(w) min(|x| << x_shift, |w| << w_shift)``
+    (:func:`licforge.models.minconv.min_conv_transpose2d`, the same sub-pixel phases)."""
+    return _np(_convt_acc(_i64(x), _i64(w), stride, padding, output_padding, None, op, x_shift, w_shift)[0])
 
 
 def div_round_half_even(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -276,40 +291,70 @@ def div_round_half_even(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return q + up.astype(np.int64)
 
 
-def _gdn_norm(x: torch.Tensor, gamma: np.ndarray, beta: np.ndarray, norm_shift: int,
-              norm_bits: int) -> torch.Tensor:
+def _gdn_norm(x: torch.Tensor, gamma: np.ndarray, beta: np.ndarray, norm_shift: int, norm_bits: int,
+              product: str = "mul", x_shift: int = 0, g_shift: int = 0) -> torch.Tensor:
     """:func:`gdn_norm_int` of an integer-valued tensor, in its exact dtype."""
     xa, g = x.abs(), _i64(gamma)
     n, c = xa.shape[:2]
     b, max_b = _bias_of(beta, 3)
-    dt, bound = _sum_dtype(g, _abs_max(xa), max_b)
-    acc = g.to(dt) @ xa.to(dt).reshape(n, c, -1) + b.to(dt)
+    if product == "min":
+        xa, g = xa.to(torch.int64) << x_shift, g << g_shift
+        bound = _min_bound(g, _abs_max(xa), c, max_b)
+        dt = exact_dtype(bound)
+        acc = signed_min_matmul(xa.to(dt).reshape(n, c, -1).transpose(1, 2), g.to(dt)).transpose(1, 2) + b.to(dt)
+    elif product == "mul" and not (x_shift or g_shift):
+        dt, bound = _sum_dtype(g, _abs_max(xa), max_b)
+        acc = g.to(dt) @ xa.to(dt).reshape(n, c, -1) + b.to(dt)
+    else:
+        raise ValueError(f"GDN norm: product must be 'mul' (no shifts) or 'min', not {product!r}")
     return _requant(acc, bound, norm_shift, norm_bits, False).reshape(x.shape)
 
 
-def gdn_norm_int(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, norm_shift: int,
-                 norm_bits: int) -> np.ndarray:
+def gdn_norm_int(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, norm_shift: int, norm_bits: int,
+                 norm_product: str = "mul", norm_x_shift: int = 0, norm_g_shift: int = 0) -> np.ndarray:
     """Simplified GDN norm in integers: ``n_i = requant(beta_i + sum_j gamma_ij |x_j|)``
     (unsigned ``norm_bits``); ``x`` NCHW, ``gamma`` (C, C), ``beta`` (C,) at the
-    accumulator scale (x scale x gamma scale)."""
-    return _np(_gdn_norm(_i64(x), gamma, beta, norm_shift, norm_bits))
+    accumulator scale (x scale x gamma scale).  ``norm_product="min"``: each product is
+    ``min(|x_j| << norm_x_shift, gamma_ij << norm_g_shift)`` (gamma >= 0, no sign)."""
+    return _np(_gdn_norm(_i64(x), gamma, beta, norm_shift, norm_bits, norm_product, norm_x_shift, norm_g_shift))
+
+
+def pow2_round(n: np.ndarray) -> np.ndarray:
+    """Exponent ``e`` of the power of two nearest the integer ``n >= 0`` in the linear domain,
+    ties up: ``L = bit_length(n)``, ``e = L - 1 + bit (L - 2) of n`` (for ``L >= 2``), ``-1``
+    where ``n == 0`` (int64).  The leading-one detector of the multiplier-free inverse GDN."""
+    n = np.asarray(n, np.int64)
+    if (n < 0).any() or (n >= 1 << 53).any():
+        raise ValueError("pow2_round: n must lie in [0, 2**53)")
+    return pow2_round_exp(torch.from_numpy(n)).numpy()
 
 
 def _igdn(x: torch.Tensor, gamma: np.ndarray, beta: np.ndarray, norm_shift: int, norm_bits: int,
-          out_shift: int, out_bits: int) -> torch.Tensor:
-    """:func:`igdn_int` of an integer-valued tensor: the product ``x * n`` in :func:`exact_dtype`."""
-    n = _gdn_norm(x, gamma, beta, norm_shift, norm_bits)
+          out_shift: int, out_bits: int, norm_product: str = "mul", norm_x_shift: int = 0,
+          norm_g_shift: int = 0, out_product: str = "mul") -> torch.Tensor:
+    """:func:`igdn_int` of an integer-valued tensor: the product ``x * n`` (or the shift
+    ``x << e``, ``e`` = :func:`pow2_round` of ``n``) in :func:`exact_dtype`."""
+    n = _gdn_norm(x, gamma, beta, norm_shift, norm_bits, norm_product, norm_x_shift, norm_g_shift)
+    if out_product == "shift":
+        e = pow2_round_exp(n)
+        n = torch.where(e >= 0, torch.ldexp(torch.ones((), dtype=torch.float64), e.clamp(min=0).double()), 0.0)
+        n = n.to(torch.int64)
+    elif out_product != "mul":
+        raise ValueError(f"igdn: out_product must be 'mul' or 'shift', not {out_product!r}")
     bound = _abs_max(x) * _abs_max(n)
     dt = exact_dtype(bound)
     return _requant(x.to(dt) * n.to(dt), bound, out_shift, out_bits, True)
 
 
 def igdn_int(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, *, norm_shift: int, norm_bits: int,
-             out_shift: int, out_bits: int) -> np.ndarray:
+             out_shift: int, out_bits: int, norm_product: str = "mul", norm_x_shift: int = 0,
+             norm_g_shift: int = 0, out_product: str = "mul") -> np.ndarray:
     """Hardware-friendly inverse GDN (Johnston et al. 2019, simplified: L1 norm, no square
-    root): ``y_i = x_i * n_i`` with ``n`` from :func:`gdn_norm_int`, requantized by
-    ``out_shift`` to ``out_bits`` (signed)."""
-    return _np(_igdn(_i64(x), gamma, beta, norm_shift, norm_bits, out_shift, out_bits))
+    root): ``y_i = x_i * n_i`` with ``n`` from :func:`gdn_norm_int` (``norm_product``,
+    shifts), requantized by ``out_shift`` to ``out_bits`` (signed).  ``out_product="shift"``:
+    ``n`` is replaced by ``2**pow2_round(n)`` (0 where ``n == 0``), ``y = requant(x << e)``."""
+    return _np(_igdn(_i64(x), gamma, beta, norm_shift, norm_bits, out_shift, out_bits, norm_product,
+                     norm_x_shift, norm_g_shift, out_product))
 
 
 def _gdn(x: torch.Tensor, gamma: np.ndarray, beta: np.ndarray, norm_shift: int, norm_bits: int,
@@ -349,11 +394,14 @@ def _run(layer, x: torch.Tensor) -> torch.Tensor:
     if op == "latent":  # encoder output -> integer latent symbols (scale 2^0)
         return _requant(x, _abs_max(x), a["shift"], a["out_bits"], True)
     if op == "igdn":
-        return _igdn(x, t["gamma"], t["beta"], a["norm_shift"], a["norm_bits"], a["out_shift"], a["out_bits"])
+        return _igdn(x, t["gamma"], t["beta"], a["norm_shift"], a["norm_bits"], a["out_shift"], a["out_bits"],
+                     a.get("norm_product", "mul"), a.get("norm_x_shift", 0), a.get("norm_g_shift", 0),
+                     a.get("out_product", "mul"))
     if op == "gdn":
         return _gdn(x, t["gamma"], t["beta"], a["norm_shift"], a["norm_bits"], a["out_shift"], a["out_bits"])
     if op == "conv_transpose2d":
-        acc, bound = _convt_acc(x, _i64(t["weight"]), a["stride"], a["padding"], a["output_padding"], t.get("bias"))
+        acc, bound = _convt_acc(x, _i64(t["weight"]), a["stride"], a["padding"], a["output_padding"], t.get("bias"),
+                                a.get("product", "mul"), a.get("x_shift", 0), a.get("w_shift", 0))
     elif op in ("conv2d", "linear"):
         acc, bound = _dot_acc(op, x, _i64(t["weight"]), a["product"], a.get("stride", 1), a.get("padding", 0),
                               a.get("x_shift", 0), a.get("w_shift", 0), t.get("bias"))

@@ -19,6 +19,13 @@ bit widths come from a :class:`quant.lic_recipe.Recipe`.  The bundle (:func:`exp
 holds the integers of every layer plus the entropy coder's integer tables; the integer
 golden model (:func:`golden_forward`) equals the Brevitas model exactly (run it in float64,
 :func:`brevitas_integers`).
+
+A MinConv student (``config.product == "min"``, issue 15) has the same layers with signed
+minimums in g_s: :class:`quant.lic_layers.QuantMinConvTranspose2d` and
+``QuantGDN1(product="min")`` (norm in min form, output a shift by the norm's nearest power of
+two); each such layer's weight gain ``log2_gain`` is part of the spec (``exps[layer]``), and the
+bundle's layers carry ``product``/``x_shift``/``w_shift`` and ``norm_product``/``norm_x_shift``/
+``norm_g_shift``/``out_product`` (contract_15).
 """
 from __future__ import annotations
 
@@ -38,7 +45,7 @@ from licforge.models.lic_train import TrainConfig, train_lic
 from .bundle import Bundle, Layer
 from .fixed import accumulator_bits, bits_for_range, requantize
 from .golden import golden_decode, golden_encode, golden_forward  # noqa: F401 (re-exported)
-from .lic_layers import QuantGDN1, exp_for_range, fixed_act, fixed_act_quant
+from .lic_layers import QuantGDN1, QuantMinConvTranspose2d, exp_for_range, fixed_act, fixed_act_quant, min_acc_exp
 from .lic_recipe import GDN_LAYERS, Recipe, parse_recipe
 from .quantizers import BiasAtAccumulator, WeightFixedPoint
 
@@ -55,7 +62,7 @@ class QuantSpec:
     """Everything that fixes the quantized architecture: float config, recipe, exponents."""
     config: LICConfig
     recipe: Recipe
-    exps: dict[str, dict[str, int]]  # layer -> {"out_exp": e} or {"norm_exp": e, "out_exp": e}
+    exps: dict[str, dict[str, int]]  # layer -> {"out_exp": e} or {"norm_exp": e, "out_exp": e}, + "log2_gain" (min)
 
 
 class QuantFactorizedPrior(nn.Module):
@@ -69,6 +76,7 @@ class QuantFactorizedPrior(nn.Module):
         cfg, rec = spec.config, spec.recipe
         if cfg.arch != "factorized" or cfg.gdn != "gdn1":
             raise ValueError(f"quantization supports factorized students with gdn1, not {cfg.name}")
+        self.product = cfg.product
         self.spec = spec
         n, m = cfg.N, cfg.M
         self.inq = fixed_act(PIXEL_EXP, 8, signed=False)
@@ -92,15 +100,22 @@ class QuantFactorizedPrior(nn.Module):
                 signed = name != "g_s.6"
                 e = PIXEL_EXP if name == "g_s.6" else exps[name]["out_exp"]
                 out_quant = {"output_quant": fixed_act_quant(e, bits["out_bits"], signed)}
-            mods.append(conv_cls(cin, cout, 5, stride=2, padding=2, bias=True, weight_quant=WeightFixedPoint,
-                                 weight_bit_width=bits["w_bits"], bias_quant=BiasAtAccumulator,
-                                 return_quant_tensor=name != "g_a.6", **out_quant, **extra))
+            mins = prefix == "g_s" and self.spec.config.product == "min"
+            if mins:
+                extra.update(log2_gain=exps[name]["log2_gain"], bias_quant=None)
+            else:
+                extra["bias_quant"] = BiasAtAccumulator
+            cls = QuantMinConvTranspose2d if mins else conv_cls
+            mods.append(cls(cin, cout, 5, stride=2, padding=2, bias=True, weight_quant=WeightFixedPoint,
+                            weight_bit_width=bits["w_bits"], return_quant_tensor=name != "g_a.6",
+                            **out_quant, **extra))
             if k < 3:
                 g = f"{prefix}.{2 * k + 1}"
                 gb = rec.bits(g)
+                gmin = {"product": "min", "log2_gain": exps[g]["log2_gain"]} if mins else {}
                 mods.append(QuantGDN1(cout, inverse, gamma_bits=gb["gamma_bits"], norm_bits=gb["norm_bits"],
                                       norm_exp=exps[g]["norm_exp"], out_bits=gb["out_bits"],
-                                      out_exp=exps[g]["out_exp"]))
+                                      out_exp=exps[g]["out_exp"], **gmin))
         return mods
 
     @torch.no_grad()
@@ -111,7 +126,7 @@ class QuantFactorizedPrior(nn.Module):
                 if isinstance(mq, QuantGDN1):
                     mq.load_float(mf)
                 else:
-                    mq.weight.copy_(mf.weight)
+                    mq.weight.copy_(mf.weight * getattr(mf, "gain", 1.0))  # a MinConv layer stores the gained weight
                     mq.bias.copy_(mf.bias)
         self.entropy_bottleneck.load_state_dict(net.entropy_bottleneck.state_dict())
 
@@ -145,6 +160,8 @@ class QuantFactorizedPrior(nn.Module):
 
 
 def _gdn_norm_float(gdn: nn.Module, x: Tensor) -> Tensor:
+    if hasattr(gdn, "norm"):  # MinIGDN1
+        return gdn.norm(x)
     c = x.shape[1]
     gamma = gdn.gamma_reparam(gdn.gamma).reshape(c, c, 1, 1)
     return nn.functional.conv2d(torch.abs(x), gamma, gdn.beta_reparam(gdn.beta))
@@ -183,6 +200,8 @@ def calibrate(net: nn.Module, cfg: LICConfig, recipe: Recipe, images: dict[str, 
                 h = mod(h)
                 if name not in ("g_a.6", "g_s.6"):
                     exps[name] = {"out_exp": exp_for_range(peak(h), recipe.bits(name)["out_bits"], True)}
+            if hasattr(mod, "log2_gain"):  # a MinConv layer: its gain fixes the quantized layer too
+                exps.setdefault(name, {})["log2_gain"] = int(mod.log2_gain)
         if prefix == "g_a":
             y = h
     return exps
@@ -258,6 +277,8 @@ def export_bundle(q: QuantFactorizedPrior, meta: dict[str, Any] | None = None) -
     cfg = q.spec.config
     model = {"arch": "bmshj2018-factorized", "N": cfg.N, "M": cfg.M, "gdn": "gdn1-simplified",
              "recipe": q.spec.recipe.name, "pad_multiple": 16, **(meta or {})}
+    if cfg.product != "mul":
+        model["product"] = cfg.product
     inp = {"exp": PIXEL_EXP, "bits": 8, "signed": False, "shape": [3, None, None]}
     return Bundle(model, inp, layers)
 
@@ -266,8 +287,13 @@ def _conv_layer(name: str, mod: nn.Module, inp, x_exp: int, x_bits: int, q: Quan
     qw = mod.quant_weight()
     w_int = qw.int().long().numpy()
     w_exp = _exp(qw.scale)
-    b_int = mod.bias_quant(mod.bias, inp, qw).int().long().numpy()
-    acc_exp = x_exp + w_exp
+    mins = isinstance(mod, QuantMinConvTranspose2d)
+    if mins:
+        acc_exp, x_shift, w_shift = min_acc_exp(x_exp, w_exp, mod.log2_gain)
+        b_int = mod.int_bias(inp.scale, qw.scale).numpy()
+    else:
+        acc_exp = x_exp + w_exp
+        b_int = mod.bias_quant(mod.bias, inp, qw).int().long().numpy()
     transposed = isinstance(mod, QuantConvTranspose2d)
     if name == "g_a.6":
         out_exp, out_bits, signed = 0, q.latent_bits, True
@@ -280,11 +306,15 @@ def _conv_layer(name: str, mod: nn.Module, inp, x_exp: int, x_bits: int, q: Quan
     fan_in = cin * (9 if transposed else 25)  # taps per output: 3x3 of the sub-pixel kernel, or 5x5
     x_max = (1 << x_bits) - 1 if name == "g_a.0" else 1 << (x_bits - 1)
     b_bits = bits_for_range(int(b_int.min()), int(b_int.max()))
+    # the largest term: a product, or a minimum of the shifted operands (contract_15)
+    max_term = max(x_max << x_shift, (1 << (w_bits - 1)) << w_shift) if mins else (1 << (w_bits - 1)) * x_max
     attrs = {"x_exp": x_exp, "w_exp": w_exp, "acc_exp": acc_exp, "out_exp": out_exp,
              "shift": out_exp - acc_exp, "x_bits": x_bits, "w_bits": w_bits, "b_bits": b_bits,
-             "out_bits": out_bits, "out_signed": signed, "relu": False, "product": "mul",
-             "acc_bits": accumulator_bits((1 << (w_bits - 1)) * x_max, fan_in, 1 << (b_bits - 1)),
+             "out_bits": out_bits, "out_signed": signed, "relu": False, "product": "min" if mins else "mul",
+             "acc_bits": accumulator_bits(max_term, fan_in, 1 << (b_bits - 1)),
              "stride": 2, "padding": 2}
+    if mins:
+        attrs.update(x_shift=x_shift, w_shift=w_shift, log2_gain=mod.log2_gain)
     if name == "g_a.0":
         attrs["x_signed"] = False
     if transposed:
@@ -297,16 +327,25 @@ def _gdn_layer(name: str, mod: QuantGDN1, inp, x_exp: int, x_bits: int) -> Layer
     qw = conv.quant_weight()
     gamma = qw.int().long().numpy()[:, :, 0, 0]
     gamma_exp = _exp(qw.scale)
-    beta = conv.bias_quant(conv.bias, abs(inp), qw).int().long().numpy()
-    acc_exp = x_exp + gamma_exp
+    mins = mod.product == "min"
+    if mins:
+        acc_exp, nx_shift, ng_shift = min_acc_exp(x_exp, gamma_exp, conv.log2_gain)
+        beta = conv.int_bias(2.0 ** x_exp, qw.scale).numpy()
+    else:
+        beta = conv.bias_quant(conv.bias, abs(inp), qw).int().long().numpy()
+        acc_exp = x_exp + gamma_exp
     norm_shift = mod.norm_exp - acc_exp
-    if (requantize(beta, norm_shift, mod.norm_bits, signed=False) < 1).any():
+    # (a min-form norm may round to 0 at a coarse accumulator: its output is then 0 = x * 0, no division)
+    if not mins and (requantize(beta, norm_shift, mod.norm_bits, signed=False) < 1).any():
         raise ValueError(f"{name}: a beta below one norm LSB (2^{mod.norm_exp}); call project_() before export")
     out_shift = (mod.out_exp - x_exp - mod.norm_exp) if mod.inverse else (mod.out_exp + mod.norm_exp - x_exp)
     attrs = {"x_exp": x_exp, "x_bits": x_bits, "gamma_exp": gamma_exp, "gamma_bits": mod.gamma_bits,
              "beta_bits": bits_for_range(0, int(beta.max())), "norm_acc_exp": acc_exp,
              "norm_exp": mod.norm_exp, "norm_bits": mod.norm_bits, "norm_shift": norm_shift,
              "out_exp": mod.out_exp, "out_bits": mod.out_bits, "out_shift": out_shift}
+    if mins:
+        attrs.update(norm_product="min", norm_x_shift=nx_shift, norm_g_shift=ng_shift, out_product="shift",
+                     log2_gain=conv.log2_gain)
     return Layer(name, "igdn" if mod.inverse else "gdn", attrs, {"gamma": gamma, "beta": beta})
 
 

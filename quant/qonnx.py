@@ -281,7 +281,8 @@ def export_synthesis(quant_pt: str | Path, out: str | Path, *, data: str | Path 
     held-out images).  The samples are the integer latents of the held-out images (padded
     to multiples of 16), computed by the Brevitas model; the ONNX file has the first
     image's latent shape, the others run on a reshaped copy of the same graph.  A file
-    that is not a quantized student raises UsageError naming it."""
+    that is not a quantized student, or a MinConv student (no QONNX operator for its
+    products), raises UsageError naming it."""
     from licforge.models.data import load_split
     from licforge.models.lic import CheckpointError
     from licforge.quant.codec import pad_image
@@ -291,6 +292,10 @@ def export_synthesis(quant_pt: str | Path, out: str | Path, *, data: str | Path 
         q, _ = load_quantized(quant_pt)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
+    if q.product != "mul":  # QONNX has no signed-minimum or power-of-two-shift operator
+        raise UsageError(f"{quant_pt}: layer g_s.0: product {q.product!r} is not supported by QONNX export "
+                         f"(no QONNX operator computes signed minimums or the inverse GDN's power-of-two shift); "
+                         f"export the multiplier twin, or use the bundle with the golden model or the RTL")
     samples = [(name, brevitas_integers(q, pad_image(img))[0].astype(np.float32))
                for name, img in load_split(data, "held-out").items()]
     named = [("latent", q.latent_q)] + [(f"g_s.{k}", m) for k, m in enumerate(q.g_s)]

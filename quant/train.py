@@ -7,6 +7,7 @@ training wall time), which ``licforge eval`` and ``plot rd`` read back.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,8 +15,8 @@ from typing import Any, Callable
 import torch
 
 from licforge.models.data import CropSampler, load_split
-from licforge.models.lic import LICConfig, build_lic, load_weights, save_weights
-from licforge.models.lic_train import TrainConfig, train_lic
+from licforge.models.lic import LICConfig, build_lic, load_weights, save_weights, to_min_student
+from licforge.models.lic_train import TrainConfig, teacher_reconstructions, train_lic
 
 __all__ = ["train_model", "quantize_model", "state_path_for", "quant_model_path", "file_sha256"]
 
@@ -48,6 +49,29 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _teacher_targets(teacher: torch.nn.Module, teacher_sha: str, images: dict, cache: Path,
+                     log: Callable[[str], None] | None, device: str = "cpu") -> list[torch.Tensor]:
+    """:func:`models.lic_train.teacher_reconstructions` of ``images``, cached in ``cache``
+    (``<teacher sha256>-<images sha256>.pt``, 16 hex digits each): the distillations of a
+    study that share a teacher and a data set compute them once."""
+    h = hashlib.sha256()
+    for name, im in images.items():
+        h.update(name.encode() + str(im.shape).encode() + im.tobytes())
+    path = Path(cache) / f"{teacher_sha[:16]}-{h.hexdigest()[:16]}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    t0 = time.perf_counter()
+    targets = teacher_reconstructions(teacher, images, device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(targets, tmp)
+    tmp.replace(path)
+    if log is not None:
+        log(f"teacher reconstructions of {len(images)} training images: {time.perf_counter() - t0:.0f} s "
+            f"(cached in {path})")
+    return targets
+
+
 def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | None = None,
                 teacher: Path | None = None, init: Path | None = None, resume: bool = False,
                 curve: str | None = None, half: bool = False, device: str = "cpu",
@@ -62,11 +86,17 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
     torch.manual_seed(tcfg.seed)  # model initialisation
     net = build_lic(cfg)
     init_meta = None
-    if init is not None:
-        net.load_state_dict(load_weights(init, expect=cfg)[0].state_dict())
-        init_meta = {"file": str(init), "sha256": file_sha256(init)}
     # the training images live on the training device; the crops are cut there (no per-step copy)
-    sampler = CropSampler(load_split(data, "train"), tcfg.crop, tcfg.batch, tcfg.seed, device=device)
+    images = load_split(data, "train")
+    sampler = CropSampler(images, tcfg.crop, tcfg.batch, tcfg.seed, device=device)
+    if init is not None:
+        if cfg.product == "min" and load_weights(init)[1].product == "mul":  # MinConv twin of a multiplier student
+            calib = CropSampler(images, tcfg.crop, 4 * tcfg.batch, tcfg.seed + 1)()
+            twin_of = LICConfig(cfg.arch, cfg.N, cfg.M, cfg.gdn)
+            net = to_min_student(load_weights(init, expect=twin_of)[0], twin_of, calib)[0]
+        else:
+            net.load_state_dict(load_weights(init, expect=cfg)[0].state_dict())
+        init_meta = {"file": str(init), "sha256": file_sha256(init)}
     tnet = tcfg_m = None
     teacher_meta = None
     if tcfg.kd_recon > 0 or tcfg.kd_latent > 0:
@@ -75,6 +105,9 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
         tnet, tcfg_t, _ = load_weights(teacher)
         tcfg_m = tcfg_t.M
         teacher_meta = {"file": str(teacher), "sha256": file_sha256(teacher), "config": tcfg_t.to_dict()}
+    if tnet is not None and tcfg.kd_targets == "precomputed":
+        sampler.attach_targets(_teacher_targets(tnet, teacher_meta["sha256"], images, out.parent / "kd-targets",
+                                                log if _rank_world()[0] == 0 else None, device))
     arch = {**cfg.to_dict(), "data": data or "embedded", "teacher": teacher_meta and teacher_meta["sha256"],
             "init": init_meta and init_meta["sha256"]}
     record = train_lic(net, sampler, tcfg, arch=arch, teacher=tnet, teacher_m=tcfg_m,
@@ -94,10 +127,12 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
 def quantize_model(weights: Path, recipe_name: str, out_dir: Path, *, qat: TrainConfig | None,
                    data: str | None = None, resume: bool = False, curve: str | None = None,
                    extra_loss: Callable | None = None, after_step: Callable | None = None,
-                   log: Callable[[str], None] | None = print) -> dict[str, Any]:
+                   log: Callable[[str], None] | None = print, parent: Path | None = None) -> dict[str, Any]:
     """PTQ (``qat=None``) or QAT of a float student; writes the bundle to ``out_dir`` and the
-    Brevitas model to :func:`quant_model_path` ``(out_dir)``; returns the bundle's meta."""
-    from licforge.quant.bundle import write_bundle
+    Brevitas model to :func:`quant_model_path` ``(out_dir)``; returns the bundle's meta.
+    ``parent``: the bundle this student descends from (e.g. the multiplier twin of a MinConv
+    student), named with its hash in the new bundle's metadata."""
+    from licforge.quant.bundle import read_bundle, write_bundle
     from licforge.quant.codec import prepare_entropy_coder
     from licforge.quant.lic import export_bundle, quantize_student, save_quantized
     from licforge.quant.lic_recipe import load_recipe
@@ -123,8 +158,11 @@ def quantize_model(weights: Path, recipe_name: str, out_dir: Path, *, qat: Train
             "qat": qat.to_dict() if qat is not None else None, "source": str(weights),
             "source_sha256": file_sha256(weights), "wall_s": time.perf_counter() - t0,
             "qat_wall_s": record["wall_s"]}
+    lineage = {}
+    if parent is not None:
+        meta["parent"] = lineage["parent"] = {"bundle": Path(parent).name, "hash": read_bundle(parent).hash}
     bundle = export_bundle(q, {"source": meta["source"], "source_sha256": meta["source_sha256"],
-                               "mode": mode, "lmbda": meta["lmbda"]})
+                               "mode": mode, "lmbda": meta["lmbda"], **lineage})
     meta["bundle_hash"] = write_bundle(bundle, out_dir)
     save_quantized(q, quant_model_path(out_dir), meta)
     return meta

@@ -18,8 +18,8 @@ from amaranth.lib.wiring import In, Out
 
 from licforge.quant.fixed import accumulator_bits, check_bits, int_range
 from .emit import rom_file_attr
-from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, emit_pixels, mac_array, pack_chunk,
-                       packed_dsps)
+from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, check_product, emit_pixels, mac_array,
+                       pack_chunk, packed_dsps, term_bound, PRODUCTS)
 from .requantizer import requantize_expr
 
 __all__ = ["ConvTransposeEngine", "conv_latency", "phase_taps", "conv_weight_layout", "pack_words", "LINE_SLOTS",
@@ -84,11 +84,17 @@ class ConvTransposeEngine(wiring.Component):
     the accumulator scale; ``y`` ``out_bits`` (signed, or unsigned when ``out_signed`` is
     false), rounded half to even and saturated exactly as :func:`quant.golden.run_layer`.
 
+    ``product``: ``"mul"`` (each tap ``x * w``, a multiplier) or ``"min"`` (MinConv: each tap
+    ``sign(x) sign(w) min(|x| << x_shift, |w| << w_shift)``, a comparator; the terms, adder
+    trees and accumulators are as wide as the smaller operand bound, and the engine uses no
+    DSP).  Everything else -- schedule, ROM layouts, latency -- is the same for both.
+
     Parallelism: ``pi`` input channels x ``po`` output channels x ``pp`` output pixels a
     cycle.  The ``PP`` lanes compute output columns ``2(j0 + p) + b`` (``p < PP``) of one row
     phase ``a`` and column phase ``b``: the same weight word feeds every lane.  ``pack``: two
     8-bit products per DSP48E2 (:func:`rtl.mac_pipe.mac_array`): ``PI * PO * PP`` products
-    in ``dsp_pairs`` packed DSPs and ``dsp_single`` lone multipliers.
+    in ``dsp_pairs`` packed DSPs and ``dsp_single`` lone multipliers ("mul" only: refused
+    for "min").
 
     Structure: a line buffer of 4 input rows, split into ``PP`` banks by column modulo
     ``PP`` (``PI`` channels a word, depth ``4 * 2**ceil(log2 ceil(max_width/PP)) *
@@ -115,8 +121,10 @@ class ConvTransposeEngine(wiring.Component):
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, *, shift: int, x_bits: int, w_bits: int,
                  b_bits: int, out_bits: int, out_signed: bool = True, pi: int = 1, po: int = 1, pp: int = 1,
-                 pack: bool = False, max_width: int = 128, name: str = "convt") -> None:
+                 pack: bool = False, max_width: int = 128, name: str = "convt", product: str = "mul",
+                 x_shift: int = 0, w_shift: int = 0) -> None:
         weight, bias = np.asarray(weight), np.asarray(bias)
+        self.product, self.x_shift, self.w_shift = check_product(product, x_shift, w_shift, pack=pack)
         if weight.ndim != 4 or weight.shape[2:] != (KERNEL, KERNEL):
             raise ValueError(f"weight must have shape (Cin, Cout, {KERNEL}, {KERNEL}), not {weight.shape}")
         self.cin, self.cout = int(weight.shape[0]), int(weight.shape[1])
@@ -139,13 +147,14 @@ class ConvTransposeEngine(wiring.Component):
         self.pack = bool(pack)
         self.weight, self.bias = weight.astype(np.int64), bias.astype(np.int64)
         taps = len(phase_taps(0))
-        self.acc_bits = accumulator_bits((1 << (x_bits - 1)) * (1 << (w_bits - 1)), taps * taps * self.cin,
-                                         1 << (b_bits - 1))
-        self.latency = conv_latency(self.pi)
-        self.multipliers = self.pi * self.po * self.pp
         xs, ws = signed(self.x_bits), signed(self.w_bits)
-        self.dsp_pairs, self.dsp_single = packed_dsps(self.pp, self.po, self.pi, pack and pack_chunk(ws, xs) > 0,
-                                                      pack and pack_chunk(xs, ws) > 0)
+        self.acc_bits = accumulator_bits(term_bound(self.product, xs, ws, self.x_shift, self.w_shift),
+                                         taps * taps * self.cin, 1 << (b_bits - 1))
+        self.latency = conv_latency(self.pi)
+        lanes = self.pi * self.po * self.pp
+        self.multipliers, self.comparators = (lanes, 0) if self.product == "mul" else (0, lanes)
+        self.dsp_pairs, self.dsp_single = (0, 0) if self.product == "min" else packed_dsps(
+            self.pp, self.po, self.pi, pack and pack_chunk(ws, xs) > 0, pack and pack_chunk(xs, ws) > 0)
         self.dsps = self.dsp_pairs + self.dsp_single
         out_shape = signed(out_bits) if out_signed else unsigned(out_bits)
         super().__init__({
@@ -168,10 +177,18 @@ class ConvTransposeEngine(wiring.Component):
                              f"engine implements {(KERNEL, STRIDE, PADDING, OUTPUT_PADDING)}")
         if a.get("relu", False):
             raise ValueError(f"layer {layer.name!r}: ReLU after a transposed convolution is not supported")
+        product = a.get("product", "mul")
+        if product not in PRODUCTS:
+            raise ValueError(f"layer {layer.name}: product {product!r} is not supported by the RTL generator "
+                             f"(ConvTransposeEngine: one of {PRODUCTS})")
         bias = layer.tensors.get("bias", np.zeros(layer.tensors["weight"].shape[1], np.int64))
-        return cls(layer.tensors["weight"], bias, shift=a["shift"], x_bits=a["x_bits"], w_bits=a["w_bits"],
-                   b_bits=a["b_bits"], out_bits=a["out_bits"], out_signed=a.get("out_signed", True),
-                   pi=pi, po=po, pp=pp, pack=pack, max_width=max_width, name=layer.name)
+        try:
+            return cls(layer.tensors["weight"], bias, shift=a["shift"], x_bits=a["x_bits"], w_bits=a["w_bits"],
+                       b_bits=a["b_bits"], out_bits=a["out_bits"], out_signed=a.get("out_signed", True),
+                       pi=pi, po=po, pp=pp, pack=pack, max_width=max_width, name=layer.name, product=product,
+                       x_shift=a.get("x_shift", 0), w_shift=a.get("w_shift", 0))
+        except ValueError as e:
+            raise ValueError(f"layer {layer.name}: {e}") from None
 
     @property
     def groups(self) -> tuple[int, int]:
@@ -193,6 +210,7 @@ class ConvTransposeEngine(wiring.Component):
         ``o*PO ..``; neither depends on ``pp`` or ``pack``)."""
         return {"name": self.name, "op": "conv_transpose2d", "cin": self.cin, "cout": self.cout,
                 "kernel": KERNEL, "pi": self.pi, "po": self.po, "pp": self.pp, "pack": self.pack,
+                "product": self.product, "x_shift": self.x_shift, "w_shift": self.w_shift,
                 "dsp_pairs": self.dsp_pairs, "dsp_single": self.dsp_single, "x_bits": self.x_bits,
                 "shift": self.shift, "out_bits": self.out_bits, "out_signed": self.out_signed,
                 "acc_bits": self.acc_bits, "max_width": self.max_width, "latency": self.latency,
@@ -351,7 +369,8 @@ class ConvTransposeEngine(wiring.Component):
               for k in range(pp)]
         ws = [[wport.data[(oo * pi + ii) * wb:(oo * pi + ii + 1) * wb].as_signed() for ii in range(pi)]
               for oo in range(po)]
-        roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack)
+        roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack, product=self.product, x_shift=self.x_shift,
+                             w_shift=self.w_shift)
         m.d.comb += [bport.addr.eq(flags.stage(root - 1)["o"]), bport.en.eq(advance)]
         sr = flags.stage(root)
         bias = [bport.data[k * self.b_bits:(k + 1) * self.b_bits].as_signed() for k in range(po)]

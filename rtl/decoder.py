@@ -3,7 +3,10 @@
 For the factorized-prior model: ``conv_transpose2d (M->N), igdn, conv_transpose2d (N->N),
 igdn, conv_transpose2d (N->N), igdn, conv_transpose2d (N->3)``, each layer a
 :class:`~rtl.conv_transpose.ConvTransposeEngine` or :class:`~rtl.gdn.GdnUnit` with the
-parallelism of a :func:`~rtl.plan.plan_decoder` plan, chained by valid/ready streams.
+parallelism of a :func:`~rtl.plan.plan_decoder` plan, chained by valid/ready streams.  Each
+block takes its layer's products from the bundle: multipliers, or (issue 15) comparators in a
+MinConv ``conv_transpose2d`` / GDN norm and a shift for a GDN's ``x * n`` -- a MinConv
+decoder has no multiplier and uses no DSP.
 """
 from __future__ import annotations
 

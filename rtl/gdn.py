@@ -7,8 +7,16 @@
 exactly :func:`quant.golden.igdn_int` / :func:`quant.golden.gdn_int` (the simplified GDN of
 Johnston et al. 2019 that the quantized PyTorch model trains with: L1 norm, no square root).
 The two differ only after the norm: a multiplier, or a pipelined restoring divider.
+
+The inverse GDN of a MinConv decoder is multiplier-free (issue 15's contract): the norm's
+terms ``gamma_ij |x_j|`` become ``min(|x_j| << norm_x_shift, gamma_ij << norm_g_shift)``
+(``norm_product="min"``: comparators), and ``x * n`` becomes ``x << e`` with ``2**e`` the
+power of two nearest to ``n`` (``out_product="shift"``: a leading-one detector,
+:func:`pow2_exponent`, and a barrel shifter).
 """
 from __future__ import annotations
+
+from functools import reduce
 
 import numpy as np
 from amaranth import Cat, Const, Module, Mux, Signal, Value, signed, unsigned
@@ -19,11 +27,15 @@ from amaranth.lib.wiring import In, Out
 from licforge.quant.fixed import accumulator_bits, check_bits, int_range, requantize
 from .conv_transpose import pack_words
 from .emit import rom_file_attr
-from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, delay, emit_pixels, mac_array, pack_chunk,
-                       packed_dsps)
+from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, check_product, delay, emit_pixels, mac_array,
+                       pack_chunk, packed_dsps, term_bound, PRODUCTS)
 from .requantizer import requantize_expr
 
-__all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "divide_round_half_even"]
+__all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "divide_round_half_even", "pow2_exponent", "OUT_PRODUCTS"]
+
+#: how an inverse GDN forms ``x * n``: a multiplier, or a shift by the exponent of the power of
+#: two nearest to ``n`` (:func:`pow2_exponent`)
+OUT_PRODUCTS = ("mul", "shift")
 
 
 def gamma_layout(channels: int, pi: int, po: int) -> np.ndarray:
@@ -83,6 +95,24 @@ def divide_round_half_even(m: Module, x: Value, n: Value, *, num_shift: int, den
     return y[:out_bits].as_signed(), stages
 
 
+def pow2_exponent(n: Value) -> tuple[Value, Value]:
+    """``(e, zero)`` for unsigned ``n``: ``2**e`` is the power of two nearest to ``n`` in the
+    linear domain, ties up, and ``zero`` flags ``n == 0`` (``e`` is then 0), as
+    :func:`quant.golden.pow2_round` (which returns -1 there).
+
+    With ``k`` the position of the leading one, ``e = k + n[k-1]`` (the bit below it rounds
+    up: ``n >= 1.5 * 2**k``).  Structure: a one-hot leading-one vector from prefix ORs, then
+    each bit of ``e`` an OR over the positions whose ``k`` or ``k + 1`` has it set -- two or
+    three LUT levels for 12 bits, no carry chain and no priority chain."""
+    width = len(n)
+    picks = []
+    for k in range(width):
+        lead = n[k] & ~n[k + 1:].any() if k < width - 1 else n[k]
+        picks.append(Mux(lead, Mux(n[k - 1], k + 1, k) if k else k, 0))
+    e = reduce(lambda a, b: a | b, picks)[:width.bit_length()]
+    return e, ~n.any()
+
+
 class GdnUnit(wiring.Component):
     """GDN of ``C`` channels with the norm ``n`` above: the inverse
     ``y = requantize(x * n, out_shift, out_bits)`` or, with ``inverse=False``, the forward
@@ -103,6 +133,12 @@ class GdnUnit(wiring.Component):
     multipliers, the ``x * n`` products not included).  ``gamma``/``beta`` live in ROMs
     initialised from ``<name>_gamma.hex`` / ``<name>_beta.hex``.
 
+    Multiplier-free inverse GDN: ``norm_product="min"`` makes the ``PI * PO * PP`` norm terms
+    comparators, ``min(|x_j| << norm_x_shift, gamma_ij << norm_g_shift)`` (no sign: both are
+    >= 0; ``pack`` is refused), and ``out_product="shift"`` replaces the ``PO * PP``
+    multipliers ``x * n`` by ``x << e`` (:func:`pow2_exponent`; ``y = 0`` where ``n = 0``),
+    requantized as the product was, in the same pipeline stage: the latency does not change.
+
     Lanes: with ``pp > 1`` the unit has a ``width`` port (pixels a row) and its blocks are up
     to ``PP`` consecutive pixels of one row: ``PP - 1`` pixels wait in a gather register
     while the previous block computes, and the block starts when its last pixel (the
@@ -119,7 +155,8 @@ class GdnUnit(wiring.Component):
     def __init__(self, gamma: np.ndarray, beta: np.ndarray, *, x_bits: int, gamma_bits: int, beta_bits: int,
                  norm_shift: int, norm_bits: int, out_shift: int, out_bits: int, pi: int | None = None,
                  po: int = 1, pp: int = 1, pack: bool = False, inverse: bool = True, div_bits: int | None = None,
-                 name: str = "igdn") -> None:
+                 name: str = "igdn", norm_product: str = "mul", norm_x_shift: int = 0, norm_g_shift: int = 0,
+                 out_product: str = "mul") -> None:
         gamma, beta = np.asarray(gamma), np.asarray(beta)
         c = int(beta.shape[0]) if beta.ndim == 1 else -1
         if c < 1 or gamma.shape != (c, c):
@@ -142,6 +179,15 @@ class GdnUnit(wiring.Component):
         self.pp, self.pack = check_lanes(pp), bool(pack)
         self.norm_shift, self.out_shift, self.name = int(norm_shift), int(out_shift), name
         self.inverse, self.div_bits = bool(inverse), None
+        self.norm_product, self.norm_x_shift, self.norm_g_shift = check_product(
+            norm_product, norm_x_shift, norm_g_shift, pack=pack, what="norm_product",
+            shifts=("norm_x_shift", "norm_g_shift"))
+        if out_product not in OUT_PRODUCTS:
+            raise ValueError(f"out_product must be one of {OUT_PRODUCTS}, not {out_product!r}")
+        self.out_product = out_product
+        if not self.inverse and (norm_product, out_product) != ("mul", "mul"):
+            raise ValueError("norm_product='min' and out_product='shift' belong to the inverse GDN of a MinConv "
+                             "decoder; the forward GDN (inverse=False) multiplies and divides")
         if self.inverse:
             if div_bits is not None:
                 raise ValueError("div_bits sets the forward GDN's divider; the inverse GDN (inverse=True) has none")
@@ -154,13 +200,22 @@ class GdnUnit(wiring.Component):
                                  "quant.golden.gdn_int refuses a zero norm too")
             self.tail = -(-(out_bits - 1) // self.div_bits)
         self.gamma, self.beta = gamma.astype(np.int64), beta.astype(np.int64)
-        self.acc_bits = accumulator_bits((1 << (x_bits - 1)) * (1 << (gamma_bits - 1)), c, 1 << (beta_bits - 1))
-        self.latency = gdn_latency(self.pi, self.tail)
-        lone = self.po * self.pp if self.inverse else 0   # x * n (the forward GDN divides instead)
-        self.multipliers = self.pi * self.po * self.pp + lone
         xs, gs = unsigned(self.x_bits), signed(self.gamma_bits)   # |x| and gamma
-        self.dsp_pairs, self.dsp_single = packed_dsps(self.pp, self.po, self.pi, pack and pack_chunk(gs, xs) > 0,
-                                                      pack and pack_chunk(xs, gs) > 0)
+        if self.norm_product == "min":   # |x| <= 2**(x_bits - 1); gamma >= 0: its sign bit is dropped
+            term = term_bound("min", signed(self.x_bits), unsigned(self.gamma_bits - 1), self.norm_x_shift,
+                              self.norm_g_shift)
+        else:
+            term = (1 << (x_bits - 1)) * (1 << (gamma_bits - 1))
+        self.acc_bits = accumulator_bits(term, c, 1 << (beta_bits - 1))
+        self.latency = gdn_latency(self.pi, self.tail)
+        # x * n: a multiplier per output unless shifted (the forward GDN divides instead)
+        lone = self.po * self.pp if self.inverse and self.out_product == "mul" else 0
+        norm = self.pi * self.po * self.pp
+        self.multipliers = (norm if self.norm_product == "mul" else 0) + lone
+        self.comparators = norm if self.norm_product == "min" else 0
+        self.shifters = self.po * self.pp if self.out_product == "shift" else 0
+        self.dsp_pairs, self.dsp_single = (0, 0) if self.norm_product == "min" else packed_dsps(
+            self.pp, self.po, self.pi, pack and pack_chunk(gs, xs) > 0, pack and pack_chunk(xs, gs) > 0)
         self.dsps = self.dsp_pairs + self.dsp_single + lone
         pixel = data.ArrayLayout(signed(x_bits), c)
         ports = {"i": In(stream.Signature(pixel)), "o": Out(stream.Signature(data.ArrayLayout(signed(out_bits), c)))}
@@ -173,10 +228,19 @@ class GdnUnit(wiring.Component):
         if layer.op not in ("igdn", "gdn"):
             raise ValueError(f"layer {layer.name!r} is {layer.op!r}: GdnUnit implements 'igdn' and 'gdn' layers")
         a, t = layer.attrs, layer.tensors
-        return cls(t["gamma"], t["beta"], x_bits=a["x_bits"], gamma_bits=a["gamma_bits"],
-                   beta_bits=a["beta_bits"], norm_shift=a["norm_shift"], norm_bits=a["norm_bits"],
-                   out_shift=a["out_shift"], out_bits=a["out_bits"], pi=pi, po=po, pp=pp, pack=pack,
-                   inverse=layer.op == "igdn", div_bits=div_bits, name=layer.name)
+        for key, kinds in (("norm_product", PRODUCTS), ("out_product", OUT_PRODUCTS)):
+            if a.get(key, "mul") not in kinds:
+                raise ValueError(f"layer {layer.name}: {key} {a[key]!r} is not supported by the RTL generator "
+                                 f"(GdnUnit: one of {kinds})")
+        try:
+            return cls(t["gamma"], t["beta"], x_bits=a["x_bits"], gamma_bits=a["gamma_bits"],
+                       beta_bits=a["beta_bits"], norm_shift=a["norm_shift"], norm_bits=a["norm_bits"],
+                       out_shift=a["out_shift"], out_bits=a["out_bits"], pi=pi, po=po, pp=pp, pack=pack,
+                       inverse=layer.op == "igdn", div_bits=div_bits, name=layer.name,
+                       norm_product=a.get("norm_product", "mul"), norm_x_shift=a.get("norm_x_shift", 0),
+                       norm_g_shift=a.get("norm_g_shift", 0), out_product=a.get("out_product", "mul"))
+        except ValueError as e:
+            raise ValueError(f"layer {layer.name}: {e}") from None
 
     @property
     def groups(self) -> tuple[int, int]:
@@ -195,6 +259,8 @@ class GdnUnit(wiring.Component):
         ``o`` = channels ``o*PO ..``)."""
         return {"name": self.name, "op": "igdn" if self.inverse else "gdn", "channels": self.channels, "pi": self.pi, "po": self.po,
                 "pp": self.pp, "pack": self.pack, "dsp_pairs": self.dsp_pairs, "dsp_single": self.dsp_single,
+                "norm_product": self.norm_product, "norm_x_shift": self.norm_x_shift,
+                "norm_g_shift": self.norm_g_shift, "out_product": self.out_product,
                 "x_bits": self.x_bits, "norm_shift": self.norm_shift, "norm_bits": self.norm_bits,
                 "out_shift": self.out_shift, "out_bits": self.out_bits, "acc_bits": self.acc_bits,
                 "latency": self.latency,
@@ -225,7 +291,10 @@ class GdnUnit(wiring.Component):
             with m.If(last_g):
                 m.d.sync += o.eq(Mux(last_o, 0, o + 1))
         m.d.comb += [gport.addr.eq(ga), gport.en.eq(advance)]
-        absx = Cat(*(abs(h.word_select(g, pi * xb).word_select(k, xb).as_signed()) for h in held for k in range(pi)))
+        # |x| for the norm: a comparator reads x itself (rtl.mac_pipe.magnitude: ones' complement, no negation)
+        mins = self.norm_product == "min"
+        absx = Cat(*(v if mins else abs(v) for h in held for v in
+                     (h.word_select(g, pi * xb).word_select(k, xb).as_signed() for k in range(pi))))
 
         # ---- gamma |x| (PI x PO x PP multipliers, adder trees), + beta, norm; then x * n and
         # requantize (inverse) or the divider (forward): ``tail`` registers after the norm's
@@ -236,9 +305,14 @@ class GdnUnit(wiring.Component):
         xo = delay(m, Cat(*(h.word_select(o, po * xb) for h in held)), root + 1, advance, "xo")[root + 1]
         gb = self.gamma_bits
         xs = [[absx1[(p * pi + k) * xb:(p * pi + k + 1) * xb] for k in range(pi)] for p in range(pp)]
-        ws = [[gport.data[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb].as_signed() for ii in range(pi)]
-              for oo in range(po)]
-        roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack)
+        xs = [[v.as_signed() for v in lane] for lane in xs] if mins else xs
+        if self.norm_product == "min":   # gamma >= 0: the low gb - 1 bits, unsigned
+            ws = [[gport.data[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb - 1] for ii in range(pi)] for oo in range(po)]
+        else:
+            ws = [[gport.data[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb].as_signed() for ii in range(pi)]
+                  for oo in range(po)]
+        roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack, product=self.norm_product,
+                             x_shift=self.norm_x_shift, w_shift=self.norm_g_shift, x_magnitude=mins)
         m.d.comb += [bport.addr.eq(flags.stage(root - 1)["o"]), bport.en.eq(advance)]
         sr = flags.stage(root)
         beta = [bport.data[k * self.beta_bits:(k + 1) * self.beta_bits].as_signed() for k in range(po)]
@@ -252,8 +326,13 @@ class GdnUnit(wiring.Component):
             xk = xo[k * xb:(k + 1) * xb].as_signed()
             if self.inverse:
                 p = Signal(signed(xb + self.norm_bits + 1), name=f"xn{k}")
+                if self.out_product == "shift":   # e <= norm_bits: x << e fits xb + norm_bits bits
+                    e, zero = pow2_exponent(n)
+                    xn = Mux(zero, 0, (xk << e)[:xb + self.norm_bits].as_signed())
+                else:
+                    xn = xk * n
                 with m.If(advance):
-                    m.d.sync += p.eq(xk * n)
+                    m.d.sync += p.eq(xn)
                 y.append(requantize_expr(p, self.out_shift, self.out_bits, True))
             else:
                 q, _ = divide_round_half_even(m, xk, n, num_shift=max(0, -self.out_shift),

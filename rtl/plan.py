@@ -23,6 +23,13 @@ pixels for a latent grid ``lh x lw``), ``G = Cin/PI * Cout/PO`` and ``PP`` lanes
 ``pack`` puts two products into one DSP48E2 wherever the operands fit
 (:func:`rtl.mac_pipe.packed_dsps`, the same rule as the generators): a layer's DSPs are its
 packed pairs plus its lone multipliers.
+
+MinConv layers (issue 15) use no DSP: a ``conv_transpose2d`` with ``product="min"`` has
+comparators instead of multipliers, an ``igdn`` with ``norm_product="min"`` comparators in
+its norm and with ``out_product="shift"`` shifters instead of its ``x * n`` multipliers
+(:attr:`LayerPlan.product`, :attr:`LayerPlan.out_product`, read by :func:`layer_products`).
+Packing applies to multiplier layers only.  The planner ranks a layer's options by DSPs,
+then by product units a cycle of any kind (multipliers, comparators, shifters).
 """
 from __future__ import annotations
 
@@ -31,10 +38,11 @@ from fractions import Fraction
 
 from amaranth import signed, unsigned
 
-from .mac_pipe import pack_chunk, packed_dsps
+from .gdn import OUT_PRODUCTS
+from .mac_pipe import PRODUCTS, pack_chunk, packed_dsps
 
-__all__ = ["LayerPlan", "plan_decoder", "layer_shapes", "layer_formats", "divisors", "largest_divisor",
-           "heaviest_layer", "default_parallelism", "TAPS", "ROW_TAPS"]
+__all__ = ["LayerPlan", "plan_decoder", "layer_shapes", "layer_formats", "layer_products", "layer_plan", "divisors",
+           "largest_divisor", "heaviest_layer", "default_parallelism", "TAPS", "ROW_TAPS"]
 
 TAPS = 25  # 5x5 kernel, stride 2: 9 + 6 + 6 + 4 taps per 2x2 output block
 ROW_TAPS = (15, 10)  # taps of an even (9 + 6) and of an odd (6 + 4) output row, per column pair
@@ -50,7 +58,9 @@ class LayerPlan:
     scale ``s`` of its input (``4**s`` input pixels per latent pixel), its parallelism
     (``pi`` input channels, ``po`` output channels, ``pp`` output pixels a cycle), ``pack``
     (two products per DSP where they fit) and its operand widths (activation ``x_bits``,
-    weight or gamma ``w_bits``), which decide where packing fits."""
+    weight or gamma ``w_bits``), which decide where packing fits; ``product`` (``"mul"`` or
+    ``"min"``) of its dot products (taps, or a GDN's norm terms) and ``out_product`` (a GDN's
+    ``x * n``: ``"mul"`` or ``"shift"``; ``"mul"`` for a convolution, which has none)."""
     name: str
     op: str
     cin: int
@@ -62,6 +72,19 @@ class LayerPlan:
     pack: bool = False
     x_bits: int = 8
     w_bits: int = 8
+    product: str = "mul"
+    out_product: str = "mul"
+
+    def __post_init__(self) -> None:
+        for key, value, kinds in (("product", self.product, PRODUCTS), ("out_product", self.out_product, OUT_PRODUCTS)):
+            if value not in kinds:
+                raise ValueError(f"layer {self.name}: {key} {value!r} is not supported by the RTL generator's plan "
+                                 f"(one of {kinds})")
+        if self.op == "conv_transpose2d" and self.out_product != "mul":
+            raise ValueError(f"layer {self.name}: out_product belongs to an igdn layer, not a {self.op}")
+        if self.pack and self.product == "min":
+            raise ValueError(f"layer {self.name}: pack puts two multiplications into one DSP; its 'min' products "
+                             f"are comparators (no DSP): plan it with pack=False")
 
     @property
     def groups(self) -> int:
@@ -91,18 +114,43 @@ class LayerPlan:
         return _exact(Fraction(self.frame_cycles(1, self.pp), self.pp))
 
     @property
+    def _out_units(self) -> int:
+        """A GDN's ``x * n`` units (multipliers or shifters): one per output channel and lane."""
+        return self.po * self.pp if self.op == "igdn" else 0
+
+    @property
+    def slots(self) -> int:
+        """Product units a cycle of any kind (multipliers, comparators, shifters)."""
+        return self.pi * self.po * self.pp + self._out_units
+
+    @property
     def multipliers(self) -> int:
-        """Multiplier slots: products a cycle (DSP candidates before packing)."""
-        return self.pi * self.po * self.pp + (self.po * self.pp if self.op == "igdn" else 0)
+        """Multiplier slots: multiplications a cycle (DSP candidates before packing)."""
+        return ((self.pi * self.po * self.pp if self.product == "mul" else 0)
+                + (self._out_units if self.out_product == "mul" else 0))
+
+    @property
+    def comparators(self) -> int:
+        """MinConv comparators: ``min`` products a cycle."""
+        return self.pi * self.po * self.pp if self.product == "min" else 0
+
+    @property
+    def shifters(self) -> int:
+        """A multiplier-free GDN's barrel shifters (``x << e``)."""
+        return self._out_units if self.out_product == "shift" else 0
 
     @property
     def dsp_split(self) -> tuple[int, int]:
-        """(packed DSPs, lone multipliers); a GDN's ``x * n`` products are lone."""
+        """(packed DSPs, lone multipliers); a GDN's ``x * n`` products are lone; comparators
+        and shifters use none."""
+        lone = self._out_units if self.out_product == "mul" else 0
+        if self.product == "min":
+            return 0, lone
         xs = signed(self.x_bits) if self.op == "conv_transpose2d" else unsigned(self.x_bits)   # |x| in a GDN
         ws = signed(self.w_bits)
         pairs, single = packed_dsps(self.pp, self.po, self.pi, self.pack and pack_chunk(ws, xs) > 0,
                                     self.pack and pack_chunk(xs, ws) > 0)
-        return pairs, single + (self.po * self.pp if self.op == "igdn" else 0)
+        return pairs, single + lone
 
     @property
     def dsps(self) -> int:
@@ -111,7 +159,7 @@ class LayerPlan:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "cycles_per_latent": self.cycles_per_latent, "multipliers": self.multipliers,
-                "dsps": self.dsps}
+                "comparators": self.comparators, "shifters": self.shifters, "dsps": self.dsps}
 
 
 def divisors(n: int) -> list[int]:
@@ -143,21 +191,38 @@ def layer_formats(layers) -> list[tuple[int, int]]:
             for l in layers]
 
 
-def _options(name: str, op: str, cin: int, cout: int, scale: int, bits: tuple[int, int], max_pp: int,
+def layer_products(layers) -> list[tuple[str, str]]:
+    """(product, out_product) of each layer: a ``conv_transpose2d``'s ``product`` attr and
+    ``"mul"``; an ``igdn``'s ``norm_product`` and ``out_product`` attrs (absent: ``"mul"``)."""
+    return [(l.attrs.get("product", "mul"), "mul") if l.op == "conv_transpose2d" else
+            (l.attrs.get("norm_product", "mul"), l.attrs.get("out_product", "mul")) for l in layers]
+
+
+def layer_plan(shape: tuple, pi: int, po: int, pp: int, pack: bool, bits: tuple[int, int],
+               products: tuple[str, str]) -> LayerPlan:
+    """The plan of a layer of ``shape`` (:func:`layer_shapes`), formats ``bits``
+    (:func:`layer_formats`) and ``products`` (:func:`layer_products`); ``pack`` where its
+    products are multiplications."""
+    return LayerPlan(*shape, pi, po, pp, pack and products[0] == "mul", *bits, *products)
+
+
+def _options(shape: tuple, bits: tuple[int, int], products: tuple[str, str], max_pp: int,
              pack: bool) -> list[LayerPlan]:
-    return [LayerPlan(name, op, cin, cout, scale, pi, po, pp, pack, *bits)
+    _, _, cin, cout, _ = shape
+    return [layer_plan(shape, pi, po, pp, pack, bits, products)
             for pi in divisors(cin) for po in divisors(cout) for pp in range(1, max_pp + 1)]
 
 
-def _cheapest(shape: tuple, bits: tuple[int, int], budget: int | float, max_pp: int, pack: bool) -> LayerPlan:
+def _cheapest(shape: tuple, bits: tuple[int, int], products: tuple[str, str], budget: int | float, max_pp: int,
+              pack: bool) -> LayerPlan:
     """The plan with the fewest DSPs that needs at most ``budget`` cycles per latent pixel
-    (ties: fewer multiplier slots, fewer cycles, wider PI, fewer lanes); the fully parallel one
-    (``max_pp`` lanes) if none does."""
-    name, op, cin, cout, scale = shape
-    fit = [p for p in _options(name, op, cin, cout, scale, bits, max_pp, pack) if p.cycles_per_latent <= budget]
+    (ties: fewer product units a cycle, fewer cycles, wider PI, fewer lanes); the fully
+    parallel one (``max_pp`` lanes) if none does."""
+    _, _, cin, cout, _ = shape
+    fit = [p for p in _options(shape, bits, products, max_pp, pack) if p.cycles_per_latent <= budget]
     if not fit:
-        return LayerPlan(name, op, cin, cout, scale, cin, cout, max_pp, pack, *bits)
-    return min(fit, key=lambda p: (p.dsps, p.multipliers, p.cycles_per_latent, -p.pi, p.pp))
+        return layer_plan(shape, cin, cout, max_pp, pack, bits, products)
+    return min(fit, key=lambda p: (p.dsps, p.slots, p.cycles_per_latent, -p.pi, p.pp))
 
 
 def heaviest_layer(layers) -> tuple[str, str, int, int, int]:
@@ -184,10 +249,11 @@ def plan_decoder(layers, pi: int, po: int, pp: int = 1, *, max_pp: int = 1, pack
     """Balanced plan: (``pi``, ``po``, ``pp``) for the heaviest transposed convolution, the
     cheapest sufficient parallelism for every other layer, with at most ``max_pp`` lanes
     (default 1: channel parallelism only, as the earlier plans; a layer that cannot keep up
-    gets full parallelism).  ``pack``: two products per DSP where they fit, in every layer.
+    gets full parallelism).  ``pack``: two products per DSP where they fit, in every
+    multiplier layer.
     Raises ValueError naming the layer when ``pi``/``po`` do not divide its channels."""
     layers = list(layers)
-    shapes, formats = layer_shapes(layers), layer_formats(layers)
+    shapes, formats, products = layer_shapes(layers), layer_formats(layers), layer_products(layers)
     name, _, cin, cout, scale = heaviest_layer(layers)
     for v, n, what in ((pi, cin, "--pi"), (po, cout, "--po")):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1 or n % v:
@@ -197,6 +263,6 @@ def plan_decoder(layers, pi: int, po: int, pp: int = 1, *, max_pp: int = 1, pack
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
             raise ValueError(f"{what} (output pixels per cycle) must be an integer in [1, 256], not {v!r}")
     k = [s[0] for s in shapes].index(name)
-    top = LayerPlan(name, "conv_transpose2d", cin, cout, scale, pi, po, pp, pack, *formats[k])
-    return [top if s[0] == name else _cheapest(s, f, top.cycles_per_latent, max_pp, pack)
-            for s, f in zip(shapes, formats)]
+    top = layer_plan(shapes[k], pi, po, pp, pack, formats[k], products[k])
+    return [top if s[0] == name else _cheapest(s, f, pr, top.cycles_per_latent, max_pp, pack)
+            for s, f, pr in zip(shapes, formats, products)]

@@ -74,7 +74,7 @@ def test_one_name_per_command():
             "bench all", "watermark extract", "watermark attack", "watermark deploy"} <= names
     assert not names & {"sim decode", "sim image", "watermark report", "kd-study", "bundle-info", "rd-plot"}
     assert {p[1] for p in COMMANDS if len(p) == 2 and p[0] == "bench"} == {
-        "codec", "decoder", "kd", "lic", "minconv", "watermark", "all"}
+        "codec", "decoder", "kd", "lic", "minconv", "minconv-lic", "watermark", "all"}
     assert _option(COMMANDS[("flow",)], "--digits").help == "run the MinConv digits slice instead of the LIC flow"
     for path, flags in {("bench", "watermark"): ["--hosts", "--products", "--quick"],
                         ("bench", "kd"): ["--base-steps", "--ft-steps", "--widths", "--seeds", "--lambdas", "--work",

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from licforge.errors import UsageError
 from licforge.flows.cli import main
 from licforge.models.data import CropSampler, embedded_images
 from licforge.models.lic import CheckpointError, build_lic, load_weights, save_weights, student_config
@@ -121,6 +122,73 @@ def test_distillation_terms_and_identical_crops(train_images):
         train_lic(net, CropSampler(train_images, 32, 2), tcfg, arch={}, log=None)
 
 
+def test_precomputed_teacher_targets_are_cropped_with_the_images_and_the_teacher_runs_once(train_images):
+    """kd_targets="precomputed": the sampler cuts the attached per-image targets at the crops'
+    positions and flips (targets = the images themselves give back the crops exactly), the
+    teacher runs once per training image (not per step), and the KD term of a step is the MSE
+    against the teacher's whole-image reconstruction, cropped."""
+    from licforge.models.lic_train import teacher_reconstructions
+
+    s = CropSampler(train_images, 32, 4, seed=5)
+    s.attach_targets([torch.from_numpy(im).permute(2, 0, 1).float() / 256.0 for im in train_images.values()])
+    plain = CropSampler(train_images, 32, 4, seed=5)
+    for _ in range(3):
+        x, t = s.sample()
+        assert torch.equal(x, plain()) and torch.equal(t, x)
+    with pytest.raises(ValueError, match=r"target of image '.*' is \(8, 8\), the image \(96, 96\)"):
+        s.attach_targets([torch.zeros(3, 8, 8)] * len(train_images))
+
+    torch.manual_seed(1)
+    teacher = build_lic(student_config(8, gdn="gdn"))
+    calls = []
+    teacher.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    ref = teacher_reconstructions(teacher, train_images)
+    assert calls == [(1, 3, 128, 128)] * len(train_images) and ref[0].shape == (3, 96, 96)
+    calls.clear()
+    torch.manual_seed(2)
+    net = build_lic(student_config(4))
+    tcfg = TrainConfig(steps=3, crop=32, batch=2, kd_recon=1.0, lr=1e-9, kd_targets="precomputed")
+    sampler, seen = CropSampler(train_images, 32, 2, seed=4), []
+    sample = sampler.sample
+    sampler.sample = lambda part=None: seen.append(sample(part)) or seen[-1]
+    rec = train_lic(net, sampler, tcfg, arch={}, teacher=teacher, log_every=1, log=None)
+    assert len(calls) == len(train_images)       # the reconstructions, then no teacher pass in 3 steps
+    crops = CropSampler(train_images, 32, 2, seed=4)
+    crops.attach_targets(ref)
+    for got in seen:
+        want = crops.sample()
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    x, t = seen[0]
+    net.train()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        x_hat = net(x)["x_hat"]
+    assert rec["history"][0]["kd_recon"] == pytest.approx(float(((x_hat - t) ** 2).mean() * 255 ** 2), rel=0.05)
+    with pytest.raises(ValueError, match="the latent term .kd_latent > 0. needs kd_targets 'online'"):
+        TrainConfig(kd_latent=1.0, kd_targets="precomputed")
+
+
+def test_cli_precomputed_targets_are_computed_once_per_teacher_and_data(train_images, tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / "img" / split).mkdir(parents=True)
+        for name, im in list(train_images.items())[:2]:
+            Image.fromarray(im).save(tmp_path / "img" / split / f"{name}.png")
+    torch.manual_seed(1)
+    tcfg = student_config(8, gdn="gdn")
+    save_weights(build_lic(tcfg), tcfg, tmp_path / "t.pt", {"lmbda": 0.013})
+    cmd = ["distill", "--N", "4", "--teacher", str(tmp_path / "t.pt"), "--data", str(tmp_path / "img"), "--steps", "2",
+           "--crop", "32", "--batch", "2", "--kd-targets", "precomputed"]
+    for k in range(2):
+        assert main(cmd + ["--out", str(tmp_path / "out" / f"s{k}.pt")]) == 0
+        log = capsys.readouterr().out
+        assert ("teacher reconstructions of 2 training images" in log) == (k == 0)
+    assert len(list((tmp_path / "out" / "kd-targets").glob("*.pt"))) == 1
+    assert main(cmd + ["--kd-latent", "1", "--out", str(tmp_path / "x.pt")]) == 2
+    assert "--kd-targets 'precomputed' holds the teacher's reconstructions only" in capsys.readouterr().err
+
+
 def test_cli_refuses_a_corrupt_teacher_and_a_bad_crop(tmp_path, capsys):
     bad = tmp_path / "t.pt"
     bad.write_bytes(b"\x00" * 100)
@@ -224,11 +292,37 @@ def test_kd_study_with_given_teachers_trains_no_teacher_and_evaluates_them():
     assert "s16_recon1_base" not in by and len(jobs) == 5 + 2 * 2 * 5 + 4 + 2 * 2 * 4
     assert all(j.args[j.args.index("--data") + 1] == "photos" for j in jobs if j.kind != "given")
     assert by["eval_teacher_l0.0250"].info == {"model": "teacher_l0.0250", "teacher": True}
-    with pytest.raises(ValueError, match="no teacher for lambda 0.0067"):
+    pre = {j.name: j for j in plan_kd(Path("w"), 40, 10, widths=(16,), seeds=(0,), arms=("nokd", "mix50"),
+                                      lambdas=(0.0035, 0.0067, 0.013, 0.025), teachers=given,
+                                      kd_targets="precomputed")}
+    args = pre["s16_mix50_l0.0067"].args
+    assert args[args.index("--kd-targets") + 1] == "precomputed" and args[-2:] == ["--teacher", "t/0.0067.pt"]
+    assert "--kd-targets" not in pre["s16_nokd_l0.0067"].args
+    with pytest.raises(UsageError, match=r"--teachers: no teacher for lambda 0.0067: give one weight file per "
+                                         r"lambda of --lambdas \(0.0035, 0.0067, 0.013, 0.025\)"):
         plan_kd(Path("w"), 40, 10, lambdas=(0.0035, 0.0067, 0.013, 0.025),
                 teachers={k: v for k, v in given.items() if k != 0.0067})
     with pytest.raises(ValueError, match="arms must include nokd"):
         plan_kd(Path("w"), 40, 10, arms=("mix50",))
+
+
+def test_kd_verdict_pairs_students_by_seed_and_gives_the_spread():
+    """Each KD student is compared with the student without KD of its own seed: KD curves
+    0.1/0.2/0.3 dB above their twins give BD-PSNR 0.1/0.2/0.3 per seed, mean 0.2, sd 0.1."""
+    from licforge.bench.kd_study import _curve, _distillation
+
+    base = [(0.1, 25.0), (0.2, 27.0), (0.3, 28.2), (0.4, 29.0)]
+    curves = {"teacher": [(r, p + 2.0) for r, p in base]}
+    for seed, (off, gain) in enumerate([(0.0, 0.1), (0.5, 0.2), (-0.3, 0.3)]):
+        curves[_curve(16, "nokd", seed)] = [(r, p + off) for r, p in base]
+        curves[_curve(16, "mix50", seed)] = [(r, p + off + gain) for r, p in base]
+    rec = _distillation(curves, 16, [0, 1, 2], ("nokd", "mix50"))["mix50"]
+    assert [round(v["bd_psnr_vs_nokd_db"], 9) for v in rec["seeds"].values()] == [0.1, 0.2, 0.3]
+    assert rec["bd_psnr_vs_nokd_db"] == pytest.approx(0.2, abs=1e-9)
+    spread = rec["spread"]["bd_psnr_vs_nokd_db"]
+    assert spread["min"] == pytest.approx(0.1) and spread["max"] == pytest.approx(0.3)
+    assert spread["sd"] == pytest.approx(0.1, abs=1e-9)
+    assert rec["bd_rate_vs_nokd_pct"] < 0 and rec["spread"]["bd_rate_vs_nokd_pct"]["max"] < 0
 
 
 def test_cli_device_is_checked_before_training(tmp_path, capsys):
