@@ -53,7 +53,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "watermark.permute_seed": (0, 2**31 - 1),
     "rtl.pi": (1, 1024), "rtl.po": (1, 1024), "rtl.clock_mhz": (1.0, 2000.0), "verify.crop": (0, 1 << 16),
 }
-CHOICES = {"watermark.scheme": ("watermas", "uchida", "none"), "synth.family": ("xc7", "xcu", "xcup")}
+CHOICES = {"student.product": ("mul", "min"), "watermark.scheme": ("watermas", "uchida", "none"), "synth.family": ("xc7", "xcu", "xcup")}
 WATERMARK_SWEEPS = {"noise": (0, 100), "prune": (0, 1), "finetune": (0, 10**6), "quant_bits": (2, 16)}
 SCHEME_NAMES = {"watermas": "WaterMAS", "uchida": "Uchida", "none": "no watermark"}
 
@@ -148,9 +148,14 @@ def _check_semantics(cfg: dict) -> None:
                          "or a number of training steps")
     if cfg["student"]["init"]:
         try:
-            load_weights(cfg["student"]["init"], expect=student_config(cfg["student"]["N"]))
+            init_cfg = load_weights(cfg["student"]["init"])[1]
+            load_weights(cfg["student"]["init"], expect=student_config(cfg["student"]["N"], product=init_cfg.product))
         except CheckpointError as e:
             raise UsageError(f"config key student.init: {e}") from None
+        if init_cfg.product != cfg["student"]["product"] and cfg["student"]["steps"] == 0:
+            raise UsageError(f"config keys student.product = \"{cfg['student']['product']}\" and student.steps = 0: "
+                             f"student.init is a '{init_cfg.product}' student; converting it needs distillation "
+                             f"steps")
     elif cfg["student"]["steps"] == 0:
         raise UsageError("config keys student.init = \"\" and student.steps = 0: an untrained student")
     if cfg["student"]["crop"] % 16:
@@ -241,7 +246,7 @@ def _distill(ctx: StageContext) -> dict:
     from licforge.quant.train import train_model
 
     s = ctx.config["student"]
-    cfg = student_config(s["N"])
+    cfg = student_config(s["N"], product=s["product"])
     out = ctx.dir / "student.pt"
     if s["steps"] == 0:
         net, _, meta = load_weights(s["init"], expect=cfg)
@@ -412,6 +417,8 @@ def _watermark(ctx: StageContext) -> dict:
 def _qonnx(ctx: StageContext) -> dict:
     from licforge.quant.qonnx import export_synthesis
 
+    if ctx.config["student"]["product"] == "min":
+        return {"skipped": "student.product = \"min\": QONNX has no operator for a signed-minimum product"}
     return export_synthesis(ctx.results["qat"]["quant_model"], ctx.dir, data=ctx.config["data"]["folder"] or None)
 
 
@@ -419,6 +426,8 @@ def _qonnx_section(q: dict):
     """The QONNX hand-off: equality with Brevitas and what FINN can build of each layer."""
     from licforge.flows.report import Section, Table
 
+    if "skipped" in q:
+        return Section("QONNX export (for FINN)", text=f"not exported: {q['skipped']}")
     if "error" in q:
         return Section("QONNX export (for FINN)", status="fail", text=f"export failed: {q['error']}",
                        tables=[Table(["layer", "FINN", "reasons"], [[u["layer"], u["finn"], "; ".join(u["reasons"])]
@@ -576,7 +585,7 @@ def run_flow(config_path: Path | None = None, *, run_dir: Path | None = None, fo
         failures.append(f"RTL decode: {res['verify']['mismatches']} pixel mismatches against the golden decoder")
     if res.get("watermark", {}).get("ber_memory_files"):
         failures.append(f"watermark BER {res['watermark']['ber_memory_files']:.4f} in the deployed memory files")
-    if res.get("qonnx") and not res["qonnx"].get("exact"):
+    if res.get("qonnx") and "skipped" not in res["qonnx"] and not res["qonnx"].get("exact"):
         failures.append(f"QONNX export: {res['qonnx'].get('error') or 'output differs from Brevitas'}")
     if failures:
         raise CheckFailed("; ".join(failures) + f" (see {cfg['run']['dir']})")
