@@ -73,12 +73,15 @@ def _cmd_embed(args) -> int:
     from licforge.watermark.layers import chain_weights, model_chain
 
     need_int(args.payload, "--payload", 1, 1 << 20)
+    need_int(args.repeat, "--repeat", 1, 64)
+    if args.repeat > 1 and args.scheme != "watermas":
+        raise UsageError(f"--repeat {args.repeat}: a repetition code is for --scheme watermas only; drop --repeat")
     out = Path(args.out) if args.out else Path(args.build) / "watermark"
     host = _host(args)
     base = host.train_base(args.product)
     params = MarkerParams(watermas_lam=args.lam if args.lam is not None else MarkerParams.watermas_lam,
                           uchida_lam=args.lam if args.lam is not None else MarkerParams.uchida_lam,
-                          min_bits=args.min_bits)
+                          min_bits=args.min_bits, watermas_repeat=args.repeat)
     layers = args.layers.split(",") if args.layers else None
     try:
         net, key = host.embed(base, args.scheme, args.payload, args.key_seed, params=params, layers=layers)
@@ -395,6 +398,8 @@ def register(groups: dict) -> None:
     p.add_argument("--layers", help="comma-separated layers the key may use (default: all)")
     p.add_argument("--lam", type=float, help="embedding strength (default: WaterMAS 1.0, Uchida 0.1)")
     p.add_argument("--min-bits", type=int, default=4, help="coarsest deployment bit width (WaterMAS floor)")
+    p.add_argument("--repeat", type=int, default=1, help="WaterMAS weights per bit, read by a soft majority "
+                   "(default 1; 3 survives obfuscation + pruning, see README)")
     p.add_argument("--out", default=None, help="directory for model.pt (and key.json) (default <build>/watermark)")
     p.add_argument("--key", help="key file (default OUT/key.json)")
     common(p)

@@ -93,6 +93,9 @@ def test_verify_gives_matched_bits_p_value_and_a_calibrated_verdict(embedded, ca
      "--reference re-synchronizes a bundle or a model file (the layer graph is needed), not a Verilog directory"),
     (["watermark", "attack", "BUNDLE", "--attack", "noise", "--out", "x"],
      "--attack noise works on a float model file; a bundle directory can be permuted"),
+    (["watermark", "embed", "--scheme", "uchida", "--repeat", "3"],
+     "--repeat 3: a repetition code is for --scheme watermas only; drop --repeat"),
+    (["watermark", "embed", "--repeat", "0"], "--repeat must be between 1 and 64, not 0"),
 ])
 def test_bad_input_is_one_line_exit_2(embedded, capsys, args, needle):
     named = {"KEY": "key.json", "BUNDLE": "b4", "RTL": "b4_rtl", "MODEL": "model.pt"}

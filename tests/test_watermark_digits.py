@@ -1,5 +1,7 @@
 """WaterMAS and Uchida on the digits classifier: embed, deploy (QAT), read back from the
 bundle's integers and from the weight-ROM init files; wrong keys read noise."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,11 +10,14 @@ from licforge.models.digits import DigitsNet
 from licforge.models.training import classifier_loss, train
 from licforge.quant.digits import export_digits_bundle, quantize_digits
 from licforge.rtl.weight_rom import read_weight_roms, write_weight_roms
-from licforge.watermark.digits import DigitsHost
+from licforge.watermark.attacks import magnitude_prune
+from licforge.watermark.digits import DigitsHost, digits_net
 from licforge.watermark.extract import ber
 from licforge.watermark.keys import make_key
-from licforge.watermark.layers import bundle_chain, chain_weights, model_chain
-from licforge.watermark.markers import bind_marker
+from licforge.watermark.layers import bundle_chain, chain_weights, load_chain_weights, model_chain
+from licforge.watermark.obfuscate import Obfuscation, obfuscate
+from licforge.watermark.resync import resynchronize
+from licforge.watermark.markers import MarkerParams, bind_marker
 from licforge.watermark.watermas import WaterMAS
 
 
@@ -125,3 +130,20 @@ def test_markers_refuse_the_wrong_host():
         bind_marker(key, net)  # an unmarked network: about half the signs disagree
     with pytest.raises(ValueError, match=r"layer 'conv2': the key is for shape \[16, 8, 3, 3\], the model's is \[8, 8, 3, 3\]"):
         WaterMAS(key, DigitsNet(c2=8))
+
+
+def test_repetition_reads_every_bit_after_obfuscation_and_pruning(host, base):
+    """Obfuscation (scaling, splits, dummies, permutation), then 50 % magnitude pruning and the
+    attacker's 8-bit QAT: the down-scaled neurons lose key weights, so a key of one weight per bit
+    reads 4 of 64 bits wrong even re-synchronized; the same 64 bits written 12 times each and read
+    by a soft majority come back whole."""
+    wrong = {}
+    for repeat in (1, 12):
+        net, key = host.embed(base, "watermas", 64, key_seed=1, params=MarkerParams(watermas_repeat=repeat))
+        reference = model_chain(net)
+        obf = digits_net(obfuscate(reference, Obfuscation(), 7)[0])
+        pruned = copy.deepcopy(obf)
+        load_chain_weights(pruned, magnitude_prune(chain_weights(model_chain(obf)), 0.5))
+        suspect = bundle_chain(host.deploy(pruned, 8, None, epochs=3, data=host.attacker))
+        wrong[repeat] = round(64 * ber(key, chain_weights(resynchronize(reference, suspect)[1])))
+    assert wrong == {1: 4, 12: 0}

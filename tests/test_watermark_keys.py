@@ -110,3 +110,44 @@ def test_key_refuses_another_network(chain):
     with pytest.raises(ValueError, match=r"layer 'fc': weight shape \[10, 128\] != the key's \[10, 256\]; "
                                           r"was the key made for another network\?"):
         extract_bits(key, other)
+
+
+def test_repetition_key_spreads_every_bit_over_several_positions(chain, tmp_path):
+    key = make_key("watermas", chain, 48, seed=5, repeat=3)
+    plain = make_key("watermas", chain, 48, seed=5)
+    assert key.payload == 48 and key.repeat == 3 and plain.repeat == 1
+    assert len(set(key.positions)) == 144 and np.array_equal(np.bincount(key.groups), np.full(48, 3))
+    assert np.array_equal(key.bits, plain.bits)  # same bits; repeat=1 draws the key it always drew
+    assert np.array_equal(plain.groups, np.arange(48)) and np.array_equal(key.position_bits, key.bits[key.groups])
+    back = load_key(save_key(key, tmp_path / "key.json"))
+    assert back.positions == key.positions and np.array_equal(back.groups, key.groups) and back.repeat == 3
+    _edit(tmp_path / "key.json", groups=[0] * 144)
+    with pytest.raises(KeyFileError, match=r"'groups' must name every bit 0..47 3 times"):
+        load_key(tmp_path / "key.json")
+    with pytest.raises(ValueError, match="payload 30 x repeat 3 exceeds the 72 weights of layers"):
+        make_key("watermas", chain, 30, seed=0, layers=["conv1"], repeat=3)
+    with pytest.raises(ValueError, match="repeat must be a positive number of WaterMAS weights per bit, not 2 for "
+                                         "a uchida key"):
+        make_key("uchida", chain, 16, seed=0, repeat=2)
+
+
+def test_repetition_is_read_by_a_soft_majority(chain):
+    """A bit reads the sign of the sum of its copies, each relative to its layer's largest weight:
+    one surviving copy at the floor outvotes two small regrown copies of the wrong sign (a hard
+    majority of signs would read it wrong); a bit whose copies are all zero reads 0."""
+    key = make_key("watermas", chain, 40, seed=2, repeat=3)
+    w = {n: np.zeros_like(a) for n, a in chain_weights(chain).items()}
+    for n in w:
+        w[n].reshape(-1)[0] = 8.0  # every layer's largest magnitude: 8
+    sign = 2.0 * key.position_bits - 1
+    first = np.array([list(key.groups).index(g) for g in range(40)])  # one copy of each bit
+    vals = np.where(np.isin(np.arange(120), first), 2.0 * sign, -0.25 * sign)
+    for n, (idx, k) in key.positions_by_layer().items():
+        sel = [j for j, (m, _) in enumerate(key.positions) if m == n]
+        w[n].reshape(-1)[idx] = vals[sel]
+    assert ber(key, w) == 0.0
+    hard = np.array([np.sum(vals[key.groups == g] > 0) >= 2 for g in range(40)])
+    assert np.mean(hard != key.bits) == 1.0
+    for n, (idx, k) in key.positions_by_layer().items():
+        w[n].reshape(-1)[idx] = 0.0
+    assert np.array_equal(extract_bits(key, w), np.zeros(40, np.uint8))

@@ -81,6 +81,7 @@ class AdversaryConfig:
     alpha: float = ALPHA
     seed: int = 0
     params: MarkerParams = field(default_factory=MarkerParams)
+    key_weights: int | None = 768
 
 
 def calibrations(key: WatermarkKey, reference: list[Layer], nulls: list[list[Layer]], count: int, alpha: float,
@@ -233,7 +234,8 @@ def run_adversary(cfg: AdversaryConfig = AdversaryConfig(), *, cache: Path | Non
             for payload in cfg.payloads:
                 tag = f"[adversary {product} {scheme} {payload} bits]"
                 try:
-                    net, key = host.embed(base, scheme, payload, cfg.key_seed, params=cfg.params)
+                    net, key = host.embed(base, scheme, payload, cfg.key_seed,
+                                          params=cfg.params.spread(payload, cfg.key_weights))
                 except ValueError as e:
                     log(f"{tag} not embedded: {e}")
                     pres["runs"][f"{scheme}/{payload}"] = {"scheme": scheme, "payload": payload, "skipped": str(e)}
@@ -242,7 +244,8 @@ def run_adversary(cfg: AdversaryConfig = AdversaryConfig(), *, cache: Path | Non
                 owner = host.deploy(net, cfg.bits, key)
                 owner_acc = host.bundle_accuracy(owner)
                 cals = calibrations(key, reference, nulls, cfg.nulls, cfg.alpha, cfg.merge, info)
-                run = {"scheme": scheme, "payload": payload, "accuracy_marked": host.accuracy(net),
+                run = {"scheme": scheme, "payload": payload, "repeat": key.repeat,
+                       "accuracy_marked": host.accuracy(net),
                        "owner_deployed_accuracy": owner_acc,
                        "calibration": {m: c.to_dict() for m, c in cals.items()},
                        "owner_deployed": verdicts(key, reference, bundle_chain(owner), cals)}

@@ -98,7 +98,7 @@ class DigitsHost:
         net = copy.deepcopy(base)
         model = {"arch": "digits", "product": "mul" if base.exact else "min", "c1": base.c1, "c2": base.c2}
         key = make_key(scheme, model_chain(net), payload, key_seed, layers=layers, model=model,
-                       params=params.for_scheme(scheme))
+                       params=params.for_scheme(scheme), repeat=params.repeat(scheme))
         marker = bind_marker(key, net, write=True)
         return self.continue_training(net, marker), key
 

@@ -76,8 +76,9 @@ def _flip_cost(target: InterceptTarget, net: nn.Module, p: torch.Tensor, idx: in
 
 def forge_watermas(key: WatermarkKey, net: nn.Module, count: int, target: InterceptTarget, *,
                    negate: bool = False) -> WatermarkKey:
-    """Flip the ``count`` cheapest key weights of ``net`` in place (module docstring): overwrite
-    with the opposite sign at the smallest magnitude the deployed integers carry, or with
+    """Flip the ``count`` cheapest bits of ``net`` in place (module docstring), every key weight
+    of each (all copies, for a key with ``repeat`` > 1; a bit costs the sum of its copies' prices):
+    overwrite with the opposite sign at the smallest magnitude the deployed integers carry, or with
     ``negate`` the sign flip ``w -> -w``; returns the attacker's key: those positions with the
     flipped bits, no sharpness term (``lam = 0``)."""
     if key.scheme != "watermas":
@@ -92,13 +93,16 @@ def forge_watermas(key: WatermarkKey, net: nn.Module, count: int, target: Interc
         value = -w if negate else (-mu if w > 0 else mu)
         new_values.append(value)
         costs.append(_flip_cost(target, net, p, idx, value, base))
-    chosen = sorted(np.argsort(costs, kind="stable")[:count].tolist())
+    bit_cost = np.zeros(key.payload)
+    np.add.at(bit_cost, key.groups, costs)  # a bit of a repetition code moves with all its copies
+    bits = np.argsort(bit_cost, kind="stable")[:count]
+    chosen = np.flatnonzero(np.isin(key.groups, bits)).tolist()
     with torch.no_grad():
         for k in chosen:
             name, idx = key.positions[k]
             mods[name].weight.view(-1)[idx] = new_values[k]
     positions = [key.positions[k] for k in chosen]
-    return WatermarkKey("watermas", key.seed, (1 - key.bits[chosen]).astype(np.uint8),
+    return WatermarkKey("watermas", key.seed, (1 - key.position_bits[chosen]).astype(np.uint8),
                         {n: key.layers[n] for n in sorted({p[0] for p in positions})}, positions,
                         dict(key.model), {**key.params, "lam": 0.0})
 

@@ -69,11 +69,11 @@ class LICHost:
         bpp, mse = rd_terms(net(x), x)
         return bpp + self.lmbda * mse
 
-    def key(self, scheme: str, payload: int, seed: int, params: dict | None = None) -> WatermarkKey:
-        """A key over the decoder layers of the student."""
+    def key(self, scheme: str, payload: int, seed: int, params: dict | None = None, repeat: int = 1) -> WatermarkKey:
+        """A key over the decoder layers of the student (``repeat``: WaterMAS weights per bit)."""
         return make_key(scheme, model_chain(self.net), payload, seed, layers=DECODER_LAYERS,
                         model={"arch": "lic", "student": self.weights.name, "N": self.cfg.N, "M": self.cfg.M},
-                        params=params)
+                        params=params, repeat=repeat)
 
     def quantize(self, w_bits: int, recipe: str = "hybrid8") -> nn.Module:
         """The PTQ'd Brevitas student, ``recipe`` with ``w_bits``-bit convolution weights."""

@@ -61,6 +61,7 @@ class LICAdversaryConfig:
     qat_steps: int = 150
     key_seed: int = 1
     params: MarkerParams = MarkerParams(uchida_lam=1.0)
+    key_weights: int | None = 768
     obfuscation_seed: int = 7
     prune: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5)
     finetune_steps: tuple[int, ...] = (50, 200, 600)
@@ -235,7 +236,8 @@ def run_lic_adversary(cfg: LICAdversaryConfig = LICAdversaryConfig(), *, metric:
     res: dict = {"config": {**asdict(cfg), "params": asdict(cfg.params)}, "student": host.weights.name,
                  "N": host.cfg.N, "M": host.cfg.M, "ber_limit": BER_LIMIT, "runs": {}}
     for scheme in cfg.schemes:
-        key = host.key(scheme, cfg.payload, cfg.key_seed, cfg.params.for_scheme(scheme))
+        params = cfg.params.spread(cfg.payload, cfg.key_weights)
+        key = host.key(scheme, cfg.payload, cfg.key_seed, params.for_scheme(scheme), params.repeat(scheme))
         q = host.quantize(cfg.w_bits)
         host.qat(q, bind_marker(key, q, write=scheme == "watermas"))
         tag = f"{scheme}_{cfg.payload}"
@@ -243,7 +245,8 @@ def run_lic_adversary(cfg: LICAdversaryConfig = LICAdversaryConfig(), *, metric:
         owner = metric(owner_b, f"{tag}_owner")
         reference = model_chain(q)
         cals = calibrations(key, reference, nulls, cfg.nulls, cfg.alpha, info=info)
-        run = {"scheme": scheme, "payload": cfg.payload, "key_layers": sorted(key.layers), "owner": owner,
+        run = {"scheme": scheme, "payload": cfg.payload, "repeat": key.repeat, "key_layers": sorted(key.layers),
+               "owner": owner,
                "calibration": {m: c.to_dict() for m, c in cals.items()},
                "owner_deployed": verdicts(key, reference, owner_b.layers, cals)}
         log(f"[LIC adversary {tag}] owner {owner}; thresholds direct {cals['direct'].threshold}, re-sync "

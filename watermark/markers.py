@@ -6,7 +6,7 @@ repeating them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from torch import nn
@@ -21,13 +21,25 @@ __all__ = ["MarkerParams", "bind_marker"]
 
 @dataclass(frozen=True)
 class MarkerParams:
-    """Embedding strengths: WaterMAS ``lam``/``rho``/``cap`` and bit floor, Uchida ``lam``."""
+    """Embedding strengths: WaterMAS ``lam``/``rho``/``cap``, bit floor and ``repeat`` (weights per
+    bit, a repetition code drawn into the key), Uchida ``lam``."""
     watermas_lam: float = 1.0
     watermas_rho: float = 1.0
     watermas_cap: float = 0.5
     min_bits: int = 4
     floor_lsb: float = 1.5
     uchida_lam: float = 0.1
+    watermas_repeat: int = 1
+
+    def repeat(self, scheme: str) -> int:
+        """Key positions per bit for ``scheme`` (a repetition code is WaterMAS's only)."""
+        return self.watermas_repeat if scheme == "watermas" else 1
+
+    def spread(self, payload: int, key_weights: int | None) -> "MarkerParams":
+        """These strengths with ``watermas_repeat`` set so that a ``payload``-bit WaterMAS key
+        spends about ``key_weights`` weights (``key_weights // payload`` per bit, at least 1);
+        unchanged for None."""
+        return self if key_weights is None else replace(self, watermas_repeat=max(1, key_weights // payload))
 
     def for_scheme(self, scheme: str) -> dict[str, Any]:
         if scheme == "watermas":

@@ -232,6 +232,14 @@ def _digits_tables(results: dict) -> list[_Table]:
 # The informed-attacker study (watermark.adversary, watermark.lic_adversary)
 
 _SCHEME = {"watermas": "WaterMAS", "uchida": "Uchida"}
+
+
+def _mark(r: dict) -> str:
+    """A run's mark: scheme, payload, and the copies per bit of a repetition code."""
+    rep = int(r.get("repeat", 1))
+    return f"{_SCHEME[r['scheme']]} {r['payload']}" + (f" x{rep}" if rep > 1 else "")
+
+
 _OBF_ATTACKS = {"prune": "magnitude pruning rate", "finetune": "fine-tuning steps", "quantize": "attacker QAT bits"}
 
 
@@ -266,7 +274,7 @@ def _plot_nulls(results: dict, path: Path) -> None:
         marked = [_verdict_rows(r)[k]["resync"]["matched"] for k in _verdict_rows(r)]
         for m in marked:
             ax.axvline(100 * m / n, color="k", lw=0.8, alpha=0.6)
-        ax.set_title(f"{host}, {_SCHEME[r['scheme']]} {n} b", fontsize=9)
+        ax.set_title(f"{host}, {_mark(r)} b", fontsize=9)
         ax.set_xlabel("bits matched (%)")
         ax.set_xlim(0, 101)
     for ax in list(axes.flat)[len(panels):]:
@@ -317,7 +325,7 @@ def _plot_obfuscation(results: dict, path: Path) -> None:
             ax.plot(xs, [100 * p["resync"]["psi"] for p in pts], "s-", ms=3, label="Psi (%)")
             ax.set_ylim(-3, 103)
             ax.set_xlabel(_OBF_ATTACKS[a])
-            ax.set_title(f"{host}, {_SCHEME[r['scheme']]} {r['payload']} b", fontsize=9)
+            ax.set_title(f"{host}, {_mark(r)} b", fontsize=9)
             if a == "quantize":
                 ax.invert_xaxis()
             tw = ax.twinx()
@@ -364,7 +372,7 @@ def _plot_intercept(results: dict, path: Path) -> None:
                 pts = sorted((v for (m, _), v in best.items() if m == mode), key=lambda v: v["target_ber"])
                 style = "-" if r["scheme"] == "watermas" else "--"
                 ax.plot([100 * p["ber"] for p in pts], [scale * p[f"{metric}_loss"] for p in pts], style, marker="o",
-                        ms=4, label=f"{_SCHEME[r['scheme']]} {r['payload']} b, {mode}")
+                        ms=4, label=f"{_mark(r)} b, {mode}")
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xlabel("deployed BER reached (%)")
         ax.set_ylabel("accuracy lost (points)" if metric == "accuracy" else "PSNR lost (dB)")
@@ -404,7 +412,7 @@ def adversary_tables(results: dict) -> str:
                 continue
             d, s = r["calibration"]["direct"], r["calibration"]["resync"]
             fp = lambda c: f"{round(c['false_positive_rate'] * len(c['heldout_matches']))}/{len(c['heldout_matches'])}"  # noqa: E731
-            rows.append([host, _SCHEME[r["scheme"]], str(r["payload"]),
+            rows.append([host, _SCHEME[r["scheme"]], _mark(r).split(" ", 1)[1],
                          f"{min(d['null_matches'])}–{max(d['null_matches'])} / {min(s['null_matches'])}–"
                          f"{max(s['null_matches'])}", f"{d['threshold']} / {s['threshold']}", f"{fp(d)} / {fp(s)}",
                          f"{r['owner_deployed']['direct']['matched']} (p {_p(r['owner_deployed']['direct'])})"])
@@ -420,7 +428,7 @@ def adversary_tables(results: dict) -> str:
                 if name == "owner deployment":
                     continue
                 rv = v["resync"]
-                rows.append([host, f"{_SCHEME[r['scheme']]} {r['payload']}", name, f"{unit * v[metric]:.1f}",
+                rows.append([host, _mark(r), name, f"{unit * v[metric]:.1f}",
                              _pct(v["direct"]["ber"]), _pct(rv["ber"]), _pct(rv["ber_true_origins"]),
                              _pct(rv["psi"]), _p(rv), "present" if rv["present"] else "absent"])
     if rows:
@@ -446,7 +454,7 @@ def adversary_tables(results: dict) -> str:
             for mode in sorted({m for m, _ in best}):
                 cells = {f: f"{_pct(v['ber'])}: {cost(v)} ({v['steps']} steps)"
                          for (m, f), v in best.items() if m == mode}
-                rows.append((host, f"{_SCHEME[r['scheme']]} {r['payload']}", mode, alone, cells))
+                rows.append((host, _mark(r), mode, alone, cells))
     if rows:
         order = sorted(fractions)
         tables.append((["host", "mark", "first move", "attacker's pipeline alone (BER 0)"]

@@ -22,14 +22,17 @@ Layer by layer from the input side:
    :func:`scipy.optimize.linear_sum_assignment`, rectangular when the suspect has more neurons)
    picks each reference neuron's *representative*; every other live suspect neuron is a split copy
    of the representative it is most similar to if that ``|cos|``, taken on the copy's nonzero
-   weights (a pruned copy is proportional to its twin on the weights it kept), is at least
+   weights (a pruned copy is proportional to its twin on the weights it kept) against the
+   representative or against the reference neuron, whichever is higher, is at least
    ``merge`` and more than a random row of as many weights reaches by chance (probability
    :data:`CHANCE`: a copy pruned to three weights must match almost exactly), else a dummy, dropped;
 5. the representative's sign ``sigma`` is that of its cosine with the reference neuron and its
    scale is restored to the reference's, ``kappa_j = sigma_j (|R_j| / |S_rep|) / g`` (``g`` the
    layer's median ratio, so that the restored layer keeps the suspect's units); a copy ``k`` of
    it has ``rho_k = <S_k, S_rep> / |S_rep|^2`` over the weights both kept;
-6. the restored neuron ``j`` has incoming weights and bias ``kappa_j`` times the representative's;
+6. the restored neuron ``j`` has incoming weights and bias ``kappa_j`` times the least-squares
+   estimate of the representative's from all its copies, ``sum_k rho_k S_k / sum_k rho_k^2`` (a
+   weight pruned in one copy is read in another; for an exact split, the representative's);
    the next dot layer reads it through ``(1 / kappa_j) sum_k rho_k v_k`` (the outgoing weights of
    its copies merged); a GDN between gets ``gamma~_jj' = sum_{k in G_j'} gamma_{rep_j, k} |rho_k| /
    |kappa_j'|`` and ``beta~_j = beta_{rep_j}``, the latent's per-channel tables follow the
@@ -89,25 +92,29 @@ def _alive(s: np.ndarray, v_norm: np.ndarray) -> np.ndarray:
 
 
 def _assign(s: np.ndarray, r: np.ndarray, v_norm: np.ndarray, merge: float,
-            out_sim: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            out_sim: np.ndarray | None = None, out_support: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Origin of every suspect row (reference index or -1) and each reference row's representative
     (suspect index or -1), steps 2-4 of the module docstring; ``out_sim`` (suspect x reference),
-    the similarity of the outgoing weights, is averaged with that of the incoming ones."""
+    the similarity of the outgoing weights, is averaged with that of the incoming ones, each
+    weighted by the number of nonzero weights it rests on (``out_support``: per suspect neuron, its
+    nonzero outgoing weights)."""
     origin = np.full(len(s), -1)
     rep = np.full(len(r), -1)
     idx = np.flatnonzero(_alive(s, v_norm))
     if not len(idx):
         return origin, rep
     sim = np.abs(_unit(s[idx]) @ _unit(r).T)
-    if out_sim is not None:
-        sim = (sim + out_sim[idx]) / 2
+    if out_sim is not None:  # each side weighted by the number of weights it kept
+        k_in = np.count_nonzero(s[idx], axis=1)[:, None].astype(np.float64)
+        k_out = np.asarray(out_support)[idx][:, None].astype(np.float64)
+        sim = (k_in * sim + k_out * out_sim[idx]) / np.maximum(k_in + k_out, 1.0)
     picked, refs = linear_sum_assignment(-sim)
     picked = idx[picked]
     origin[picked] = refs
     rep[refs] = picked
     left = np.setdiff1d(idx, picked)
     if len(left):
-        twin = _restricted_cos(s[left], s[picked])
+        twin = np.maximum(_restricted_cos(s[left], s[picked]), _restricted_cos(s[left], r[refs]))
         best = twin.argmax(1)
         ok = twin[np.arange(len(left)), best] >= np.maximum(merge, _chance_cos((s[left] != 0).sum(1), len(picked)))
         origin[left[ok]] = refs[best[ok]]
@@ -147,16 +154,19 @@ def _restore_layer(work: list[Layer], i: int, r: np.ndarray, origin: np.ndarray,
     kappa = np.where(have, sign * np.clip(ratio / g, 1 / KAPPA_MAX, KAPPA_MAX), 1.0)
     safe = np.where(have, rep, 0)
 
-    w = np.moveaxis(np.asarray(lay.tensors["weight"], np.float64), axis, 0)
-    new_w = w[safe] * (kappa * have).reshape((-1,) + (1,) * (w.ndim - 1))
-    lay.tensors["weight"] = np.moveaxis(new_w, 0, axis)
-    if "bias" in lay.tensors:
-        lay.tensors["bias"] = np.asarray(lay.tensors["bias"], np.float64)[safe] * kappa * have
     # merging matrix: restored channel j = sum_k M[j, k] (suspect channel k), M[j, k] = rho_k / kappa_j
     members = np.zeros((n_r, n_s))
     for k in range(n_s):
         if origin[k] >= 0:
             members[origin[k], k] = rho[k]
+    # incoming weights: the least-squares estimate of the representative's row from its copies
+    # (copy k = rho_k x representative), so that a weight pruned in one copy is read in another
+    ls = np.where(have, 1.0, 0.0) / np.maximum((members ** 2).sum(1), 1e-300)
+    w = np.moveaxis(np.asarray(lay.tensors["weight"], np.float64), axis, 0)
+    new_w = np.tensordot(members * (ls * kappa)[:, None], w, axes=(1, 0))
+    lay.tensors["weight"] = np.moveaxis(new_w, 0, axis)
+    if "bias" in lay.tensors:
+        lay.tensors["bias"] = members @ np.asarray(lay.tensors["bias"], np.float64) * ls * kappa
     for j in between:
         node = work[j]
         if node.op in ("gdn", "igdn"):
@@ -233,9 +243,9 @@ def resynchronize(reference: list[Layer], suspect: list[Layer], *, merge: float 
                                  f"{ref[name].op} {np.shape(ref[name].tensors['weight'])}: the fan-in differs")
             _, nxt = channel_path(work, i)
             if known is None:
-                v_norm = np.linalg.norm(input_slices(work[nxt], len(s)).reshape(len(s), -1).astype(np.float64), axis=1)
+                v = input_slices(work[nxt], len(s)).reshape(len(s), -1).astype(np.float64)
                 out_sim = _outgoing_similarity(work, i, reference, len(s), len(r), state.get(work[nxt].name))
-                origin, rep = _assign(s, r, v_norm, merge, out_sim)
+                origin, rep = _assign(s, r, np.linalg.norm(v, axis=1), merge, out_sim, np.count_nonzero(v, axis=1))
             else:
                 origin, rep = _known(s, r, known[name])
             done[name] = (rep, _restore_layer(work, i, r, origin, rep))

@@ -90,9 +90,11 @@ def log_betabinomial_tail(k: int, n: int, a: float, b: float) -> float:
 
 def key_fingerprint(key: WatermarkKey) -> str:
     """sha256 (16 hex digits) of what makes a key read the bits it reads: scheme, seed, bits,
-    layers, positions."""
+    layers, positions (and the bit of each position, for a repetition code)."""
     doc = {"scheme": key.scheme, "seed": int(key.seed), "bits": "".join(map(str, key.bits.tolist())),
            "layers": key.layers, "positions": [[n, int(i)] for n, i in key.positions]}
+    if key.repeat > 1:
+        doc["groups"] = key.groups.tolist()
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
