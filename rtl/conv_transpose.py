@@ -19,11 +19,11 @@ from amaranth.lib.wiring import In, Out
 from licforge.quant.fixed import accumulator_bits, check_bits, int_range
 from .emit import rom_file_attr
 from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, check_product, emit_pixels, mac_array,
-                       pack_chunk, packed_dsps, term_bound, PRODUCTS)
+                       mac_latency, pack_chunk, packed_dsps, register, term_bound, PRODUCTS)
 from .requantizer import requantize_expr
 
-__all__ = ["ConvTransposeEngine", "conv_latency", "phase_taps", "conv_weight_layout", "pack_words", "LINE_SLOTS",
-           "KERNEL", "STRIDE", "PADDING", "OUTPUT_PADDING"]
+__all__ = ["ConvTransposeEngine", "conv_latency", "OPERAND_STAGES", "phase_taps", "conv_weight_layout", "pack_words",
+           "LINE_SLOTS", "KERNEL", "STRIDE", "PADDING", "OUTPUT_PADDING"]
 
 KERNEL, STRIDE, PADDING, OUTPUT_PADDING = 5, 2, 2, 1
 LINE_SLOTS = 4  # input rows i-1, i, i+1 being read for output rows 2i, 2i+1; one filling
@@ -70,10 +70,17 @@ def pack_words(values: np.ndarray, bits: int) -> list[int]:
     return out
 
 
+#: pipeline stages from an item's issue to the operands of the multiplier array: the registered
+#: line-buffer and ROM addresses, the memories' read data, the read-data registers
+OPERAND_STAGES = 3
+
+
 def conv_latency(pi: int) -> int:
-    """Cycles from the issue of an output pixel's last item to its output beat: ROM read,
-    multipliers, ``ceil(log2 PI)`` adder-tree levels, accumulator + requantizer."""
-    return 3 + (pi - 1).bit_length()
+    """Cycles from the issue of an output pixel's last item to its output beat: registered
+    addresses, memory read, read-data registers (:data:`OPERAND_STAGES`), the multiplier
+    array (:func:`rtl.mac_pipe.mac_latency`: operand registers, products, ``ceil(log2 PI)``
+    adder-tree levels), the accumulator, the requantizer into the output queue."""
+    return OPERAND_STAGES + mac_latency(pi) + 2
 
 
 class ConvTransposeEngine(wiring.Component):
@@ -103,7 +110,7 @@ class ConvTransposeEngine(wiring.Component):
     ``PI*PO`` weights and a bias ROM of ``Cout/PO`` words, both initialised from
     ``$readmemh`` files named ``<name>_w.hex`` / ``<name>_b.hex``; the multiplier array,
     adder trees, ``PP * PO`` accumulators that start from the bias, requantizers, and an
-    output queue of one block of pixels.
+    output queue of one block of pixels and one more (:func:`rtl.mac_pipe.emit_pixels`).
 
     Schedule: output rows ``2i`` and ``2i+1`` start once input rows ``i-1 .. i+1`` are in the
     line buffer; a block of ``PP`` output pixels of phase (a, b) takes ``taps(a) * taps(b) *
@@ -114,8 +121,12 @@ class ConvTransposeEngine(wiring.Component):
     with ``PP = 1`` each pixel goes out when finished).  Input pixels are written into the
     line buffer at one per ``Cin/PI`` cycles while computing; the input stalls while 4 rows
     are held.  Latency from the last cycle of an output block to its first beat:
-    ``3 + ceil(log2 PI)`` cycles.  Back-pressure: the finished block waits in the output
-    queue; the engine stalls only when a second block is finished meanwhile.
+    :func:`conv_latency` = ``7 + ceil(log2 PI)`` cycles, every path between registers kept
+    short for the clock: registered memory addresses and read data, registered multiplier
+    operands and products, a register after every adder-tree level, the accumulators, the
+    requantizers (from the accumulators) into the output queue.  Back-pressure: the finished
+    block waits in the output queue; the engine stalls only when a second block is finished
+    while more than one beat of the first waits (never on the consumer's ``ready`` directly).
     ``width``/``height`` must stay constant while a frame is in the engine.
     """
 
@@ -220,7 +231,7 @@ class ConvTransposeEngine(wiring.Component):
     def elaborate(self, platform) -> Module:
         m = Module()
         _, go = self.groups
-        advance, free = Signal(), Signal()
+        advance, free, released = Signal(), Signal(), Signal()
         banks = []
         for k in range(self.pp):
             m.submodules[f"lines{k}" if self.pp > 1 else "lines"] = mem = Memory(
@@ -233,8 +244,11 @@ class ConvTransposeEngine(wiring.Component):
         m.submodules.brom = brom = Memory(shape=unsigned(self.po * self.b_bits), depth=go, init=self.bias_words(),
                                           attrs=rom_file_attr(f"{self.name}_b"))
         reads, wport = [b.read_port() for b in banks], wrom.read_port()
-        complete = self._writer(m, [b.write_port() for b in banks], free)
+        complete = self._writer(m, [b.write_port() for b in banks], free, released)
         items = self._issuer(m, advance, complete, free, reads, wport, len(words))
+        # a freed row's slot is reused only after its last read has taken place (at the next
+        # advance: the read addresses are registered), one cycle later (a register)
+        m.d.sync += released.eq(register(m, free, advance, "free") & advance)
         self._datapath(m, advance, reads, wport, brom.read_port(), items)
         return m
 
@@ -247,11 +261,11 @@ class ConvTransposeEngine(wiring.Component):
     def _group_bits(self) -> int:
         return (self.groups[0] - 1).bit_length()
 
-    def _writer(self, m: Module, writes: list, free: Signal) -> Signal:
+    def _writer(self, m: Module, writes: list, free: Signal, released: Signal) -> Signal:
         """Input pixels -> line buffer, one pixel accepted per Cin/PI cycles and written PI
         channels a cycle into bank ``column % PP``.  A row is allocated a slot when its first
-        pixel is accepted (at most 4 rows held); returns ``complete``, the number of whole
-        rows held."""
+        pixel is accepted (at most 4 rows held, a slot reusable after ``released``); returns
+        ``complete``, the number of whole rows held (less those ``free``d)."""
         gi, xb, pp = self.groups[0], self.x_bits, self.pp
         occupied = Signal(range(LINE_SLOTS + 1))   # rows allocated (complete or being written)
         complete = Signal(range(LINE_SLOTS + 1))   # rows fully written, not yet freed
@@ -260,26 +274,28 @@ class ConvTransposeEngine(wiring.Component):
         held = Signal(self.cin * xb)
         wbusy, wg = Signal(), Signal(range(gi))
         wcol, wq, wm, wslot = Signal(range(self.max_width)), Signal.like(aq), Signal.like(am), Signal(2)
-        wdone = wbusy & (wg == gi - 1)
-        m.d.comb += self.i.ready.eq((~wbusy | wdone) & ((acol != 0) | (occupied < LINE_SLOTS)))
+        # registered flags (wg == gi - 1, acol == 0) keep the input's ready a LUT from flip-flops
+        wlast, astart = Signal(init=gi == 1, name="wlast"), Signal(init=1, name="astart")
+        wdone = wbusy & wlast
+        m.d.comb += self.i.ready.eq((~wbusy | wdone) & (~astart | (occupied < LINE_SLOTS)))
         accept = self.i.valid & self.i.ready
         for k, wr in enumerate(writes):
             m.d.comb += [wr.en.eq(wbusy & (wm == k)), wr.addr.eq(Cat(wg, wq[:self._col_bits], wslot)),
                          wr.data.eq(held.word_select(wg, self.pi * xb))]
         with m.If(wbusy):
-            m.d.sync += wg.eq(Mux(wdone, 0, wg + 1))
+            m.d.sync += [wg.eq(Mux(wdone, 0, wg + 1)), wlast.eq(Mux(wdone, gi == 1, wg == gi - 2 if gi > 1 else 1))]
             with m.If(wdone):
                 m.d.sync += wbusy.eq(0)
         with m.If(accept):
-            m.d.sync += [held.eq(self.i.payload.as_value()), wbusy.eq(1), wg.eq(0), wcol.eq(acol), wq.eq(aq),
-                         wm.eq(am), wslot.eq(aslot)]
+            m.d.sync += [held.eq(self.i.payload.as_value()), wbusy.eq(1), wg.eq(0), wlast.eq(gi == 1), wcol.eq(acol),
+                         wq.eq(aq), wm.eq(am), wslot.eq(aslot)]
             with m.If(acol == self.width - 1):
-                m.d.sync += [acol.eq(0), aq.eq(0), am.eq(0), aslot.eq(aslot + 1)]
+                m.d.sync += [acol.eq(0), astart.eq(1), aq.eq(0), am.eq(0), aslot.eq(aslot + 1)]
             with m.Else():
-                m.d.sync += [acol.eq(acol + 1), am.eq(Mux(am == pp - 1, 0, am + 1)),
+                m.d.sync += [acol.eq(acol + 1), astart.eq(0), am.eq(Mux(am == pp - 1, 0, am + 1)),
                              aq.eq(aq + (am == pp - 1))]
         row_written = wdone & (wcol == self.width - 1)
-        m.d.sync += [occupied.eq(occupied + (accept & (acol == 0)) - free),
+        m.d.sync += [occupied.eq(occupied + (accept & astart) - released),
                      complete.eq(complete + row_written - free)]
         return complete
 
@@ -330,14 +346,16 @@ class ConvTransposeEngine(wiring.Component):
         back, ahead = dx == -1, dx == 1      # the lanes read columns j0 + p + dx, dx in {-1, 0, 1}
         # bank k at the block's address, but lane PP-1 reads bank 0 of the next block (dx = 1)
         # and lane 0 the last bank of the previous one (dx = -1)
+        # the addresses are registered (stage 1), the memories read at stage 2
         for k, rd in enumerate(reads):
             idx = jb + (ahead if k == 0 else 0) - (back if k == pp - 1 else 0)
-            m.d.comb += [rd.addr.eq(Cat(g, idx[:self._col_bits], (slot_i + dy)[:2])), rd.en.eq(advance)]
-        m.d.comb += [wport.addr.eq(wa), wport.en.eq(advance)]
+            addr = register(m, Cat(g, idx[:self._col_bits], (slot_i + dy)[:2]), advance, f"raddr{k}")
+            m.d.comb += [rd.addr.eq(addr), rd.en.eq(advance)]
+        m.d.comb += [wport.addr.eq(register(m, wa, advance, "waddr")), wport.en.eq(advance)]
         inside = [(r >= 0) & (r < self.height) & ((j0 + k + dx).as_signed() >= 0) & (j0 + k + dx < self.width)
                   for k in range(pp)]
         return {"v": issue, "inside": Cat(*inside), "back": back, "ahead": ahead, "b": b, "nv": nv,
-                "first": (g == 0) & (tx == 0) & (ty == 0), "last": item_last, "pix": pix_last, "o": o}
+                "first": (g == 0) & (tx == 0) & (ty == 0), "done": issue & item_last, "pix": pix_last, "o": o}
 
     @staticmethod
     def _count(m: Module, counters: list, on_row: list, a: Signal, on_pair: list) -> None:
@@ -360,25 +378,32 @@ class ConvTransposeEngine(wiring.Component):
         adder trees, accumulators that start from the bias, requantizers, and the output
         queue."""
         pi, po, pp, xb, wb = self.pi, self.po, self.pp, self.x_bits, self.w_bits
-        root = 2 + (pi - 1).bit_length()            # ROM read, products, adder-tree levels
-        flags = Delayed(m, items, root, advance, "s")
-        s1 = flags.stage(1)
-        words = [Mux(s1["back"], reads[(k - 1) % pp].data, Mux(s1["ahead"], reads[(k + 1) % pp].data,
-                                                                 reads[k].data)) for k in range(pp)]
-        xs = [[Mux(s1["inside"][k], words[k][ii * xb:(ii + 1) * xb], 0).as_signed() for ii in range(pi)]
+        root = OPERAND_STAGES + mac_latency(pi)     # addresses, read, read data, operands, products, tree
+        flags = Delayed(m, items, root + 1, advance, "s")
+        so = flags.stage(OPERAND_STAGES)
+        data = [register(m, rd.data, advance, f"xraw{k}") for k, rd in enumerate(reads)]
+        wdata = register(m, wport.data, advance, "wraw")
+        words = [Mux(so["back"], data[(k - 1) % pp], Mux(so["ahead"], data[(k + 1) % pp], data[k]))
+                 for k in range(pp)]
+        xs = [[Mux(so["inside"][k], words[k][ii * xb:(ii + 1) * xb], 0).as_signed() for ii in range(pi)]
               for k in range(pp)]
-        ws = [[wport.data[(oo * pi + ii) * wb:(oo * pi + ii + 1) * wb].as_signed() for ii in range(pi)]
+        ws = [[wdata[(oo * pi + ii) * wb:(oo * pi + ii + 1) * wb].as_signed() for ii in range(pi)]
               for oo in range(po)]
         roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack, product=self.product, x_shift=self.x_shift,
                              w_shift=self.w_shift)
-        m.d.comb += [bport.addr.eq(flags.stage(root - 1)["o"]), bport.en.eq(advance)]
+        # the bias ROM: read at stage root - 1, its data registered for the accumulators at root
+        m.d.comb += [bport.addr.eq(flags.stage(root - 2)["o"]), bport.en.eq(advance)]
+        bdata = register(m, bport.data, advance, "braw")
         sr = flags.stage(root)
-        bias = [bport.data[k * self.b_bits:(k + 1) * self.b_bits].as_signed() for k in range(po)]
-        running = accumulate(m, [s for lane in roots for s in lane], bias * pp, sr["first"], advance & sr["v"],
-                             self.acc_bits, "acc")
-        q = [requantize_expr(s, self.shift, self.out_bits, self.out_signed) for s in running]
-        done = sr["v"] & sr["last"]
+        bias = [bdata[k * self.b_bits:(k + 1) * self.b_bits].as_signed() for k in range(po)]
+        accs = accumulate(m, [s for lane in roots for s in lane], bias * pp, sr["first"], advance & sr["v"],
+                          self.acc_bits, "acc")
+        # the requantizers read the finished sums from the accumulators (stage root + 1)
+        q = [requantize_expr(s, self.shift, self.out_bits, self.out_signed) for s in accs]
+        sq, nq = flags.stage(root + 1), flags.upcoming(root + 1, advance)
+        done = sq["done"]
         stall = emit_pixels(m, self.o, [q[k * po:(k + 1) * po] for k in range(pp)], write=advance & done,
-                            pixel_done=sr["pix"], finishing=done, groups=self.groups[1], bits=self.out_bits,
-                            count=sr["nv"], phase=sr["b"] if pp > 1 else None)
+                            pixel_done=sq["pix"], finishing=done, groups=self.groups[1], bits=self.out_bits,
+                            count=sq["nv"], phase=sq["b"] if pp > 1 else None,
+                            ahead=(nq["done"], nq["pix"], nq["b"] if pp > 1 else None))
         m.d.comb += advance.eq(~stall)

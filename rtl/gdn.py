@@ -28,7 +28,7 @@ from licforge.quant.fixed import accumulator_bits, check_bits, int_range, requan
 from .conv_transpose import pack_words
 from .emit import rom_file_attr
 from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, check_product, delay, emit_pixels, mac_array,
-                       pack_chunk, packed_dsps, term_bound, PRODUCTS)
+                       mac_latency, pack_chunk, packed_dsps, register, term_bound, PRODUCTS)
 from .requantizer import requantize_expr
 
 __all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "divide_round_half_even", "pow2_exponent", "OUT_PRODUCTS"]
@@ -48,10 +48,13 @@ def gamma_layout(channels: int, pi: int, po: int) -> np.ndarray:
 
 
 def gdn_latency(pi: int, tail: int = 1) -> int:
-    """Cycles from the issue of a pixel's last item to its output beat: ROM read, multipliers,
-    ``ceil(log2 PI)`` adder-tree levels, accumulator + norm, ``tail`` (1 for the inverse's
-    ``x * n``; the divider's stages for the forward GDN), output register."""
-    return 4 + (pi - 1).bit_length() + tail
+    """Cycles from the issue of a pixel's last item to its output beat: ROM read (with ``|x|``),
+    the read-data registers, the multiplier array (:func:`rtl.mac_pipe.mac_latency`: operand
+    registers, products, ``ceil(log2 PI)`` adder-tree levels), accumulator, norm (from the
+    accumulator), ``tail``
+    (1 for the inverse's ``x * n``; the divider's stages for the forward GDN), output
+    register."""
+    return 5 + mac_latency(pi) + tail
 
 
 def divide_round_half_even(m: Module, x: Value, n: Value, *, num_shift: int, den_shift: int, out_bits: int,
@@ -146,10 +149,11 @@ class GdnUnit(wiring.Component):
 
     Timing: the input block is held while its items issue (the next block's last pixel is
     accepted in the cycle its last item issues); latency from the last item to the output beat
-    ``4 + ceil(log2 PI) + T`` cycles (:func:`gdn_latency`), ``T = 1`` for the inverse and
+    ``7 + ceil(log2 PI) + T`` cycles (:func:`gdn_latency`), ``T = 1`` for the inverse and
     ``ceil((out_bits - 1) / div_bits)`` for the forward GDN (8-bit output, ``div_bits = 2``:
-    ``T = 4``).  A finished block waits in the output queue (one block, the output register
-    first); the unit stalls only when a second one finishes meanwhile.
+    ``T = 4``).  A finished block waits in the output queue (one block and one more
+    pixel, the output register first); the unit stalls only when a second one finishes while
+    more than one beat of the first waits.
     """
 
     def __init__(self, gamma: np.ndarray, beta: np.ndarray, *, x_bits: int, gamma_bits: int, beta_bits: int,
@@ -284,42 +288,49 @@ class GdnUnit(wiring.Component):
         o, g, ga = Signal(range(go)), Signal(range(gi)), Signal(range(len(gwords)))
         last_g, last_o = g == gi - 1, o == go - 1
         step = advance & have
-        pix_last = last_g & last_o
+        # the block's last item is the current one (ga == items - 1): a register, so that the
+        # input's ready (freeing the block) is one LUT from flip-flops
+        items = len(gwords)
+        pix_last = Signal(init=items == 1, name="pix_last")
         held, nv = self._gather(m, have, step & pix_last)
         with m.If(step):
-            m.d.sync += [g.eq(Mux(last_g, 0, g + 1)), ga.eq(Mux(pix_last, 0, ga + 1))]
+            m.d.sync += [g.eq(Mux(last_g, 0, g + 1)), ga.eq(Mux(pix_last, 0, ga + 1)),
+                         pix_last.eq(Mux(pix_last, items == 1, ga == items - 2 if items > 1 else 1))]
             with m.If(last_g):
                 m.d.sync += o.eq(Mux(last_o, 0, o + 1))
         m.d.comb += [gport.addr.eq(ga), gport.en.eq(advance)]
-        # |x| for the norm: a comparator reads x itself (rtl.mac_pipe.magnitude: ones' complement, no negation)
-        mins = self.norm_product == "min"
-        absx = Cat(*(v if mins else abs(v) for h in held for v in
-                     (h.word_select(g, pi * xb).word_select(k, xb).as_signed() for k in range(pi))))
-
         # ---- gamma |x| (PI x PO x PP multipliers, adder trees), + beta, norm; then x * n and
-        # requantize (inverse) or the divider (forward): ``tail`` registers after the norm's
-        root, tail = 2 + (pi - 1).bit_length(), self.tail
-        flags = Delayed(m, {"v": have, "first": g == 0, "last": last_g, "pix": pix_last, "o": o, "nv": nv},
-                        root + 1 + tail, advance, "s")
-        absx1 = delay(m, absx, 1, advance, "absx")[1]
-        xo = delay(m, Cat(*(h.word_select(o, po * xb) for h in held)), root + 1, advance, "xo")[root + 1]
+        # requantize (inverse) or the divider (forward): ``tail`` registers after the norm's.
+        # Stage 1: the item's input group of x (a multiplexer) and the gamma ROM's data; stage 2:
+        # |x| (a comparator reads x itself: rtl.mac_pipe.magnitude, no negation) and the ROM
+        # data registered
+        root, tail = 2 + mac_latency(pi), self.tail
+        flags = Delayed(m, {"v": have, "first": g == 0, "done": have & last_g, "pix": pix_last, "o": o, "nv": nv},
+                        root + 2 + tail, advance, "s")
+        mins = self.norm_product == "min"
+        xsel = register(m, Cat(*(h.word_select(g, pi * xb) for h in held)), advance, "xsel")
+        absx1 = register(m, Cat(*(v if mins else abs(v) for v in (xsel.word_select(k, xb).as_signed()
+                                                                    for k in range(pi * pp)))), advance, "absx")
+        gdata = register(m, gport.data, advance, "graw")
+        xo = delay(m, Cat(*(h.word_select(o, po * xb) for h in held)), root + 2, advance, "xo")[root + 2]
         gb = self.gamma_bits
         xs = [[absx1[(p * pi + k) * xb:(p * pi + k + 1) * xb] for k in range(pi)] for p in range(pp)]
         xs = [[v.as_signed() for v in lane] for lane in xs] if mins else xs
         if self.norm_product == "min":   # gamma >= 0: the low gb - 1 bits, unsigned
-            ws = [[gport.data[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb - 1] for ii in range(pi)] for oo in range(po)]
+            ws = [[gdata[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb - 1] for ii in range(pi)] for oo in range(po)]
         else:
-            ws = [[gport.data[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb].as_signed() for ii in range(pi)]
+            ws = [[gdata[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb].as_signed() for ii in range(pi)]
                   for oo in range(po)]
         roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack, product=self.norm_product,
                              x_shift=self.norm_x_shift, w_shift=self.norm_g_shift, x_magnitude=mins)
-        m.d.comb += [bport.addr.eq(flags.stage(root - 1)["o"]), bport.en.eq(advance)]
+        m.d.comb += [bport.addr.eq(flags.stage(root - 2)["o"]), bport.en.eq(advance)]
+        bdata = register(m, bport.data, advance, "braw")
         sr = flags.stage(root)
-        beta = [bport.data[k * self.beta_bits:(k + 1) * self.beta_bits].as_signed() for k in range(po)]
-        running = accumulate(m, [s for lane in roots for s in lane], beta * pp, sr["first"], advance & sr["v"],
-                             self.acc_bits, "acc")
+        beta = [bdata[k * self.beta_bits:(k + 1) * self.beta_bits].as_signed() for k in range(po)]
+        accs = accumulate(m, [s for lane in roots for s in lane], beta * pp, sr["first"], advance & sr["v"],
+                          self.acc_bits, "acc")
         y = []
-        for k, s in enumerate(running):
+        for k, s in enumerate(accs):   # the norm from the accumulator: registered at root + 1
             n = Signal(unsigned(self.norm_bits), name=f"norm{k}")
             with m.If(advance):
                 m.d.sync += n.eq(requantize_expr(s, self.norm_shift, self.norm_bits, signed_out=False))
@@ -339,10 +350,11 @@ class GdnUnit(wiring.Component):
                                               den_shift=max(0, self.out_shift), out_bits=self.out_bits,
                                               bits_per_stage=self.div_bits, enable=advance, name=f"div{k}")
                 y.append(q)
-        se = flags.stage(root + 1 + tail)
-        done = se["v"] & se["last"]
+        se, ne = flags.stage(root + 2 + tail), flags.upcoming(root + 2 + tail, advance)
+        done = se["done"]
         stall = emit_pixels(m, self.o, [y[p * po:(p + 1) * po] for p in range(pp)], write=advance & done,
-                            pixel_done=se["pix"], finishing=done, groups=go, bits=self.out_bits, count=se["nv"])
+                            pixel_done=se["pix"], finishing=done, groups=go, bits=self.out_bits, count=se["nv"],
+                            ahead=(ne["done"], ne["pix"], None))
         m.d.comb += advance.eq(~stall)
         return m
 

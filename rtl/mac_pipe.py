@@ -16,9 +16,9 @@ from amaranth.hdl import ShapeLike
 
 from .lane_array import adder_tree
 
-__all__ = ["delay", "Delayed", "mac_array", "accumulate", "emit_pixels", "check_divisor", "check_lanes",
-           "check_product", "Magnitude", "magnitude", "min_term", "carry_tree", "term_bound", "pack_chunk",
-           "product_pairs", "packed_dsps", "PRODUCTS", "PACK_SHIFT", "PACK_A_BITS", "PACK_B_BITS"]
+__all__ = ["delay", "register", "Delayed", "mac_array", "mac_latency", "accumulate", "emit_pixels", "check_divisor",
+           "check_lanes", "check_product", "Magnitude", "magnitude", "min_term", "carry_tree", "term_bound",
+           "pack_chunk", "product_pairs", "packed_dsps", "PRODUCTS", "PACK_SHIFT", "PACK_A_BITS", "PACK_B_BITS"]
 
 #: the products a dot-product array computes: ``"mul"`` (``x * w``, a multiplier) and ``"min"``
 #: (``sign(x) sign(w) min(|x| << x_shift, |w| << w_shift)``, a comparator: MinConv)
@@ -78,6 +78,11 @@ def delay(m: Module, value: Value, cycles: int, enable: Value, name: str,
     return taps
 
 
+def register(m: Module, value: Value, enable: Value, name: str) -> Signal:
+    """``value`` one enabled cycle later: a register (named ``<name>_d1``) clocked by ``enable``."""
+    return delay(m, value, 1, enable, name)[1]
+
+
 class Delayed:
     """Named signals (flags, indices, operands) travelling down a pipeline together:
     ``stage(k)[name]`` is the value that entered ``k`` enabled cycles ago."""
@@ -87,6 +92,10 @@ class Delayed:
 
     def stage(self, k: int) -> dict[str, Value]:
         return {name: line[k] for name, line in self._lines.items()}
+
+    def upcoming(self, k: int, enable: Value) -> dict[str, Value]:
+        """What ``stage(k)`` (``k >= 1``) will hold in the next cycle (its registers' inputs)."""
+        return {name: Mux(enable, line[k - 1], line[k]) for name, line in self._lines.items()}
 
 
 def _limits(shape: ShapeLike) -> tuple[int, int]:
@@ -280,6 +289,12 @@ def carry_tree(m: Module, terms: list[Value], carries: list[Value], enable: Valu
     return sum(rest, root) if rest else root
 
 
+def mac_latency(inputs: int) -> int:
+    """Cycles from :func:`mac_array`'s operands to its sums: the operand registers, the
+    registered products, ``ceil(log2 inputs)`` adder-tree levels."""
+    return 2 + (inputs - 1).bit_length()
+
+
 def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Value, name: str,
               pack: bool = False, *, product: str = "mul", x_shift: int = 0, w_shift: int = 0,
               x_magnitude: bool = False) -> tuple[list[list[Value]], int]:
@@ -290,18 +305,24 @@ def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Val
     activations enter as ``|x|``, read from signed ``x`` without a negation), the terms and
     the adder trees as wide as the smaller operand bound (:func:`term_bound`).
 
+    Every operand is registered first (``PP * PI`` activations, ``PO * PI`` weights, clocked
+    by ``enable``): a multiplier's inputs are then plain flip-flops, which
+    :func:`rtl.pnr.pack_dsp_input_registers` moves into an ECP5 MULT18X18D (and a DSP48E2
+    takes as its A/B registers), so no operand multiplexer sits in front of a multiplier.
     Unpacked: one registered multiplier per (p, o, i) (``PP * PO * PI`` DSP candidates), then
     one pipelined adder tree per dot product.  ``pack``: two products share one DSP48E2
     wherever their operands fit it (:func:`pack_chunk`, :func:`product_pairs`): rows ``o, o+1``
     of a lane as the weight pair ``(w[o][i] << 18) + w[o+1][i]`` times ``x[p][i]``, an odd last
     row as the activation pair ``(x[p][i] << 18) + x[p+1][i]`` times ``w[o][i]``; bit-exact.
     Returns the sums (combinational of registers) and the latency in cycles,
-    ``1 + ceil(log2 PI)`` in every case.
+    :func:`mac_latency` (``2 + ceil(log2 PI)``) in every case.
     """
     lanes, rows, n = len(x), len(w), len(w[0])
     check_product(product, x_shift, w_shift, pack=pack)
+    x = [[register(m, v, enable, f"{name}_x{p}_{i}") for i, v in enumerate(lane)] for p, lane in enumerate(x)]
+    w = [[register(m, v, enable, f"{name}_w{o}_{i}") for i, v in enumerate(row)] for o, row in enumerate(w)]
     if product == "min":
-        return _min_array(m, x, w, enable, name, x_shift, w_shift, x_magnitude), 1 + (n - 1).bit_length()
+        return _min_array(m, x, w, enable, name, x_shift, w_shift, x_magnitude), mac_latency(n)
     xs, ws = x[0][0].shape(), w[0][0].shape()
     row_chunk = pack_chunk(ws, xs) if pack else 0
     lane_chunk = pack_chunk(xs, ws) if pack else 0
@@ -324,26 +345,26 @@ def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Val
         hi, lo = _packed_sums(m, ops, chunk, enable, tag)
         (p1, o1), (p2, o2) = into
         sums[p1][o1], sums[p2][o2] = hi, lo
-    return sums, 1 + (n - 1).bit_length()
+    return sums, mac_latency(n)
 
 
 def accumulate(m: Module, terms: list[Value], init: list[Value], first: Value, enable: Value, bits: int,
-               name: str) -> list[Value]:
-    """Accumulators: ``running_k = (init_k if first else acc_k) + terms_k`` (combinational,
-    returned); ``acc_k`` (signed ``bits``) takes ``running_k`` when ``enable``.  ``bits`` must
-    be a derived bound on every partial sum."""
-    running = []
+               name: str) -> list[Signal]:
+    """Accumulators ``acc_k`` (signed ``bits``, returned): when ``enable`` they take
+    ``(init_k if first else acc_k) + terms_k``, so a dot product's sum is in them the cycle
+    after its last terms.  ``bits`` must be a derived bound on every partial sum."""
+    accs = []
     for k, (t, v0) in enumerate(zip(terms, init)):
         acc = Signal(signed(bits), name=f"{name}{k}")
-        s = Mux(first, v0, acc) + t
         with m.If(enable):
-            m.d.sync += acc.eq(s)
-        running.append(s)
-    return running
+            m.d.sync += acc.eq(Mux(first, v0, acc) + t)
+        accs.append(acc)
+    return accs
 
 
 def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixel_done: Value, finishing: Value,
-                groups: int, bits: int, count: Value, phase: Value | None = None) -> Value:
+                groups: int, bits: int, count: Value, phase: Value | None = None,
+                ahead: tuple[Value, Value, Value | None] | None = None) -> Value:
     """Assemble finished pixels of ``len(values)`` lanes into one pixel beat a cycle on stream
     ``out``, and return the stall condition.
 
@@ -358,9 +379,14 @@ def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixe
     neighbours and the block goes out interleaved, even 0, odd 0, even 1, ...
 
     The beats wait in a shift register of one block (``lanes`` pixels, or ``2 * lanes``
-    interleaved) whose first entry is the output register; the pipeline stalls (the returned
-    ``stall``) only when a finished block meets beats of the previous one not yet taken.  One
-    lane without ``phase`` is a single output register.
+    interleaved) and one more entry, whose first entry is the output register; the pipeline
+    stalls (the returned ``stall``) only when a finished block meets more than one beat of the
+    previous one not yet taken (a last beat still waiting moves the block in behind it).  The
+    stall is therefore a function of this engine's registers: no combinational path runs from
+    the consumer's ``ready`` to the engine's enable, nor from engine to engine.  ``ahead``: the
+    values ``(finishing, pixel_done, phase)`` take in the next cycle; given, the returned stall
+    is a register computed a cycle ahead from them and the queue's next state (the same
+    value, but the engine's enable then fans out from a flip-flop, not from logic).
     """
     lanes, gbits = len(values), len(values[0]) * bits
     pixels = []
@@ -382,13 +408,26 @@ def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixe
             m.d.sync += [e.eq(v) for e, v in zip(evens, pixels)]
         block = [v for pair in zip(evens, pixels) for v in pair]
         n, load = count * 2, write & pixel_done & phase
-    queue = [Signal(width, name=f"emit_q{k}") for k in range(len(block))]
-    left = Signal(range(len(block) + 1))   # beats of the block not yet taken
+    queue = [Signal(width, name=f"emit_q{k}") for k in range(len(block) + 1)]
+    left = Signal(range(len(block) + 2))   # beats in the queue not yet taken
     taken = out.valid & out.ready
+    keep = (left == 1) & ~out.ready         # a block arrives while the previous one's last beat waits
     m.d.comb += [out.payload.eq(queue[0]), out.valid.eq(left != 0)]
-    with m.If(load):
-        m.d.sync += [q.eq(v) for q, v in zip(queue, block)] + [left.eq(n)]
+    left_next = Signal.like(left)
+    m.d.comb += left_next.eq(left)
+    m.d.sync += left.eq(left_next)
+    with m.If(load & keep):
+        m.d.sync += [q.eq(v) for q, v in zip(queue[1:], block)]
+        m.d.comb += left_next.eq(n + 1)
+    with m.Elif(load):
+        m.d.sync += [q.eq(v) for q, v in zip(queue, block)]
+        m.d.comb += left_next.eq(n)
     with m.Elif(taken):
-        m.d.sync += [q.eq(nxt) for q, nxt in zip(queue, queue[1:])] + [left.eq(left - 1)]
-    busy = (left > 1) | ((left == 1) & ~out.ready)
-    return finishing & pixel_done & (1 if phase is None else phase) & busy
+        m.d.sync += [q.eq(nxt) for q, nxt in zip(queue, queue[1:])]
+        m.d.comb += left_next.eq(left - 1)
+    if ahead is None:
+        return finishing & pixel_done & (1 if phase is None else phase) & (left > 1)
+    f, d, ph = ahead
+    stall = Signal(name="emit_stall")
+    m.d.sync += stall.eq(f & d & (1 if ph is None else ph) & (left_next > 1))
+    return stall

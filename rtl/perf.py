@@ -9,11 +9,12 @@ last pixel (``B_r``, ``P_r``) from layer to layer:
 
 * transposed convolution, input grid ``h x w``, ``GI = Cin/PI``, ``PP`` lanes: input row
   ``r`` is in the line buffer at ``A_r = max(P_r + GI, B_r + w*GI, A_{r-1} + w*GI,
-  F_{r-4} + 1 + w*GI)`` (the writer takes ``GI`` cycles a pixel; ``F_q``: when row ``q``
-  leaves the 4-row buffer); output pair ``i`` starts at ``S_i = max(S_{i-1} + T,
-  A_{min(i+1,h-1)} + 1)`` with ``T`` the pair's cycles (:mod:`rtl.plan`); its rows end at
-  ``S_i + T_even + L + D`` and ``S_i + T + L + D`` (``L`` the engine latency, ``D = 2 nv - 1``
-  the beats after the first of the row's last block of ``nv`` lanes when ``PP > 1``);
+  F_{r-4} + 3 + w*GI)`` (the writer takes ``GI`` cycles a pixel; ``F_q``: when row ``q``
+  leaves the 4-row buffer, its slot taking pixels 3 cycles later, :data:`RELEASE`); output
+  pair ``i`` starts at ``S_i = max(S_{i-1} + T, A_{min(i+1,h-1)} + 1)`` with ``T`` the
+  pair's cycles (:mod:`rtl.plan`); its rows end at ``S_i + T_even + L + D`` and
+  ``S_i + T + L + D`` (``L`` the engine latency, ``D = 2 nv - 1`` the beats after the first
+  of the row's last block of ``nv`` lanes when ``PP > 1``);
 * inverse GDN, ``t = C/PI * C/PO`` cycles a block: row ``r`` computes from
   ``max(E_{r-1}, G_r + 1)`` (``G_r``: its first block's last pixel, the producer's pixels
   spread evenly between ``B_r`` and ``P_r``, and at least ``w`` after the previous row's),
@@ -44,7 +45,7 @@ from licforge.rtl.plan import (ROW_TAPS, LayerPlan, divisors, layer_formats, lay
 
 __all__ = ["frame_timeline", "frame_report", "useful_macs", "lut_estimate", "layer_luts", "plan_for_target",
            "format_efficiency",
-           "target_sweep", "format_target_table", "FRAMES", "CLOCK_HZ", "ZCU102_DSP", "MAX_PP", "TARGETS",
+           "target_sweep", "format_target_table", "FRAMES", "CLOCK_HZ", "RELEASE", "ZCU102_DSP", "MAX_PP", "TARGETS",
            "LUT_WEIGHTS"]
 
 CLOCK_HZ = 200e6  # the stated clock of every fps figure (assumed, not placed and routed)
@@ -52,6 +53,9 @@ FRAMES = {"1080p": (1080, 1920), "768x512": (512, 768)}
 ZCU102_DSP = 2520  # DSP48E2 of the ZCU102's XCZU9EG
 MAX_PP = 64        # the most lanes the planner gives a layer
 TARGETS = [("1080p", 30.0), ("1080p", 60.0)]   # the sweep of ``licforge perf``: frame rates at 1080p
+#: cycles from a row's release by the issuer to the first pixel accepted into its slot (the
+#: release waits for the row's last read, behind the registered read address, and a register)
+RELEASE = 3
 
 
 def _rows(p: LayerPlan, w: int) -> tuple[list[int], int]:
@@ -86,7 +90,7 @@ def _conv_rows(p: LayerPlan, arrivals: list[tuple[float, float]], h: int, w: int
             first, last = arrivals[q]
             t = max(last + gi, first + w * gi, (a_done[-1] if a_done else 0) + w * gi)
             if q >= LINE_SLOTS:
-                t = max(t, freed_at(q - LINE_SLOTS) + 1 + w * gi)
+                t = max(t, freed_at(q - LINE_SLOTS) + RELEASE + w * gi)
             a_done.append(t)
         return a_done[r]
 

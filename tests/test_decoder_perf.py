@@ -63,4 +63,4 @@ def test_timeline_of_a_single_engine_is_its_schedule():
     t = frame_timeline([p], 3, 5)
     gi, g = 2, 4
     first = 2 * 5 * gi + 1              # rows 0 and 1 written, then one cycle to start
-    assert t["cycles"] == first + 3 * 25 * 5 * g + 4 + 1  # three pairs, engine latency 3 + log2(2)
+    assert t["cycles"] == first + 3 * 25 * 5 * g + 8 + 1  # three pairs, engine latency 7 + log2(2)

@@ -173,7 +173,7 @@ def test_forward_gdn_full_parallelism_is_one_pixel_per_cycle(out_shift, coarser_
     assert len(np.unique(exp)) > 3                     # not all saturated or zero
     assert out_shift != -9 or ((exp == 127).any() and (exp == -128).any())  # quotients past both rails
     assert np.diff(when).tolist() == [1] * 39
-    assert when[0] == dut.latency + 1 == 4 + 2 + -(-7 // div_bits) + 1
+    assert when[0] == dut.latency + 1 == 7 + 2 + -(-7 // div_bits) + 1
 
 
 def test_forward_gdn_random_extremes_and_real_tensors_of_the_student_encoder(tmp_path, lic_bundle, sim_cache):
