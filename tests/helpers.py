@@ -4,11 +4,12 @@ with ``--import-mode=importlib``, so the repository root is not on ``sys.path`` 
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import pytest
 
-__all__ = ["require_simulator", "Interrupt", "interrupt_after", "rans64_encode"]
+__all__ = ["require_simulator", "Interrupt", "interrupt_after", "rans64_encode", "simulate_mac_array"]
 
 
 def require_simulator(name: str) -> None:
@@ -52,3 +53,38 @@ def rans64_encode(ops: list[tuple]) -> bytes:
             x >>= 32
         x = ((x // freq) << 16) + (x % freq) + op[1] if op[0] == "sym" else (x << 4) | op[1]
     return struct.pack(f"<{2 + len(words)}I", x & mask, x >> 32, *reversed(words))
+
+
+def simulate_mac_array(x_shape, w_shape, lanes: int, rows: int, n: int, vectors: Sequence[tuple], **kwargs
+                       ) -> tuple[np.ndarray, int]:
+    """``rtl.mac_pipe.mac_array`` of ``lanes`` x ``rows`` x ``n`` inputs (enable high, ``kwargs``
+    passed on) in Amaranth's simulator, driven with ``vectors`` of (activations (lanes, n),
+    weights (rows, n)), one a cycle: the sums as an int array (vectors, lanes, rows), and the
+    array's latency."""
+    from amaranth import Module, Signal
+    from amaranth.sim import Simulator
+
+    from licforge.rtl.mac_pipe import mac_array
+
+    m = Module()
+    x = [[Signal(x_shape, name=f"x{p}_{i}") for i in range(n)] for p in range(lanes)]
+    w = [[Signal(w_shape, name=f"w{o}_{i}") for i in range(n)] for o in range(rows)]
+    sums, depth = mac_array(m, x, w, 1, "mac", **kwargs)
+    got = []
+
+    async def tb(ctx):
+        for k in range(len(vectors) + depth):
+            if k < len(vectors):
+                xv, wv = vectors[k]
+                for sigs, vals in zip(x + w, [*xv, *wv]):
+                    for sig, v in zip(sigs, vals):
+                        ctx.set(sig, int(v))
+            await ctx.tick()
+            if k >= depth - 1 and len(got) < len(vectors):
+                got.append([[ctx.get(sig) for sig in lane] for lane in sums])
+
+    sim = Simulator(m)
+    sim.add_clock(1e-8)
+    sim.add_testbench(tb)
+    sim.run()
+    return np.array(got), depth

@@ -17,38 +17,18 @@ from licforge.quant.golden import lane_dot, pow2_round
 from licforge.quant.synthetic import random_decoder_bundle
 from licforge.rtl.conv_transpose import ConvTransposeEngine
 from licforge.rtl.gdn import GdnUnit, pow2_exponent
-from licforge.rtl.mac_pipe import mac_array
 from licforge.rtl.perf import frame_report
 from licforge.rtl.plan import LayerPlan, plan_decoder
 from licforge.sim.layer_chain import simulate_chain
 from licforge.sim.stimulus import extreme_ints
-from helpers import require_simulator
+from helpers import require_simulator, simulate_mac_array
 
 
 def _min_array_sums(x_shape, w_shape, x_shift, w_shift, xv, wv, x_magnitude=False):
     """``mac_array(product="min")`` of 2 lanes x 3 rows x 5 inputs driven with the vectors
     ``xv`` (k, 2, 5), ``wv`` (k, 3, 5), one a cycle: the sums (k, 2, 3)."""
-    m = Module()
-    x = [[Signal(x_shape, name=f"x{p}_{i}") for i in range(5)] for p in range(2)]
-    w = [[Signal(w_shape, name=f"w{o}_{i}") for i in range(5)] for o in range(3)]
-    sums, depth = mac_array(m, x, w, 1, "min", product="min", x_shift=x_shift, w_shift=w_shift,
-                            x_magnitude=x_magnitude)
-    got = []
-
-    async def tb(ctx):
-        for k in range(len(xv) + depth):
-            if k < len(xv):
-                for sig, v in zip([s for row in x + w for s in row], np.concatenate([xv[k], wv[k]]).ravel()):
-                    ctx.set(sig, int(v))
-            await ctx.tick()
-            if k >= depth - 1 and len(got) < len(xv):
-                got.append([[ctx.get(s) for s in lane] for lane in sums])
-
-    sim = Simulator(m)
-    sim.add_clock(1e-8)
-    sim.add_testbench(tb)
-    sim.run()
-    return np.array(got)
+    return simulate_mac_array(x_shape, w_shape, 2, 3, 5, list(zip(xv, wv)), product="min", x_shift=x_shift,
+                              w_shift=w_shift, x_magnitude=x_magnitude)[0]
 
 
 @pytest.mark.parametrize("x_shape,w_shape,x_shift,w_shift,x_magnitude", [

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from amaranth import Module, Signal, signed, unsigned
+from amaranth import Module, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
@@ -21,7 +21,7 @@ from licforge.rtl.mac_pipe import mac_array, pack_chunk, packed_dsps, product_pa
 from licforge.rtl.perf import frame_timeline
 from licforge.rtl.plan import LayerPlan
 from licforge.sim.stimulus import extreme_ints
-from helpers import require_simulator
+from helpers import require_simulator, simulate_mac_array
 
 
 def test_pack_chunk_bounds():
@@ -48,32 +48,8 @@ def test_product_pairs_cover_every_dot_product_once(lanes, rows, lane_ok):
 
 def _mac_vectors(m_lanes, m_rows, n, x_shape, w_shape, pack, vectors):
     """Drive ``mac_array`` (enable high) with ``vectors`` (x, w) and return its sums, one cycle
-    apart, as an int array (vectors, lanes, rows)."""
-    m = Module()
-    x = [[Signal(x_shape, name=f"x{p}_{i}") for i in range(n)] for p in range(m_lanes)]
-    w = [[Signal(w_shape, name=f"w{o}_{i}") for i in range(n)] for o in range(m_rows)]
-    sums, depth = mac_array(m, x, w, 1, "mac", pack=pack)
-    got = []
-
-    async def tb(ctx):
-        for k in range(len(vectors) + depth):
-            if k < len(vectors):
-                xv, wv = vectors[k]
-                for p in range(m_lanes):
-                    for i in range(n):
-                        ctx.set(x[p][i], int(xv[p, i]))
-                for o in range(m_rows):
-                    for i in range(n):
-                        ctx.set(w[o][i], int(wv[o, i]))
-            await ctx.tick()
-            if k >= depth - 1 and len(got) < len(vectors):
-                got.append([[ctx.get(s) for s in lane] for lane in sums])
-
-    sim = Simulator(m)
-    sim.add_clock(1e-8)
-    sim.add_testbench(tb)
-    sim.run()
-    return np.array(got), depth
+    apart, as an int array (vectors, lanes, rows), and its latency."""
+    return simulate_mac_array(x_shape, w_shape, m_lanes, m_rows, n, vectors, pack=pack)
 
 
 @pytest.mark.parametrize("shapes", ["conv", "gdn"])
