@@ -234,10 +234,15 @@ def _digits_tables(results: dict) -> list[_Table]:
 _SCHEME = {"watermas": "WaterMAS", "uchida": "Uchida"}
 
 
-def _mark(r: dict) -> str:
-    """A run's mark: scheme, payload, and the copies per bit of a repetition code."""
+def _payload(r: dict) -> str:
+    """A run's payload, and the copies per bit of a repetition code."""
     rep = int(r.get("repeat", 1))
-    return f"{_SCHEME[r['scheme']]} {r['payload']}" + (f" x{rep}" if rep > 1 else "")
+    return f"{r['payload']}" + (f" x{rep}" if rep > 1 else "")
+
+
+def _mark(r: dict) -> str:
+    """A run's mark: scheme and payload."""
+    return f"{_SCHEME[r['scheme']]} {_payload(r)}"
 
 
 _OBF_ATTACKS = {"prune": "magnitude pruning rate", "finetune": "fine-tuning steps", "quantize": "attacker QAT bits"}
@@ -412,7 +417,7 @@ def adversary_tables(results: dict) -> str:
                 continue
             d, s = r["calibration"]["direct"], r["calibration"]["resync"]
             fp = lambda c: f"{round(c['false_positive_rate'] * len(c['heldout_matches']))}/{len(c['heldout_matches'])}"  # noqa: E731
-            rows.append([host, _SCHEME[r["scheme"]], _mark(r).split(" ", 1)[1],
+            rows.append([host, _SCHEME[r["scheme"]], _payload(r),
                          f"{min(d['null_matches'])}–{max(d['null_matches'])} / {min(s['null_matches'])}–"
                          f"{max(s['null_matches'])}", f"{d['threshold']} / {s['threshold']}", f"{fp(d)} / {fp(s)}",
                          f"{r['owner_deployed']['direct']['matched']} (p {_p(r['owner_deployed']['direct'])})"])
