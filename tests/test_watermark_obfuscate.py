@@ -14,7 +14,7 @@ from licforge.watermark.keys import make_key
 from licforge.watermark.layers import OUT_AXIS, bundle_chain, chain_forward, chain_weights, model_chain
 from licforge.watermark.obfuscate import (Obfuscation, add_dummies, flip_neurons, obfuscable_layers, obfuscate,
                                           scale_neurons, sign_exact, split_neuron)
-from licforge.watermark.resync import fraction_restored, resynchronize
+from licforge.watermark.resync import fraction_restored, live_origins, resynchronize
 from licforge.watermark.verify import read_direct
 
 
@@ -127,6 +127,33 @@ def test_resync_puts_every_neuron_back_and_reads_the_mark(decoder, digits):
     est, back = resynchronize(dchain, suspect)
     assert fraction_restored(est, truth) == 1.0
     assert np.array_equal(extract_bits(key, chain_weights(back)), extract_bits(key, chain_weights(dchain)))
+
+
+def test_resync_tells_pruned_split_copies_by_their_outgoing_weights_and_gives_no_dummy_a_lost_neuron(digits):
+    """Two splits of conv1 pruned as magnitude pruning leaves them: one with a single incoming
+    weight in each copy (proportional to any row with a weight there: only the outgoing weights,
+    which add up to the reference's, say whose copies they are), one with no incoming weight left
+    (its reference neuron has no descendant: the assignment must not hand it a dummy).  Psi = 100 %
+    against the live origins for every obfuscation seed tried; the matching by incoming weights
+    alone got 86-97 % on these same cases."""
+    _, dchain, _ = digits
+    for seed in (11, 17, 22):
+        suspect, truth = obfuscate(dchain, Obfuscation(), seed)
+        lay = next(l for l in suspect if l.name == "conv1")
+        o = truth["conv1"]
+        one, lost = [np.flatnonzero(o == j) for j in np.unique(o[o >= 0]) if np.sum(o == j) == 2]
+        w = np.asarray(lay.tensors["weight"], np.float64).copy()
+        for k in one:
+            flat = np.zeros(w[k].size)
+            flat[np.abs(w[k]).argmax()] = w[k].reshape(-1)[np.abs(w[k]).argmax()]
+            w[k] = flat.reshape(w[k].shape)
+        w[lost] = 0
+        lay.tensors["weight"] = w
+        live = live_origins(suspect, truth)
+        assert np.array_equal(live["conv1"][lost], [-1, -1])
+        est, _ = resynchronize(dchain, suspect)
+        assert fraction_restored(est, live) == 1.0, seed
+        assert o[lost[0]] not in est["conv1"] and list(est["conv1"][one]) == [o[one[0]]] * 2
 
 
 def test_lic_student_obfuscated_in_float_and_in_its_bundle(lic_bundle, lic_quant):

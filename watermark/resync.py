@@ -21,11 +21,18 @@ Layer by layer from the input side:
    with the largest total similarity (Hungarian algorithm,
    :func:`scipy.optimize.linear_sum_assignment`, rectangular when the suspect has more neurons)
    picks each reference neuron's *representative*; every other live suspect neuron is a split copy
-   of the representative it is most similar to if that ``|cos|``, taken on the copy's nonzero
-   weights (a pruned copy is proportional to its twin on the weights it kept) against the
-   representative or against the reference neuron, whichever is higher, is at least
-   ``merge`` and more than a random row of as many weights reaches by chance (probability
-   :data:`CHANCE`: a copy pruned to three weights must match almost exactly), else a dummy, dropped;
+   of a representative if it is credible (:func:`_credible`): its ``|cos|``, taken on the copy's
+   nonzero weights (a pruned copy is proportional to its twin on the weights it kept) against the
+   representative or against the reference neuron, whichever is higher, is at least ``merge`` and
+   more than a random row of as many weights reaches by chance (probability :data:`CHANCE`: a copy
+   pruned to three weights must match almost exactly); or, when it kept too few incoming weights
+   to tell (one weight is proportional to anything), they agree (``|cos| >= merge``) and its
+   outgoing weights explain beyond chance what the representative's leave unexplained of the
+   reference neuron's (a split's copies add up to them, ``a1 v1 + a2 v2 = v``, though neither
+   resembles them alone).  Else it is a dummy, dropped.  Once the outgoing weights are known
+   (second pass), each reference neuron's group (representative and copies) is pruned, weakest
+   first, of the members for which neither test holds against the others: a dummy that the
+   assignment had to give to a reference neuron whose descendants were all pruned away goes;
 5. the representative's sign ``sigma`` is that of its cosine with the reference neuron and its
    scale is restored to the reference's, ``kappa_j = sigma_j (|R_j| / |S_rep|) / g`` (``g`` the
    layer's median ratio, so that the restored layer keeps the suspect's units); a copy ``k`` of
@@ -66,6 +73,14 @@ DEAD = 0.02
 KAPPA_MAX = 64.0
 """Bound on a restored neuron's scale relative to its layer's (an attacker's scales are within a
 few times; a row that quantization or pruning nearly emptied must not blow up the next layer)."""
+AGREE = 0.9
+"""``|cos|`` of a suspect neuron's incoming weights with a candidate's above which they agree well
+enough for its outgoing weights to decide (a split copy's are proportional to its twin's; a dummy
+that fine-tuning made useful agrees by chance at 0.6 on eight weights)."""
+EXPLAINED = 0.3
+"""Outgoing weights of a reference neuron whose part left unexplained by a group's other members
+is below this share of their norm (91 % of the energy explained) give no evidence for another
+member: what is left is the noise of quantization and training."""
 PASSES = 2
 """Matching passes: the second also compares outgoing weights, through the next layer as the first put it back."""
 
@@ -91,43 +106,118 @@ def _alive(s: np.ndarray, v_norm: np.ndarray) -> np.ndarray:
     return contrib > DEAD * (float(np.median(pos)) if len(pos) else 0.0)
 
 
+def _credible(in_cos: np.ndarray, k_in: np.ndarray, out_cos: np.ndarray | None, k_out: np.ndarray,
+              candidates: int, merge: float, agree: float | np.ndarray = AGREE) -> np.ndarray:
+    """Whether a suspect neuron descends from a candidate: its incoming weights are similar beyond
+    chance (``|cos| >= max(merge, chance)`` on the ``k_in`` weights it kept), or, when they are
+    too few to tell (a copy pruned to one weight is proportional to anything), they agree
+    (``|cos| >= agree``, :data:`AGREE` for a copy, ``merge`` for the representative the assignment
+    chose) and ``out_cos``, the share of the candidate's outgoing weights that its
+    outgoing weights explain (:func:`_residual_cos`), is beyond chance on the ``k_out`` it kept.
+    Arrays broadcast (suspect rows x candidates)."""
+    ok = in_cos >= np.maximum(merge, _chance_cos(k_in, candidates))
+    if out_cos is None:
+        return ok
+    return ok | ((in_cos >= np.maximum(merge, agree)) & (out_cos >= _chance_cos(k_out, candidates)))
+
+
 def _assign(s: np.ndarray, r: np.ndarray, v_norm: np.ndarray, merge: float,
-            out_sim: np.ndarray | None = None, out_support: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Origin of every suspect row (reference index or -1) and each reference row's representative
-    (suspect index or -1), steps 2-4 of the module docstring; ``out_sim`` (suspect x reference),
-    the similarity of the outgoing weights, is averaged with that of the incoming ones, each
-    weighted by the number of nonzero weights it rests on (``out_support``: per suspect neuron, its
-    nonzero outgoing weights)."""
+    (suspect index or -1), steps 2-4 of the module docstring.  ``out = (v, u)``, when known: the
+    outgoing weights of every suspect neuron (the next layer's, put in the reference's order) and
+    of every reference neuron, one row each; the assignment then averages the two similarities,
+    each weighted by the number of nonzero weights it rests on, a copy may be told by its outgoing
+    weights (:func:`_credible`), and every group is pruned (:func:`_prune_group`)."""
     origin = np.full(len(s), -1)
     rep = np.full(len(r), -1)
     idx = np.flatnonzero(_alive(s, v_norm))
     if not len(idx):
         return origin, rep
+    k_in = np.count_nonzero(s, axis=1)[:, None]
     sim = np.abs(_unit(s[idx]) @ _unit(r).T)
-    if out_sim is not None:  # each side weighted by the number of weights it kept
-        k_in = np.count_nonzero(s[idx], axis=1)[:, None].astype(np.float64)
-        k_out = np.asarray(out_support)[idx][:, None].astype(np.float64)
-        sim = (k_in * sim + k_out * out_sim[idx]) / np.maximum(k_in + k_out, 1.0)
+    v, u = out if out is not None else (None, None)
+    k_out = np.count_nonzero(v, axis=1)[:, None] if v is not None else np.zeros_like(k_in)
+    if v is not None:
+        sim = (k_in[idx] * sim + k_out[idx] * np.abs(_unit(v[idx]) @ _unit(u).T)) / np.maximum(k_in[idx] + k_out[idx], 1)
     picked, refs = linear_sum_assignment(-sim)
     picked = idx[picked]
     origin[picked] = refs
     rep[refs] = picked
     left = np.setdiff1d(idx, picked)
-    if len(left):
-        twin = np.maximum(_restricted_cos(s[left], s[picked]), _restricted_cos(s[left], r[refs]))
-        best = twin.argmax(1)
-        ok = twin[np.arange(len(left)), best] >= np.maximum(merge, _chance_cos((s[left] != 0).sum(1), len(picked)))
-        origin[left[ok]] = refs[best[ok]]
+    if len(left) and len(picked):
+        in_twin = np.maximum(_restricted_cos(s[left], s[picked]), _restricted_cos(s[left], r[refs]))
+        out_twin = None if v is None else _split_gain(v[left], v[picked], u[refs])
+        strong = _credible(in_twin, k_in[left], None, k_out[left], len(picked), merge)
+        ok = _credible(in_twin, k_in[left], out_twin, k_out[left], len(picked), merge)
+        score = np.where(strong, 2 + in_twin, np.where(ok, in_twin if out_twin is None else out_twin, -1.0))
+        best = score.argmax(1)
+        hit = ok[np.arange(len(left)), best]
+        origin[left[hit]] = refs[best[hit]]
+    if v is not None:
+        for j in np.flatnonzero(rep >= 0):
+            _prune_group(origin, rep, j, s, r, v, u, merge)
     return origin, rep
+
+
+def _prune_group(origin: np.ndarray, rep: np.ndarray, j: int, s: np.ndarray, r: np.ndarray, v: np.ndarray,
+                 u: np.ndarray, merge: float) -> None:
+    """Drop (in place, origin -1) the members of reference neuron ``j``'s group that nothing says
+    descend from it, one at a time, the weakest first: a member stays if its incoming weights match
+    ``r_j`` beyond chance, or if they agree with it and its outgoing weights explain beyond chance
+    what the other members' leave unexplained of ``u_j`` (a split's copies add up to the reference's
+    outgoing weights).  A dummy that the assignment had to give to a reference neuron whose
+    descendants were all pruned away, or that a split copy's weak evidence let in, goes; the
+    representative is then the remaining member most similar to ``r_j``."""
+    members = list(np.flatnonzero(origin == j))
+    while members:
+        idx = np.asarray(members)
+        in_cos = _restricted_cos(s[idx], r[j:j + 1])[:, 0]
+        gain = np.array([_residual_cos(v[m], v[np.setdiff1d(idx, [m])], u[j]) for m in idx])
+        ok = _credible(in_cos, np.count_nonzero(s[idx], axis=1), gain, np.count_nonzero(v[idx], axis=1), len(r), merge,
+                       np.where(idx == rep[j], merge, AGREE))
+        if ok.all():
+            break
+        weakest = idx[~ok][np.argmin(gain[~ok])]
+        origin[weakest] = -1
+        members.remove(weakest)
+    if not members:
+        rep[j] = -1
+    elif rep[j] not in members:
+        idx = np.asarray(members)
+        rep[j] = idx[np.argmax(np.abs(_unit(s[idx]) @ _unit(r[j:j + 1]).T)[:, 0])]
+
+
+def _residual_cos(c: np.ndarray, others: np.ndarray, u: np.ndarray) -> float:
+    """``|cos|`` between the parts of ``c`` and ``u`` orthogonal to the rows of ``others`` (for no
+    others, ``|cos(c, u)|``): how much of what ``others`` leave unexplained of ``u`` ``c`` explains;
+    0 when they leave less than :data:`EXPLAINED` of ``u``'s norm.  For a random ``c`` it is
+    distributed like ``|cos|`` with a fixed direction."""
+    size = np.linalg.norm(u)
+    if len(others):
+        q, _ = np.linalg.qr(others.T)
+        c, u = c - q @ (q.T @ c), u - q @ (q.T @ u)
+    den = np.linalg.norm(c) * np.linalg.norm(u)
+    return float(abs(c @ u) / den) if den > 0 and np.linalg.norm(u) >= EXPLAINED * size else 0.0
+
+
+def _split_gain(c: np.ndarray, p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """:func:`_residual_cos` of every candidate copy ``c_i`` (a row) given representative ``p_j``,
+    with the reference's outgoing weights ``u_j`` (rows of ``p`` and ``u`` paired): a split's
+    copies add up to the reference neuron's outgoing weights (``a1 v1 + a2 v2 = v``) though
+    neither resembles them alone."""
+    return np.array([[_residual_cos(ci, pj[None], uj) for pj, uj in zip(p, u)] for ci in c]).reshape(len(c), len(p))
 
 
 def _chance_cos(k: np.ndarray, candidates: int) -> np.ndarray:
     """The ``|cos|`` a random direction in ``k`` dimensions exceeds against one of ``candidates``
-    fixed ones with probability :data:`CHANCE` (``cos^2 ~ Beta(1/2, (k-1)/2)``, union bound)."""
+    fixed ones with probability :data:`CHANCE` (``cos^2 ~ Beta(1/2, (k-1)/2)``, union bound); above
+    1 (never reached) for ``k <= 1``: one weight is proportional to anything."""
     from scipy.special import betaincinv
 
-    k = np.maximum(np.asarray(k, np.float64), 2.0)
-    return np.sqrt(betaincinv(0.5, (k - 1) / 2, 1 - CHANCE / max(candidates, 1)))
+    k = np.asarray(k, np.float64)
+    t = np.sqrt(betaincinv(0.5, (np.maximum(k, 2.0) - 1) / 2, 1 - CHANCE / max(candidates, 1)))
+    return np.where(k <= 1, 2.0, t)
 
 
 def _restore_layer(work: list[Layer], i: int, r: np.ndarray, origin: np.ndarray, rep: np.ndarray) -> np.ndarray:
@@ -182,12 +272,13 @@ def _restore_layer(work: list[Layer], i: int, r: np.ndarray, origin: np.ndarray,
     return kappa
 
 
-def _outgoing_similarity(work: list[Layer], i: int, reference: list[Layer], n_s: int, n_r: int,
-                         consumer_state: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
-    """``|cos|`` of every suspect neuron's outgoing weights (the next dot layer's weights that read
-    it) with every reference neuron's, the next layer's rows put in the reference's order, sign and
-    scale by ``consumer_state = (representatives, kappa)`` of that layer (from a previous pass; the
-    identity for the network's last layer, whose outputs never move); None when unknown."""
+def _outgoing(work: list[Layer], i: int, reference: list[Layer], n_s: int, n_r: int,
+              consumer_state: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The outgoing weights (the next dot layer's weights that read the neuron) of every suspect
+    neuron and of every reference neuron, one flattened row each, the next layer's rows put in the
+    reference's order, sign and scale by ``consumer_state = (representatives, kappa)`` of that
+    layer (from a previous pass; the identity for the network's last layer, whose outputs never
+    move); None when unknown."""
     _, nxt = channel_path(work, i)
     cname = work[nxt].name
     last = cname not in permutable_layers(work)
@@ -201,7 +292,7 @@ def _outgoing_similarity(work: list[Layer], i: int, reference: list[Layer], n_s:
         v = v[:, np.where(rep >= 0, rep, 0)] * (kappa * (rep >= 0)).reshape((1, -1) + (1,) * (v.ndim - 2))
     if v.shape[1:] != u.shape[1:]:
         return None
-    return np.abs(_unit(v.reshape(n_s, -1)) @ _unit(u.reshape(n_r, -1)).T)
+    return v.reshape(n_s, -1), u.reshape(n_r, -1)
 
 
 def _known(s: np.ndarray, r: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -244,8 +335,8 @@ def resynchronize(reference: list[Layer], suspect: list[Layer], *, merge: float 
             _, nxt = channel_path(work, i)
             if known is None:
                 v = input_slices(work[nxt], len(s)).reshape(len(s), -1).astype(np.float64)
-                out_sim = _outgoing_similarity(work, i, reference, len(s), len(r), state.get(work[nxt].name))
-                origin, rep = _assign(s, r, np.linalg.norm(v, axis=1), merge, out_sim, np.count_nonzero(v, axis=1))
+                out = _outgoing(work, i, reference, len(s), len(r), state.get(work[nxt].name))
+                origin, rep = _assign(s, r, np.linalg.norm(v, axis=1), merge, out)
             else:
                 origin, rep = _known(s, r, known[name])
             done[name] = (rep, _restore_layer(work, i, r, origin, rep))
