@@ -324,25 +324,36 @@ class ConvTransposeEngine(wiring.Component):
         slot_i = Signal(2)                           # line-buffer slot of input row i
         wa = Signal(range(rom_depth))                # weight ROM address
         nv = Signal(range(pp + 1))                   # lanes holding real pixels
+        # the frame-size tests are flip-flops (no carry chain from the frame size into the
+        # issue): each is computed from its counter's next value, or, while the counter
+        # holds, from its value and the frame size registered (2 cycles behind a new size)
+        hm1, hm2, h1 = Signal(16), Signal(16), Signal()
+        w_pp = Signal(signed(max(self.max_width, pp).bit_length() + 1))   # width - PP
+        m.d.sync += [hm1.eq(self.height - 1), hm2.eq(self.height - 2), h1.eq(self.height == 1),
+                     w_pp.eq(self.width - pp)]
+        last_i, first_i, last_j = Signal(), Signal(init=1), Signal()    # i == h - 1, i == 0, j0 + PP >= w
+        m.d.sync += [last_i.eq(i == hm1), first_i.eq(i == 0), last_j.eq(j0 >= w_pp)]
         last_g, last_tx, last_ty = g == gi - 1, tx == nt[b] - 1, ty == nt[a] - 1
-        last_o, last_j, last_i = o == go - 1, j0 + pp >= self.width, i == self.height - 1
+        last_o = o == go - 1
         last_x = b & last_j
         item_last = last_g & last_tx & last_ty
         pix_last = item_last & last_o
         pair_start = (a == 0) & ~b & (j0 == 0) & (o == 0) & (ty == 0) & (tx == 0) & (g == 0)
-        issue = Mux(pair_start, complete >= 1 + (i != 0) + ~last_i, 1)
+        issue = Mux(pair_start, complete >= 1 + ~first_i + ~last_i, 1)
         step = advance & issue
-        m.d.comb += [free.eq(step & pix_last & last_x & Mux(a, last_i, i != 0)),
+        m.d.comb += [free.eq(step & pix_last & last_x & Mux(a, last_i, ~first_i)),
                      nv.eq(Mux(last_j, self.width - j0, pp))]
         counters = [(last_g, [g.eq(g + 1)], [g.eq(0)]), (last_tx, [tx.eq(tx + 1)], [tx.eq(0)]),
                     (last_ty, [ty.eq(ty + 1)], [ty.eq(0)]), (last_o, [o.eq(o + 1)], [o.eq(0)]),
-                    (b, [b.eq(1)], [b.eq(0)]), (last_j, [j0.eq(j0 + pp), jb.eq(jb + 1)], [j0.eq(0), jb.eq(0)])]
+                    (b, [b.eq(1)], [b.eq(0)]),
+                    (last_j, [j0.eq(j0 + pp), jb.eq(jb + 1), last_j.eq(j0 + pp >= w_pp)],
+                     [j0.eq(0), jb.eq(0), last_j.eq(w_pp <= 0)])]
         with m.If(step):
-            self._count(m, counters, [a.eq(~a)], a, [slot_i.eq(slot_i + 1), i.eq(Mux(last_i, 0, i + 1))])
+            self._count(m, counters, [a.eq(~a)], a, [slot_i.eq(slot_i + 1), i.eq(Mux(last_i, 0, i + 1)),
+                                                     last_i.eq(Mux(last_i, h1, i == hm2)), first_i.eq(last_i)])
             base_a1 = go * gi * ntmax * (len(taps[0]) + len(taps[1]))   # first word of phase (1, 0)
             m.d.sync += wa.eq(Mux(pix_last & b, Mux(Mux(last_x, ~a, a), base_a1, 0), wa + 1))
         dy, dx = offset(a, ty), offset(b, tx)
-        r = (i + dy).as_signed()
         back, ahead = dx == -1, dx == 1      # the lanes read columns j0 + p + dx, dx in {-1, 0, 1}
         # bank k at the block's address, but lane PP-1 reads bank 0 of the next block (dx = 1)
         # and lane 0 the last bank of the previous one (dx = -1)
@@ -352,8 +363,8 @@ class ConvTransposeEngine(wiring.Component):
             addr = register(m, Cat(g, idx[:self._col_bits], (slot_i + dy)[:2]), advance, f"raddr{k}")
             m.d.comb += [rd.addr.eq(addr), rd.en.eq(advance)]
         m.d.comb += [wport.addr.eq(register(m, wa, advance, "waddr")), wport.en.eq(advance)]
-        inside = [(r >= 0) & (r < self.height) & ((j0 + k + dx).as_signed() >= 0) & (j0 + k + dx < self.width)
-                  for k in range(pp)]
+        row_inside = ~((dy == -1) & first_i) & ~((dy == 1) & last_i)    # 0 <= i + dy < height
+        inside = [row_inside & ((j0 + k + dx).as_signed() >= 0) & (j0 + k + dx < self.width) for k in range(pp)]
         return {"v": issue, "inside": Cat(*inside), "back": back, "ahead": ahead, "b": b, "nv": nv,
                 "first": (g == 0) & (tx == 0) & (ty == 0), "done": issue & item_last, "pix": pix_last, "o": o}
 

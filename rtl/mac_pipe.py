@@ -386,7 +386,8 @@ def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixe
     the consumer's ``ready`` to the engine's enable, nor from engine to engine.  ``ahead``: the
     values ``(finishing, pixel_done, phase)`` take in the next cycle; given, the returned stall
     is a register computed a cycle ahead from them and the queue's next state (the same
-    value, but the engine's enable then fans out from a flip-flop, not from logic).
+    value, but the engine's enable then fans out from a flip-flop, not from logic), and so is
+    the queue's load (a finished block that does not stall).
     """
     lanes, gbits = len(values), len(values[0]) * bits
     pixels = []
@@ -401,13 +402,15 @@ def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixe
             pixels.append(Cat(*parts))
     width = groups * gbits
     if phase is None:
-        block, n, load = pixels, count, write & pixel_done
+        block, n, block_done = pixels, count, pixel_done
     else:
         evens = [Signal(width, name=f"emit_even{p}") for p in range(lanes)]
         with m.If(write & pixel_done & ~phase):
             m.d.sync += [e.eq(v) for e, v in zip(evens, pixels)]
         block = [v for pair in zip(evens, pixels) for v in pair]
-        n, load = count * 2, write & pixel_done & phase
+        n, block_done = count * 2, pixel_done & phase
+    # with ``ahead`` the same condition as a flip-flop, set below from the next cycle's values
+    load = write & block_done if ahead is None else Signal(name="emit_load")
     queue = [Signal(width, name=f"emit_q{k}") for k in range(len(block) + 1)]
     left = Signal(range(len(block) + 2))   # beats in the queue not yet taken
     taken = out.valid & out.ready
@@ -429,5 +432,6 @@ def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixe
         return finishing & pixel_done & (1 if phase is None else phase) & (left > 1)
     f, d, ph = ahead
     stall = Signal(name="emit_stall")
-    m.d.sync += stall.eq(f & d & (1 if ph is None else ph) & (left_next > 1))
+    finished = f & d & (1 if ph is None else ph)   # a block finishes in the next cycle: it stalls or loads
+    m.d.sync += [stall.eq(finished & (left_next > 1)), load.eq(finished & (left_next <= 1))]
     return stall

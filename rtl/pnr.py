@@ -5,12 +5,13 @@ same package) -> a bitstream, the measured maximum clock and the utilization.
 A decoder written by ``licforge rtl decoder`` is placed inside :class:`rtl.board.DecoderBoard`
 (byte streams), so that its I/O fits the package; any other design is placed as it is.
 Between synthesis and placement, the operand registers of the multipliers move into the
-MULT18X18D (:func:`pack_dsp_input_registers`; Yosys leaves every DSP register off).  The
-clock is *measured*: nextpnr's static timing of the routed design (``--speed`` of the part),
-per placement seed, reported as the spread over the seeds; the clock enters on a dedicated
-clock pin (:func:`clock_pin`), the other pins are placed by nextpnr (no board pin map), and
-only register-to-register paths of the clock set the figure (nextpnr
-reports the paths from and to the pins apart).
+MULT18X18D (:func:`pack_dsp_input_registers`; Yosys leaves every DSP register off), and the
+engines' stall registers, each the clock enable of a whole pipeline, drive it through global
+buffers (:func:`promote_enables`).  The clock is *measured*: nextpnr's static timing of the
+routed design (``--speed`` of the part), per placement seed, reported as the spread over the
+seeds; the clock enters on a dedicated clock pin (:func:`clock_pin`), the other pins are
+placed by nextpnr (no board pin map), and only register-to-register paths of the clock set
+the figure (nextpnr reports the paths from and to the pins apart).
 """
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ from amaranth.back import verilog
 from .board import DecoderBoard
 from .yosys import ECP5, failure_reason, synthesize
 
-__all__ = ["Device", "parse_device", "PnrError", "pack_dsp_input_registers", "place_and_route", "pack_bitstream",
-           "prepare_design", "run_pnr", "clock_pin", "DEFAULT_DEVICE", "DEFAULT_SEEDS", "DEFAULT_FREQ_MHZ"]
+__all__ = ["Device", "parse_device", "PnrError", "pack_dsp_input_registers", "promote_enables", "place_and_route",
+           "pack_bitstream", "prepare_design", "run_pnr", "clock_pin", "DEFAULT_DEVICE", "DEFAULT_SEEDS",
+           "DEFAULT_FREQ_MHZ", "ENABLE_FANOUT", "ENABLE_GLOBALS"]
 
 DEFAULT_DEVICE = "LFE5U-85F-6BG381C"   # the ULX3S's ECP5: 85k LUT4, 156 MULT18X18D, 208 EBR, caBGA381
 DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_FREQ_MHZ = 125.0               # nextpnr's timing-driven target; the measured Fmax is reported
+ENABLE_FANOUT = 128   # a flip-flop clock enable with at least this many loads goes on a global network ...
+ENABLE_GLOBALS = 7    # ... at most this many of them: nextpnr-ecp5 routes fabric loads from globals 0-7 only,
+                      # and the clock takes one
 _PACKAGES = {"BG": "CABGA", "MG": "CSFBGA", "TG": "TQFP"}
 _FAMILIES = {"LFE5U": "", "LFE5UM": "um-", "LFE5UM5G": "um5g-"}
 # nextpnr utilization bels -> the report's columns
@@ -249,6 +254,53 @@ def pack_dsp_input_registers(netlist: Path) -> dict:
     return {"mult18": len(mults), "packed": packed, "ff_removed": removed, "inverters": len(inverters)}
 
 
+def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals: int = ENABLE_GLOBALS) -> dict:
+    """Put the flip-flop clock-enable nets with the most loads (at least ``min_fanout``, at
+    most ``max_globals`` nets) on the ECP5's global network, editing the ``synth_ecp5`` JSON
+    netlist in place: each gets a ``DCCA`` global buffer whose output drives the ``CE`` pins
+    of its ``TRELLIS_FF`` loads (its other loads keep the fabric net).
+
+    An engine's stall register holds every pipeline register of the engine (about 1,700
+    flip-flops in the N=16 decoder's largest layer); routed through the fabric, that one net
+    took 12-13 ns.  On a global it reaches every slice in about the same time wherever the
+    loads are placed (the usual treatment of a high-fanout enable or reset; vendor tools
+    insert such buffers themselves).  nextpnr-ecp5 times the buffer and the global network.
+
+    Returns ``{"nets": [(net name, flip-flop loads), ...]}`` in order of fanout."""
+    design = json.loads(Path(netlist).read_text())
+    top = _top_module(design)
+    cells = top["cells"]
+    next_bit = 2
+    for c in cells.values():
+        for bits in c["connections"].values():
+            next_bit = max([next_bit] + [b + 1 for b in bits if isinstance(b, int)])
+    for n in list(top.get("netnames", {}).values()) + list(top.get("ports", {}).values()):
+        next_bit = max([next_bit] + [b + 1 for b in n["bits"] if isinstance(b, int)])
+    loads: dict[int, list[dict]] = {}
+    for c in cells.values():
+        ce = c["connections"].get("CE", ["1"])[0] if c["type"] == "TRELLIS_FF" else None
+        if isinstance(ce, int):
+            loads.setdefault(ce, []).append(c)
+    names: dict[int, str] = {}
+    for name, n in sorted(top.get("netnames", {}).items(), key=lambda kv: len(kv[0])):
+        for b in n["bits"]:
+            names.setdefault(b, name)
+    chosen = sorted((b for b in loads if len(loads[b]) >= min_fanout), key=lambda b: (-len(loads[b]), b))
+    promoted = []
+    for k, bit in enumerate(chosen[:max(0, max_globals)]):
+        name = f"$licforge_global_ce{k}"
+        cells[name] = {"hide_name": 1, "type": "DCCA", "parameters": {}, "attributes": {},
+                       "port_directions": {"CLKI": "input", "CE": "input", "CLKO": "output"},
+                       "connections": {"CLKI": [bit], "CE": ["1"], "CLKO": [next_bit]}}
+        top.setdefault("netnames", {})[name] = {"hide_name": 1, "bits": [next_bit], "attributes": {}}
+        for ff in loads[bit]:
+            ff["connections"]["CE"] = [next_bit]
+        promoted.append((names.get(bit, str(bit)), len(loads[bit])))
+        next_bit += 1
+    Path(netlist).write_text(json.dumps(design))
+    return {"nets": promoted}
+
+
 def clock_pin(device: Device) -> str | None:
     """A package pin for the clock: a dedicated primary-clock input (``PCLKT..``) of the
     part's package, G2 when it is one (the ULX3S's 25 MHz clock pin), from Project Trellis's
@@ -362,12 +414,15 @@ def prepare_design(design_dir: Path, out_dir: Path, top: str | None) -> tuple[li
 
 def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, seeds=DEFAULT_SEEDS,
             freq_mhz: float = DEFAULT_FREQ_MHZ, top: str | None = None, threads: int = 1,
-            timeout_s: float | None = None, pack_dsp: bool = True, progress=None) -> dict:
+            timeout_s: float | None = None, pack_dsp: bool = True, global_enables: bool = True,
+            progress=None) -> dict:
     """Synthesize (``synth_ecp5``), move operand registers into the multipliers
-    (:func:`pack_dsp_input_registers`, unless ``pack_dsp`` is false), place and route
+    (:func:`pack_dsp_input_registers`, unless ``pack_dsp`` is false), put the high-fanout
+    clock enables on global buffers (:func:`promote_enables`, unless ``global_enables`` is
+    false), place and route
     ``design_dir`` for ``device`` once per seed and write the bitstream of the fastest seed.
     Returns (and writes to ``out_dir/pnr.json``) ``{"device", "design", "top", "target_mhz",
-    "synthesis"`` (Yosys cells and resources), ``"dsp_input_registers", "seeds"`` (per seed:
+    "synthesis"`` (Yosys cells and resources), ``"dsp_input_registers", "global_enables", "seeds"`` (per seed:
     fmax_mhz, critical path, utilization), ``"fmax_mhz": {"min", "median", "max", "best_seed",
     "seeds"}, "utilization"`` (of the best seed), ``"bitstream", "bitstream_bytes", "seconds"}``."""
     dev = parse_device(device)
@@ -386,6 +441,9 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     if packed:
         say(f"DSP input registers: {packed['packed']} of {packed['mult18']} MULT18X18D packed, "
             f"{packed['ff_removed']} flip-flops removed")
+    promoted = promote_enables(netlist) if global_enables else None
+    if promoted and promoted["nets"]:
+        say("clock enables on global buffers: " + ", ".join(f"{n} ({k} FF)" for n, k in promoted["nets"]))
     runs = []
     for seed in seeds:
         r = place_and_route(netlist, dev, seed, out_dir, freq_mhz=freq_mhz, threads=threads, timeout_s=timeout_s)
@@ -398,7 +456,7 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     report = {"device": asdict(dev), "design": what, "design_dir": str(Path(design_dir).resolve()), "top": top,
               "target_mhz": freq_mhz, "clock_note": "measured: nextpnr-ecp5 static timing after place and route",
               "synthesis": {"resources": syn["resources"], "cells": syn["cells"], "seconds": syn["seconds"]},
-              "dsp_input_registers": packed,
+              "dsp_input_registers": packed, "global_enables": promoted,
               "seeds": runs,
               "fmax_mhz": {"min": min(fmax), "median": statistics.median(fmax), "max": max(fmax),
                            "best_seed": best["seed"], "seeds": seeds},

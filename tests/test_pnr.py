@@ -204,7 +204,7 @@ def test_pnr_of_a_small_block(tmp_path, capsys):
 
 def _simulate_netlist(netlist: Path, inputs: list[dict[str, int]], outputs: list[str]) -> list[dict[str, int]]:
     """Cycle simulation of a synth_ecp5 JSON netlist (LUT4, PFUMX, L6MUX21, CCU2C,
-    TRELLIS_FF, MULT18X18D with or without input registers): the outputs after each cycle's
+    TRELLIS_FF, MULT18X18D with or without input registers, DCCA): the outputs after each cycle's
     inputs settle, then a clock edge."""
     top = next(m for m in json.loads(netlist.read_text())["modules"].values() if m.get("attributes", {}).get("top"))
     val: dict = {"0": 0, "1": 1, "x": 0}
@@ -245,6 +245,8 @@ def _simulate_netlist(netlist: Path, inputs: list[dict[str, int]], outputs: list
                     new.update({f"P{k}": (p >> k) & 1 for k in range(36)})
                 elif t == "TRELLIS_FF":
                     new["Q"] = regs.get((id(c), "Q"), 0)
+                elif t == "DCCA":
+                    new["CLKO"] = get(c, "CLKI") & get(c, "CE")
                 else:
                     raise AssertionError(f"no model for {t}")
                 for port, v in new.items():
@@ -329,3 +331,33 @@ def test_dsp_input_register_packing_keeps_the_function(tmp_path):
     gold = _simulate_netlist(before, vecs, ["p0", "p1"])
     assert _simulate_netlist(after, vecs, ["p0", "p1"]) == gold
     assert len({g["p0"] for g in gold}) > 100   # the products really moved
+
+
+def test_high_fanout_enables_go_on_global_buffers(tmp_path):
+    """The stall of a multiplier pair (the clock enable of its 56 flip-flops) is put on one
+    DCCA global buffer, which then drives every flip-flop's CE; the netlist computes the same
+    outputs cycle for cycle, with random stalls; nets below the fanout limit, or beyond the
+    number of globals, stay in the fabric."""
+    from amaranth.back import verilog
+
+    from licforge.rtl.pnr import promote_enables
+    from licforge.rtl.yosys import ECP5, synthesize
+
+    (tmp_path / "mul.v").write_text(verilog.convert(_MulPair(), name="mul", emit_src=False))
+    before = tmp_path / "before.json"
+    synthesize([tmp_path / "mul.v"], "mul", family=ECP5, netlist=before)
+    after = tmp_path / "after.json"
+    for limit, globals_, nets in ((57, 7, []), (56, 0, []), (56, 7, [("stall", 56)])):
+        after.write_text(before.read_text())
+        assert promote_enables(after, min_fanout=limit, max_globals=globals_) == {"nets": nets}
+    cells = json.loads(after.read_text())["modules"]["mul"]["cells"].values()
+    dcca = [c for c in cells if c["type"] == "DCCA"]
+    assert len(dcca) == 1 and dcca[0]["connections"]["CE"] == ["1"]
+    ces = {c["connections"]["CE"][0] for c in cells if c["type"] == "TRELLIS_FF"}
+    assert ces == {dcca[0]["connections"]["CLKO"][0]}
+    rng = np.random.default_rng(5)
+    vecs = [{"a": int(rng.integers(256)), "b0": int(rng.integers(256)), "b1": int(rng.integers(256)),
+             "stall": int(rng.random() < 0.3), "rst": int(rng.random() < 0.05)} for _ in range(200)]
+    gold = _simulate_netlist(before, vecs, ["p0", "p1"])
+    assert _simulate_netlist(after, vecs, ["p0", "p1"]) == gold
+    assert len({g["p0"] for g in gold}) > 60
