@@ -37,7 +37,7 @@ def _cmd_pnr(args) -> int:
     try:
         rep = run_pnr(design, out, device=dev.part, seeds=args.seeds, freq_mhz=args.freq_mhz, top=args.top,
                       threads=args.threads, timeout_s=args.timeout_s, pack_dsp=not args.no_dsp_pack,
-                      global_enables=not args.no_global_enables,
+                      global_enables=not args.no_global_enables, slice_roms=not args.no_ebr_roms,
                       progress=lambda s: print(s, flush=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -76,6 +76,9 @@ def register(groups: dict) -> None:
                                                "manifest's top)")
     p.add_argument("--no-dsp-pack", action="store_true",
                    help="leave the multipliers' operand registers in the fabric (default: moved into the MULT18X18D)")
+    p.add_argument("--no-ebr-roms", action="store_true",
+                   help="leave the ROMs as written (default: ROMs of 4,096 bits or more cut into slices as wide as "
+                        "one EBR port, so that no multiplexer follows an EBR)")
     p.add_argument("--no-global-enables", action="store_true",
                    help="route every clock enable through the fabric (default: the flip-flop enables with the most "
                         "loads drive them through DCCA global buffers)")

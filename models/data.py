@@ -98,7 +98,7 @@ def load_split(data: str | Path | None, split: str) -> dict[str, np.ndarray]:
 
 def to_tensor(img: np.ndarray) -> Tensor:
     """uint8 (H, W, 3) pixels -> float (1, 3, H, W) tensor of ``p / 256``."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float() / 256.0
+    return torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1)[None].float() / 256.0
 
 
 @dataclass
@@ -134,7 +134,7 @@ class CropSampler:
         if small:
             raise DataError(f"images {small} are smaller than --crop {self.crop}; use a smaller crop")
         self._device = torch.device(self.device)
-        self._tensors = [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).to(self._device)
+        self._tensors = [torch.from_numpy(np.array(im, copy=True)).permute(2, 0, 1).to(self._device)
                          for im in self.images.values()]
         self._targets: list[Tensor] | None = None
         self._gen = torch.Generator().manual_seed(self.seed)

@@ -25,8 +25,10 @@ class RegisterSlice(wiring.Component):
     """A two-entry stream FIFO that cuts every combinational path through it, ``ready``
     included: ``i.ready`` and ``o.valid`` come from its occupancy register, and the data
     registers are written on the input side only (the consumer's ``o.ready`` moves a read
-    pointer and the count, not a wide clock enable).  Throughput: one beat per cycle;
-    latency: one cycle."""
+    pointer and the count, not a wide clock enable).  A slot is written in every cycle in
+    which it holds no beat, so its clock enable is a flip-flop (``free``) with no logic
+    between it and the wide slot register.  Throughput: one beat per cycle; latency: one
+    cycle."""
 
     def __init__(self, shape) -> None:
         super().__init__({"i": In(stream.Signature(shape)), "o": Out(stream.Signature(shape))})
@@ -36,12 +38,14 @@ class RegisterSlice(wiring.Component):
         payload = Value.cast(self.i.payload)
         slots = [Signal(len(payload), name=f"slot{k}") for k in range(2)]
         wp, rp, count = Signal(), Signal(), Signal(range(3))
+        free = [Signal(name=f"free{k}", init=1) for k in range(2)]   # slot k holds no beat
         push, pop = self.i.valid & self.i.ready, self.o.valid & self.o.ready
         m.d.comb += [self.i.ready.eq(count != 2), self.o.valid.eq(count != 0),
                      Value.cast(self.o.payload).eq(Mux(rp, slots[1], slots[0]))]
         for k, slot in enumerate(slots):
-            with m.If(push & (wp == k)):
+            with m.If(free[k]):   # a pushed beat lands in the free slot wp and stays
                 m.d.sync += slot.eq(payload)
+            m.d.sync += free[k].eq(free[k] & ~(push & (wp == k)) | pop & (rp == k))
         m.d.sync += [wp.eq(wp ^ push), rp.eq(rp ^ pop), count.eq(count + push - pop)]
         return m
 

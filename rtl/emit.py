@@ -17,11 +17,10 @@ from amaranth import ClockSignal, Instance, Module, Shape
 from amaranth.back import verilog
 from amaranth.lib.memory import Memory
 
-__all__ = ["ReadmemhPlatform", "write_verilog", "ROM_MODULE", "rom_file_attr", "read_hex"]
+__all__ = ["ReadmemhPlatform", "write_verilog", "ROM_MODULE", "ROM_PORTS", "ROM_VERILOG", "rom_file_attr", "read_hex"]
 
 ROM_MODULE = "licforge_rom"
-_ROM_VERILOG = """\
-// licforge_rom: synchronous-read ROM initialised from a $readmemh file (one word a line).
+ROM_PORTS = """\
 module licforge_rom #(
     parameter WIDTH = 8,
     parameter DEPTH = 16,
@@ -33,6 +32,12 @@ module licforge_rom #(
     input  wire [ABITS-1:0] addr,
     output reg  [WIDTH-1:0] data
 );
+"""
+"""The header of every ``licforge_rom`` module (its parameters and ports): a ROM of ``DEPTH``
+words of ``WIDTH`` bits whose ``data`` is the word at ``addr`` one cycle after ``en``."""
+ROM_VERILOG = """\
+// licforge_rom: synchronous-read ROM initialised from a $readmemh file (one word a line).
+""" + ROM_PORTS + """\
     reg [WIDTH-1:0] mem [0:DEPTH-1];
     initial $readmemh(INIT_FILE, mem);
     always @(posedge clk) if (en) data <= mem[addr];
@@ -113,5 +118,5 @@ def write_verilog(component, name: str, out_dir: Path) -> list[Path]:
     if not platform.roms:
         rom.unlink(missing_ok=True)
         return [top]
-    rom.write_text(_ROM_VERILOG)
+    rom.write_text(ROM_VERILOG)
     return [top, rom]

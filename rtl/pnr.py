@@ -28,11 +28,12 @@ from pathlib import Path
 from amaranth.back import verilog
 
 from .board import DecoderBoard
+from .emit import ROM_PORTS
 from .yosys import ECP5, failure_reason, synthesize
 
-__all__ = ["Device", "parse_device", "PnrError", "pack_dsp_input_registers", "promote_enables", "place_and_route",
+__all__ = ["Device", "parse_device", "PnrError", "pack_dsp_input_registers", "promote_enables", "ebr_roms", "place_and_route",
            "pack_bitstream", "prepare_design", "run_pnr", "clock_pin", "DEFAULT_DEVICE", "DEFAULT_SEEDS",
-           "DEFAULT_FREQ_MHZ", "ENABLE_FANOUT", "ENABLE_GLOBALS"]
+           "DEFAULT_FREQ_MHZ", "ENABLE_FANOUT", "ENABLE_GLOBALS", "EBR_MIN_BITS"]
 
 DEFAULT_DEVICE = "LFE5U-85F-6BG381C"   # the ULX3S's ECP5: 85k LUT4, 156 MULT18X18D, 208 EBR, caBGA381
 DEFAULT_SEEDS = (1, 2, 3)
@@ -40,6 +41,7 @@ DEFAULT_FREQ_MHZ = 125.0               # nextpnr's timing-driven target; the mea
 ENABLE_FANOUT = 128   # a flip-flop clock enable with at least this many loads goes on a global network ...
 ENABLE_GLOBALS = 7    # ... at most this many of them: nextpnr-ecp5 routes fabric loads from globals 0-7 only,
                       # and the clock takes one
+EBR_MIN_BITS = 4096   # a ROM of at least this many bits goes to EBR slices (ebr_roms); smaller ones stay in LUTs
 _PACKAGES = {"BG": "CABGA", "MG": "CSFBGA", "TG": "TQFP"}
 _FAMILIES = {"LFE5U": "", "LFE5UM": "um-", "LFE5UM5G": "um5g-"}
 # nextpnr utilization bels -> the report's columns
@@ -301,6 +303,80 @@ def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals:
     return {"nets": promoted}
 
 
+def _ebr_slice_width(depth: int) -> int:
+    """The widest DP16KD/PDPW16KD port (bits) that holds ``depth`` words in one EBR."""
+    for deep, width in ((512, 36), (1024, 18), (2048, 9), (4096, 4), (8192, 2), (16384, 1)):
+        if depth <= deep:
+            return width
+    raise ValueError(f"a ROM of {depth} words is deeper than one EBR (16,384 x 1)")
+
+
+_EBR_ROM_VERILOG = """\
+// licforge_rom for the ECP5 (rtl.pnr.ebr_roms): a ROM of at least MIN_BITS bits is cut into
+// slices as wide as one EBR port at its depth, each read from its own hex file
+// (INIT_FILE.s<k>), so that no multiplexer follows an EBR's output and a wide shallow ROM
+// is not spread over LUTs; a smaller ROM is what licforge_rom always was.  Latency: 1 cycle.
+""" + ROM_PORTS + """\
+    localparam SW = DEPTH <= 512 ? 36 : DEPTH <= 1024 ? 18 : DEPTH <= 2048 ? 9 : DEPTH <= 4096 ? 4 : DEPTH <= 8192 ? 2 : 1;
+    localparam NS = (WIDTH + SW - 1) / SW;
+    generate if (WIDTH * DEPTH < %(min_bits)d) begin : lut
+        reg [WIDTH-1:0] mem [0:DEPTH-1];
+        initial $readmemh(INIT_FILE, mem);
+        always @(posedge clk) if (en) data <= mem[addr];
+    end else begin : ebr
+%(slices)s
+    end endgenerate
+endmodule
+"""
+_EBR_SLICE = """\
+        if (%(k)d < NS) begin : s%(k)d
+            localparam W = (%(k)d == NS - 1) ? WIDTH - SW * (NS - 1) : SW;
+            (* rom_style = "block" *) reg [W-1:0] mem [0:DEPTH-1];
+            initial $readmemh({INIT_FILE, ".s%(k)d"}, mem);
+            always @(posedge clk) if (en) data[%(k)d * SW +: W] <= mem[addr];
+        end"""
+
+
+def ebr_roms(design_dir: Path, min_bits: int = EBR_MIN_BITS) -> dict:
+    """Rewrite the ROMs of a design in ``design_dir`` (its ``roms.json``, hex files and
+    ``licforge_rom.v``, as :func:`rtl.emit.write_verilog` wrote them) for the ECP5's EBRs:
+    each ROM of at least ``min_bits`` bits is cut into slices as wide as one EBR port at
+    its depth (36 bits up to 512 words, 18 up to 1,024, 9, 4, 2, 1), one hex file each
+    (``<rom>.hex.s<k>``), read by a new ``licforge_rom.v`` with the same ports and latency.
+
+    Yosys otherwise maps a ROM deeper than one EBR at its width to several EBRs and a
+    multiplexer behind their outputs (an EBR without output register takes 5.8 ns from
+    clock to data on a -6 part), and a wide shallow ROM to LUTs whose address bits fan out
+    to every one of them.  The design's own hex files are left as they are.
+
+    Returns ``{"roms": {file: slices}}`` for the ROMs cut."""
+    design_dir = Path(design_dir)
+    rom_map = design_dir / "roms.json"
+    if not rom_map.is_file() or not (design_dir / "licforge_rom.v").is_file():
+        return {"roms": {}}
+    roms = json.loads(rom_map.read_text())
+    cut = {}
+    for name, r in sorted(roms.items()):
+        width, depth = int(r["width"]), int(r["depth"])
+        if width * depth < min_bits:
+            continue
+        sw = _ebr_slice_width(depth)
+        words = [int(line.split("//")[0], 16) for line in (design_dir / name).read_text().split("\n")
+                 if line.split("//")[0].strip()]
+        if len(words) != depth:
+            raise ValueError(f"{design_dir / name}: {len(words)} words, roms.json says {depth}")
+        n = -(-width // sw)
+        for k in range(n):
+            w = min(sw, width - k * sw)
+            (design_dir / f"{name}.s{k}").write_text(
+                "\n".join(format((v >> (k * sw)) & ((1 << w) - 1), f"0{-(-w // 4)}x") for v in words) + "\n")
+        cut[name] = n
+    if cut:
+        slices = "\n".join(_EBR_SLICE % {"k": k} for k in range(max(cut.values())))
+        (design_dir / "licforge_rom.v").write_text(_EBR_ROM_VERILOG % {"min_bits": min_bits, "slices": slices})
+    return {"roms": cut}
+
+
 def clock_pin(device: Device) -> str | None:
     """A package pin for the clock: a dedicated primary-clock input (``PCLKT..``) of the
     part's package, G2 when it is one (the ULX3S's 25 MHz clock pin), from Project Trellis's
@@ -398,7 +474,7 @@ def prepare_design(design_dir: Path, out_dir: Path, top: str | None) -> tuple[li
     sources = sorted(design_dir.glob("*.v"))
     if not sources:
         raise ValueError(f"{design_dir}: holds no Verilog (.v) files")
-    for f in sources + sorted(design_dir.glob("*.hex")):
+    for f in sources + sorted(design_dir.glob("*.hex")) + sorted(design_dir.glob("roms.json")):
         shutil.copyfile(f, out_dir / f.name)
     sources = [out_dir / f.name for f in sources]
     if manifest.get("design") == "decoder" and top in (None, "board"):
@@ -415,14 +491,15 @@ def prepare_design(design_dir: Path, out_dir: Path, top: str | None) -> tuple[li
 def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, seeds=DEFAULT_SEEDS,
             freq_mhz: float = DEFAULT_FREQ_MHZ, top: str | None = None, threads: int = 1,
             timeout_s: float | None = None, pack_dsp: bool = True, global_enables: bool = True,
-            progress=None) -> dict:
-    """Synthesize (``synth_ecp5``), move operand registers into the multipliers
+            slice_roms: bool = True, progress=None) -> dict:
+    """Cut the large ROMs into EBR-wide slices (:func:`ebr_roms`, unless ``slice_roms`` is
+    false), synthesize (``synth_ecp5``), move operand registers into the multipliers
     (:func:`pack_dsp_input_registers`, unless ``pack_dsp`` is false), put the high-fanout
     clock enables on global buffers (:func:`promote_enables`, unless ``global_enables`` is
     false), place and route
     ``design_dir`` for ``device`` once per seed and write the bitstream of the fastest seed.
     Returns (and writes to ``out_dir/pnr.json``) ``{"device", "design", "top", "target_mhz",
-    "synthesis"`` (Yosys cells and resources), ``"dsp_input_registers", "global_enables", "seeds"`` (per seed:
+    "synthesis"`` (Yosys cells and resources), ``"ebr_roms", "dsp_input_registers", "global_enables", "seeds"`` (per seed:
     fmax_mhz, critical path, utilization), ``"fmax_mhz": {"min", "median", "max", "best_seed",
     "seeds"}, "utilization"`` (of the best seed), ``"bitstream", "bitstream_bytes", "seconds"}``."""
     dev = parse_device(device)
@@ -434,6 +511,9 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sources, top, what = prepare_design(Path(design_dir), out_dir, top)
+    sliced = ebr_roms(out_dir) if slice_roms else None
+    if sliced and sliced["roms"]:
+        say("ROMs in EBR slices: " + ", ".join(f"{n} ({k})" for n, k in sliced["roms"].items()))
     netlist = out_dir / f"{top}_ecp5.json"
     syn = synthesize(sources, top, family=ECP5, workdir=out_dir, netlist=netlist, timeout_s=timeout_s)
     say(f"synth_ecp5 {top}: {syn['resources']} ({syn['seconds']} s)")
@@ -456,7 +536,7 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     report = {"device": asdict(dev), "design": what, "design_dir": str(Path(design_dir).resolve()), "top": top,
               "target_mhz": freq_mhz, "clock_note": "measured: nextpnr-ecp5 static timing after place and route",
               "synthesis": {"resources": syn["resources"], "cells": syn["cells"], "seconds": syn["seconds"]},
-              "dsp_input_registers": packed, "global_enables": promoted,
+              "ebr_roms": sliced, "dsp_input_registers": packed, "global_enables": promoted,
               "seeds": runs,
               "fmax_mhz": {"min": min(fmax), "median": statistics.median(fmax), "max": max(fmax),
                            "best_seed": best["seed"], "seeds": seeds},

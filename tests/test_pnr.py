@@ -16,7 +16,7 @@ from licforge.flows.cli import main
 from licforge.quant.bundle import decoder_layers
 from licforge.quant.golden import run_layers
 from licforge.quant.synthetic import random_decoder_bundle
-from licforge.rtl.board import ByteDeserializer, ByteSerializer, DecoderBoard, element_bytes
+from licforge.rtl.board import ByteDeserializer, ByteSerializer, DecoderBoard, RegisterSlice, element_bytes
 from licforge.rtl.decoder import Decoder
 from licforge.rtl.pnr import Device, parse_device
 from licforge.sim.stimulus import extreme_ints
@@ -125,6 +125,19 @@ def test_words_survive_bytes_with_bubbles_and_back_pressure():
 
     _run(dut, [producer, consumer], 4000)
     assert got == words
+
+
+def test_register_slice_passes_every_beat_once_at_full_rate_and_under_back_pressure():
+    """RegisterSlice: every beat out once, in order, with bubbles and back-pressure (both
+    slots full and draining); with the consumer always ready and the producer never idle it
+    takes a beat every cycle."""
+    for p_valid, p_ready, cycles in ((0.7, 0.4, 3000), (1.0, 1.0, 205)):
+        rng = np.random.default_rng(7)
+        dut = RegisterSlice(unsigned(8))
+        beats = rng.integers(0, 256, 200).tolist()
+        tbs, got = _byte_io(dut, beats, len(beats), rng, p_valid, p_ready)
+        _run(dut, tbs, cycles)
+        assert got == beats
 
 
 def test_board_decodes_bytes_bit_exactly():
@@ -361,3 +374,59 @@ def test_high_fanout_enables_go_on_global_buffers(tmp_path):
     gold = _simulate_netlist(before, vecs, ["p0", "p1"])
     assert _simulate_netlist(after, vecs, ["p0", "p1"]) == gold
     assert len({g["p0"] for g in gold}) > 60
+
+
+def test_ebr_rom_slices_read_the_same_words_and_map_to_ebr_without_a_multiplexer(tmp_path):
+    """rtl.pnr.ebr_roms cuts a 3,200 x 24 ROM (the N=16 decoder's g_s.0 weights: an EBR port is
+    4 bits wide at that depth, six slices), a 2,100 x 10 ROM (4, 4, 2) and a 64 x 96 ROM (36, 36,
+    24) into hex slices, and leaves a small ROM as it was; Yosys proves by induction that the
+    new licforge_rom returns the original's word for every address and enable sequence (the
+    last three ROMs), and synth_ecp5 maps each slice to one EBR with no LUT behind it, where
+    the original puts a multiplexer behind the EBRs of the 3,200 x 24 ROM."""
+    from licforge.rtl.emit import ROM_MODULE, ROM_VERILOG
+    from licforge.rtl.pnr import ebr_roms
+    from licforge.rtl.yosys import _yosys_cmd
+
+    rng = np.random.default_rng(4)
+    roms = {"deep.hex": (24, 3200), "odd.hex": (10, 2100), "wide.hex": (96, 64), "small.hex": (8, 16)}
+    for name, (w, d) in roms.items():
+        (tmp_path / name).write_text("\n".join(format(int.from_bytes(rng.bytes(16)) >> (128 - w), "x") for _ in range(d)) + "\n")
+    (tmp_path / "roms.json").write_text(json.dumps({n: {"width": w, "depth": d, "signed": False}
+                                                    for n, (w, d) in roms.items()}))
+    (tmp_path / "licforge_rom.v").write_text(ROM_VERILOG)
+    assert ebr_roms(tmp_path) == {"roms": {"deep.hex": 6, "odd.hex": 3, "wide.hex": 3}}
+    assert {len(ln) for ln in (tmp_path / "deep.hex.s5").read_text().split()} == {1}   # 4 bits: one digit
+    (tmp_path / "orig_rom.v").write_text(ROM_VERILOG.replace(f"module {ROM_MODULE}", "module orig_rom"))
+    ports = "(.clk(clk), .en(en), .addr(a), .data({q}))"
+    for name in ("odd.hex", "wide.hex", "small.hex"):   # slices of 4, 4, 2 bits; of 36, 36, 24; none
+        w, d = roms[name]
+        ab = max(1, (d - 1).bit_length())
+        par = f'#(.WIDTH({w}), .DEPTH({d}), .ABITS({ab}), .INIT_FILE("{name}"))'
+        (tmp_path / "cmp.v").write_text(
+            f"module cmp(input clk, input en, input [{ab - 1}:0] a, output diff);\n"
+            f"  wire [{w - 1}:0] p, q;\n  reg [{ab - 1}:0] ar;\n  always @(posedge clk) if (en) ar <= a;\n"
+            f"  orig_rom {par} o {ports.format(q='p')};\n  {ROM_MODULE} {par} s {ports.format(q='q')};\n"
+            f"  assign diff = ar < {d} && p != q;   // beyond the depth both read undefined words\nendmodule\n")
+        proof = subprocess.run(_yosys_cmd() + ["-q", "-p", "read_verilog -defer orig_rom.v licforge_rom.v cmp.v; "
+                               "hierarchy -top cmp; proc; flatten; memory_map; opt; "
+                               "sat -tempinduct -prove diff 0 -set-init-zero -verify"],
+                               cwd=tmp_path, capture_output=True, text=True)
+        assert proof.returncode == 0, proof.stdout[-2000:] + proof.stderr[-2000:]
+    for rom_v, name, ebrs, luts in (("licforge_rom.v", "deep.hex", 6, 0), ("licforge_rom.v", "wide.hex", 3, 0),
+                                    ("orig_rom.v", "deep.hex", None, None)):
+        w, d = roms[name]
+        mod = "orig_rom" if rom_v == "orig_rom.v" else ROM_MODULE
+        ab = max(1, (d - 1).bit_length())
+        (tmp_path / "one.v").write_text(
+            f"module one(input clk, input en, input [{ab - 1}:0] a, output reg [{w - 1}:0] r);\n"
+            f"  wire [{w - 1}:0] q;\n"
+            f'  {mod} #(.WIDTH({w}), .DEPTH({d}), .ABITS({ab}), .INIT_FILE("{name}")) u (.clk(clk), .en(en), .addr(a), .data(q));\n'
+            f"  always @(posedge clk) r <= q;\nendmodule\n")
+        out = subprocess.run(_yosys_cmd() + ["-q", "-p", f"read_verilog -defer {rom_v} one.v; synth_ecp5 -top one; "
+                                             "tee -q -o stat.json stat -json"], cwd=tmp_path, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        count = json.loads((tmp_path / "stat.json").read_text())["design"]["num_cells_by_type"]
+        if ebrs is None:
+            assert count.get("LUT4", 0) + count.get("PFUMX", 0) > w   # the multiplexer behind the EBRs
+        else:
+            assert count.get("DP16KD", 0) + count.get("PDPW16KD", 0) == ebrs and count.get("LUT4", 0) == luts
