@@ -23,12 +23,12 @@ def _row(rows: list[list[str]], *key: str) -> list[str]:
 def test_adversary_tables_and_plots_from_the_committed_study(tmp_path):
     res = json.loads((RESULTS / "watermark_adversary.json").read_text())
     rows = _rows(adversary_tables(res))
-    assert _row(rows, "exact CNN", "WaterMAS", "64 x12")[4:] == ["42 / 47", "0/30 / 2/30", "64 (p 1e-19)"]
+    assert _row(rows, "exact CNN", "WaterMAS", "64 x12")[4:] == ["42 / 46", "0/30 / 0/30", "64 (p 1e-19)"]
     combined = _row(rows, "exact CNN", "WaterMAS 64 x12", "obfuscated + all three")
-    assert combined[4:] == ["54.7 %", "0.0 %", "0.0 %", "97.2 %", "1e-19", "present"]
+    assert combined[4:] == ["51.6 %", "0.0 %", "0.0 %", "100.0 %", "1e-19", "present"]
     assert _row(rows, "exact CNN", "WaterMAS 256 x3", "obfuscated + all three")[5:8] == ["1.6 %", "1.6 %", "100.0 %"]
     lic = _row(rows, "LIC N=16", "WaterMAS 256 x3", "obfuscated + all three")
-    assert lic[3:] == ["25.6", "57.8 %", "0.0 %", "0.0 %", "100.0 %", "1e-77", "present"]
+    assert lic[3:] == ["25.4", "56.2 %", "0.0 %", "0.0 %", "100.0 %", "1e-77", "present"]
     paths = write_adversary_report(res, tmp_path / "adv.json")
     assert [p.name for p in paths] == ["adv.json", "adv_nulls.png", "adv_obfuscation.png", "adv_intercept.png"]
     assert json.loads(paths[0].read_text()) == res
