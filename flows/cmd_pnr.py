@@ -9,10 +9,12 @@ from pathlib import Path
 
 from licforge.errors import CheckFailed, UsageError, need_dir
 
-__all__ = ["register"]
+__all__ = ["register", "seeds_arg"]
 
 
-def _seeds(text: str) -> list[int]:
+def seeds_arg(text: str) -> list[int]:
+    """``1,2,3`` -> ``[1, 2, 3]``: placement seeds of an argument; an argparse error naming the
+    text otherwise."""
     try:
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
@@ -68,7 +70,7 @@ def register(groups: dict) -> None:
                                   "wrapper) or any design with --top")
     p.add_argument("--device", default=DEFAULT_DEVICE,
                    help=f"ECP5 ordering code (default {DEFAULT_DEVICE}: the ULX3S's ECP5-85F, speed 6, caBGA381)")
-    p.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS),
+    p.add_argument("--seeds", type=seeds_arg, default=list(DEFAULT_SEEDS),
                    help=f"placement seeds, comma-separated (default {','.join(map(str, DEFAULT_SEEDS))})")
     p.add_argument("--freq-mhz", type=float, default=DEFAULT_FREQ_MHZ,
                    help=f"nextpnr's timing target (default {DEFAULT_FREQ_MHZ:g}); the measured Fmax is reported")

@@ -4,6 +4,7 @@ The golden functions against direct definitions (loops over taps, Python integer
 float MinConv layers against the same definitions, and the committed MinConv student:
 Brevitas (float64) == integer golden model on crops of every held-out image, as integers.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,25 @@ def test_conversion_fits_each_min_layer_and_distill_converts_a_multiplier_init(t
     net, got, _ = load_weights(tmp_path / "min.pt")
     assert got == mcfg and meta["init"]["file"].endswith("mul.pt")
     assert any(int(m.log2_gain) != 0 for m in net.g_s)
+
+
+def test_held_out_rd_measures_a_curve_one_db_below_the_twin(tmp_path):
+    """``bench.minconv_lic.held_out_rd`` on an eval file whose MinConv curve is the twin's
+    points 1 dB lower: BD-PSNR -1 dB, every point 1 dB below the twin at its rate, no BD-rate
+    against the twin (no shared PSNR interval), and a missing JPEG curve refused by name."""
+    from licforge.bench.minconv_lic import held_out_rd
+
+    twin = [(0.2, 27.0), (0.25, 27.5), (0.3, 27.8), (0.35, 28.0)]
+    jpeg = [(0.15, 22.0), (0.25, 25.0), (0.4, 28.0), (0.6, 30.0)]
+    entries = [{"curve": "mc", "mean": {"bpp": b, "psnr": p - 1.0}} for b, p in twin]
+    entries += [{"curve": "JPEG (Pillow)", "mean": {"bpp": b, "psnr": p}} for b, p in jpeg]
+    f = tmp_path / "eval.json"
+    f.write_text(json.dumps({"entries": entries}))
+    rd = held_out_rd(f, twin, ["mc"])
+    assert rd["mc"]["bd_psnr_vs_twin_db"] == pytest.approx(-1.0, abs=1e-9)
+    assert [p["psnr_gap_at_equal_rate_db"] for p in rd["mc"]["per_point"]] == pytest.approx([-1.0] * 4, abs=1e-9)
+    assert rd["mc"]["bd_rate_vs_twin_pct"] is None   # PSNR 26-27 dB against 27-28 dB: no shared interval
+    assert rd["mc"]["rate_over_twin_via_jpeg_pct"] > 0 > rd["twin_bd_rate_vs_jpeg_pct"]
+    f.write_text(json.dumps({"entries": entries[:4]}))
+    with pytest.raises(KeyError, match="no curve \\[.JPEG \\(Pillow\\).\\]"):
+        held_out_rd(f, twin, ["mc"])
