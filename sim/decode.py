@@ -3,11 +3,14 @@
 licforge file (``licforge decode --rtl``), and of whole images through such a file.  Every
 run works under an explicit ``build_dir`` (``build_dir/sim/<kind>/<bundle hash>_<tag>``) and
 takes its simulator from the build cache ``build_dir/sim-cache`` (:func:`sim.runner.run_cocotb`:
-a design is compiled once), or from ``cache_dir`` when one is given.
+a design is compiled once), or from ``cache_dir`` when one is given, or from the folder that
+the environment variable ``LICFORGE_SIM_CACHE`` names (one cache for every run and flow of a
+machine: the Verilator runtime and each design are then compiled once, not once per run).
 """
 from __future__ import annotations
 
 import time
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +22,15 @@ from .stimulus import extreme_ints
 __all__ = ["layer_inputs", "check_block", "rtl_decode", "rtl_decode_file", "sim_decode_image"]
 
 
+#: environment variable naming a simulator build cache shared by every run that names none
+SIM_CACHE_ENV = "LICFORGE_SIM_CACHE"
+
+
 def _cache(build_dir: Path, cache_dir: Path | None) -> Path:
-    return Path(cache_dir) if cache_dir is not None else Path(build_dir) / "sim-cache"
+    if cache_dir is not None:
+        return Path(cache_dir)
+    shared = os.environ.get(SIM_CACHE_ENV)
+    return Path(shared) if shared else Path(build_dir) / "sim-cache"
 
 
 def _work(build_dir: Path, kind: str, bundle, tag: str) -> Path:

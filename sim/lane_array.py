@@ -77,7 +77,8 @@ def simulate_lane_array(cfg: LaneArrayConfig, x: np.ndarray, w: np.ndarray, work
     return run_cocotb(sources=sources, toplevel="top", test_module="licforge.sim.tb_lane_array",
                       build_dir=None if cache_dir is not None else work / f"build_{simulator}",
                       cache_dir=cache_dir, test_dir=run_dir,
-                      tb_input=run_dir / "stimulus.npz", simulator=simulator, seed=seed)
+                      tb_input=run_dir / "stimulus.npz", simulator=simulator, seed=seed,
+                      cycles=int(x.shape[0] * x.shape[1] / min(p_valid, p_ready)))
 
 
 def layer_array_config(layer, lanes: int) -> LaneArrayConfig:

@@ -82,6 +82,7 @@ def simulate_chain(component, bundle_dir: Path, layers: list[str], x: np.ndarray
     np.savez(run_dir / "stimulus.npz", x=x, params=json.dumps(params))
     res = run_cocotb(sources=sources, toplevel=HARNESS_TOP, test_module="licforge.sim.tb_layer_chain",
                      build_dir=None if cache_dir is not None else work / f"build_{simulator}", cache_dir=cache_dir,
-                     test_dir=run_dir, tb_input=run_dir / "stimulus.npz", simulator=simulator, seed=seed)
+                     test_dir=run_dir, tb_input=run_dir / "stimulus.npz", simulator=simulator, seed=seed,
+                     cycles=int(timeout_cycles))
     res.report["run_dir"] = str(run_dir)
     return res

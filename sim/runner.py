@@ -21,6 +21,11 @@ finished (the ``BUILT`` marker), so a build that died half-way is redone.  A fin
 keeps the simulator, the generated C++ and the build log, not the compiler's intermediates.
 The Verilator runtime that every build compiles is compiled once per cache
 (``cache_dir/objects``, :mod:`sim.objcache`).
+
+Build effort: a short simulation (``cycles`` up to :data:`FAST_BUILD_CYCLES`) is compiled
+with ``-O0`` (the whole 16-channel decoder: 27 s instead of 48 s; it then simulates ~2.8x
+slower, 15 k instead of 42 k cycles/s), a long one or one of unknown length with Verilator's
+default ``-Os``; the choice is part of the build key.
 """
 from __future__ import annotations
 
@@ -37,10 +42,17 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["SimulatorUnavailable", "SimulationFailed", "SimResult", "simulator_env", "run_cocotb", "build_key",
-           "TIMESCALE"]
+           "TIMESCALE", "FAST_BUILD_CYCLES"]
 
 #: time unit and precision of every simulation
 TIMESCALE = ("1ns", "1ps")
+#: simulations bounded by this many clock cycles (their time-out, ~4x their expected length)
+#: compile their C++ with -O0: the 21 s that -Os adds to a decoder build pay back only after
+#: ~0.5 M simulated cycles
+FAST_BUILD_CYCLES = 2_000_000
+#: make variables of a -O0 build (Verilator's verilated.mk: OPT_FAST for the model's hot
+#: code, OPT_SLOW for its initialisation)
+_FAST_BUILD_MAKE = "OPT_FAST=-O0 OPT_SLOW=-O0"
 _BUILT = "BUILT"  # marker file of a finished cache entry
 #: compiler intermediates a finished cache entry drops (Verilator's precompiled headers are
 #: ~150 MB for the decoder; the simulator executable is all that a run needs)
@@ -133,14 +145,18 @@ def _tool_identity(simulator: str) -> str:
     return f"{tool}; cocotb {importlib.metadata.version('cocotb')} at {libs_dir}"
 
 
-def build_key(sources: list[Path], toplevel: str, simulator: str) -> str:
+def _fast_build(simulator: str, cycles: int | None) -> bool:
+    return simulator == "verilator" and cycles is not None and cycles <= FAST_BUILD_CYCLES
+
+
+def build_key(sources: list[Path], toplevel: str, simulator: str, fast: bool = False) -> str:
     """SHA-256 (hex) of everything a compiled simulator of ``sources`` depends on: each
     source's file name and contents (in order), ``toplevel``, ``simulator`` with its version,
-    cocotb, the build arguments and :data:`TIMESCALE`; not the sources' folders, nor the
-    contents of the ROM files they read at run time."""
+    cocotb, the build arguments, :data:`TIMESCALE` and the build effort (``fast``: -O0); not
+    the sources' folders, nor the contents of the ROM files they read at run time."""
     h = hashlib.sha256()
     for part in (simulator, _tool_identity(simulator), toplevel, json.dumps(_build_args(simulator)),
-                 json.dumps(TIMESCALE)):
+                 json.dumps(TIMESCALE), *([_FAST_BUILD_MAKE] if fast else [])):
         h.update(part.encode() + b"\0")
     for src in sources:
         data = Path(src).read_bytes()
@@ -166,14 +182,16 @@ def _build_once(entry: Path, build: Callable[[Path], None]) -> None:
 
 def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, test_dir: Path,
                build_dir: Path | None = None, cache_dir: Path | None = None, tb_input: Path | None = None,
-               simulator: str = "verilator", extra_env: dict[str, str] | None = None, seed: int = 0) -> SimResult:
+               simulator: str = "verilator", extra_env: dict[str, str] | None = None, seed: int = 0,
+               cycles: int | None = None) -> SimResult:
     """Build ``sources`` with ``simulator`` and run cocotb ``test_module`` against ``toplevel``.
 
     The simulator is built in ``build_dir`` (rebuilt there as its tools see fit), or, given
     ``cache_dir`` instead, taken from the build cache: ``cache_dir/<simulator>-<the first 32
     digits of build_key>``, built there first if absent.  ``test_dir`` is the simulation's
-    working directory (ROM hex files are found there).  Raises :class:`SimulatorUnavailable`
-    or :class:`SimulationFailed`.
+    working directory (ROM hex files are found there).  ``cycles``: about how many clock
+    cycles the run simulates (its time-out will do); up to :data:`FAST_BUILD_CYCLES` the C++
+    is compiled with -O0.  Raises :class:`SimulatorUnavailable` or :class:`SimulationFailed`.
     """
     from cocotb_tools.check_results import get_results
     from cocotb_tools.runner import get_runner
@@ -187,10 +205,13 @@ def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, test_dir
         script = wrapper(Path(cache_dir) / "objects")
         if script is not None:  # the runtime's objects, compiled once per cache (sim/objcache.py)
             env["MAKEFLAGS"] = f"{env.get('MAKEFLAGS', os.environ.get('MAKEFLAGS', ''))} OBJCACHE={script}".strip()
+    fast = _fast_build(simulator, cycles)
+    if fast:
+        env["MAKEFLAGS"] = f"{env.get('MAKEFLAGS', os.environ.get('MAKEFLAGS', ''))} {_FAST_BUILD_MAKE}".strip()
     sources = [Path(s).resolve() for s in sources]
     test_dir = Path(test_dir).resolve()
     if cache_dir is not None:
-        build_dir = Path(cache_dir) / f"{simulator}-{build_key(sources, toplevel, simulator)[:32]}"
+        build_dir = Path(cache_dir) / f"{simulator}-{build_key(sources, toplevel, simulator, fast)[:32]}"
     build_dir = Path(build_dir).resolve()
     test_dir.mkdir(parents=True, exist_ok=True)
     result_json = test_dir / f"{test_module.rsplit('.', 1)[-1]}.{simulator}.result.json"

@@ -1,6 +1,7 @@
 """Shared fixtures: the committed digits classifiers, simulator selection, the LIC bundles."""
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -31,13 +32,24 @@ def digits_bundle(digits_models, tmp_path_factory):
     return read_bundle(out)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def sim_cache():
     """The simulator build cache the RTL tests share (``cache_dir`` of :func:`sim.runner.run_cocotb`):
-    ``build/sim-cache`` in the repository, kept between sessions; a design is compiled once."""
+    ``build/sim-cache`` in the repository, kept between sessions; a design is compiled once.
+    It is also ``LICFORGE_SIM_CACHE`` for the session, so that the flows' and the CLI's RTL
+    decodes compile the Verilator runtime once, not once per run folder."""
     from pathlib import Path
 
-    return Path(__file__).resolve().parent.parent / "build" / "sim-cache"
+    from licforge.sim.decode import SIM_CACHE_ENV
+
+    cache = Path(__file__).resolve().parent.parent / "build" / "sim-cache"
+    saved = os.environ.get(SIM_CACHE_ENV)
+    os.environ[SIM_CACHE_ENV] = str(cache)
+    yield cache
+    if saved is None:
+        os.environ.pop(SIM_CACHE_ENV, None)
+    else:
+        os.environ[SIM_CACHE_ENV] = saved
 
 
 LIC_BUNDLE = "models/checkpoints/bundles/student_n16_photos_hybrid8"

@@ -1,5 +1,6 @@
 """MinConvArray / MacArray RTL (generated Verilog, cocotb) == golden model, zero mismatches."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import pytest
 from licforge.quant.digits import input_to_int, run_digits_golden
 from licforge.sim.lane_array import (LaneArrayConfig, extreme_vectors, layer_array_config, layer_output_from_dots,
                             layer_stimulus, simulate_lane_array)
-from licforge.sim.runner import SimulationFailed, run_cocotb
+from licforge.sim.runner import SimulationFailed, build_key, run_cocotb
 from helpers import require_simulator
 
 SIMULATORS = ["verilator", "icarus"]
@@ -48,9 +49,13 @@ def test_checker_reports_a_wrong_golden(tmp_path, sim_cache):
     np.savez(tmp_path / "stim.npz", x=x, w=w, params=json.dumps(params))
     with pytest.raises(SimulationFailed):
         run_cocotb(sources=sources, toplevel="top", test_module="licforge.sim.tb_lane_array", cache_dir=sim_cache,
-                   test_dir=tmp_path / "run", tb_input=tmp_path / "stim.npz")
+                   test_dir=tmp_path / "run", tb_input=tmp_path / "stim.npz", cycles=100)
     report = json.loads((tmp_path / "run" / "tb_lane_array.verilator.result.json").read_text())
     assert report["mismatches"] > 0
+    # a 100-cycle simulation: the model's C++ was compiled with -O0, in an entry of its own
+    log = (sim_cache / f"verilator-{build_key(sources, 'top', 'verilator', fast=True)[:32]}" / "build.log").read_text()
+    model = [line.split() for line in log.splitlines() if " c++ " in line and re.search(r"/?Vtop\S*\.cpp$", line)]
+    assert model and all("-O0" in cmd and "-Os" not in cmd for cmd in model)
 
 
 def test_classifier_first_layer_through_rtl_gives_golden_class_scores(digits_models, digits_bundle, tmp_path,

@@ -27,6 +27,7 @@ def test_key_follows_the_sources_contents_not_their_folder_nor_the_rom_words(tmp
     assert build_key(_design(tmp_path / "c", top=TOP + "// changed\n"), "top", "verilator") != key
     assert build_key(_design(tmp_path / "a"), "rom", "verilator") != key
     assert build_key(_design(tmp_path / "a"), "top", "icarus") != key
+    assert build_key(_design(tmp_path / "a"), "top", "verilator", fast=True) != key  # -O0 and -Os builds
     assert build_key(_design(tmp_path / "a")[::-1], "top", "verilator") != key
     renamed = tmp_path / "a" / "top2.v"
     renamed.write_text(TOP)
