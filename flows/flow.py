@@ -240,6 +240,13 @@ def _teacher(ctx: StageContext) -> dict:
             "lmbda": meta.get("lmbda")}
 
 
+def _student_name(s: dict) -> str:
+    """The student's curve label: its width, its product, and "+ KD" only when the distill
+    stage trained it with a distillation term (``steps = 0`` takes ``init`` as it is)."""
+    kd = s["steps"] > 0 and (s["kd_recon"] > 0 or s["kd_latent"] > 0)
+    return f"N={s['N']}{' MinConv' if s['product'] == 'min' else ''} student{' + KD' if kd else ''}"
+
+
 def _distill(ctx: StageContext) -> dict:
     from licforge.models.lic import load_weights, save_weights, student_config
     from licforge.models.lic_train import TrainConfig
@@ -250,14 +257,13 @@ def _distill(ctx: StageContext) -> dict:
     out = ctx.dir / "student.pt"
     if s["steps"] == 0:
         net, _, meta = load_weights(s["init"], expect=cfg)
-        save_weights(net, cfg, out, {**meta, "curve": f"N={cfg.N} student"})
+        save_weights(net, cfg, out, {**meta, "curve": _student_name(s)})
         return {"weights": str(out), "config": cfg.to_dict(), "steps": 0, "wall_s": 0.0}
     teacher = Path(ctx.results["teacher"]["weights"]) if s["kd_recon"] > 0 or s["kd_latent"] > 0 else None
     tcfg = TrainConfig(lmbda=s["lmbda"], steps=s["steps"], lr=s["lr"], crop=s["crop"], batch=s["batch"],
                        seed=ctx.config["run"]["seed"], kd_recon=s["kd_recon"], kd_latent=s["kd_latent"])
-    kd = " + KD" if teacher is not None else ""
     meta = train_model(cfg, tcfg, out, data=ctx.config["data"]["folder"] or None, teacher=teacher,
-                       init=Path(s["init"]) if s["init"] else None, curve=f"N={cfg.N} student{kd}",
+                       init=Path(s["init"]) if s["init"] else None, curve=_student_name(s),
                        log=print if ctx.progress else None)
     return {"weights": str(out), "config": cfg.to_dict(), "steps": meta["steps"], "wall_s": meta["wall_s"],
             "final": meta["final"]}
@@ -290,8 +296,8 @@ def _qat(ctx: StageContext) -> dict:
     bundle = host.export(q)
     bdir = ctx.dir / "bundle"
     digest = write_bundle(bundle, bdir)
-    curve = f"N={host.cfg.N} student{' + KD' if ctx.config['student']['kd_recon'] > 0 else ''} " \
-            f"{q_cfg['recipe']} QAT {q_cfg['w_bits']}-bit + {SCHEME_NAMES[wm['scheme']]}"
+    curve = f"{_student_name(ctx.config['student'])} {q_cfg['recipe']} QAT {q_cfg['w_bits']}-bit + " \
+            f"{SCHEME_NAMES[wm['scheme']]}"
     save_quantized(q, quant_model_path(bdir), {"curve": curve, "lmbda": host.lmbda, "recipe": q_cfg["recipe"]})
     res = {"bundle": str(bdir), "bundle_hash": digest, "quant_model": str(quant_model_path(bdir)),
            "qat_wall_s": round(time.perf_counter() - t0, 1), "curve": curve}

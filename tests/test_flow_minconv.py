@@ -17,6 +17,7 @@ def test_minconv_student_runs_every_stage(tmp_path):
     records, _ = run_flow(_write(tmp_path, text), progress=False, log=lambda s: None)
     res = {r.name: r.result for r in records}
     assert res["distill"]["config"]["product"] == "min"
+    assert res["qat"]["curve"] == "N=8 MinConv student + KD hybrid8 QAT 8-bit + WaterMAS"
     layers = {lay.name: lay.attrs for lay in read_bundle(res["qat"]["bundle"]).layers}
     assert [layers[f"g_s.{k}"]["product"] for k in (0, 2, 4, 6)] == ["min"] * 4
     assert [layers[f"g_s.{k}"]["out_product"] for k in (1, 3, 5)] == ["shift"] * 3
