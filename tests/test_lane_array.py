@@ -62,12 +62,13 @@ def test_classifier_first_layer_through_rtl_gives_golden_class_scores(digits_mod
                                                                       sim_cache):
     require_simulator("verilator")
     _, _, xte, yte = digits_models.split
+    xte, yte = xte[:90], yte[:90]   # a quarter of the held-out digits: 92,160 dot products
     x_int = input_to_int((xte * 16).round().long().numpy(), digits_bundle.input)
     layer = digits_bundle.layers[0]
     cfg = layer_array_config(layer, lanes=8)
     assert cfg.op == "min"
     xs, ws = layer_stimulus(layer, x_int, 8)
-    assert xs.shape == (360 * 64 * 8, 2, 8)
+    assert xs.shape == (90 * 64 * 8, 2, 8)
     r = simulate_lane_array(cfg, xs, ws, tmp_path, seed=7, cache_dir=sim_cache)
     assert r.report["mismatches"] == 0
     y1 = layer_output_from_dots(layer, np.array(r.report["outputs"]), len(x_int), (8, 8))

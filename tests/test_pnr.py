@@ -408,7 +408,7 @@ def test_ebr_rom_slices_read_the_same_words_and_map_to_ebr_without_a_multiplexer
             f"  orig_rom {par} o {ports.format(q='p')};\n  {ROM_MODULE} {par} s {ports.format(q='q')};\n"
             f"  assign diff = ar < {d} && p != q;   // beyond the depth both read undefined words\nendmodule\n")
         proof = subprocess.run(yosys_cmd() + ["-q", "-p", "read_verilog -defer orig_rom.v licforge_rom.v cmp.v; "
-                               "hierarchy -top cmp; proc; flatten; memory_map; opt; "
+                               "hierarchy -top cmp; proc; flatten; memory_map; opt -full; "
                                "sat -tempinduct -prove diff 0 -set-init-zero -verify"],
                                cwd=tmp_path, capture_output=True, text=True)
         assert proof.returncode == 0, proof.stdout[-2000:] + proof.stderr[-2000:]
