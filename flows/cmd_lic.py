@@ -100,7 +100,7 @@ def _lic_config(args, gdn: str):
 
     m = args.M if args.M is not None else (3 * args.N + 1) // 2
     try:
-        return LICConfig(args.arch, args.N, m, gdn, args.product)
+        return LICConfig(args.arch, args.N, m, gdn, args.product, args.gdn_out)
     except ValueError as e:
         raise UsageError(f"--{e}") from None
 
@@ -319,6 +319,10 @@ def _model_args(p: argparse.ArgumentParser, n: int, gdn: str) -> None:
     p.add_argument("--product", default="mul", choices=("mul", "min"),
                    help="products of the synthesis transform: mul, or min (MinConv, multiplier-free; gdn1 "
                         "only; --init may then be the multiplier twin, converted with calibrated gains)")
+    p.add_argument("--gdn-out", default="shift", choices=("shift", "mul", "min"),
+                   help="with --product min, the inverse GDN1's output x*n: shift (n rounded to a power of two, "
+                        "the deployed form), or the ablations mul (exact) and min (sign(x) min(|x|, n), a clamp); "
+                        "only shift students can be quantized")
     p.add_argument("--half", action="store_true", help="store the weights in fp16")
 
 

@@ -48,13 +48,16 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class LICConfig:
     """Architecture of a LIC model: ``arch`` (factorized | hyperprior), widths ``N``, ``M``,
-    the normalisation ``gdn`` (gdn = CompressAI's float GDN, gdn1 = simplified GDN) and the
-    synthesis transform's ``product`` (mul, or min: MinConv, factorized gdn1 only)."""
+    the normalisation ``gdn`` (gdn = CompressAI's float GDN, gdn1 = simplified GDN), the
+    synthesis transform's ``product`` (mul, or min: MinConv, factorized gdn1 only) and, for
+    ``min``, the form of the inverse GDN1's output ``gdn_out`` (:data:`models.minconv.GDN_OUTS`:
+    shift, deployed; mul and min, training-only ablations)."""
     arch: str = "factorized"
     N: int = 128
     M: int = 192
     gdn: str = "gdn"
     product: str = "mul"
+    gdn_out: str = "shift"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -65,25 +68,36 @@ class LICConfig:
             raise ValueError(f"product must be one of {PRODUCTS}, not {self.product!r}")
         if self.product == "min" and (self.arch, self.gdn) != ("factorized", "gdn1"):
             raise ValueError(f"product 'min' needs arch factorized and gdn gdn1, not {self.arch}/{self.gdn}")
+        from .minconv import GDN_OUTS
+
+        if self.gdn_out not in GDN_OUTS:
+            raise ValueError(f"gdn-out must be one of {GDN_OUTS}, not {self.gdn_out!r}")
+        if self.gdn_out != "shift" and self.product != "min":
+            raise ValueError(f"gdn-out {self.gdn_out!r} is a form of the MinConv inverse GDN; it needs product 'min'")
         for k in ("N", "M"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 1024:
                 raise ValueError(f"{k} must be an integer between 2 and 1024, not {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields; ``product`` only when not ``mul`` (the records of earlier files stay as they were)."""
+        """The fields; ``product`` only when not ``mul``, ``gdn_out`` only when not ``shift`` (the
+        records of earlier files stay as they were)."""
         d = asdict(self)
         if self.product == "mul":
             del d["product"]
+        if self.gdn_out == "shift":
+            del d["gdn_out"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LICConfig":
-        return cls(**{k: d[k] for k in ("arch", "N", "M", "gdn")}, product=d.get("product", "mul"))
+        return cls(**{k: d[k] for k in ("arch", "N", "M", "gdn")}, product=d.get("product", "mul"),
+                   gdn_out=d.get("gdn_out", "shift"))
 
     @property
     def name(self) -> str:
-        return f"{self.arch}_N{self.N}_M{self.M}_{self.gdn}" + ("_min" if self.product == "min" else "")
+        return (f"{self.arch}_N{self.N}_M{self.M}_{self.gdn}" + ("_min" if self.product == "min" else "")
+                + ("" if self.gdn_out == "shift" else f"_out{self.gdn_out}"))
 
 
 def student_config(n: int, gdn: str = "gdn1", arch: str = "factorized", product: str = "mul") -> LICConfig:
@@ -109,7 +123,7 @@ def build_lic(cfg: LICConfig) -> nn.Module:
                 net.g_s[i] = MinConvTranspose2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
                                                 mod.padding, mod.output_padding)
             else:
-                net.g_s[i] = MinIGDN1(cfg.N)
+                net.g_s[i] = MinIGDN1(cfg.N, out=cfg.gdn_out)
     return net
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["signed_min_matmul", "min_conv2d", "min_linear", "min_conv_transpose2d", "subpixel_taps",
-           "pow2_round_exp", "pow2_round_ste", "MinConv2d", "MinLinear", "MinConvTranspose2d", "MinIGDN1"]
+           "pow2_round_exp", "pow2_round_ste", "MinConv2d", "MinLinear", "MinConvTranspose2d", "MinIGDN1",
+           "GDN_OUTS"]
 
 _BLOCK = 1 << 22  # elements of one (rows, outputs, K) block of signed minimums
 
@@ -324,18 +325,29 @@ class MinConvTranspose2d(_GainMixin, nn.ConvTranspose2d):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
+#: forms of the inverse GDN1's output ``x_i * n_i``: ``shift`` (``n`` rounded to a power of two, the
+#: deployed form), ``mul`` (the exact product), ``min`` (``sign(x) min(|x|, n)``: the MinConv
+#: product of two activations, which degenerates to a clamp; an ablation)
+GDN_OUTS = ("shift", "mul", "min")
+
+
 class MinIGDN1(_GainMixin, nn.Module):
     """Multiplier-free inverse simplified GDN: ``y_i = x_i * P(beta_i + sum_j gamma_ij (*) |x_j|)``
     with the MinConv product ``(*)`` (gain ``2**log2_gain`` on gamma) and ``P`` the rounding to
     the nearest power of two (a shift in hardware; straight-through gradient,
     :func:`pow2_round_ste`).  Parameters and their reparametrisation are CompressAI's ``GDN1``'s
-    (same state-dict keys plus ``log2_gain``), so a ``GDN1``'s weights load unchanged."""
+    (same state-dict keys plus ``log2_gain``), so a ``GDN1``'s weights load unchanged.
+    ``out`` (:data:`GDN_OUTS`) picks the output's form; only ``shift`` is deployed (quantized,
+    exported and built), the others are its ablations."""
 
-    def __init__(self, channels: int, beta_min: float = 1e-6, gamma_init: float = 0.1) -> None:
+    def __init__(self, channels: int, beta_min: float = 1e-6, gamma_init: float = 0.1, out: str = "shift") -> None:
         from compressai.ops.parametrizers import NonNegativeParametrizer
 
+        if out not in GDN_OUTS:
+            raise ValueError(f"MinIGDN1 out must be one of {GDN_OUTS}, not {out!r}")
         super().__init__()
         self.inverse = True
+        self.out = out
         self.beta_reparam = NonNegativeParametrizer(minimum=float(beta_min))
         self.beta = nn.Parameter(self.beta_reparam.init(torch.ones(channels)))
         self.gamma_reparam = NonNegativeParametrizer()
@@ -357,4 +369,9 @@ class MinIGDN1(_GainMixin, nn.Module):
         return self.min_sum(x, self.min_weight() * g) / g + self.beta_reparam(self.beta).view(1, -1, 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return x * pow2_round_ste(self.norm(x))
+        n = self.norm(x)
+        if self.out == "shift":
+            return x * pow2_round_ste(n)
+        if self.out == "mul":
+            return x * n
+        return torch.minimum(torch.maximum(x, -n), n)  # sign(x) min(|x|, n), n > 0: a clamp

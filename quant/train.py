@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,12 +91,14 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
     images = load_split(data, "train")
     sampler = CropSampler(images, tcfg.crop, tcfg.batch, tcfg.seed, device=device)
     if init is not None:
-        if cfg.product == "min" and load_weights(init)[1].product == "mul":  # MinConv twin of a multiplier student
+        init_cfg = load_weights(init)[1]
+        if cfg.product == "min" and init_cfg.product == "mul":  # MinConv twin of a multiplier student
             calib = CropSampler(images, tcfg.crop, 4 * tcfg.batch, tcfg.seed + 1)()
             twin_of = LICConfig(cfg.arch, cfg.N, cfg.M, cfg.gdn)
-            net = to_min_student(load_weights(init, expect=twin_of)[0], twin_of, calib)[0]
-        else:
-            net.load_state_dict(load_weights(init, expect=cfg)[0].state_dict())
+            net.load_state_dict(to_min_student(load_weights(init, expect=twin_of)[0], twin_of, calib)[0].state_dict())
+        else:  # the same parameters whatever the GDN output's form (the ablations start from the deployed one)
+            same = replace(cfg, gdn_out=init_cfg.gdn_out) if cfg.product == "min" else cfg
+            net.load_state_dict(load_weights(init, expect=same)[0].state_dict())
         init_meta = {"file": str(init), "sha256": file_sha256(init)}
     tnet = tcfg_m = None
     teacher_meta = None
@@ -144,6 +147,10 @@ def quantize_model(weights: Path, recipe_name: str, out_dir: Path, *, qat: Train
     if cfg.arch != "factorized" or cfg.gdn != "gdn1":
         raise UsageError(f"{weights}: a {cfg.name} model; quantization takes factorized students with the "
                          f"simplified GDN (train one with 'licforge distill --gdn gdn1')")
+    if cfg.gdn_out != "shift":
+        raise UsageError(f"{weights}: its inverse GDN output is in {cfg.gdn_out!r} form, a training ablation; "
+                         f"the bundle, golden model and RTL compute the 'shift' form only (distill with "
+                         f"--gdn-out shift)")
     recipe = load_recipe(recipe_name)
     images = load_split(data, "train")
     t0 = time.perf_counter()

@@ -170,6 +170,47 @@ def test_min_student_checkpoint_restores_its_products(tmp_path):
                        torch.tensor(4.5))
 
 
+def test_gdn_output_ablations_compute_their_forms_and_are_never_quantized(tmp_path, capsys):
+    """--gdn-out: the inverse GDN1's output x*n as deployed (n rounded to a power of two), exact,
+    or in min form sign(x) min(|x|, n); one set of parameters serves the three (a distill init of
+    one form loads into another), and only the deployed form can be quantized."""
+    from licforge.flows.cli import main
+    from licforge.models.lic_train import TrainConfig
+    from licforge.quant.train import train_model
+
+    with pytest.raises(ValueError, match="gdn-out 'min' is a form of the MinConv inverse GDN; it needs product 'min'"):
+        student_config(4).__class__("factorized", 4, 6, "gdn1", "mul", "min")
+    with pytest.raises(ValueError, match="gdn-out must be one of"):
+        student_config(4).__class__("factorized", 4, 6, "gdn1", "min", "clamp")
+    assert "gdn_out" not in student_config(4, product="min").to_dict()
+    torch.manual_seed(1)
+    shift = student_config(4, product="min")
+    net = build_lic(shift)
+    save_weights(net, shift, tmp_path / "shift.pt")
+    x = torch.randn(2, 4, 3, 5) * 4
+    forms = {}
+    for out in ("shift", "mul", "min"):
+        cfg = LICConfig("factorized", 4, 6, "gdn1", "min", out)
+        assert (out == "shift") == (cfg.name == shift.name) and LICConfig.from_dict(cfg.to_dict()) == cfg
+        meta = train_model(cfg, TrainConfig(steps=1, crop=32, batch=2, lr=1e-9), tmp_path / f"{out}.pt",
+                           init=tmp_path / "shift.pt", log=None)
+        got, gcfg, _ = load_weights(tmp_path / f"{out}.pt")
+        assert gcfg == cfg and meta["init"]["file"].endswith("shift.pt")
+        with torch.no_grad():
+            forms[out] = (got.g_s[1](x), got.g_s[1].norm(x))
+    assert all(torch.allclose(forms[o][1], forms["shift"][1], atol=1e-5) for o in forms)  # one parameter set
+    y, n = forms["shift"]
+    assert torch.equal(y, x * pow2_round_ste(n)) and not torch.allclose(y, x * n)  # n to a power of two
+    assert torch.allclose(forms["mul"][0], x * forms["mul"][1])
+    y, n = forms["min"]
+    assert (n > 0).all() and torch.equal(y, torch.sign(x) * torch.minimum(x.abs(), n))
+    assert (y.abs() < x.abs()).any() and (y == x).any()  # it clamps some values and passes others
+    assert main(["quantize", str(tmp_path / "min.pt"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "min.pt: its inverse GDN output is in 'min' form, a training ablation" in err
+    assert "distill with --gdn-out shift" in err
+
+
 @pytest.fixture(scope="module")
 def min_bundle():
     return read_bundle(MIN_BUNDLE)
