@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .minconv import GDN_OUTS
+
 __all__ = ["LICConfig", "student_config", "build_lic", "to_min_student", "save_weights", "load_weights",
            "read_checkpoint", "CheckpointError", "synthesis_cost", "WEIGHTS_FORMAT", "ARCHS", "GDNS", "PRODUCTS"]
 
@@ -68,8 +70,6 @@ class LICConfig:
             raise ValueError(f"product must be one of {PRODUCTS}, not {self.product!r}")
         if self.product == "min" and (self.arch, self.gdn) != ("factorized", "gdn1"):
             raise ValueError(f"product 'min' needs arch factorized and gdn gdn1, not {self.arch}/{self.gdn}")
-        from .minconv import GDN_OUTS
-
         if self.gdn_out not in GDN_OUTS:
             raise ValueError(f"gdn-out must be one of {GDN_OUTS}, not {self.gdn_out!r}")
         if self.gdn_out != "shift" and self.product != "min":

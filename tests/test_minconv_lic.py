@@ -179,9 +179,9 @@ def test_gdn_output_ablations_compute_their_forms_and_are_never_quantized(tmp_pa
     from licforge.quant.train import train_model
 
     with pytest.raises(ValueError, match="gdn-out 'min' is a form of the MinConv inverse GDN; it needs product 'min'"):
-        student_config(4).__class__("factorized", 4, 6, "gdn1", "mul", "min")
+        LICConfig("factorized", 4, 6, "gdn1", "mul", "min")
     with pytest.raises(ValueError, match="gdn-out must be one of"):
-        student_config(4).__class__("factorized", 4, 6, "gdn1", "min", "clamp")
+        LICConfig("factorized", 4, 6, "gdn1", "min", "clamp")
     assert "gdn_out" not in student_config(4, product="min").to_dict()
     torch.manual_seed(1)
     shift = student_config(4, product="min")
