@@ -126,7 +126,8 @@ class DecoderBoard(wiring.Component):
 
     I/O: ``rx`` and ``tx`` (8 data bits, valid, ready each), ``width``, ``height``, clock and
     reset: ``22 + bits(max_width) + 16`` pins.  A :class:`RegisterSlice` on each side of the
-    decoder keeps the pins' handshakes out of its stall logic.  Timing: ``latent_channels *
+    decoder keeps the pins' handshakes out of its stall logic, and one at the ``rx`` and at
+    the ``tx`` pins keeps them out of the byte (de)serializers' wide enables.  Timing: ``latent_channels *
     ceil(latent_bits/8)`` cycles per latent pixel in and 3 per pixel out at most, far below
     what the decoder needs per latent (hundreds of cycles), so the wrapper never sets the pace.
     """
@@ -152,15 +153,20 @@ class DecoderBoard(wiring.Component):
 
     def elaborate(self, platform) -> Module:
         m = Module()
+        m.submodules.rx_pins = rxp = RegisterSlice(unsigned(8))
         m.submodules.rx_bytes = des = ByteDeserializer(self.latents)
         m.submodules.tx_bytes = ser = ByteSerializer(self.pixels)
         # register slices: no combinational path from a pin's ready into the decoder's stall logic
         m.submodules.rx_slice = rxs = RegisterSlice(self.latents)
         m.submodules.tx_slice = txs = RegisterSlice(self.pixels)
-        wiring.connect(m, wiring.flipped(self.rx), des.i)
+        # and one at each byte stream's pins: a pin's handshake moves that slice's pointers only
+        m.submodules.tx_pins = txp = RegisterSlice(unsigned(8))
+        wiring.connect(m, wiring.flipped(self.rx), rxp.i)
+        wiring.connect(m, rxp.o, des.i)
         wiring.connect(m, des.o, rxs.i)
         wiring.connect(m, txs.o, ser.i)
-        wiring.connect(m, ser.o, wiring.flipped(self.tx))
+        wiring.connect(m, ser.o, txp.i)
+        wiring.connect(m, txp.o, wiring.flipped(self.tx))
         width, height = Signal.like(self.width, name="width_r"), Signal.like(self.height, name="height_r")
         m.d.sync += [width.eq(self.width), height.eq(self.height)]
         if self.core is not None:

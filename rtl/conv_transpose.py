@@ -110,7 +110,7 @@ class ConvTransposeEngine(wiring.Component):
     ``PI*PO`` weights and a bias ROM of ``Cout/PO`` words, both initialised from
     ``$readmemh`` files named ``<name>_w.hex`` / ``<name>_b.hex``; the multiplier array,
     adder trees, ``PP * PO`` accumulators that start from the bias, requantizers, and an
-    output queue of one block of pixels and one more (:func:`rtl.mac_pipe.emit_pixels`).
+    output queue of two banks of one block of pixels each (:func:`rtl.mac_pipe.emit_pixels`).
 
     Schedule: output rows ``2i`` and ``2i+1`` start once input rows ``i-1 .. i+1`` are in the
     line buffer; a block of ``PP`` output pixels of phase (a, b) takes ``taps(a) * taps(b) *
@@ -127,7 +127,8 @@ class ConvTransposeEngine(wiring.Component):
     requantizers (from the accumulators) into the output queue.  Back-pressure: the finished
     block waits in the output queue; the engine stalls only when a second block is finished
     while more than one beat of the first waits (never on the consumer's ``ready`` directly).
-    ``width``/``height`` must stay constant while a frame is in the engine.
+    ``width``/``height`` must stay constant while a frame is in the engine, and be set a cycle
+    before its first pixel (a cycle of reset counts).
     """
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, *, shift: int, x_bits: int, w_bits: int,
@@ -276,6 +277,10 @@ class ConvTransposeEngine(wiring.Component):
         wcol, wq, wm, wslot = Signal(range(self.max_width)), Signal.like(aq), Signal.like(am), Signal(2)
         # registered flags (wg == gi - 1, acol == 0) keep the input's ready a LUT from flip-flops
         wlast, astart = Signal(init=gi == 1, name="wlast"), Signal(init=1, name="astart")
+        # the last column registered (no carry chain from the frame size into the counters); not
+        # reset, so it holds the frame's value from the first cycle after reset
+        wm1 = Signal.like(self.width, name="width_m1", reset_less=True)
+        m.d.sync += wm1.eq(self.width - 1)
         wdone = wbusy & wlast
         m.d.comb += self.i.ready.eq((~wbusy | wdone) & (~astart | (occupied < LINE_SLOTS)))
         accept = self.i.valid & self.i.ready
@@ -289,12 +294,12 @@ class ConvTransposeEngine(wiring.Component):
         with m.If(accept):
             m.d.sync += [held.eq(self.i.payload.as_value()), wbusy.eq(1), wg.eq(0), wlast.eq(gi == 1), wcol.eq(acol),
                          wq.eq(aq), wm.eq(am), wslot.eq(aslot)]
-            with m.If(acol == self.width - 1):
+            with m.If(acol == wm1):
                 m.d.sync += [acol.eq(0), astart.eq(1), aq.eq(0), am.eq(0), aslot.eq(aslot + 1)]
             with m.Else():
                 m.d.sync += [acol.eq(acol + 1), astart.eq(0), am.eq(Mux(am == pp - 1, 0, am + 1)),
                              aq.eq(aq + (am == pp - 1))]
-        row_written = wdone & (wcol == self.width - 1)
+        row_written = wdone & (wcol == wm1)
         m.d.sync += [occupied.eq(occupied + (accept & astart) - released),
                      complete.eq(complete + row_written - free)]
         return complete
@@ -338,9 +343,12 @@ class ConvTransposeEngine(wiring.Component):
         last_x = b & last_j
         item_last = last_g & last_tx & last_ty
         pix_last = item_last & last_o
-        pair_start = (a == 0) & ~b & (j0 == 0) & (o == 0) & (ty == 0) & (tx == 0) & (g == 0)
+        # every counter at 0 (a row pair starts): a flip-flop, set by the step that wraps them all
+        pair_start = Signal(init=1, name="pair_start")
         issue = Mux(pair_start, complete >= 1 + ~first_i + ~last_i, 1)
         step = advance & issue
+        with m.If(step):
+            m.d.sync += pair_start.eq(pix_last & last_x & a)
         m.d.comb += [free.eq(step & pix_last & last_x & Mux(a, last_i, ~first_i)),
                      nv.eq(Mux(last_j, self.width - j0, pp))]
         counters = [(last_g, [g.eq(g + 1)], [g.eq(0)]), (last_tx, [tx.eq(tx + 1)], [tx.eq(0)]),

@@ -151,8 +151,8 @@ class GdnUnit(wiring.Component):
     accepted in the cycle its last item issues); latency from the last item to the output beat
     ``7 + ceil(log2 PI) + T`` cycles (:func:`gdn_latency`), ``T = 1`` for the inverse and
     ``ceil((out_bits - 1) / div_bits)`` for the forward GDN (8-bit output, ``div_bits = 2``:
-    ``T = 4``).  A finished block waits in the output queue (one block and one more
-    pixel, the output register first); the unit stalls only when a second one finishes while
+    ``T = 4``).  A finished block waits in the output queue (two banks of one block,
+    :func:`rtl.mac_pipe.emit_pixels`); the unit stalls only when a second one finishes while
     more than one beat of the first waits.
     """
 

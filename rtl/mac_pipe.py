@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from amaranth import Cat, Const, Module, Mux, Shape, Signal, Value, signed
+from amaranth import Array, Cat, Const, Module, Mux, Shape, Signal, Value, signed
 from amaranth.hdl import ShapeLike
 
 from .lane_array import adder_tree
@@ -363,8 +363,8 @@ def accumulate(m: Module, terms: list[Value], init: list[Value], first: Value, e
 
 
 def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixel_done: Value, finishing: Value,
-                groups: int, bits: int, count: Value, phase: Value | None = None,
-                ahead: tuple[Value, Value, Value | None] | None = None) -> Value:
+                groups: int, bits: int, count: Value, ahead: tuple[Value, Value, Value | None],
+                phase: Value | None = None) -> Value:
     """Assemble finished pixels of ``len(values)`` lanes into one pixel beat a cycle on stream
     ``out``, and return the stall condition.
 
@@ -378,16 +378,18 @@ def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixe
     lanes ``p`` at columns ``2(j0 + p) + phase``), the even pixels wait for their odd
     neighbours and the block goes out interleaved, even 0, odd 0, even 1, ...
 
-    The beats wait in a shift register of one block (``lanes`` pixels, or ``2 * lanes``
-    interleaved) and one more entry, whose first entry is the output register; the pipeline
-    stalls (the returned ``stall``) only when a finished block meets more than one beat of the
-    previous one not yet taken (a last beat still waiting moves the block in behind it).  The
-    stall is therefore a function of this engine's registers: no combinational path runs from
-    the consumer's ``ready`` to the engine's enable, nor from engine to engine.  ``ahead``: the
-    values ``(finishing, pixel_done, phase)`` take in the next cycle; given, the returned stall
-    is a register computed a cycle ahead from them and the queue's next state (the same
-    value, but the engine's enable then fans out from a flip-flop, not from logic), and so is
-    the queue's load (a finished block that does not stall).
+    The beats wait in two banks of one block each (``lanes`` pixels, or ``2 * lanes``
+    interleaved), written in turn: a finished block goes into the free bank while the
+    previous block's last beat may still wait in the other, and the output beat is the bank
+    entry at the read pointer.  The pipeline stalls (the returned ``stall``) only when a
+    finished block meets more than one beat of the previous one not yet taken.  The
+    consumer's ``ready`` moves only the read pointer and the beat count (a few flip-flops):
+    no wide enable depends on it, and the stall is a function of this engine's registers, so
+    no combinational path runs from the consumer's ``ready`` to the engine's enable, nor
+    from engine to engine.  ``ahead``: the values ``(finishing, pixel_done, phase)`` take in
+    the next cycle; the stall and the banks' load are registers computed a cycle ahead from
+    them and the beat count's next value, so the engine's enable and the banks' enables fan
+    out from flip-flops.  Latency: a block's first beat is valid the cycle after it loads.
     """
     lanes, gbits = len(values), len(values[0]) * bits
     pixels = []
@@ -402,36 +404,41 @@ def emit_pixels(m: Module, out, values: list[list[Value]], *, write: Value, pixe
             pixels.append(Cat(*parts))
     width = groups * gbits
     if phase is None:
-        block, n, block_done = pixels, count, pixel_done
+        block, n = pixels, count
     else:
         evens = [Signal(width, name=f"emit_even{p}") for p in range(lanes)]
         with m.If(write & pixel_done & ~phase):
             m.d.sync += [e.eq(v) for e, v in zip(evens, pixels)]
         block = [v for pair in zip(evens, pixels) for v in pair]
-        n, block_done = count * 2, pixel_done & phase
-    # with ``ahead`` the same condition as a flip-flop, set below from the next cycle's values
-    load = write & block_done if ahead is None else Signal(name="emit_load")
-    queue = [Signal(width, name=f"emit_q{k}") for k in range(len(block) + 1)]
-    left = Signal(range(len(block) + 2))   # beats in the queue not yet taken
-    taken = out.valid & out.ready
-    keep = (left == 1) & ~out.ready         # a block arrives while the previous one's last beat waits
-    m.d.comb += [out.payload.eq(queue[0]), out.valid.eq(left != 0)]
+        n = count * 2
+    size = len(block)
+    banks = [[Signal(width, name=f"emit_q{b}_{k}") for k in range(size)] for b in range(2)]
+    counts = [Signal(range(size + 1), name=f"emit_n{b}") for b in range(2)]
+    wbank, rbank = Signal(name="emit_wbank"), Signal(name="emit_rbank")   # bank written next; bank read
+    ridx = Signal(range(size), name="emit_ridx")
+    left = Signal(range(2 * size + 1))   # beats in the banks not yet taken
+    valid, load = Signal(name="emit_valid"), Signal(name="emit_load")   # left != 0; a block loads now
+    taken = valid & out.ready
+
+    def entry(bank: list[Signal]) -> Value:
+        return bank[0] if size == 1 else Array(bank)[ridx]
+
+    m.d.comb += [out.valid.eq(valid), out.payload.eq(Mux(rbank, entry(banks[1]), entry(banks[0])))]
+    for b in range(2):
+        with m.If(load & (wbank == b)):
+            m.d.sync += [q.eq(v) for q, v in zip(banks[b], block)] + [counts[b].eq(n)]
+    with m.If(load):
+        m.d.sync += wbank.eq(~wbank)
+    with m.If(taken):
+        with m.If(ridx == Mux(rbank, counts[1], counts[0]) - 1):
+            m.d.sync += [rbank.eq(~rbank), ridx.eq(0)]
+        with m.Else():
+            m.d.sync += ridx.eq(ridx + 1)
     left_next = Signal.like(left)
-    m.d.comb += left_next.eq(left)
-    m.d.sync += left.eq(left_next)
-    with m.If(load & keep):
-        m.d.sync += [q.eq(v) for q, v in zip(queue[1:], block)]
-        m.d.comb += left_next.eq(n + 1)
-    with m.Elif(load):
-        m.d.sync += [q.eq(v) for q, v in zip(queue, block)]
-        m.d.comb += left_next.eq(n)
-    with m.Elif(taken):
-        m.d.sync += [q.eq(nxt) for q, nxt in zip(queue, queue[1:])]
-        m.d.comb += left_next.eq(left - 1)
-    if ahead is None:
-        return finishing & pixel_done & (1 if phase is None else phase) & (left > 1)
+    m.d.comb += left_next.eq(left - taken + Mux(load, n, 0))
     f, d, ph = ahead
     stall = Signal(name="emit_stall")
     finished = f & d & (1 if ph is None else ph)   # a block finishes in the next cycle: it stalls or loads
-    m.d.sync += [stall.eq(finished & (left_next > 1)), load.eq(finished & (left_next <= 1))]
+    m.d.sync += [left.eq(left_next), valid.eq(left_next != 0),
+                 stall.eq(finished & (left_next > 1)), load.eq(finished & (left_next <= 1))]
     return stall

@@ -41,6 +41,7 @@ DEFAULT_FREQ_MHZ = 125.0               # nextpnr's timing-driven target; the mea
 ENABLE_FANOUT = 128   # a flip-flop clock enable with at least this many loads goes on a global network ...
 ENABLE_GLOBALS = 7    # ... at most this many of them: nextpnr-ecp5 routes fabric loads from globals 0-7 only,
                       # and the clock takes one
+PACK_MAX_DEPTH = 2    # a multiplier's operand registers move into it only when each one's D is at most this many logic cells deep
 EBR_MIN_BITS = 4096   # a ROM of at least this many bits goes to EBR slices (ebr_roms); smaller ones stay in LUTs
 _PACKAGES = {"BG": "CABGA", "MG": "CSFBGA", "TG": "TQFP"}
 _FAMILIES = {"LFE5U": "", "LFE5UM": "um-", "LFE5UM5G": "um5g-"}
@@ -122,7 +123,7 @@ def _free_bit(top: dict) -> int:
     return max([1] + [b for bits in nets for b in bits if isinstance(b, int)]) + 1
 
 
-def pack_dsp_input_registers(netlist: Path) -> dict:
+def pack_dsp_input_registers(netlist: Path, max_depth: int = PACK_MAX_DEPTH) -> dict:
     """Move the registers in front of each MULT18X18D into the DSP (``REG_INPUTA_CLK`` /
     ``REG_INPUTB_CLK``), editing the ``synth_ecp5`` JSON netlist in place.
 
@@ -139,8 +140,15 @@ def pack_dsp_input_registers(netlist: Path) -> dict:
     packed pins is removed; one with other loads stays (the DSP holds a copy).  nextpnr times
     such a DSP with its registered-input model (``MULT18X18D_REGS_INPUT``).
 
-    Returns ``{"mult18": multipliers, "packed": packed, "ff_removed": flip-flops removed,
-    "inverters": LUTs added for inverted enables}``."""
+    A multiplier stays as it is when the D input of one of its operand flip-flops lies more
+    than ``max_depth`` logic cells (LUT4, carry cells, wide multiplexers) behind the nearest
+    flip-flop, memory or DSP: moved into the DSP, that register would put its logic cone and
+    the route to the DSP column in one cycle (the N=16 decoder's inverse-GDN norm, a
+    requantizer with a carry chain, took 10.8 ns that way), while in the fabric it sits
+    beside its logic and the route to the DSP gets a cycle of its own.
+
+    Returns ``{"mult18": multipliers, "packed": packed, "deep": left unpacked for a deep
+    operand, "ff_removed": flip-flops removed, "inverters": LUTs added for inverted enables}``."""
     design = json.loads(Path(netlist).read_text())
     top = _top_module(design)
     cells = top["cells"]
@@ -157,6 +165,20 @@ def pack_dsp_input_registers(netlist: Path) -> dict:
                     else:
                         sinks.setdefault(b, []).append((name, port))
 
+    depth: dict = {}
+    sequential = {"TRELLIS_FF", "MULT18X18D", "ALU54B", "DP16KD", "TRELLIS_IO", "DCCA"}
+
+    def logic_depth(bit) -> int:
+        """Logic cells on the longest path from a flip-flop, memory, DSP, pin or constant to net ``bit``."""
+        if not isinstance(bit, int) or bit not in driver or cells[driver[bit][0]]["type"] in sequential:
+            return 0
+        if bit not in depth:
+            depth[bit] = 0   # (no combinational loops in a synthesized netlist)
+            c = cells[driver[bit][0]]
+            depth[bit] = 1 + max([logic_depth(b) for p, bits in c["connections"].items()
+                                  if c["port_directions"].get(p) == "input" for b in bits] or [0])
+        return depth[bit]
+
     def operand_regs(mult: dict, side: str):
         """(flip-flop names, control key) of the operand ``side``, or None if not packable."""
         ffs = set()
@@ -170,6 +192,8 @@ def pack_dsp_input_registers(netlist: Path) -> dict:
             ff = cells[name]
             if ff["type"] != "TRELLIS_FF" or port != "Q":
                 return None
+            if logic_depth(ff["connections"]["DI"][0]) > max_depth:
+                return "deep"
             ffs.add(name)
         if not ffs:
             return None
@@ -221,12 +245,15 @@ def pack_dsp_input_registers(netlist: Path) -> dict:
         return inverters[net]
 
     mults = [n for n, c in cells.items() if c["type"] == "MULT18X18D"]
-    packed, packed_pins = 0, set()
+    packed, deep, packed_pins = 0, 0, set()
     for name in mults:
         m = cells[name]
         if any(m["parameters"].get(f"REG_INPUT{s}_CLK", "NONE") != "NONE" for s in "AB"):
             continue
         regs = {s: operand_regs(m, s) for s in "AB"}
+        if "deep" in regs.values():
+            deep += 1
+            continue
         if regs["A"] is None or regs["B"] is None:
             continue
         key_a, key_b = regs["A"][1], regs["B"][1]
@@ -257,7 +284,7 @@ def pack_dsp_input_registers(netlist: Path) -> dict:
             del cells[driver[bit][0]]
             removed += 1
     Path(netlist).write_text(json.dumps(design))
-    return {"mult18": len(mults), "packed": packed, "ff_removed": removed, "inverters": len(inverters)}
+    return {"mult18": len(mults), "packed": packed, "deep": deep, "ff_removed": removed, "inverters": len(inverters)}
 
 
 def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals: int = ENABLE_GLOBALS) -> dict:
@@ -517,7 +544,8 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     say(f"synth_ecp5 {top}: {syn['resources']} ({syn['seconds']} s)")
     packed = pack_dsp_input_registers(netlist) if pack_dsp else None
     if packed:
-        say(f"DSP input registers: {packed['packed']} of {packed['mult18']} MULT18X18D packed, "
+        say(f"DSP input registers: {packed['packed']} of {packed['mult18']} MULT18X18D packed "
+            f"({packed['deep']} left for an operand deeper than {PACK_MAX_DEPTH} logic cells), "
             f"{packed['ff_removed']} flip-flops removed")
     promoted = promote_enables(netlist) if global_enables else None
     if promoted and promoted["nets"]:

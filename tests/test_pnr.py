@@ -306,15 +306,21 @@ class _MulPair(wiring.Component):
     """Two registered products sharing an operand, every register held while ``stall``, as in
     the engines (operand registers -> multipliers -> product registers)."""
 
-    def __init__(self):
+    def __init__(self, deep: bool = False):
+        self.deep = deep   # the shared operand register loads a sum of registers (a carry chain), not a pin
         super().__init__({"a": wiring.In(signed(8)), "b0": wiring.In(signed(8)), "b1": wiring.In(signed(8)),
                           "stall": wiring.In(1), "p0": wiring.Out(signed(16)), "p1": wiring.Out(signed(16))})
 
     def elaborate(self, platform):
         m = Module()
         ar, br0, br1 = Signal(signed(8)), Signal(signed(8)), Signal(signed(8))
+        a = self.a
+        if self.deep:
+            a0, a1 = Signal(signed(8)), Signal(signed(8))
+            m.d.sync += [a0.eq(self.a), a1.eq(self.b0)]
+            a = (a0 + a1)[:8].as_signed()
         with m.If(~self.stall):
-            m.d.sync += [ar.eq(self.a), br0.eq(self.b0), br1.eq(self.b1),
+            m.d.sync += [ar.eq(a), br0.eq(self.b0), br1.eq(self.b1),
                          self.p0.eq(ar * br0), self.p1.eq(ar * br1)]
         return m
 
@@ -334,7 +340,7 @@ def test_dsp_input_register_packing_keeps_the_function(tmp_path):
     after = tmp_path / "after.json"
     after.write_text(before.read_text())
     stats = pack_dsp_input_registers(after)
-    assert stats == {"mult18": 2, "packed": 2, "ff_removed": 24, "inverters": stats["inverters"]}
+    assert stats == {"mult18": 2, "packed": 2, "deep": 0, "ff_removed": 24, "inverters": stats["inverters"]}
     params = [c["parameters"] for c in json.loads(after.read_text())["modules"]["mul"]["cells"].values()
               if c["type"] == "MULT18X18D"]
     assert all(p["REG_INPUTA_CLK"] == p["REG_INPUTB_CLK"] == "CLK0" and p["RESETMODE"] == "SYNC" for p in params)
@@ -344,6 +350,26 @@ def test_dsp_input_register_packing_keeps_the_function(tmp_path):
     gold = _simulate_netlist(before, vecs, ["p0", "p1"])
     assert _simulate_netlist(after, vecs, ["p0", "p1"]) == gold
     assert len({g["p0"] for g in gold}) > 100   # the products really moved
+
+
+def test_dsp_input_registers_behind_deep_logic_stay_in_the_fabric(tmp_path):
+    """An operand register whose D is an 8-bit adder of two registers (a carry chain) is not
+    moved into the DSPs it feeds: its logic and the route to the DSP keep a cycle each."""
+    from amaranth.back import verilog
+
+    from licforge.rtl.pnr import pack_dsp_input_registers
+    from licforge.rtl.yosys import ECP5, synthesize
+
+    (tmp_path / "mul.v").write_text(verilog.convert(_MulPair(deep=True), name="mul", emit_src=False))
+    netlist = tmp_path / "mul.json"
+    synthesize([tmp_path / "mul.v"], "mul", family=ECP5, netlist=netlist)
+    before = netlist.read_text()
+    assert pack_dsp_input_registers(netlist, max_depth=1000)["packed"] == 2
+    netlist.write_text(before)
+    assert pack_dsp_input_registers(netlist) == {"mult18": 2, "packed": 0, "deep": 2, "ff_removed": 0,
+                                                 "inverters": 0}
+    mults = [c for c in json.loads(netlist.read_text())["modules"]["mul"]["cells"].values() if c["type"] == "MULT18X18D"]
+    assert [c["parameters"].get(f"REG_INPUT{s}_CLK", "NONE") for c in mults for s in "AB"] == ["NONE"] * 4
 
 
 def test_high_fanout_enables_go_on_global_buffers(tmp_path):

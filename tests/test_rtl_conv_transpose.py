@@ -93,6 +93,7 @@ def test_engine_amaranth_simulation_matches_golden():
         ctx.set(dut.width, 3)
         ctx.set(dut.height, 2)
         ctx.set(dut.o.ready, 1)
+        await ctx.tick()   # the frame size a cycle before the first pixel (the engine registers it)
         pixels = [x[0, :, r, c].tolist() for r in range(2) for c in range(3)]
         k = 0
         while len(got) < 24:

@@ -87,6 +87,7 @@ def _stream(dut, x: np.ndarray, *, p_valid=1.0, p_ready=1.0, seed=0, frame=True)
             ctx.set(dut.width, w)
             if isinstance(dut, ConvTransposeEngine):
                 ctx.set(dut.height, h)
+            await ctx.tick()   # the frame size a cycle before the first pixel (the engines register it)
         k = cyc = 0
         while len(got) < n_out and cyc < 100_000:
             offer = k < len(pixels) and rng.random() < p_valid
