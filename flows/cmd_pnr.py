@@ -52,11 +52,16 @@ def _cmd_pnr(args) -> int:
           f"measured after place and route")
     print("utilization: " + ", ".join(f"{k} {v['used']}/{v['available']}" for k, v in u.items()
                                       if k in ("LUT4", "FF", "MULT18", "EBR", "IO")))
+    for fail in rep["failed_seeds"]:
+        print(f"seed {fail['seed']}: failed, not counted: {fail['error']}")
     print(f"bitstream (seed {f['best_seed']}): {rep['bitstream']}; report {out / 'pnr.json'}")
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=1))
     if args.min_mhz is not None and f["min"] < args.min_mhz:
         raise CheckFailed(f"Fmax {f['min']:.1f} MHz (the slowest seed) is below --min-mhz {args.min_mhz:g}")
+    if args.min_mhz is not None and rep["failed_seeds"]:
+        raise CheckFailed(f"--min-mhz {args.min_mhz:g}: seed(s) {', '.join(str(x['seed']) for x in rep['failed_seeds'])} "
+                          "failed to place or route")
     return 0
 
 

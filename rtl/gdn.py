@@ -31,11 +31,15 @@ from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, check_pr
                        mac_latency, pack_chunk, packed_dsps, register, term_bound, PRODUCTS)
 from .requantizer import requantize_expr
 
-__all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "divide_round_half_even", "pow2_exponent", "OUT_PRODUCTS"]
+__all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "divide_round_half_even", "pow2_exponent", "OUT_PRODUCTS",
+           "INVERSE_TAIL"]
 
 #: how an inverse GDN forms ``x * n``: a multiplier, or a shift by the exponent of the power of
 #: two nearest to ``n`` (:func:`pow2_exponent`)
 OUT_PRODUCTS = ("mul", "shift")
+
+
+INVERSE_TAIL = 2   # the inverse GDN after the norm register: its copy (the x * n operand register), the product
 
 
 def gamma_layout(channels: int, pi: int, po: int) -> np.ndarray:
@@ -47,13 +51,13 @@ def gamma_layout(channels: int, pi: int, po: int) -> np.ndarray:
     return np.stack(words)
 
 
-def gdn_latency(pi: int, tail: int = 1) -> int:
+def gdn_latency(pi: int, tail: int = INVERSE_TAIL) -> int:
     """Cycles from the issue of a pixel's last item to its output beat: ROM read (with ``|x|``),
     the read-data registers, the multiplier array (:func:`rtl.mac_pipe.mac_latency`: operand
     registers, products, ``ceil(log2 PI)`` adder-tree levels), accumulator, norm (from the
     accumulator), ``tail``
-    (1 for the inverse's ``x * n``; the divider's stages for the forward GDN), output
-    register."""
+    (:data:`INVERSE_TAIL` for the inverse's ``x * n``; the divider's stages for the forward
+    GDN), output register."""
     return 5 + mac_latency(pi) + tail
 
 
@@ -142,6 +146,13 @@ class GdnUnit(wiring.Component):
     multipliers ``x * n`` by ``x << e`` (:func:`pow2_exponent`; ``y = 0`` where ``n = 0``),
     requantized as the product was, in the same pipeline stage: the latency does not change.
 
+    The inverse's ``x * n`` reads a copy of the norm register (and ``x`` one cycle later): the
+    norm's requantizer (a carry chain) and the route to the multiplier get a cycle each, and
+    the copy, loaded straight from a flip-flop, is an operand register that
+    :func:`rtl.pnr.pack_dsp_input_registers` moves into an ECP5 MULT18X18D as it does the norm
+    products' (without it the norm register stayed in the fabric, and norm -> MULT18 ->
+    product was the N=16 decoder's critical path on four of six placement seeds).
+
     Lanes: with ``pp > 1`` the unit has a ``width`` port (pixels a row) and its blocks are up
     to ``PP`` consecutive pixels of one row: ``PP - 1`` pixels wait in a gather register
     while the previous block computes, and the block starts when its last pixel (the
@@ -149,7 +160,7 @@ class GdnUnit(wiring.Component):
 
     Timing: the input block is held while its items issue (the next block's last pixel is
     accepted in the cycle its last item issues); latency from the last item to the output beat
-    ``7 + ceil(log2 PI) + T`` cycles (:func:`gdn_latency`), ``T = 1`` for the inverse and
+    ``7 + ceil(log2 PI) + T`` cycles (:func:`gdn_latency`), ``T = 2`` for the inverse and
     ``ceil((out_bits - 1) / div_bits)`` for the forward GDN (8-bit output, ``div_bits = 2``:
     ``T = 4``).  A finished block waits in the output queue (two banks of one block,
     :func:`rtl.mac_pipe.emit_pixels`); the unit stalls only when a second one finishes while
@@ -195,7 +206,7 @@ class GdnUnit(wiring.Component):
         if self.inverse:
             if div_bits is not None:
                 raise ValueError("div_bits sets the forward GDN's divider; the inverse GDN (inverse=True) has none")
-            self.tail = 1
+            self.tail = INVERSE_TAIL
         else:
             check_bits(out_bits, "out_bits", 2)
             self.div_bits = check_bits(2 if div_bits is None else div_bits, "div_bits", 1, out_bits - 1)
@@ -312,7 +323,8 @@ class GdnUnit(wiring.Component):
         absx1 = register(m, Cat(*(v if mins else abs(v) for v in (xsel.word_select(k, xb).as_signed()
                                                                     for k in range(pi * pp)))), advance, "absx")
         gdata = register(m, gport.data, advance, "graw")
-        xo = delay(m, Cat(*(h.word_select(o, po * xb) for h in held)), root + 2, advance, "xo")[root + 2]
+        xo_at = root + 2 + (self.tail - 1 if self.inverse else 0)   # x meets the norm (its copy, inverse)
+        xo = delay(m, Cat(*(h.word_select(o, po * xb) for h in held)), xo_at, advance, "xo")[xo_at]
         gb = self.gamma_bits
         xs = [[absx1[(p * pi + k) * xb:(p * pi + k + 1) * xb] for k in range(pi)] for p in range(pp)]
         xs = [[v.as_signed() for v in lane] for lane in xs] if mins else xs
@@ -336,6 +348,7 @@ class GdnUnit(wiring.Component):
                 m.d.sync += n.eq(requantize_expr(s, self.norm_shift, self.norm_bits, signed_out=False))
             xk = xo[k * xb:(k + 1) * xb].as_signed()
             if self.inverse:
+                n = register(m, n, advance, f"norm{k}_op")
                 p = Signal(signed(xb + self.norm_bits + 1), name=f"xn{k}")
                 if self.out_product == "shift":   # e <= norm_bits: x << e fits xb + norm_bits bits
                     e, zero = pow2_exponent(n)

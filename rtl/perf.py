@@ -39,7 +39,7 @@ for ranking plans, not a synthesis result.
 from __future__ import annotations
 
 from licforge.rtl.conv_transpose import LINE_SLOTS, conv_latency
-from licforge.rtl.gdn import gdn_latency
+from licforge.rtl.gdn import INVERSE_TAIL, gdn_latency
 from licforge.rtl.plan import (ROW_TAPS, LayerPlan, divisors, layer_formats, layer_plan, layer_products,
                                layer_shapes)
 
@@ -123,7 +123,7 @@ def _gdn_rows(p: LayerPlan, arrivals: list[tuple[float, float]], w: int) -> list
     nb = -(-w // pp)
     nv, nv0 = w - pp * (nb - 1), min(pp, w)
     span = g if nb == 1 else (nb - 2) * max(g, pp) + max(g, nv) + g   # first block's start to last one's end
-    lat, tail = gdn_latency(p.pi), nv - 1
+    lat, tail = gdn_latency(p.pi, INVERSE_TAIL), nv - 1
     out: list[tuple[float, float]] = []
     gathered, busy = nv0 - 1 - w, 0.0
     for first, last in arrivals:

@@ -144,8 +144,9 @@ def pack_dsp_input_registers(netlist: Path, max_depth: int = PACK_MAX_DEPTH) -> 
     than ``max_depth`` logic cells (LUT4, carry cells, wide multiplexers) behind the nearest
     flip-flop, memory or DSP: moved into the DSP, that register would put its logic cone and
     the route to the DSP column in one cycle (the N=16 decoder's inverse-GDN norm, a
-    requantizer with a carry chain, took 10.8 ns that way), while in the fabric it sits
-    beside its logic and the route to the DSP gets a cycle of its own.
+    requantizer with a carry chain, took 10.8 ns that way; :class:`rtl.gdn.GdnUnit` now gives
+    that product an operand register of its own), while in the fabric it sits beside its logic
+    and the route to the DSP gets a cycle of its own.
 
     Returns ``{"mult18": multipliers, "packed": packed, "deep": left unpacked for a deep
     operand, "ff_removed": flip-flops removed, "inverters": LUTs added for inverted enables}``."""
@@ -204,7 +205,7 @@ def pack_dsp_input_registers(netlist: Path, max_depth: int = PACK_MAX_DEPTH) -> 
                     prm.get("GSR", "DISABLED") != "DISABLED" or prm.get("LSRMODE", "LSR") != "LSR" or \
                     prm.get("LSRMUX", "LSR") != "LSR" or conn.get("M", ["0"])[0] != "0":
                 return None
-            ce_mux, ce_net = prm.get("CEMUX", "1"), conn.get("CE", ["1"])[0]
+            ce_mux, ce_net = prm.get("CEMUX", "1").strip(), conn.get("CE", ["1"])[0]   # (Yosys pads "1 ")
             if ce_mux in ("1", "0") or isinstance(ce_net, str):
                 on = ce_mux == "1" or (ce_mux != "0" and (ce_net == "1") != (ce_mux == "INV"))
                 if not on:
@@ -523,10 +524,12 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     clock enables on global buffers (:func:`promote_enables`, unless ``global_enables`` is
     false), place and route
     ``design_dir`` for ``device`` once per seed and write the bitstream of the fastest seed.
+    A seed that nextpnr fails to place or route is recorded with the tool's reason (``failed_seeds``)
+    and the others go on; PnrError only when every seed fails.
     Returns (and writes to ``out_dir/pnr.json``) ``{"device", "design", "top", "target_mhz",
     "synthesis"`` (Yosys cells and resources), ``"ebr_roms", "dsp_input_registers", "global_enables", "seeds"`` (per seed:
-    fmax_mhz, critical path, utilization), ``"fmax_mhz": {"min", "median", "max", "best_seed",
-    "seeds"}, "utilization"`` (of the best seed), ``"bitstream", "bitstream_bytes", "seconds"}``."""
+    fmax_mhz, critical path, utilization; routed seeds only), ``"failed_seeds"`` ([{"seed", "error"}]),
+    ``"fmax_mhz": {"min", "median", "max", "best_seed", "seeds"}`` (over the routed seeds), ``"utilization"`` (of the best seed), ``"bitstream", "bitstream_bytes", "seconds"}``."""
     dev = parse_device(device)
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -550,12 +553,19 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     promoted = promote_enables(netlist) if global_enables else None
     if promoted and promoted["nets"]:
         say("clock enables on global buffers: " + ", ".join(f"{n} ({k} FF)" for n, k in promoted["nets"]))
-    runs = []
+    runs, failed = [], []
     for seed in seeds:
-        r = place_and_route(netlist, dev, seed, out_dir, freq_mhz=freq_mhz, threads=threads, timeout_s=timeout_s)
+        try:
+            r = place_and_route(netlist, dev, seed, out_dir, freq_mhz=freq_mhz, threads=threads, timeout_s=timeout_s)
+        except PnrError as e:
+            failed.append({"seed": seed, "error": str(e).strip().splitlines()[-1]})
+            say(f"seed {seed}: failed: {failed[-1]['error']}")
+            continue
         say(f"seed {seed}: Fmax {r['fmax_mhz']} MHz, critical path {r['critical_path'].get('delay_ns')} ns "
             f"({r['critical_path'].get('from')} -> {r['critical_path'].get('to')}), {r['seconds']} s")
         runs.append(r)
+    if not runs:
+        raise PnrError(f"every placement seed failed ({', '.join(str(f['seed']) for f in failed)}): {failed[-1]['error']}")
     best = max(runs, key=lambda r: r["fmax_mhz"])
     bit = pack_bitstream(Path(best["config"]), out_dir / f"{top}_{dev.part}_seed{best['seed']}.bit")
     fmax = [r["fmax_mhz"] for r in runs]
@@ -563,9 +573,9 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
               "target_mhz": freq_mhz, "clock_note": "measured: nextpnr-ecp5 static timing after place and route",
               "synthesis": {"resources": syn["resources"], "cells": syn["cells"], "seconds": syn["seconds"]},
               "ebr_roms": sliced, "dsp_input_registers": packed, "global_enables": promoted,
-              "seeds": runs,
+              "seeds": runs, "failed_seeds": failed,
               "fmax_mhz": {"min": min(fmax), "median": statistics.median(fmax), "max": max(fmax),
-                           "best_seed": best["seed"], "seeds": seeds},
+                           "best_seed": best["seed"], "seeds": [r["seed"] for r in runs]},
               "utilization": best["utilization"],
               "bitstream": str(bit), "bitstream_bytes": bit.stat().st_size,
               "seconds": round(time.perf_counter() - t0, 1)}
