@@ -51,7 +51,7 @@ def gamma_layout(channels: int, pi: int, po: int) -> np.ndarray:
     return np.stack(words)
 
 
-def gdn_latency(pi: int, tail: int = INVERSE_TAIL) -> int:
+def gdn_latency(pi: int, tail: int) -> int:
     """Cycles from the issue of a pixel's last item to its output beat: ROM read (with ``|x|``),
     the read-data registers, the multiplier array (:func:`rtl.mac_pipe.mac_latency`: operand
     registers, products, ``ceil(log2 PI)`` adder-tree levels), accumulator, norm (from the
