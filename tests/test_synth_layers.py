@@ -106,3 +106,31 @@ def test_bench_sections_keep_the_others_results(monkeypatch, tmp_path):
     assert set(res["section_wall_s"]) == {"designs", "synth"} and json.loads(out.read_text()) == res
     with pytest.raises(UsageError, match="--sections: choose from designs, synth, pnr, not plot"):
         bd.bench_decoder(out, tmp_path, sections=["synth", "plot"])
+
+
+def test_yosys_results_are_cached(tmp_path, monkeypatch):
+    """With a cache folder, a second synthesis of the same sources, ROM file, script and
+    timeout is read back without running Yosys (its command is replaced by one that fails);
+    a changed ROM file misses the cache; a failure is cached too and answered as it was."""
+    import licforge.rtl.yosys as yosys
+    from licforge.rtl.yosys import YosysError
+
+    v = tmp_path / "rom.v"
+    v.write_text("module rom(input clk, input [1:0] a, output reg [3:0] q);\nreg [3:0] m [0:3];\n"
+                 'initial $readmemh("rom.hex", m);\nalways @(posedge clk) q <= m[a];\nendmodule\n')
+    (tmp_path / "rom.hex").write_text("1\n2\n3\n4\n")
+    cache = tmp_path / "cache"
+    first = synthesize([v], "rom", family=ECP5, cache=cache)
+    assert "cached" not in first and first["resources"]["FF"] == 3     # q[3] is 0 in every word
+    monkeypatch.setattr(yosys, "yosys_cmd", lambda: ["false"])
+    again = synthesize([v], "rom", family=ECP5, cache=cache)
+    assert again["cached"] is True and again["resources"] == first["resources"] and again["seconds"] == first["seconds"]
+    (tmp_path / "rom.hex").write_text("1\n2\n3\n5\n")
+    with pytest.raises(YosysError, match="no output$"):     # a miss: the failing command runs
+        synthesize([v], "rom", family=ECP5, cache=cache)
+    monkeypatch.setattr(yosys, "yosys_cmd", lambda: ["sh", "-c", "echo ran; exit 1"])
+    with pytest.raises(YosysError, match="no output$"):     # the failure, read back: nothing ran
+        synthesize([v], "rom", family=ECP5, cache=cache)
+    assert len(list(cache.glob("*.json"))) == 2
+    with pytest.raises(ValueError, match="not cached"):
+        synthesize([v], "rom", family=ECP5, cache=cache, netlist=tmp_path / "n.json")
