@@ -27,6 +27,7 @@ SYNTHETIC = "synthetic:16:16"
 TEACHER_WIDTH = "synthetic:128:192"   # the teacher's N and M with random weights: synthesis only
 SECTIONS = ("designs", "synth", "pnr")  # model + simulated decodes; Yosys resources; ECP5 place and route
 SYNTH_TIMEOUT_S = 1200                # one layer's Yosys run; a layer past it is named as timed out
+SYNTH_MAX_LANES = 512                 # the synth section's designs: those of the sweep with at most this many product lanes
 PNR_BUNDLE = STUDENT_DIR / "student_n16_photos_hybrid8"
 PNR_PARALLELISM = (16, 2)             # 81 of the ECP5-85F's 156 MULT18X18D (16 x 4 needs 158)
 PNR_DEVICE = "LFE5U-85F-6BG381C"      # the ULX3S's ECP5
@@ -140,9 +141,11 @@ def format_design_table(rows: list[dict]) -> str:
 
 def parallelism_sweep(bundle, target: float = 0.9) -> list[tuple[int, int]]:
     """The (PI, PO) of the benchmark and of ``licforge perf`` without --pi/--po: among the
-    plans whose steady-state DSP efficiency at 1080p reaches ``target``, the one with the
-    fewest multipliers and the fastest one (the default parallelisms at limits 4 and 8 when
-    fewer than two plans reach it)."""
+    plans whose steady-state efficiency at 1080p reaches ``target``, the one with the fewest
+    product lanes and the fastest one (the default parallelisms at limits 4 and 8 when fewer
+    than two plans reach it).  Efficiency and lanes: the DSP efficiency and the multipliers;
+    for a decoder without multipliers (MinConv), useful products per cycle over its
+    comparators and shifters, and their number (the multiplier twin's choice)."""
     from licforge.quant.bundle import decoder_layers
     from licforge.rtl.plan import default_parallelism, divisors, heaviest_layer, plan_decoder
 
@@ -152,13 +155,20 @@ def parallelism_sweep(bundle, target: float = 0.9) -> list[tuple[int, int]]:
     for pi in divisors(cin):
         for po in divisors(cout):
             r = frame_report(plan_decoder(layers, pi, po), *FRAMES["1080p"])
-            if r["dsp_efficiency_steady"] >= target:
-                figs.append((r["multipliers"], -r["fps"], -pi, pi, po))
+            lanes = r["multipliers"] + r["comparators"] + r["shifters"]
+            eff = r["dsp_efficiency_steady"] if r["multipliers"] else r["products_per_cycle"] / lanes
+            if eff >= target:
+                figs.append((lanes, -r["fps"], -pi, pi, po))
     if len(figs) < 2:
         return sorted({default_parallelism(layers, 4), default_parallelism(layers, 8)})
     cheapest = min(figs)
     fastest = min(figs, key=lambda f: (f[1], f[0], f[2]))
     return [cheapest[3:], fastest[3:]] if cheapest != fastest else [cheapest[3:]]
+
+
+def _lanes(plan) -> int:
+    """Product lanes of a decoder plan: multipliers, comparators and shifters."""
+    return sum(p.multipliers + p.comparators + p.shifters for p in plan)
 
 
 def _latents_256(bundle, trained: bool) -> tuple[np.ndarray, str, np.ndarray | None]:
@@ -246,11 +256,14 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
     """Yosys resources of the student decoders (one bundle per width N, M and product kinds:
     the MinConv decoder apart) and of the teacher's width (N=128, M=192, random weights), each
     layer's block synthesized alone and summed; for N=16 the whole design too, to show how
-    closely the sum matches it.  Yosys results are kept in ``build_dir/yosys_cache``: an
+    closely the sum matches it.  The designs: those of :func:`parallelism_sweep` with at most
+    :data:`SYNTH_MAX_LANES` product lanes (the sweep's fastest point of N=64 has
+    1,910 multipliers, of N=128 7,243: hours of WebAssembly Yosys per layer; their model
+    figures are in the designs section).  Yosys results are kept in ``build_dir/yosys_cache``: an
     interrupted run resumes where it stopped."""
     from licforge.quant.bundle import decoder_layers
     from licforge.quant.synthetic import load_decoder_bundle
-    from licforge.rtl.plan import layer_products
+    from licforge.rtl.plan import layer_products, plan_decoder
 
     rows, checks, widths = [], [], set()
     cache = Path(build_dir) / "yosys_cache"
@@ -260,7 +273,9 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
         if shape in widths:   # same layer shapes and products: same resources
             continue
         widths.add(shape)
-        for row in design_table(bundle, parallelism_sweep(bundle), synth=True, per_layer=True, family=family,
+        layers = decoder_layers(bundle)
+        pars = [pp for pp in parallelism_sweep(bundle) if _lanes(plan_decoder(layers, *pp)) <= SYNTH_MAX_LANES]
+        for row in design_table(bundle, pars, synth=True, per_layer=True, family=family,
                                 build_dir=build_dir, timeout_s=timeout_s, progress=log, cache=cache):
             row["clock"] = ASSUMED_CLOCK
             log(f"{spec} PI={row['pi']} PO={row['po']} ({row['multipliers']} multipliers), per layer: "

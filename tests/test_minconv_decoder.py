@@ -168,6 +168,11 @@ def test_plan_counts_comparators_and_shifters_not_dsps():
     assert plans["min"][4].comparators == 16 * 2 and rep["comparators"] == sum(p.comparators for p in plans["min"])
     assert rep["shifters"] == sum(p.po * p.pp for p in plans["min"] if p.op == "igdn") > 0
     assert rep["fps"] == mul["fps"] and mul["dsps"] == mul["multipliers"] == rep["comparators"] + rep["shifters"]
+    # the benchmark's sweep picks the MinConv decoder's parallelisms by comparator lanes (it
+    # compared a None DSP efficiency with 0.9 and stopped bench decoder's synth section)
+    from licforge.bench.decoder import parallelism_sweep
+    assert parallelism_sweep(random_decoder_bundle(16, 16, seed=0, product="min")) == \
+        parallelism_sweep(random_decoder_bundle(16, 16, seed=0, product="mul")) == [(16, 2), (16, 4)]
     mixed = copy.deepcopy(twins["mul"])
     mixed[0] = twins["min"][0]
     packed = plan_decoder(mixed, 16, 2, pack=True)

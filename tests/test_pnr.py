@@ -468,3 +468,37 @@ def test_ebr_rom_slices_read_the_same_words_and_map_to_ebr_without_a_multiplexer
             assert res["LUT4"] + res["MUX"] > w   # the multiplexer behind the EBRs
         else:
             assert res["EBR"] == ebrs and res["LUT4"] == luts
+
+
+def test_global_buffers_are_placed_off_the_clock_edge_and_route(tmp_path):
+    """global_buffer_bels spreads the promoted enables' DCCAs over the top, bottom and right
+    edges (the clock pin G2 is on the left), DCCs 0, 1, 3, 5 of each (1 and 2 of one edge
+    share fabric entries: together they never route on the 45F); promote_enables pins each
+    buffer there; nextpnr routes seven fabric-driven enables through those seven buffers."""
+    from licforge.rtl.pnr import global_buffer_bels, parse_device, place_and_route, promote_enables
+    from licforge.rtl.yosys import ECP5, synthesize
+
+    assert global_buffer_bels(parse_device("LFE5U-85F-6BG381C")) == [
+        "X67/Y0/TDCC0", "X67/Y95/BDCC0", "X123/Y46/RDCC0", "X67/Y0/TDCC1", "X67/Y95/BDCC1", "X123/Y46/RDCC1",
+        "X67/Y0/TDCC3"]
+    dev = parse_device("LFE5U-45F-6BG381C")
+    bels = global_buffer_bels(dev)
+    assert bels[:3] == ["X40/Y0/TDCC0", "X40/Y71/BDCC0", "X87/Y34/RDCC0"] and len(set(bels)) == 7
+    assert len(global_buffer_bels(dev, 12)) == 12
+    with pytest.raises(ValueError, match="13 global buffers: at most 12 are placed off the clock's edge"):
+        global_buffer_bels(dev, 13)
+    k = 7
+    body = "".join(f"always @(posedge clk) if (en[{i}]) q[{8 * i + 7}:{8 * i}] <= q[{8 * i + 7}:{8 * i}] + d;\n"
+                   for i in range(k))
+    (tmp_path / "en.v").write_text(f"module en7(input clk, input [{k - 1}:0] en, input [7:0] d, "
+                                   f"output reg [{8 * k - 1}:0] q);\n{body}endmodule\n")
+    net = tmp_path / "en7.json"
+    synthesize([tmp_path / "en.v"], "en7", family=ECP5, netlist=net)
+    with pytest.raises(ValueError, match="bels: 7 enables to promote, 6 buffer locations given"):
+        promote_enables(net, min_fanout=8, bels=bels[:6])
+    got = promote_enables(net, min_fanout=8, bels=bels)
+    assert got["bels"] == bels and len(got["nets"]) == 7
+    dccs = [c for c in json.loads(net.read_text())["modules"]["en7"]["cells"].values() if c["type"] == "DCCA"]
+    assert sorted(c["attributes"]["BEL"] for c in dccs) == sorted(bels)
+    r = place_and_route(net, dev, 1, tmp_path, timeout_s=300)
+    assert r["utilization"]["GLOBAL_CLOCK"]["used"] == 8      # the clock's buffer and the seven
