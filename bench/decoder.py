@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from licforge.errors import UsageError
-from licforge.rtl.perf import CLOCK_HZ, FRAMES, frame_report
+from licforge.rtl.perf import CLOCK_HZ, FRAMES, format_efficiency, frame_report
 from licforge.tables import markdown_table
 
 __all__ = ["design_table", "format_design_table", "bench_decoder", "parallelism_sweep", "student_bundles", "ANCHORS",
@@ -135,7 +135,7 @@ def format_design_table(rows: list[dict]) -> str:
                      "BRAM": res.get("BRAM", missing),
                      "cyc/px 1080p": r["1080p"]["cycles_per_pixel"], "fps 1080p": r["1080p"]["fps"],
                      "fps 768x512": r["768x512"]["fps"],
-                     "DSP eff.": f"{r['1080p']['dsp_efficiency_steady']:.1%}"})
+                     "DSP eff.": format_efficiency(r["1080p"]["dsp_efficiency_steady"])})
     return markdown_table(list(flat[0]), [list(r.values()) for r in flat])
 
 
@@ -189,7 +189,9 @@ def _latents_256(bundle, trained: bool) -> tuple[np.ndarray, str, np.ndarray | N
 
 def _decode_figures(bundle, row: dict, trained: bool, build_dir: Path) -> dict:
     """One 256x256 decode (bit-exact check, cycles vs model, simulation speed, wall time) and
-    two frames back to back (steady-state cycles a frame, measured DSP efficiency)."""
+    two frames back to back (steady-state cycles a frame, measured efficiency: useful products
+    per cycle over the product lanes, and the same as DSP efficiency where the lanes are
+    multipliers)."""
     from licforge.quant.bundle import decoder_layers
     from licforge.rtl.plan import plan_decoder
     from licforge.quant.eval import psnr
@@ -202,16 +204,19 @@ def _decode_figures(bundle, row: dict, trained: bool, build_dir: Path) -> dict:
     wall = time.perf_counter() - t0
     _, two = rtl_decode(bundle, np.concatenate([lat, lat]), build_dir, pi=row["pi"], po=row["po"])
     steady = two["cycles"] - one["cycles"]
-    macs = useful_macs(plan_decoder(decoder_layers(bundle), row["pi"], row["po"]), 16, 16)
+    plan = plan_decoder(decoder_layers(bundle), row["pi"], row["po"])
+    macs, lanes = useful_macs(plan, 16, 16), _lanes(plan)
     out = {"latents": what, "mismatches": one["mismatches"] + two["mismatches"], "cycles": one["cycles"],
            "model_cycles": one["model_cycles"], "model_error": round(one["model_cycles"] / one["cycles"] - 1, 5),
            "cycles_per_pixel": round(one["cycles"] / 65536, 4), "steady_cycles_per_frame": steady,
            "model_steady_cycles_per_frame": two["model_cycles"] - one["model_cycles"],
            "steady_cycles_per_pixel": round(steady / 65536, 4),
-           "dsp_efficiency_measured_steady": round(macs / (steady * row["multipliers"]), 4),
-           "dsp_efficiency_measured_frame": round(macs / (one["cycles"] * row["multipliers"]), 4),
+           "lane_efficiency_measured_steady": round(macs / (steady * lanes), 4),
+           "lane_efficiency_measured_frame": round(macs / (one["cycles"] * lanes), 4),
            "sim_cycles_per_s": one["sim_cycles_per_s"], "sim_wall_s": one["sim_wall_s"],
            "verify_wall_s": round(wall, 1)}
+    for k in ("steady", "frame"):   # a decoder without multipliers has no DSP efficiency
+        out[f"dsp_efficiency_measured_{k}"] = out[f"lane_efficiency_measured_{k}"] if row["multipliers"] else None
     if crop is not None:
         out["psnr_db"] = round(psnr(pix[0].transpose(1, 2, 0), crop), 3)
     return out
@@ -234,11 +239,12 @@ def _designs_section(build_dir: Path, family: str, log) -> dict:
         for row in design_table(bundle, pars, family=family, build_dir=build_dir):
             row["clock"] = ASSUMED_CLOCK
             log(f"{spec} PI={row['pi']} PO={row['po']}: {row['multipliers']} multipliers, 1080p {row['1080p']['fps']} "
-                f"fps, DSP efficiency {row['1080p']['dsp_efficiency_steady']:.1%}")
+                f"fps, DSP efficiency {format_efficiency(row['1080p']['dsp_efficiency_steady'])}")
             row["decode_256x256"] = d = _decode_figures(bundle, row, trained, build_dir)
             log(f"  256x256 decode: {d['mismatches']} mismatches, {d['cycles']} cycles (model {d['model_cycles']}), "
                 f"steady {d['steady_cycles_per_frame']} cycles/frame, DSP efficiency (measured, steady) "
-                f"{d['dsp_efficiency_measured_steady']:.1%}, {d['sim_cycles_per_s']} cycles/s, {d['verify_wall_s']} s")
+                f"{format_efficiency(d['dsp_efficiency_measured_steady'])}, lanes {d['lane_efficiency_measured_steady']:.1%}, "
+                f"{d['sim_cycles_per_s']} cycles/s, {d['verify_wall_s']} s")
             if trained and (row["pi"], row["po"]) == pars[-1]:
                 row["held_out"] = {}
                 for name, img in embedded_images("held-out").items():

@@ -170,9 +170,12 @@ def test_plan_counts_comparators_and_shifters_not_dsps():
     assert rep["fps"] == mul["fps"] and mul["dsps"] == mul["multipliers"] == rep["comparators"] + rep["shifters"]
     # the benchmark's sweep picks the MinConv decoder's parallelisms by comparator lanes (it
     # compared a None DSP efficiency with 0.9 and stopped bench decoder's synth section)
-    from licforge.bench.decoder import parallelism_sweep
+    from licforge.bench.decoder import design_table, format_design_table, parallelism_sweep
     assert parallelism_sweep(random_decoder_bundle(16, 16, seed=0, product="min")) == \
         parallelism_sweep(random_decoder_bundle(16, 16, seed=0, product="mul")) == [(16, 2), (16, 4)]
+    row = design_table(read_bundle(MIN_STUDENT), [(16, 2)])[0]
+    assert (row["multipliers"], row["1080p"]["dsp_efficiency_steady"]) == (0, None)
+    assert format_design_table([row]).splitlines()[-1].endswith("| n/a (no DSP) |")
     mixed = copy.deepcopy(twins["mul"])
     mixed[0] = twins["min"][0]
     packed = plan_decoder(mixed, 16, 2, pack=True)
