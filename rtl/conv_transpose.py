@@ -234,10 +234,15 @@ class ConvTransposeEngine(wiring.Component):
         _, go = self.groups
         advance, free, released = Signal(), Signal(), Signal()
         banks = []
+        # The writer fills a row slot only after the issuer's last read of it (``released``) and the
+        # issuer reads whole rows only, so a read and a write never meet at one address in a cycle:
+        # ``no_rw_check`` tells Yosys so.  Without it Yosys emulates the collision it cannot rule
+        # out (a copy of the write data, an address-match flag and a LUT after every block-RAM
+        # output bit): on the ECP5 that LUT made the block RAM's read the critical path.
         for k in range(self.pp):
             m.submodules[f"lines{k}" if self.pp > 1 else "lines"] = mem = Memory(
                 shape=unsigned(self.pi * self.x_bits), init=[],
-                depth=LINE_SLOTS << (self._col_bits + self._group_bits))
+                depth=LINE_SLOTS << (self._col_bits + self._group_bits), attrs={"no_rw_check": 1})
             banks.append(mem)
         words = self.weight_words()
         m.submodules.wrom = wrom = Memory(shape=unsigned(self.pi * self.po * self.w_bits), depth=len(words),

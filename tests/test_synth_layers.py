@@ -1,5 +1,7 @@
 """Synthesis that scales: each layer's block in a Yosys of its own, the resources summed; the
 sum agrees with the whole design's synthesis, and a layer that fails is named with why."""
+from pathlib import Path
+
 import pytest
 
 from licforge.flows.cli import main
@@ -134,3 +136,31 @@ def test_yosys_results_are_cached(tmp_path, monkeypatch):
     assert len(list(cache.glob("*.json"))) == 2
     with pytest.raises(ValueError, match="not cached"):
         synthesize([v], "rom", family=ECP5, cache=cache, netlist=tmp_path / "n.json")
+
+
+def test_line_buffer_block_rams_feed_their_registers_without_collision_logic(tiny):
+    """The engines' line buffers never read and write one address in a cycle and say so to
+    Yosys (``no_rw_check``): every ECP5 block RAM output bit of an engine drives its read-data
+    register directly, with no emulated read-during-write bypass (a LUT and two flip-flops per
+    bit in front of it, which made the block RAM read the N=16 board's critical path)."""
+    import json
+
+    bundle, out = tiny
+    part = generate_decoder_layers(bundle, 4, 1, out / "nrw", max_width=120)[6]   # lines 4 x 960 px, 32 bits
+    assert part["name"] == "g_s.6"
+    assert "(* no_rw_check = 32'd1 *)" in Path(part["sources"][0]).read_text()
+    net = out / "nrw" / "g_s_6.json"
+    synthesize([Path(s) for s in part["sources"]], part["top"], family=ECP5, netlist=net,
+               workdir=Path(part["sources"][0]).parent)
+    cells = json.loads(net.read_text())["modules"][part["top"]]["cells"]
+    users: dict[int, list[str]] = {}
+    for c in cells.values():
+        for port, bits in c["connections"].items():
+            if c["port_directions"].get(port) == "input":
+                for b in bits:
+                    users.setdefault(b, []).append(f"{c['type']}.{port}")
+    ebr = [c for n, c in cells.items() if c["type"] == "DP16KD" and ".lines." in n]
+    outs = [b for c in ebr for p, bits in c["connections"].items() if p.startswith("DO") for b in bits
+            if isinstance(b, int) and b in users]
+    assert (len(ebr), len(outs)) == (8, 4 * 8)   # 4 x 8-bit channels in 4,096 x 4-bit block RAMs
+    assert {u for b in outs for u in users[b]} == {"TRELLIS_FF.DI"}
