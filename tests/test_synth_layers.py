@@ -102,10 +102,19 @@ def test_bench_sections_keep_the_others_results(monkeypatch, tmp_path):
 
     out = tmp_path / "decoder.json"
     out.write_text(json.dumps({"designs": ["kept"], "pnr": {"old": 1}, "section_wall_s": {"designs": 5.0}}))
-    monkeypatch.setattr(bd, "_synth_section", lambda build, family, log: {"rows": ["new"]})
+    monkeypatch.setattr(bd, "_synth_section", lambda build, family, log, partial: {"rows": ["new"]})
     res = bd.bench_decoder(out, tmp_path, sections=["synth"], progress=False)
     assert res["designs"] == ["kept"] and res["pnr"] == {"old": 1} and res["synthesis"] == {"rows": ["new"]}
     assert set(res["section_wall_s"]) == {"designs", "synth"} and json.loads(out.read_text()) == res
+
+    def interrupted(build, family, log, partial):   # one design done, then the run stops
+        partial({"complete": False, "rows": ["first"]})
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bd, "_synth_section", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bd.bench_decoder(out, tmp_path, sections=["synth"], progress=False)
+    kept = json.loads(out.read_text())
+    assert kept["synthesis"] == {"complete": False, "rows": ["first"]} and kept["designs"] == ["kept"]
     with pytest.raises(UsageError, match="--sections: choose from designs, synth, pnr, not plot"):
         bd.bench_decoder(out, tmp_path, sections=["synth", "plot"])
 
