@@ -154,8 +154,8 @@ def parallelism_sweep(bundle, target: float = 0.9) -> list[tuple[int, int]]:
     figs = []
     for pi in divisors(cin):
         for po in divisors(cout):
-            r = frame_report(plan_decoder(layers, pi, po), *FRAMES["1080p"])
-            lanes = r["multipliers"] + r["comparators"] + r["shifters"]
+            plan = plan_decoder(layers, pi, po)
+            r, lanes = frame_report(plan, *FRAMES["1080p"]), _lanes(plan)
             eff = r["dsp_efficiency_steady"] if r["multipliers"] else r["products_per_cycle"] / lanes
             if eff >= target:
                 figs.append((lanes, -r["fps"], -pi, pi, po))
