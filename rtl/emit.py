@@ -4,11 +4,16 @@ A read-only :class:`amaranth.lib.memory.Memory` (initial contents, no write port
 by :class:`ReadmemhPlatform` into an instance of ``licforge_rom`` whose contents are a hex
 file written beside the Verilog, so the weights of a deployed design can be read back from
 the files (and Vivado/Yosys infer block or distributed ROM from them).  Memories with write
-ports (line buffers) stay ordinary inferred RAMs.  Simulation with Amaranth's simulator
-needs no platform and uses the same ``Memory`` directly.
+ports (line buffers) stay ordinary inferred RAMs; their initial contents (zeros), which the
+Verilog backend writes as one assignment per word, go to a hex file too
+(:func:`memory_inits_to_files`): a 64 K-word line buffer is 65,536 lines of ``initial`` block that
+Yosys's Verilog frontend needs tens of minutes for, and a ``$readmemh`` of the same words one
+second.  Simulation with Amaranth's simulator needs no platform and uses the same ``Memory``
+directly.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -17,7 +22,8 @@ from amaranth import ClockSignal, Instance, Module, Shape
 from amaranth.back import verilog
 from amaranth.lib.memory import Memory
 
-__all__ = ["ReadmemhPlatform", "write_verilog", "ROM_MODULE", "ROM_PORTS", "ROM_VERILOG", "rom_file_attr", "read_hex"]
+__all__ = ["ReadmemhPlatform", "write_verilog", "memory_inits_to_files", "ROM_MODULE", "ROM_PORTS", "ROM_VERILOG",
+           "rom_file_attr", "read_hex", "INIT_FILE_PREFIX"]
 
 ROM_MODULE = "licforge_rom"
 ROM_PORTS = """\
@@ -44,6 +50,10 @@ ROM_VERILOG = """\
 endmodule
 """
 _INIT_ATTR = "licforge_init_file"
+INIT_FILE_PREFIX = "licforge_init_"
+"""Name prefix of the hex files :func:`memory_inits_to_files` writes (``<prefix><sha256[:12]>.hex``)."""
+_INIT_BLOCK = re.compile(r"^  initial begin\n((?:    [^\n]*\n)+?)  end\n", re.M)
+_INIT_WORD = re.compile(r"    (\\\S+ |[A-Za-z_][\w$]*)\[(\d+)\] = (\d+)'([dhb])([0-9a-fA-F]+);")
 
 
 def rom_file_attr(name: str) -> dict[str, str]:
@@ -72,6 +82,41 @@ def read_hex(path: Path, width: int, signed: bool = True) -> list[int]:
             raise ValueError(f"{path}:{n}: word {line} is wider than {width} bits")
         out.append(v - (1 << width) if signed and v >> (width - 1) else v)
     return out
+
+
+def _init_words(body: str) -> tuple[str, int, list[int]] | None:
+    """(memory, width, words) of an ``initial`` block that assigns words 0, 1, ... of one memory
+    with defined constants, else None."""
+    name, width, words = None, None, []
+    for line in body.splitlines():
+        m = _INIT_WORD.fullmatch(line)
+        if m is None or int(m[2]) != len(words) or (name is not None and (m[1], int(m[3])) != (name, width)):
+            return None
+        name, width = m[1], int(m[3])
+        try:
+            words.append(int(m[5], {"d": 10, "h": 16, "b": 2}[m[4]]))
+        except ValueError:  # a digit outside its base
+            return None
+    return (name, width, words) if words else None
+
+
+def memory_inits_to_files(text: str, out_dir: Path) -> str:
+    """``text`` (Verilog from Amaranth) with every memory ``initial`` block (one assignment per
+    word, words 0..n-1 of one memory, no undefined bits) replaced by ``$readmemh`` of a hex file
+    written into ``out_dir``, named by a hash of its contents (equal contents share a file).
+    Blocks of any other form are kept as they are."""
+    def repl(m: re.Match) -> str:
+        found = _init_words(m[1])
+        if found is None:
+            return m[0]
+        name, width, words = found
+        data = "".join(_word(v, width) + "\n" for v in words)
+        fname = f"{INIT_FILE_PREFIX}{hashlib.sha256(f'{width}:{data}'.encode()).hexdigest()[:12]}.hex"
+        target = Path(out_dir) / fname
+        if not target.is_file() or target.read_text() != data:
+            target.write_text(data)
+        return f'  initial $readmemh("{fname}", {name});\n'
+    return _INIT_BLOCK.sub(repl, text)
 
 
 class ReadmemhPlatform:
@@ -105,12 +150,13 @@ class ReadmemhPlatform:
 
 def write_verilog(component, name: str, out_dir: Path) -> list[Path]:
     """Write ``<name>.v``, every ROM's hex file, ``roms.json`` (the ROM map: file -> width,
-    depth, signedness) and, if there are ROMs, ``licforge_rom.v`` into ``out_dir``; return the
-    Verilog sources."""
+    depth, signedness), the initial contents of the writable memories
+    (:func:`memory_inits_to_files`) and, if there are ROMs, ``licforge_rom.v`` into ``out_dir``;
+    return the Verilog sources."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     platform = ReadmemhPlatform(out_dir)
-    text = verilog.convert(component, name=name, platform=platform, emit_src=False)
+    text = memory_inits_to_files(verilog.convert(component, name=name, platform=platform, emit_src=False), out_dir)
     top = out_dir / f"{name}.v"
     top.write_text(text)
     (out_dir / "roms.json").write_text(json.dumps(platform.roms, indent=1, sort_keys=True))

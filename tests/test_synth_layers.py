@@ -1,5 +1,6 @@
 """Synthesis that scales: each layer's block in a Yosys of its own, the resources summed; the
 sum agrees with the whole design's synthesis, and a layer that fails is named with why."""
+import re
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from licforge.flows.cli import main
 from licforge.quant.bundle import read_bundle, write_bundle
 from licforge.quant.synthetic import random_decoder_bundle
+from licforge.rtl.emit import memory_inits_to_files, read_hex
 from licforge.rtl.project import generate_decoder, generate_decoder_layers
 from licforge.rtl.yosys import ECP5, failure_reason, synthesize, synthesize_parts
 
@@ -54,6 +56,22 @@ def test_a_failing_layer_is_named_with_its_reason(tmp_path):
     assert r["failed"] == ["g_s.1"]
     assert r["parts"][1]["error"] == "bad.v:2: ERROR: syntax error, unexpected ';'"
     assert r["resources"]["FF"] == r["parts"][0]["resources"]["FF"] == 4
+
+
+def test_memory_init_blocks_become_hex_files(tmp_path):
+    """A memory's per-word ``initial`` block becomes a ``$readmemh`` of the same words (equal
+    contents share one file); blocks of any other form stay as they are."""
+    words = "".join(f"    \\m$3 [{i}] = 12'h{v:03x};\n" for i, v in enumerate([0xabc, 0, 0xfff]))
+    keep = ("  initial begin\n    a[0] = 4'd1;\n    a[2] = 4'd1;\n  end\n"        # a gap
+            "  initial begin\n    b[0] = 4'bx01x;\n  end\n"                       # undefined bits
+            "  initial begin\n    c[0] = 4'd1;\n    d[1] = 4'd1;\n  end\n")      # two memories
+    text = ("module t;\n  initial begin\n" + words + "  end\n" + keep
+            + "  initial begin\n    q[0] = 12'd2748;\n    q[1] = 12'd0;\n    q[2] = 12'd4095;\n  end\nendmodule\n")
+    out = memory_inits_to_files(text, tmp_path)
+    files = sorted(tmp_path.glob("licforge_init_*.hex"))
+    assert len(files) == 1 and read_hex(files[0], 12, signed=False) == [0xabc, 0, 0xfff]
+    assert out == (f'module t;\n  initial $readmemh("{files[0].name}", \\m$3 );\n' + keep
+                   + f'  initial $readmemh("{files[0].name}", q);\nendmodule\n')
 
 
 def test_failure_reasons():
@@ -157,7 +175,12 @@ def test_line_buffer_block_rams_feed_their_registers_without_collision_logic(tin
     bundle, out = tiny
     part = generate_decoder_layers(bundle, 4, 1, out / "nrw", max_width=120)[6]   # lines 4 x 960 px, 32 bits
     assert part["name"] == "g_s.6"
-    assert "(* no_rw_check = 32'd1 *)" in Path(part["sources"][0]).read_text()
+    text = Path(part["sources"][0]).read_text()
+    assert "(* no_rw_check = 32'd1 *)" in text
+    # the line buffer's zero contents come from a hex file, not 4,096 assignments
+    init = re.findall(r'initial \$readmemh\("(licforge_init_[0-9a-f]{12}\.hex)", lines\);', text)
+    assert len(init) == 1 and "lines[0] =" not in text
+    assert read_hex(Path(part["sources"][0]).parent / init[0], 32) == [0] * 4096
     net = out / "nrw" / "g_s_6.json"
     synthesize([Path(s) for s in part["sources"]], part["top"], family=ECP5, netlist=net,
                workdir=Path(part["sources"][0]).parent)
