@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from licforge.errors import UsageError
-from licforge.rtl.perf import CLOCK_HZ, FRAMES, format_efficiency, frame_report
+from licforge.rtl.perf import CLOCK_HZ, FRAMES, TARGETS, format_efficiency, frame_report, lut_estimate
 from licforge.tables import markdown_table
 
 __all__ = ["design_table", "format_design_table", "bench_decoder", "parallelism_sweep", "student_bundles", "ANCHORS",
@@ -27,7 +27,8 @@ SYNTHETIC = "synthetic:16:16"
 TEACHER_WIDTH = "synthetic:128:192"   # the teacher's N and M with random weights: synthesis only
 SECTIONS = ("designs", "synth", "pnr")  # model + simulated decodes; Yosys resources; ECP5 place and route
 SYNTH_TIMEOUT_S = 1200                # one layer's Yosys run; a layer past it is named as timed out
-SYNTH_MAX_LANES = 512                 # the synth section's designs: those of the sweep with at most this many product lanes
+SYNTH_MAX_LANES = 1100                # the synth section's designs: those of the sweep (and the planner's) with at most this many product lanes
+TARGET_WIDTHS = (16, 32)              # the students whose planner designs (licforge plan, TARGETS) the synth section synthesizes
 PNR_BUNDLE = STUDENT_DIR / "student_n16_photos_hybrid8"
 PNR_PARALLELISM = (16, 2)             # 81 of the ECP5-85F's 156 MULT18X18D (16 x 4 needs 158)
 PNR_DEVICE = "LFE5U-85F-6BG381C"      # the ULX3S's ECP5
@@ -77,14 +78,14 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
     Yosys of its own, summed (``synth_method``; per block in ``layers``).  A Yosys failure
     leaves ``resources`` empty and its reason in ``synth_error`` (per layer: each failed
     layer named with its reason; the others' figures stay in ``layers``)."""
-    from licforge.rtl.yosys import YosysError, synthesize, synthesize_parts
+    from licforge.rtl.yosys import YosysError, synthesize
     from licforge.quant.bundle import decoder_layers
     from licforge.rtl.plan import plan_decoder
-    from licforge.rtl.project import generate_decoder, generate_decoder_layers
+    from licforge.rtl.project import generate_decoder
 
     if synth and build_dir is None:
         raise ValueError("design_table(synth=True) writes Verilog: give build_dir")
-    keys = ("LUT", "FF", "DSP", "BRAM", "LUTRAM", "CARRY")
+    keys = _SYNTH_KEYS
     rows = []
     for pi, po in parallelisms:
         try:
@@ -93,7 +94,8 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
             raise UsageError(f"bundle {bundle.path}: {e}") from None
         figs = {k: frame_report(plan, h, w, clock_hz) for k, (h, w) in FRAMES.items()}
         row = {"bundle": _rel(bundle.path), "N": bundle.model.get("N"), "M": bundle.model.get("M"), "pi": pi, "po": po,
-               "multipliers": figs["1080p"]["multipliers"], "plan": [(p.name, p.pi, p.po) for p in plan]}
+               "multipliers": figs["1080p"]["multipliers"], "plan": [(p.name, p.pi, p.po) for p in plan],
+               "lut_estimate": lut_estimate(plan)}
         for k, fig in figs.items():
             row[k] = {key: fig[key] for key in ("cycles_steady", "cycles_per_pixel", "fps", "dsp_efficiency_steady",
                                                 "cycles", "fps_single_frame", "dsp_efficiency")}
@@ -101,16 +103,8 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
             out = Path(build_dir) / "bench" / "decoder" / f"{bundle.hash[:12]}_pi{pi}_po{po}"
             t0 = time.perf_counter()   # synth_s: the Yosys runs' own seconds (also when read from the cache)
             if per_layer:
-                parts = generate_decoder_layers(bundle, pi, po, out / "layers")
-                rep = synthesize_parts(parts, family=family, timeout_s=timeout_s, progress=progress, cache=cache)
-                row["verilog"], row["synth_method"] = _rel(out / "layers"), "per layer, summed"
-                row["layers"] = [{k: v for k, v in r.items() if k != "top"} for r in rep["parts"]]
-                if rep["failed"]:
-                    row["resources"] = {}
-                    row["synth_error"] = "; ".join(f"{r['name']}: {r['error']}" for r in rep["parts"] if "error" in r)
-                else:
-                    row["resources"] = {k: rep["resources"][k] for k in keys}
-                row["synth_s"] = round(sum(r.get("seconds", 0) for r in rep["parts"]), 1)
+                row.update(_per_layer_synthesis(bundle, pi, po, None, out / "layers", family=family,
+                                                timeout_s=timeout_s, progress=progress, cache=cache))
             else:
                 man = generate_decoder(bundle, pi, po, out, clock_hz=clock_hz)
                 row["verilog"], row["synth_method"] = _rel(out), "whole design"
@@ -123,6 +117,31 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
                     row["synth_s"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
     return rows
+
+
+_SYNTH_KEYS = ("LUT", "FF", "DSP", "BRAM", "LUTRAM", "CARRY")
+
+
+def _per_layer_synthesis(bundle, pi: int, po: int, plan, out: Path, *, family: str, timeout_s: float | None,
+                         progress, cache: Path | None) -> dict:
+    """Each block of the decoder of ``bundle`` (``pi`` x ``po``, or ``plan``) synthesized in a Yosys
+    of its own: the row fields ``verilog``, ``synth_method``, ``layers`` (per block: name, resources
+    or error, seconds), ``resources`` (summed; empty when a block failed, then ``synth_error`` names
+    each failed block and why) and ``synth_s``."""
+    from licforge.rtl.project import generate_decoder_layers
+    from licforge.rtl.yosys import synthesize_parts
+
+    parts = generate_decoder_layers(bundle, pi, po, out, plan=plan)
+    rep = synthesize_parts(parts, family=family, timeout_s=timeout_s, progress=progress, cache=cache)
+    row = {"verilog": _rel(out), "synth_method": "per layer, summed",
+           "layers": [{k: v for k, v in r.items() if k != "top"} for r in rep["parts"]]}
+    if rep["failed"]:
+        row["resources"] = {}
+        row["synth_error"] = "; ".join(f"{r['name']}: {r['error']}" for r in rep["parts"] if "error" in r)
+    else:
+        row["resources"] = {k: rep["resources"][k] for k in _SYNTH_KEYS}
+    row["synth_s"] = round(sum(r.get("seconds", 0) for r in rep["parts"]), 1)
+    return row
 
 
 def format_design_table(rows: list[dict]) -> str:
@@ -262,17 +281,22 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
     """Yosys resources of the student decoders (one bundle per width N, M and product kinds:
     the MinConv decoder apart) and of the teacher's width (N=128, M=192, random weights), each
     layer's block synthesized alone and summed; for N=16 the whole design too, to show how
-    closely the sum matches it.  The designs: those of :func:`parallelism_sweep` with at most
-    :data:`SYNTH_MAX_LANES` product lanes (the sweep's fastest point of N=64 has
-    1,910 multipliers, of N=128 7,243: hours of WebAssembly Yosys per layer; their model
-    figures are in the designs section).  Yosys results are kept in ``build_dir/yosys_cache``: an
+    closely the sum matches it.  The designs (``rows``): those of :func:`parallelism_sweep` with
+    at most :data:`SYNTH_MAX_LANES` product lanes (the sweep's fastest point of N=64 has 1,910
+    multipliers, of N=128 7,243; their model figures are in the designs section); ``targets``:
+    the planner's designs (``licforge plan``) for :data:`rtl.perf.TARGETS` within the ZCU102's
+    DSPs, for the widths :data:`TARGET_WIDTHS`; ``lut_fit``: the LUT model's weights fitted to
+    every synthesized layer (:func:`_lut_fit`).  Yosys results are kept in ``build_dir/yosys_cache``: an
     interrupted run resumes where it stopped; ``partial`` (a callable) receives the section so
     far after each design (``"complete": false``)."""
     from licforge.quant.bundle import decoder_layers
     from licforge.quant.synthetic import load_decoder_bundle
     from licforge.rtl.plan import layer_products, plan_decoder
 
-    rows, checks, widths = [], [], set()
+    from licforge.rtl.perf import plan_for_target
+    from licforge.rtl.plan import plan_tag
+
+    rows, checks, targets, widths = [], [], [], set()
     cache = Path(build_dir) / "yosys_cache"
 
     def section(complete: bool) -> dict:
@@ -280,7 +304,7 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
                 "method": "each layer's engine or GDN unit synthesized alone (a Yosys process of its own, with the "
                           "frame-size wiring of the decoder's top), resources summed", "timeout_s_per_layer": timeout_s,
                 "clock_note": f"fps at {CLOCK_HZ / 1e6:g} MHz: {ASSUMED_CLOCK}", "rows": list(rows),
-                "per_layer_vs_whole": list(checks)}
+                "per_layer_vs_whole": list(checks), "targets": list(targets)}
 
     for spec in [_rel(p) for p in student_bundles()] + [TEACHER_WIDTH]:
         bundle = load_decoder_bundle(spec, build_dir)
@@ -309,7 +333,67 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
                     f"per layer / whole - 1: {diff}")
             if partial is not None:
                 partial(section(False))
+    planned = set()
+    for spec in [_rel(p) for p in student_bundles()]:   # the planner's 1080p designs within the ZCU102's DSPs
+        bundle = load_decoder_bundle(spec, build_dir)
+        layers = decoder_layers(bundle)
+        shape = (bundle.model.get("N"), bundle.model.get("M"), tuple(layer_products(layers)))
+        if shape[0] not in TARGET_WIDTHS or shape in planned:
+            continue
+        planned.add(shape)
+        for frame, fps in TARGETS:
+            r = plan_for_target(layers, fps=fps, height=FRAMES[frame][0], width=FRAMES[frame][1], dsp_budget=ZCU102_DSP)
+            if not r["ok"] or _lanes(r["plan"]) > SYNTH_MAX_LANES:
+                continue
+            plan = r["plan"]
+            tag = plan_tag(plan)
+            row = {"bundle": spec, "N": bundle.model.get("N"), "M": bundle.model.get("M"), "target": f"{frame}{fps:g}",
+                   "plan": [p.as_dict() for p in plan], "dsps": r["report"]["dsps"], "lanes": _lanes(plan),
+                   "lut_estimate": lut_estimate(plan), "clock": ASSUMED_CLOCK,
+                   **_per_layer_synthesis(bundle, 0, 0, plan, Path(build_dir) / "bench" / "decoder" /
+                                          f"{bundle.hash[:12]}_{tag}" / "layers", family=family, timeout_s=timeout_s,
+                                          progress=log, cache=cache)}
+            log(f"{spec} {row['target']} ({row['dsps']} DSPs), per layer: {row['resources'] or row['synth_error']} "
+                f"({row['synth_s']} s)")
+            targets.append(row)
+            if partial is not None:
+                partial(section(False))
+    fit = _lut_fit(rows + targets, build_dir)
+    if fit:
+        fitted = section(True)
+        fitted["lut_fit"] = fit
+        return fitted
     return section(True)
+
+
+def _lut_fit(rows: list[dict], build_dir: Path) -> dict:
+    """The LUT model's weights fitted to the per-layer Yosys results of ``rows``
+    (:func:`rtl.perf.fit_lut_weights`) and, per design, Yosys against the estimates of the current
+    and the fitted weights."""
+    from licforge.quant.bundle import decoder_layers
+    from licforge.quant.synthetic import load_decoder_bundle
+    from licforge.rtl import perf
+    from licforge.rtl.plan import LayerPlan, plan_decoder
+
+    points, designs = [], []
+    for row in rows:
+        if not row.get("resources"):
+            continue
+        if "target" in row:
+            plan = [LayerPlan(**{k: v for k, v in p.items() if k in LayerPlan.__dataclass_fields__}) for p in row["plan"]]
+        else:
+            plan = plan_decoder(decoder_layers(load_decoder_bundle(row["bundle"], build_dir)), row["pi"], row["po"])
+        points += [(p, lay["resources"]["LUT"]) for p, lay in zip(plan, row["layers"])]
+        what = row.get("target") or f"{row['pi']}x{row['po']}"
+        designs.append((f"{row['bundle']} {what}", plan, row["resources"]["LUT"]))
+    if not points:
+        return {}
+    weights = perf.fit_lut_weights(points)
+    est = perf.lut_estimate
+    return {"method": "rtl.perf.fit_lut_weights on every layer of the rows and targets above", "weights": weights,
+            "current": dict(perf.LUT_WEIGHTS),
+            "designs": [{"design": d, "yosys_lut": y, "estimate_current": est(pl, perf.LUT_WEIGHTS),
+                         "estimate_fitted": est(pl, weights)} for d, pl, y in designs]}
 
 
 def _pnr_section(build_dir: Path, log, seeds=PNR_SEEDS) -> dict:

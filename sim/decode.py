@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from licforge.errors import CheckFailed, UsageError
+from licforge.rtl.plan import plan_tag
 from licforge.rtl.project import DEFAULT_MAX_WIDTH, build_decoder
 from .stimulus import extreme_ints
 
@@ -165,13 +166,6 @@ def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: in
             "simulator": res.simulator, "wall_s": round(res.wall_s, 2)}
 
 
-def _plan_tag(plan) -> str:
-    """A short name of a plan: its (PI, PO, PP, pack) per layer, hashed."""
-    import hashlib
-
-    key = ";".join(f"{p.name}:{p.pi},{p.po},{p.pp},{int(p.pack)}" for p in plan)
-    return "plan" + hashlib.sha256(key.encode()).hexdigest()[:10]
-
 
 #: the decoders :func:`rtl_decode` built, by (bundle hash, design tag): the same design is
 #: built, and converted to Verilog (:mod:`sim.layer_chain`), once for several decodes
@@ -185,7 +179,7 @@ def _decoder(bundle, pi: int | None, po: int | None, plan, max_width: int):
 
     if (plan is None) == (pi is None or po is None):
         raise ValueError("rtl_decode needs either pi and po, or a plan")
-    tag = f"pi{pi}_po{po}_w{max_width}" if plan is None else f"{_plan_tag(plan)}_w{max_width}"
+    tag = f"pi{pi}_po{po}_w{max_width}" if plan is None else f"{plan_tag(plan)}_w{max_width}"
     if (bundle.hash, tag) not in _DECODERS:
         _DECODERS.clear()   # one design at a time: a decoder holds its weights
         _DECODERS[bundle.hash, tag] = (build_decoder(bundle, pi, po, max_width) if plan is None else

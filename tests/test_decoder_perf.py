@@ -64,3 +64,28 @@ def test_timeline_of_a_single_engine_is_its_schedule():
     gi, g = 2, 4
     first = 2 * 5 * gi + 1              # rows 0 and 1 written, then one cycle to start
     assert t["cycles"] == first + 3 * 25 * 5 * g + 8 + 1  # three pairs, engine latency 7 + log2(2)
+
+
+def test_lut_weights_fit_recovers_the_weights_that_made_the_counts():
+    """fit_lut_weights on LUT counts made by known weights gives those weights back (multiplier
+    layers first, then the MinConv weights with the others fixed); a weight whose feature never
+    occurs keeps its current value; a layer without LUTs is refused."""
+    from licforge.rtl.perf import LUT_WEIGHTS, fit_lut_weights, layer_luts
+
+    truth = {"base": 50.0, "adder_bits": 0.8, "dot_products": 60.0, "rom_bits": 0.5, "lane_mux_bits": 0.4,
+             "queue_bits": 1.5, "input_bits": 0.7, "comparator_bits": 2.0, "shifter_bits": 0.25}
+    plans = [LayerPlan("c", "conv_transpose2d", cin, cout, 0, pi, po, pp, pack)
+             for cin, cout, pi, po, pp, pack in [(16, 16, 16, 2, 1, False), (16, 16, 8, 1, 1, True), (24, 16, 6, 1, 1, False),
+                                                 (16, 3, 16, 3, 2, True), (32, 32, 16, 4, 2, True), (64, 64, 64, 1, 1, False),
+                                                 (128, 3, 2, 3, 1, False), (16, 16, 4, 4, 4, True)]]
+    plans += [LayerPlan("g", "igdn", c, c, 1, pi, po, pp) for c, pi, po, pp in [(16, 1, 1, 1), (32, 16, 2, 3), (64, 4, 1, 1)]]
+    mins = [LayerPlan("m", "conv_transpose2d", 16, 16, 0, 16, po, product="min") for po in (1, 2, 4)]
+    mins += [LayerPlan("n", "igdn", 16, 16, 1, pi, 1, product="min", out_product="shift") for pi in (4, 8, 16)]
+    points = [(p, float(layer_luts(p, truth))) for p in plans + mins]
+    fitted = fit_lut_weights(points)
+    assert fitted == pytest.approx(truth, rel=0.02, abs=0.005)   # the counts are rounded to whole LUTs
+    only_mul = fit_lut_weights(points[:len(plans)])
+    assert (only_mul["comparator_bits"], only_mul["shifter_bits"]) == (LUT_WEIGHTS["comparator_bits"],
+                                                                        LUT_WEIGHTS["shifter_bits"])
+    with pytest.raises(ValueError, match="positive LUT count"):
+        fit_lut_weights([(plans[0], 0.0)])
