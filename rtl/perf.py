@@ -216,7 +216,8 @@ def _lut_features(p: LayerPlan) -> dict[str, float]:
         mux, queue = (pp * p.cin * p.x_bits if pp > 1 else 0), pp * p.cout * 8
     shifts = (p.x_bits + p.w_bits) * (p.w_bits.bit_length() + 1)   # x << e: log2(norm bits) stages
     return {"base": 1.0, "adder_bits": adders, "dot_products": pp * po, "rom_bits": rom, "lane_mux_bits": mux,
-            "queue_bits": queue, "input_bits": p.cin * p.x_bits, "comparator_bits": p.comparators * width, "shifter_bits": p.shifters * shifts}
+            "queue_bits": queue, "input_bits": p.cin * p.x_bits, "comparator_bits": p.comparators * width,
+            "shifter_bits": p.shifters * shifts}
 
 
 def layer_luts(p: LayerPlan, weights: dict[str, float] | None = None) -> int:
@@ -238,8 +239,8 @@ def fit_lut_weights(points: list[tuple[LayerPlan, float]]) -> dict[str, float]:
     the LUTs Yosys gave its engine): non-negative least squares of the relative error, first over
     the multiplier layers for every weight but the MinConv ones, then over the MinConv layers for
     ``comparator_bits`` and ``shifter_bits`` with the others fixed (a weight whose feature is zero
-    in every point keeps its current value).  This is how the committed weights were made (``licforge bench decoder
-    --sections synth`` stores the fit of its rows in ``decoder.json``)."""
+    in every point keeps its current value).  This is how the committed weights were made
+    (``licforge bench decoder --sections synth`` stores the fit of its rows in ``decoder.json``)."""
     from scipy.optimize import nnls
 
     if not points or any(v <= 0 for _, v in points):

@@ -166,7 +166,6 @@ def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: in
             "simulator": res.simulator, "wall_s": round(res.wall_s, 2)}
 
 
-
 #: the decoders :func:`rtl_decode` built, by (bundle hash, design tag): the same design is
 #: built, and converted to Verilog (:mod:`sim.layer_chain`), once for several decodes
 _DECODERS: dict[tuple[str, str], object] = {}
