@@ -9,9 +9,18 @@ crops, batch and device as arguments, so that it can be run far longer on a GPU 
 * ``recon1``: + lambda * MSE(teacher's reconstruction) (the benchmark's KD, ``--kd-recon 1``);
 * ``mix50``: rate + lambda * (0.5 MSE(image) + 0.5 MSE(teacher)): the same total distortion
   weight as ``nokd``, so the RD trade-off is unchanged and only the target moves;
+* ``prim``: the KD seed's recipe (PRIM, FABallemand/PRIM ``KDLoss_RD_MSE``: 0.2 MSE(latents) +
+  0.2 MSE(reconstructions) + 0.6 (rate + lambda D)), divided by 0.6 into this project's loss:
+  rate + lambda D + 1/3 MSE(A(y), y_teacher), the latent through the 1x1 adapter ``A``.  PRIM's
+  reconstruction term is on the 0..1 scale without lambda: 1/3 / (255**2 lambda) of ours, under
+  0.04 % of the distortion weight at these lambdas, so it is left out;
+* ``nokd_m192`` / ``prim_m192``: PRIM's students keep the teacher's M = 192 latent channels (not the
+  hardware students' M = 3N/2), the latents compared directly: the student without KD and the
+  PRIM-distilled one at that M;
 
-each at every seed asked for (``--seeds``; KD arms are paired with the student without KD of
-their seed).  The BD-rate between students without KD of the smallest width at different seeds
+each at every seed asked for (``--seeds``).  Each arm is paired with its twin of the same seed
+(``TWIN``): the KD arms with the student without KD of their M, ``nokd_m192`` with ``nokd`` (the
+effect of M alone).  The BD-rate between students without KD of the smallest width at different seeds
 (with a single seed, a twin at the next seed is trained) is the noise a distillation gain has
 to exceed.
 
@@ -28,28 +37,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from licforge.bench.lic import BASE_LAMBDA, LAMBDAS, MIX50, TEACHER, Job, kd_args, plan_star, run_jobs
+from licforge.bench.lic import BASE_LAMBDA, LAMBDAS, MIX50, PRIM, TEACHER, Job, kd_args, plan_star, run_jobs
 from licforge.errors import UsageError
 
-__all__ = ["plan_kd", "kd_study", "ARMS", "WIDTHS"]
+__all__ = ["plan_kd", "kd_study", "ARMS", "KEEP_M", "TWIN", "WIDTHS"]
 
 WIDTHS = (16, 32, 64)
 ARMS: dict[str, dict[str, float] | None] = {
     "nokd": None,
     "recon1": {"kd_recon": 1.0, "kd_latent": 0.0, "dist_weight": 1.0},
     "mix50": MIX50,
+    "prim": PRIM,
+    "nokd_m192": None,
+    "prim_m192": PRIM,
 }
+DEFAULT_ARMS = ("nokd", "recon1", "mix50")
+KEEP_M = ("nokd_m192", "prim_m192")
+"""Arms whose students keep the teacher's M."""
+TWIN = {"recon1": "nokd", "mix50": "nokd", "prim": "nokd", "nokd_m192": "nokd", "prim_m192": "nokd_m192"}
+"""The arm each arm is paired with (same seed): what it differs from in one respect."""
 STUDENT_LR = 1e-3
 
 
 def _curve(n: int, arm: str, seed: int = 0) -> str:
-    label = {"nokd": f"N={n} GDN1", "recon1": f"N={n} GDN1 + KD", "mix50": f"N={n} GDN1 + KD mix50"}[arm]
-    return label + (f" seed {seed}" if seed else "")
+    m = f" M={TEACHER['M']}" if arm in KEEP_M else ""
+    kd = {"nokd": "", "recon1": " + KD", "mix50": " + KD mix50", "prim": " + KD prim"}[arm.removesuffix("_m192")]
+    return f"N={n}{m} GDN1{kd}" + (f" seed {seed}" if seed else "")
 
 
 def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, device: str = "cpu",
             lambdas: tuple[float, ...] = LAMBDAS, widths: tuple[int, ...] = WIDTHS,
-            seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = tuple(ARMS), data: str | None = None,
+            seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = DEFAULT_ARMS, data: str | None = None,
             teachers: dict[float, Path] | None = None, kd_targets: str = "online") -> list[Job]:
     """The study's jobs in a valid order, base models first: the teacher (trained, or the weight
     files ``teachers`` maps each lambda to: jobs of kind ``"given"``), per width and seed the
@@ -63,8 +81,9 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
         raise ValueError(f"base and fine-tune steps must be >= 1, not {base}/{ft}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"seeds must be distinct integers >= 0, not {seeds}")
-    if "nokd" not in arms or not set(arms) <= set(ARMS):
-        raise ValueError(f"arms must include nokd and be among {', '.join(ARMS)}, not {arms}")
+    if not set(arms) <= set(ARMS) or any(TWIN.get(a, "nokd") not in arms for a in arms):
+        raise ValueError(f"arms must be among {', '.join(ARMS)} and include each one's twin "
+                         f"({', '.join(f'{a}: {t}' for a, t in TWIN.items())}), not {arms}")
     jobs: list[Job] = []
     common = ["--batch", str(batch), "--crop", str(crop), "--device", device]
     common += ["--data", data] if data else []
@@ -87,11 +106,13 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
     runs += [(min(widths), "nokd", seeds[0] + 1)] if len(seeds) == 1 else []
     for n, arm, seed in runs:
         kd = ARMS[arm]
-        args = ["distill", "--N", str(n), "--gdn", "gdn1", *kd_args(kd), *common]
+        m = ["--M", str(TEACHER["M"])] if arm in KEEP_M else []
+        args = ["distill", "--N", str(n), *m, "--gdn", "gdn1", *kd_args(kd), *common]
         args += ["--kd-targets", kd_targets] if kd and kd_targets != "online" else []
         args += ["--seed", str(seed)] if seed else []
         plan_star(jobs, work, f"s{n}_{arm}" + (f"_seed{seed}" if seed else ""), {"base": args, "ft": args},
-                  _curve(n, arm, seed), {"role": "student", "N": n, "arm": arm, "seed": seed}, cfg,
+                  _curve(n, arm, seed), {"role": "student", "N": n, "M": int(m[1]) if m else n * 3 // 2,
+                                         "arm": arm, "seed": seed}, cfg,
                   {"base": "same", "ft": "same"} if kd else None, lambdas=lambdas)
     evaluated = [j for j in jobs if j.kind == "train" or (j.kind == "given" and j.name != "teacher_base")]
     for j in evaluated:
@@ -104,7 +125,7 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
 
 def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, crop: int = 64,
              device: str = "cpu", workers: int = 2, tag: str = "long", lambdas: tuple[float, ...] = LAMBDAS,
-             widths: tuple[int, ...] = WIDTHS, seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = tuple(ARMS),
+             widths: tuple[int, ...] = WIDTHS, seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = DEFAULT_ARMS,
              data: str | None = None, teachers: dict[float, Path] | None = None,
              kd_targets: str = "online") -> dict[str, Any]:
     """Run :func:`plan_kd` (finished steps are kept) and write ``results/lic_kd_<tag>.json``
@@ -175,9 +196,10 @@ def _sha256(path: Path) -> str:
 
 def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: list[int],
                   arms: tuple[str, ...]) -> dict[str, Any]:
-    """BD-rate / BD-PSNR of width ``n``'s students vs the teacher and of each KD arm vs the student
-    without KD of the same seed; with several seeds, per seed, their mean and their spread
-    (min, max, sample standard deviation)."""
+    """BD-rate / BD-PSNR of width ``n``'s students vs the teacher and of each arm vs its twin of the
+    same seed (``TWIN``, named in ``twin``; the keys say ``nokd``: for a KD arm the twin is the
+    student without KD of its M); with several seeds, per seed, their mean and their spread (min,
+    max, sample standard deviation)."""
     from licforge.quant.rd import bd_psnr, bd_rate
 
     def mean(v: list[float | None]) -> float | None:
@@ -188,9 +210,10 @@ def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: l
     for arm in arms:
         per = {}
         for s in seeds:
-            c, ref = curves[_curve(n, arm, s)], curves[_curve(n, "nokd", s)]
+            c = curves[_curve(n, arm, s)]
             per[s] = {"bd_rate_vs_teacher_pct": bd_rate(teacher, c), "bd_psnr_vs_teacher_db": bd_psnr(teacher, c)}
-            if arm != "nokd":
+            if arm in TWIN:
+                ref = curves[_curve(n, TWIN[arm], s)]
                 per[s].update(bd_rate_vs_nokd_pct=bd_rate(ref, c), bd_psnr_vs_nokd_db=bd_psnr(ref, c))
         rec = {k: mean([p[k] for p in per.values()]) for k in per[seeds[0]]}
         if len(seeds) > 1:
@@ -198,5 +221,5 @@ def _distillation(curves: dict[str, list[tuple[float, float]]], n: int, seeds: l
             vals = {k: [p[k] for p in per.values()] for k in per[seeds[0]]}
             rec["spread"] = {k: {"min": min(v), "max": max(v), "sd": statistics.stdev(v)}
                              for k, v in vals.items() if None not in v}
-        out[arm] = rec
+        out[arm] = {**rec, "twin": TWIN[arm]} if arm in TWIN else rec
     return out

@@ -52,6 +52,8 @@ KD_SCREEN_LAMBDAS = (0.0018, 0.0067, 0.025)  # three points: enough to rank vari
 MIX50 = {"kd_recon": 0.5, "kd_latent": 0.0, "dist_weight": 0.5}
 """Distillation weights of the "mix50" loss: half image, half teacher reconstruction, same total distortion weight."""
 _LATENT = {"kd_recon": 0.0, "kd_latent": 0.1, "dist_weight": 1.0}
+PRIM = {"kd_recon": 0.0, "kd_latent": 0.3333, "dist_weight": 1.0}
+"""The KD seed's weights 0.2 latent / 0.2 reconstruction / 0.6 rate-distortion, over 0.6 (see bench.kd_study)."""
 KD_SCREEN: tuple[dict[str, Any], ...] = (
     # name; distillation weights of the base and fine-tune stages (None: plain RD loss); teacher
     # ("same": the teacher of each stage's lambda); seed; base_of: reuse the base model of "plain"

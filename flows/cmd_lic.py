@@ -274,8 +274,8 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
 
     for w, rec in res["distillation"].items():
         print(f"{w}: " + ", ".join(f"{arm} {f(r['bd_rate_vs_nokd_pct'], '+.1f')} % / "
-                                   f"{f(r['bd_psnr_vs_nokd_db'], '+.3f')} dB vs no KD"
-                                   for arm, r in rec.items() if arm != "nokd"))
+                                   f"{f(r['bd_psnr_vs_nokd_db'], '+.3f')} dB vs {r['twin']}"
+                                   for arm, r in rec.items() if "twin" in r))
     for n in res["seed_noise"]:
         print(f"seed noise ({' vs '.join(n['pair'])}): {f(n['bd_rate_pct'], '+.1f')} % / {f(n['bd_psnr_db'], '+.3f')} dB")
     return f"wrote {out / ('lic_kd_' + args.tag + '.json')} and {out / ('rd_kd_' + args.tag + '.png')}"
@@ -348,8 +348,9 @@ def register(groups: dict) -> None:
                    help="weight of the distortion against the image (1 - kd-recon interpolates)")
     p.add_argument("--kd-targets", choices=("online", "precomputed"), default="online",
                    help="run the teacher on every batch (online), or once on each whole training image and "
-                        "crop its reconstructions with the images (precomputed: a KD step then costs a plain "
-                        "step; reconstruction KD only; cached in <out folder>/kd-targets/)")
+                        "crop its reconstructions with the images (precomputed: a reconstruction-KD step then costs a "
+                        "plain step; cached in <out folder>/kd-targets/; the latent term still runs the "
+                        "teacher's analysis transform on each batch)")
     _init_arg(p)
     _device_arg(p)
     _bf16_arg(p)
@@ -369,8 +370,10 @@ def register(groups: dict) -> None:
                    help="rate-distortion points (default: those of licforge bench lic)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds of every student (one seed: plus a twin without KD at the next seed)")
-    p.add_argument("--arms", nargs="+", default=["nokd", "recon1", "mix50"], choices=["nokd", "recon1", "mix50"],
-                   help="students per width and seed: without KD, KD on reconstructions, half image/half teacher")
+    p.add_argument("--arms", nargs="+", default=["nokd", "recon1", "mix50"],
+                   choices=["nokd", "recon1", "mix50", "prim", "nokd_m192", "prim_m192"],
+                   help="students per width and seed: without KD, KD on reconstructions, half image/half teacher, "
+                        "PRIM's latent KD through an adapter, and without KD / PRIM keeping the teacher's M = 192")
     p.add_argument("--teachers", nargs="+", default=None, metavar="FILE",
                    help="teacher weight files, one per lambda (read from each file's metadata) instead of training "
                         "the teacher")

@@ -19,11 +19,16 @@ broad, ~4 bits per latent element: with the shared rate a wide model spends most
 run at several bits per pixel).
 
 ``A`` is a learned 1x1 convolution from the student's M latent channels to the teacher's
-(trained with the student, discarded after).  The teacher is frozen and runs in eval mode
-(rounded latents), on every batch (``kd_targets="online"``) or once on each whole training
-image before the first step (``"precomputed"``, :func:`teacher_reconstructions`: its
-reconstructions are cropped with the images, so a distillation step costs what a step without
-a teacher costs; on one CPU core an N=16 step with the N=128 teacher online is ~20x slower).
+(trained with the student, discarded after); a student that keeps the teacher's M (as PRIM's
+students do) is compared directly, ``A`` the identity.  The teacher is frozen and runs in eval mode
+(rounded latents).  Its reconstructions come from a whole-teacher pass on every batch
+(``kd_targets="online"``) or from one pass on each whole training image before the first step
+(``"precomputed"``, :func:`teacher_reconstructions`: they are cropped with the images, so a
+reconstruction-distillation step costs what a step without a teacher costs; on one CPU core an
+N=16 step with the N=128 teacher online is ~20x slower).  The latent term needs the teacher's
+latents of each crop (the analysis transform is not shift-invariant, so a whole-image latent does
+not crop): unless an online reconstruction pass gives them anyway, only the teacher's analysis
+transform ``g_a`` runs on the batch (about 0.45 of a whole-teacher pass for the N=128 teacher).
 ``extra_loss(net)`` is added to the loss and ``after_step(net)`` runs
 after every optimiser step (watermark embedding, projections).
 
@@ -118,9 +123,6 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'adam' or 'sgd', not {self.optimizer!r}")
         if self.kd_targets not in ("online", "precomputed"):
             raise ValueError(f"kd_targets must be 'online' or 'precomputed', not {self.kd_targets!r}")
-        if self.kd_targets == "precomputed" and self.kd_latent > 0:
-            raise ValueError("kd_targets 'precomputed' holds the teacher's reconstructions only: "
-                             "the latent term (kd_latent > 0) needs kd_targets 'online'")
         if self.noise not in ("global", "sample"):
             raise ValueError(f"noise must be 'global' or 'sample', not {self.noise!r}")
         for k in ("kd_recon", "kd_latent", "dist_weight", "clip", "eb_lr_mult", "aux_lr"):
@@ -478,30 +480,30 @@ def _train_step(model: nn.Module, net: nn.Module, x: Tensor, cfg: TrainConfig, o
                 world: int = 1, target: Tensor | None = None) -> dict[str, float]:
     """One optimiser step of ``model`` (``net`` with its adapter, perhaps DDP-wrapped) on batch
     ``x`` (at the learning rates already set), then one aux step on ``net``'s quantiles;
-    ``target``: the teacher's reconstruction of ``x`` when precomputed (``teacher`` is then
-    None and not run); returns
+    ``target``: the teacher's reconstruction of ``x`` when precomputed (the teacher then runs
+    its analysis transform only, and only for the latent term); returns
     the loss terms of the batch (averaged over the ``world`` processes): ``loss``, ``bpp``,
     ``mse`` and, when used, ``kd_recon``, ``kd_latent``, ``extra``, ``aux``."""
     net.train()
     amp = torch.autocast(x.device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
     with amp:
         out, adapted = model(x)
-        ref = None if target is None else {"x_hat": target}
-        if teacher is not None:
-            with torch.no_grad():
-                ref = teacher(x)
+        with torch.no_grad():
+            if cfg.kd_recon > 0 and target is None:
+                target = teacher(x)["x_hat"]      # fills the teacher's latent too
+            elif adapted is not None:
+                teacher.g_a(x)                    # the latent alone
     bpp, mse = rd_terms(out, x)
     loss = bpp + cfg.lmbda * cfg.dist_weight * mse
     terms = {"loss": loss, "bpp": bpp.detach(), "mse": mse.detach()}
-    if ref is not None:
-        if cfg.kd_recon > 0:
-            kd_x = torch.mean((out["x_hat"].float() - ref["x_hat"].float()) ** 2) * 255.0 ** 2
-            loss = loss + cfg.lmbda * cfg.kd_recon * kd_x
-            terms["kd_recon"] = kd_x.detach()
-        if adapted is not None:
-            kd_y = torch.mean((adapted.float() - latents[1].value.float()) ** 2)
-            loss = loss + cfg.kd_latent * kd_y
-            terms["kd_latent"] = kd_y.detach()
+    if cfg.kd_recon > 0:
+        kd_x = torch.mean((out["x_hat"].float() - target.float()) ** 2) * 255.0 ** 2
+        loss = loss + cfg.lmbda * cfg.kd_recon * kd_x
+        terms["kd_recon"] = kd_x.detach()
+    if adapted is not None:
+        kd_y = torch.mean((adapted.float() - latents[1].value.float()) ** 2)
+        loss = loss + cfg.kd_latent * kd_y
+        terms["kd_latent"] = kd_y.detach()
     if extra_loss is not None:
         extra = extra_loss(net)
         loss = loss + extra
@@ -600,7 +602,7 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
     adapter = None
     if cfg.kd_latent > 0:
         student_m = net.g_a[-1].out_channels
-        adapter = nn.Conv2d(student_m, int(teacher_m), 1).to(device)
+        adapter = nn.Identity() if student_m == teacher_m else nn.Conv2d(student_m, int(teacher_m), 1).to(device)
     net.to(device)
     if teacher is not None:
         teacher.to(device)
@@ -618,7 +620,7 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
-        if cfg.kd_targets == "precomputed" and not sampler.has_targets:
+        if cfg.kd_targets == "precomputed" and cfg.kd_recon > 0 and not sampler.has_targets:
             t0 = time.perf_counter()
             sampler.attach_targets(teacher_reconstructions(teacher, sampler.images, device))
             if log is not None and rank == 0:
@@ -644,7 +646,7 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             target = None if target is None else target.to(device, non_blocking=True)
             if noise is not None:
                 noise.start(progress.step, local_batch)
-            terms = _train_step(model, net, x, cfg, opt, params, teacher=None if target is not None else teacher,
+            terms = _train_step(model, net, x, cfg, opt, params, teacher=teacher,
                                 latents=latents, aux_opt=aux_opt, extra_loss=extra_loss, world=world, target=target)
             if after_step is not None:
                 after_step(net)

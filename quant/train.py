@@ -108,7 +108,7 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
         tnet, tcfg_t, _ = load_weights(teacher)
         tcfg_m = tcfg_t.M
         teacher_meta = {"file": str(teacher), "sha256": file_sha256(teacher), "config": tcfg_t.to_dict()}
-    if tnet is not None and tcfg.kd_targets == "precomputed":
+    if tnet is not None and tcfg.kd_targets == "precomputed" and tcfg.kd_recon > 0:
         sampler.attach_targets(_teacher_targets(tnet, teacher_meta["sha256"], images, out.parent / "kd-targets",
                                                 log if _rank_world()[0] == 0 else None, device))
     arch = {**cfg.to_dict(), "data": data or "embedded", "teacher": teacher_meta and teacher_meta["sha256"],

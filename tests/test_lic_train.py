@@ -7,7 +7,7 @@ import torch
 from licforge.errors import UsageError
 from licforge.flows.cli import main
 from licforge.models.data import CropSampler, embedded_images
-from licforge.models.lic import CheckpointError, build_lic, load_weights, save_weights, student_config
+from licforge.models.lic import CheckpointError, LICConfig, build_lic, load_weights, save_weights, student_config
 from licforge.models.lic_train import TrainConfig, train_lic
 from helpers import Interrupt, interrupt_after
 
@@ -164,8 +164,44 @@ def test_precomputed_teacher_targets_are_cropped_with_the_images_and_the_teacher
         torch.manual_seed(0)
         x_hat = net(x)["x_hat"]
     assert rec["history"][0]["kd_recon"] == pytest.approx(float(((x_hat - t) ** 2).mean() * 255 ** 2), rel=0.05)
-    with pytest.raises(ValueError, match="the latent term .kd_latent > 0. needs kd_targets 'online'"):
-        TrainConfig(kd_latent=1.0, kd_targets="precomputed")
+
+
+def test_latent_distillation_runs_only_the_teachers_analysis_transform(train_images, tmp_path):
+    """With precomputed reconstructions the latent term needs the teacher's analysis transform
+    alone (one g_a pass per step, no whole-teacher pass after the precompute), and the term is
+    the one a whole-teacher pass per step gives; a student that keeps the teacher's M is
+    compared with no adapter (PRIM), one that does not through a trained 1x1 convolution."""
+    torch.manual_seed(1)
+    teacher = build_lic(student_config(8, gdn="gdn"))
+    whole, g_a = [], []
+    teacher.register_forward_hook(lambda *a: whole.append(1))
+    teacher.g_a.register_forward_hook(lambda *a: g_a.append(1))
+    hist = {}
+    for targets in ("online", "precomputed"):
+        whole.clear(), g_a.clear()
+        torch.manual_seed(2)
+        net = build_lic(student_config(4))
+        tcfg = TrainConfig(steps=3, crop=32, batch=2, kd_recon=0.5, kd_latent=1.0, kd_targets=targets)
+        hist[targets] = train_lic(net, CropSampler(train_images, 32, 2, seed=4), tcfg, arch={}, teacher=teacher,
+                                  teacher_m=12, log_every=1, log=None)["history"]
+        n = len(train_images) if targets == "precomputed" else 0
+        assert (len(whole), len(g_a)) == (n + (3 if targets == "online" else 0), n + 3)
+    # the first step's latent term is the same (then the two reconstruction targets move the students apart)
+    assert hist["online"][0]["kd_latent"] == pytest.approx(hist["precomputed"][0]["kd_latent"], rel=1e-6)
+    assert hist["online"][0]["kd_recon"] == pytest.approx(hist["precomputed"][0]["kd_recon"], rel=0.2)
+    x = CropSampler(train_images, 32, 2, seed=4)()
+    for m, adapter_keys in ((12, []), (6, ["bias", "weight"])):
+        torch.manual_seed(2)
+        net = build_lic(LICConfig("factorized", 4, m, "gdn1"))
+        with torch.no_grad():
+            y_s, y_t = net.g_a(x), teacher.g_a(x)
+        state = tmp_path / f"{m}.state.pt"
+        tcfg = TrainConfig(steps=1, crop=32, batch=2, kd_latent=1.0)
+        rec = train_lic(net, CropSampler(train_images, 32, 2, seed=4), tcfg, arch={}, teacher=teacher, teacher_m=12,
+                        state_path=state, log_every=1, log=None)
+        assert sorted(torch.load(state, weights_only=False)["adapter"]) == adapter_keys
+        if m == 12:
+            assert rec["history"][0]["kd_latent"] == pytest.approx(float(((y_s - y_t) ** 2).mean()), rel=1e-6)
 
 
 def test_cli_precomputed_targets_are_computed_once_per_teacher_and_data(train_images, tmp_path, capsys):
@@ -185,8 +221,9 @@ def test_cli_precomputed_targets_are_computed_once_per_teacher_and_data(train_im
         log = capsys.readouterr().out
         assert ("teacher reconstructions of 2 training images" in log) == (k == 0)
     assert len(list((tmp_path / "out" / "kd-targets").glob("*.pt"))) == 1
-    assert main(cmd + ["--kd-latent", "1", "--out", str(tmp_path / "x.pt")]) == 2
-    assert "--kd-targets 'precomputed' holds the teacher's reconstructions only" in capsys.readouterr().err
+    assert main(cmd + ["--kd-recon", "0", "--kd-latent", "1", "--out", str(tmp_path / "x.pt")]) == 0
+    log = capsys.readouterr().out  # latent KD alone: no reconstructions needed, none computed
+    assert "kd_latent" in log and "teacher reconstructions" not in log
 
 
 def test_cli_refuses_a_corrupt_teacher_and_a_bad_crop(tmp_path, capsys):
@@ -302,8 +339,36 @@ def test_kd_study_with_given_teachers_trains_no_teacher_and_evaluates_them():
                                          r"lambda of --lambdas \(0.0035, 0.0067, 0.013, 0.025\)"):
         plan_kd(Path("w"), 40, 10, lambdas=(0.0035, 0.0067, 0.013, 0.025),
                 teachers={k: v for k, v in given.items() if k != 0.0067})
-    with pytest.raises(ValueError, match="arms must include nokd"):
-        plan_kd(Path("w"), 40, 10, arms=("mix50",))
+    for arms in (("mix50",), ("nokd", "prim_m192")):
+        with pytest.raises(ValueError, match=r"arms must be among .* and include each one's twin .*prim_m192: nokd_m192"):
+            plan_kd(Path("w"), 40, 10, arms=arms)
+
+
+def test_kd_study_prim_arms_keep_the_teachers_m_and_pair_with_their_twins():
+    """The PRIM arms: latent KD at weight 1/3 with precomputed reconstructions (none needed: the
+    teacher's analysis transform runs per batch), the M = 192 arms pass --M 192, and every arm's
+    BD figures are against its twin (nokd_m192 against nokd, prim_m192 against nokd_m192)."""
+    from pathlib import Path
+
+    from licforge.bench.kd_study import _curve, _distillation, plan_kd
+
+    given = {lam: Path(f"t/{lam}.pt") for lam in (0.0067, 0.013)}
+    arms = ("nokd", "prim", "nokd_m192", "prim_m192")
+    by = {j.name: j for j in plan_kd(Path("w"), 40, 10, widths=(16,), seeds=(0, 1), arms=arms, lambdas=(0.0067, 0.013),
+                                     teachers=given, kd_targets="precomputed")}
+    args = by["s16_prim_m192_seed1_l0.0067"].args
+    assert args[:5] == ["distill", "--N", "16", "--M", "192"] and args[args.index("--kd-latent") + 1] == "0.3333"
+    assert args[args.index("--kd-recon") + 1] == "0.0" and args[-2:] == ["--teacher", "t/0.0067.pt"]
+    assert "--M" not in by["s16_prim_base"].args and by["s16_nokd_m192_base"].info["M"] == 192
+    assert _curve(16, "prim_m192", 1) == "N=16 M=192 GDN1 + KD prim seed 1" and _curve(16, "prim") == "N=16 GDN1 + KD prim"
+    line = [(0.2, 25.0), (0.3, 26.0), (0.4, 26.8), (0.5, 27.4)]
+    shift = {"nokd": 0.0, "prim": 0.1, "nokd_m192": 0.3, "prim_m192": 0.2}
+    curves = {"teacher": [(r, p + 1) for r, p in line]}
+    curves.update({_curve(16, a, s): [(r, p + shift[a]) for r, p in line] for a in arms for s in (0, 1)})
+    d = _distillation(curves, 16, [0, 1], arms)
+    assert "twin" not in d["nokd"] and [d[a]["twin"] for a in arms[1:]] == ["nokd", "nokd", "nokd_m192"]
+    for arm, want in (("prim", 0.1), ("nokd_m192", 0.3), ("prim_m192", -0.1)):
+        assert d[arm]["bd_psnr_vs_nokd_db"] == pytest.approx(want, abs=1e-9)
 
 
 def test_kd_verdict_pairs_students_by_seed_and_gives_the_spread():
