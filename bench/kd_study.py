@@ -68,7 +68,8 @@ def _curve(n: int, arm: str, seed: int = 0) -> str:
 def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, device: str = "cpu",
             lambdas: tuple[float, ...] = LAMBDAS, widths: tuple[int, ...] = WIDTHS,
             seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = DEFAULT_ARMS, data: str | None = None,
-            teachers: dict[float, Path] | None = None, kd_targets: str = "online") -> list[Job]:
+            teachers: dict[float, Path] | None = None, kd_targets: str = "online",
+            eval_sets: dict[str, str] | None = None) -> list[Job]:
     """The study's jobs in a valid order, base models first: the teacher (trained, or the weight
     files ``teachers`` maps each lambda to: jobs of kind ``"given"``), per width and seed the
     students of ``arms`` (the teacher of the same lambda in each stage for the KD arms) and, with a
@@ -76,7 +77,9 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
     then their fine-tunes; then one ``licforge eval`` per fine-tuned model.  ``data``: the
     ``--data`` folder of every training and evaluation (default: the embedded images);
     ``kd_targets``: the distilled students' ``--kd-targets`` (``"precomputed"``: the teacher runs
-    once per training image, see :mod:`models.lic_train`)."""
+    once per training image, see :mod:`models.lic_train`); ``eval_sets``: more held-out sets (name:
+    image folder, its ``test/`` split or every 8th image) on which every model is evaluated too
+    (jobs ``eval_<name>_<model>``; the first with the Pillow JPEG/WebP baselines)."""
     if base < 1 or ft < 1:
         raise ValueError(f"base and fine-tune steps must be >= 1, not {base}/{ft}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
@@ -119,6 +122,12 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
         ev = work / "eval" / f"{j.name}.json"
         jobs.append(Job(f"eval_{j.name}", ["eval", str(j.out), "--no-baselines", *common[6:], "--json", str(ev)],
                         ev, [j.name], "eval", {"model": j.name, "teacher": j.kind == "given"}))
+    for name, folder in (eval_sets or {}).items():
+        for k, j in enumerate(evaluated):
+            ev = work / f"eval_{name}" / f"{j.name}.json"
+            jobs.append(Job(f"eval_{name}_{j.name}", ["eval", str(j.out), *(["--no-baselines"] if k else []),
+                                                       "--data", folder, "--json", str(ev)],
+                            ev, [j.name], "eval", {"model": j.name, "teacher": j.kind == "given", "set": name}))
     # base models first (the distilled ones are on the critical path), then fine-tunes, then evals
     return sorted(jobs, key=lambda j: ("given", "base", "train", "eval").index(j.kind))
 
@@ -127,34 +136,41 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
              device: str = "cpu", workers: int = 2, tag: str = "long", lambdas: tuple[float, ...] = LAMBDAS,
              widths: tuple[int, ...] = WIDTHS, seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = DEFAULT_ARMS,
              data: str | None = None, teachers: dict[float, Path] | None = None,
-             kd_targets: str = "online") -> dict[str, Any]:
+             kd_targets: str = "online", eval_sets: dict[str, str] | None = None) -> dict[str, Any]:
     """Run :func:`plan_kd` (finished steps are kept) and write ``results/lic_kd_<tag>.json``
-    and ``results/rd_kd_<tag>.png``; returns the JSON record."""
+    and ``results/rd_kd_<tag>.png``, and per set of ``eval_sets`` the same verdict on it,
+    ``lic_kd_<tag>_<set>.json`` (with BD-rates against Pillow JPEG and WebP) and
+    ``rd_kd_<tag>_<set>.png``; returns the JSON record."""
     from licforge.models.lic import load_weights
 
-    from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results, plot_rd
+    from licforge.quant.rd import bd_rate, plot_rd
 
     jobs = plan_kd(work, base, ft, batch=batch, crop=crop, device=device, lambdas=lambdas, widths=widths,
-                   seeds=seeds, arms=arms, data=data, teachers=teachers, kd_targets=kd_targets)
+                   seeds=seeds, arms=arms, data=data, teachers=teachers, kd_targets=kd_targets, eval_sets=eval_sets)
     t0 = time.perf_counter()
     run_jobs(jobs, work / "logs", workers)
     elapsed = time.perf_counter() - t0
-    evals = {j.info["model"]: json.loads(j.out.read_text()) for j in jobs if j.kind == "eval"}
-    for j in jobs:  # given teachers carry their own curve names: one curve "teacher"
-        if j.kind == "eval" and j.info["teacher"]:
-            for e in evals[j.info["model"]]["entries"]:
-                e["curve"] = "teacher"
-    curves = curves_from_results(list(evals.values()))
-    students = [j.info for j in jobs if j.kind == "base" and j.info.get("role") == "student"]
-    per_width = {f"N={n}": _distillation(curves, n, list(seeds), arms) for n in widths}
-    small = min(i["N"] for i in students)
-    plain = sorted(i["seed"] for i in students if i["N"] == small and i["arm"] == "nokd")
+    evals, curves, per_width, seed_noise = _verdict(jobs, None, widths, seeds, arms)
+    small = min(widths)
+    note = ("bd_rate_vs_nokd_pct < 0 (bd_psnr_vs_nokd_db > 0): the distilled student beats its twin "
+            "without KD (same steps, crops, batch, seed); seed_noise: the student without KD against "
+            "itself trained with another seed, the size of a difference that means nothing")
+    results.mkdir(parents=True, exist_ok=True)
+    title = f"distillation study ({tag}): {base} + {ft} steps, batch {batch} x {crop}^2 crops"
 
-    def noise(a: int, b: int) -> dict[str, Any]:
-        ca, cb = curves[_curve(small, "nokd", a)], curves[_curve(small, "nokd", b)]
-        return {"pair": [_curve(small, "nokd", a), _curve(small, "nokd", b)], "bd_rate_pct": bd_rate(ca, cb),
-                "bd_psnr_db": bd_psnr(ca, cb)}
+    def shown(c: dict) -> dict:   # other seeds: only the spread of the student without KD
+        return {k: v for k, v in c.items() if " seed " not in k or k.startswith(f"N={small} GDN1 seed ")}
 
+    for name, folder in (eval_sets or {}).items():
+        _, c, dist, sn = _verdict(jobs, name, widths, seeds, arms)
+        pillow = {"jpeg": c["JPEG (Pillow)"], "webp": c["WebP (Pillow)"]}
+        models_c = {k: v for k, v in c.items() if not k.endswith("(Pillow)")}
+        rec = {"tag": tag, "set": name, "data": folder, "distillation": dist, "seed_noise": sn,
+               **{f"bd_rate_vs_{b}_pct": {k: bd_rate(ref, v) for k, v in models_c.items()} for b, ref in pillow.items()},
+               "curves": c, "note": f"every model of lic_kd_{tag}.json evaluated on {folder} (licforge eval, "
+                                    f"real bitstreams), the same paired verdict; " + note}
+        (results / f"lic_kd_{tag}_{name}.json").write_text(json.dumps(rec, indent=1))
+        plot_rd(shown(c), results / f"rd_kd_{tag}_{name}.png", f"{title}, held-out {folder}")
     models = {}
     for j in jobs:
         if j.kind in ("train", "base", "given"):
@@ -166,12 +182,7 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
             if j.name in evals:
                 e = evals[j.name]["entries"][0]
                 models[j.name].update(curve=e["curve"], mean=e["mean"])
-    results.mkdir(parents=True, exist_ok=True)
-    png = results / f"rd_kd_{tag}.png"
-    shown = {k: v for k, v in curves.items()  # other seeds: only the spread of the student without KD
-             if " seed " not in k or k.startswith(f"N={small} GDN1 seed ")}
-    plot_rd(shown, png, f"distillation study ({tag}): {base} + {ft} steps, batch {batch} x {crop}^2 crops, "
-            f"held-out astronaut, chelsea, coffee")
+    plot_rd(shown(curves), results / f"rd_kd_{tag}.png", f"{title}, held-out astronaut, chelsea, coffee")
     device_name = next((m["device"] for m in models.values() if m.get("device")), device)
     out = {"tag": tag, "device": device_name, "workers": workers, "elapsed_s": elapsed,
            "settings": {"base_steps": base, "fine_tune_steps": ft, "batch": batch, "crop": crop,
@@ -179,13 +190,35 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
                                                               "lr": TEACHER["lr"]},
                         "student_lr": STUDENT_LR, "arms": {a: ARMS[a] for a in arms}, "seeds": list(seeds),
                         "data": data or "embedded", "teachers": "given" if teachers else "trained"},
-           "distillation": per_width,
-           "seed_noise": [noise(a, b) for k, a in enumerate(plain) for b in plain[k + 1:]], "models": models,
-           "note": "bd_rate_vs_nokd_pct < 0 (bd_psnr_vs_nokd_db > 0): the distilled student beats its twin "
-                   "without KD (same steps, crops, batch, seed); seed_noise: the student without KD against "
-                   "itself trained with another seed, the size of a difference that means nothing"}
+           "distillation": per_width, "seed_noise": seed_noise, "models": models,
+           **({"eval_sets": dict(eval_sets)} if eval_sets else {}), "note": note}
     (results / f"lic_kd_{tag}.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def _verdict(jobs: list[Job], eval_set: str | None, widths: tuple[int, ...], seeds: tuple[int, ...],
+             arms: tuple[str, ...]) -> tuple[dict, dict, dict, list]:
+    """The evaluations of one held-out set (``eval_set`` None: the study's own), their curves (the
+    given teachers' as one curve "teacher"), the paired distillation verdict per width
+    (:func:`_distillation`) and the seed noise: BD of the smallest students without KD between seeds."""
+    from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results
+
+    mine = [j for j in jobs if j.kind == "eval" and j.info.get("set") == eval_set]
+    evals = {j.info["model"]: json.loads(j.out.read_text()) for j in mine}
+    for j in mine:
+        if j.info["teacher"]:
+            for e in evals[j.info["model"]]["entries"]:
+                if e.get("kind") != "baseline":    # not the Pillow JPEG/WebP entries
+                    e["curve"] = "teacher"
+    curves = curves_from_results(list(evals.values()))
+    small = min(widths)
+    plain = sorted(j.info["seed"] for j in jobs if j.kind == "base" and j.info.get("role") == "student"
+                   and j.info["N"] == small and j.info["arm"] == "nokd")
+    noise = [{"pair": [_curve(small, "nokd", a), _curve(small, "nokd", b)],
+              "bd_rate_pct": bd_rate(curves[_curve(small, "nokd", a)], curves[_curve(small, "nokd", b)]),
+              "bd_psnr_db": bd_psnr(curves[_curve(small, "nokd", a)], curves[_curve(small, "nokd", b)])}
+             for k, a in enumerate(plain) for b in plain[k + 1:]]
+    return evals, curves, {f"N={n}": _distillation(curves, n, list(seeds), arms) for n in widths}, noise
 
 
 def _sha256(path: Path) -> str:

@@ -252,6 +252,16 @@ def _given_teachers(files: list[str] | None) -> dict[float, Path] | None:
     return out
 
 
+def _eval_sets(folders: list[str] | None) -> dict[str, str]:
+    """``bench kd --eval-data``: each folder named by its last component (distinct, and existing)."""
+    from licforge.errors import need_dir
+
+    sets = {Path(f).name: str(need_dir(f, "--eval-data")) for f in folders or []}
+    if len(sets) != len(folders or []):
+        raise UsageError(f"--eval-data: the folders' names must differ (they name the result files), not {folders}")
+    return sets
+
+
 def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.kd_study import kd_study
 
@@ -267,18 +277,26 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     res = kd_study(out, work, base=args.base_steps, ft=args.ft_steps, batch=args.batch,
                    crop=args.crop, device=args.device, workers=args.workers, tag=args.tag,
                    widths=tuple(args.widths), seeds=tuple(args.seeds), arms=tuple(args.arms), data=args.data,
-                   teachers=_given_teachers(args.teachers), kd_targets=args.kd_targets, **lambdas)
+                   teachers=_given_teachers(args.teachers), kd_targets=args.kd_targets,
+                   eval_sets=_eval_sets(args.eval_data), **lambdas)
 
     def f(v: float | None, fmt: str) -> str:  # BD figures are None where two curves do not overlap
         return "n/a" if v is None else format(v, fmt)
 
-    for w, rec in res["distillation"].items():
-        print(f"{w}: " + ", ".join(f"{arm} {f(r['bd_rate_vs_nokd_pct'], '+.1f')} % / "
-                                   f"{f(r['bd_psnr_vs_nokd_db'], '+.3f')} dB vs {r['twin']}"
-                                   for arm, r in rec.items() if "twin" in r))
-    for n in res["seed_noise"]:
-        print(f"seed noise ({' vs '.join(n['pair'])}): {f(n['bd_rate_pct'], '+.1f')} % / {f(n['bd_psnr_db'], '+.3f')} dB")
-    return f"wrote {out / ('lic_kd_' + args.tag + '.json')} and {out / ('rd_kd_' + args.tag + '.png')}"
+    written = [out / f"lic_kd_{args.tag}.json", out / f"rd_kd_{args.tag}.png"]
+    for name in res.get("eval_sets", {}):
+        written += [out / f"lic_kd_{args.tag}_{name}.json", out / f"rd_kd_{args.tag}_{name}.png"]
+    for path in written[::2]:
+        rec = json.loads(path.read_text())
+        print(f"held-out {rec.get('data') or res['settings']['data']}:")
+        for w, dist in rec["distillation"].items():
+            print(f"  {w}: " + ", ".join(f"{arm} {f(r['bd_rate_vs_nokd_pct'], '+.1f')} % / "
+                                         f"{f(r['bd_psnr_vs_nokd_db'], '+.3f')} dB vs {r['twin']}"
+                                         for arm, r in dist.items() if "twin" in r))
+        for n in rec["seed_noise"]:
+            print(f"  seed noise ({' vs '.join(n['pair'])}): {f(n['bd_rate_pct'], '+.1f')} % / "
+                  f"{f(n['bd_psnr_db'], '+.3f')} dB")
+    return "wrote " + ", ".join(map(str, written))
 
 
 def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -380,6 +398,9 @@ def register(groups: dict) -> None:
     p.add_argument("--data", default=None, help="image folder (default: embedded scikit-image photographs)")
     p.add_argument("--kd-targets", choices=("online", "precomputed"), default="online",
                    help="the distilled students' --kd-targets (see licforge distill)")
+    p.add_argument("--eval-data", nargs="+", default=None, metavar="DIR",
+                   help="more held-out image folders: every model evaluated on each too (Pillow JPEG/WebP in the "
+                        "same run) -> lic_kd_<tag>_<folder name>.json, rd_kd_<tag>_<folder name>.png")
     p.add_argument("--tag", default="long", help="suffix of the result files")
     p.add_argument("--work", default=None, help="folder of the models, evaluations and logs (default <build>/lic/kd)")
     _device_arg(p)

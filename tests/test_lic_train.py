@@ -496,3 +496,53 @@ def test_cli_bf16_trains_on_the_cpu(tmp_path, capsys):
     meta = load_weights(out)[2]
     assert meta["train"]["amp"] is True and meta["train"]["noise"] == "global" and meta["processes"] == 1
     assert " aux " in capsys.readouterr().out
+
+
+def test_kd_study_evaluates_every_model_on_more_held_out_sets(tmp_path):
+    """bench kd --eval-data: one more eval job per model and set (the first with the Pillow
+    baselines), and the set's verdict from its own evaluations: the given teachers as one curve,
+    the baselines kept, each KD arm against its twin."""
+    import json
+    from pathlib import Path
+
+    from licforge.bench.kd_study import _curve, _verdict, plan_kd
+
+    lams = (0.0035, 0.0067, 0.013, 0.025)
+    given = {lam: tmp_path / f"t{lam}.pt" for lam in lams}
+    jobs = plan_kd(tmp_path / "w", 40, 10, widths=(16,), seeds=(0, 1), arms=("nokd", "mix50"), lambdas=lams,
+                   teachers=given, data="photos", eval_sets={"kde": "/data/kde"})
+    ev = [j for j in jobs if j.name.startswith("eval_kde_")]
+    assert len(ev) == len([j for j in jobs if j.kind == "eval"]) // 2 == 4 + 2 * 2 * 4
+    assert "--no-baselines" not in ev[0].args and all("--no-baselines" in j.args for j in ev[1:])
+    assert all(j.args[j.args.index("--data") + 1] == "/data/kde" and j.info["set"] == "kde" for j in ev)
+    assert ev[0].out == tmp_path / "w" / "eval_kde" / "teacher_l0.0035.json"
+    gain = {"nokd": 0.0, "mix50": 0.25}
+    for j in ev:
+        m, lam = j.info["model"], float(j.info["model"].rsplit("_l", 1)[1])
+        arm = "teacher" if j.info["teacher"] else ("mix50" if "mix50" in m else "nokd")
+        curve = "factorized_N128" if arm == "teacher" else _curve(16, arm, 1 if "seed1" in m else 0)
+        psnr = 24 + 100 * lam + (2 if arm == "teacher" else gain[arm])
+        entries = [{"curve": curve, "kind": "float", "mean": {"bpp": 0.1 + 10 * lam, "psnr": psnr}}]
+        if "--no-baselines" not in j.args:
+            entries += [{"curve": "JPEG (Pillow)", "kind": "baseline", "mean": {"bpp": b, "psnr": 20 + 20 * b}}
+                        for b in (0.1, 0.2, 0.3, 0.4, 0.5)]
+        j.out.parent.mkdir(parents=True, exist_ok=True)
+        j.out.write_text(json.dumps({"entries": entries}))
+    evals, curves, dist, noise = _verdict(jobs, "kde", (16,), (0, 1), ("nokd", "mix50"))
+    assert sorted(curves) == ["JPEG (Pillow)", "N=16 GDN1", "N=16 GDN1 + KD mix50", "N=16 GDN1 + KD mix50 seed 1",
+                              "N=16 GDN1 seed 1", "teacher"]
+    assert len(curves["teacher"]) == 4 and len(curves["JPEG (Pillow)"]) == 5 and len(evals) == 4 + 16
+    assert dist["N=16"]["mix50"]["bd_psnr_vs_nokd_db"] == pytest.approx(0.25, abs=1e-9)
+    assert dist["N=16"]["nokd"]["bd_psnr_vs_teacher_db"] == pytest.approx(-2, abs=1e-9)
+    assert noise[0]["pair"] == ["N=16 GDN1", "N=16 GDN1 seed 1"] and noise[0]["bd_psnr_db"] == pytest.approx(0, abs=1e-9)
+
+
+def test_bench_kd_refuses_missing_or_same_named_eval_folders(tmp_path, capsys):
+    for sub in ("a/kde", "b/kde"):
+        (tmp_path / sub).mkdir(parents=True)
+    assert main(["bench", "kd", "--eval-data", str(tmp_path / "none"), "--out", str(tmp_path / "o")]) == 2
+    assert f"--eval-data {tmp_path / 'none'}: not found (or not a directory)" in capsys.readouterr().err
+    assert main(["bench", "kd", "--eval-data", str(tmp_path / "a/kde"), str(tmp_path / "b/kde"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--eval-data: the folders' names must differ (they name the result files)" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
