@@ -219,9 +219,11 @@ def _control_curve(n: int) -> str:
     return f"N={n} GDN1 + KD, float +{QAT['steps']} steps"
 
 
-def _stamp(job: Job) -> Path:
+def _stamp(job: Job, what: str = "cmd") -> Path:
+    """``<out>.cmd.json``: the arguments of the run that finished ``job``; ``what="start"``: of the
+    last run started."""
     out = job.out
-    return out.with_name(out.name + ".cmd.json")
+    return out.with_name(f"{out.name}.{what}.json")
 
 
 def _done(job: Job) -> bool:
@@ -229,9 +231,20 @@ def _done(job: Job) -> bool:
     return job.out.exists() and st.is_file() and json.loads(st.read_text()).get("args") == job.args
 
 
+def _resumable(job: Job, rerun: set[str]) -> bool:
+    """``job`` is a training run (``train``/``distill``) that was started with the same arguments
+    and inputs, interrupted, and left its training state: it continues from there (``--resume``)."""
+    from licforge.quant.train import state_path_for
+
+    st = _stamp(job, "start")
+    return (job.args[:1] in (["train"], ["distill"]) and state_path_for(job.out).is_file() and st.is_file()
+            and json.loads(st.read_text()).get("args") == job.args and not any(d in rerun for d in job.deps))
+
+
 def run_jobs(jobs: list[Job], logs: Path, workers: int) -> dict[str, float]:
-    """Run the jobs (skipping finished ones) with up to ``workers`` at a time; returns the
-    wall time of each job that ran."""
+    """Run the jobs (skipping finished ones; an interrupted training run of the same arguments
+    resumes from its state file) with up to ``workers`` at a time; returns the wall time of each
+    job that ran."""
     by_name = {j.name: j for j in jobs}
     rerun: set[str] = set()
     pending = [j for j in jobs]
@@ -267,12 +280,17 @@ def run_jobs(jobs: list[Job], logs: Path, workers: int) -> dict[str, float]:
             if _done(job) and not any(d in rerun for d in job.deps):
                 finished.add(job.name)
                 continue
+            resume = _resumable(job, rerun)
             rerun.add(job.name)
-            cmd = ["nice", "-n", str(max(0, 10 - os.nice(0))), sys.executable, "-m", "licforge.flows.cli", *job.args]
-            log = open(logs / f"{job.name}.log", "w")
+            job.out.parent.mkdir(parents=True, exist_ok=True)
+            _stamp(job, "start").write_text(json.dumps({"args": job.args}))
+            cmd = ["nice", "-n", str(max(0, 10 - os.nice(0))), sys.executable, "-m", "licforge.flows.cli", *job.args,
+                   *(["--resume"] if resume else [])]
+            log = open(logs / f"{job.name}.log", "a" if resume else "w")
             running[job.name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env),
                                  time.perf_counter())
-            print(f"[{time.perf_counter() - t0:7.0f} s] start {job.name}: licforge {shlex.join(job.args)}", flush=True)
+            print(f"[{time.perf_counter() - t0:7.0f} s] {'resume' if resume else 'start'} {job.name}: "
+                  f"licforge {shlex.join(job.args)}", flush=True)
         time.sleep(0.5)
     return walls
 

@@ -546,3 +546,25 @@ def test_bench_kd_refuses_missing_or_same_named_eval_folders(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert "--eval-data: the folders' names must differ (they name the result files)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_jobs_resume_an_interrupted_training_run_of_the_same_arguments(tmp_path):
+    """A training job started with the same arguments (its start stamp), interrupted after its
+    state file was written, continues with --resume; not when its arguments changed, when a job
+    it depends on ran again, without a state file, or for a job that is not a training run."""
+    import json
+
+    from licforge.bench.lic import Job, _resumable, _stamp
+
+    job = Job("s", ["distill", "--N", "4", "--out", str(tmp_path / "s.pt")], tmp_path / "s.pt", ["base"], "train", {})
+    assert not _resumable(job, set())
+    _stamp(job, "start").write_text(json.dumps({"args": job.args}))
+    assert not _resumable(job, set())                       # no state file yet
+    (tmp_path / "s.state.pt").write_bytes(b"state")
+    assert _resumable(job, set()) and not _resumable(job, {"base"})
+    changed = Job("s", job.args[:-1] + [str(tmp_path / "s.pt"), "--steps", "9"], job.out, ["base"], "train", {})
+    assert not _resumable(changed, set())
+    ev = Job("e", ["eval", "x.pt"], tmp_path / "s.pt", [], "eval", {})
+    _stamp(ev, "start").write_text(json.dumps({"args": ev.args}))
+    assert not _resumable(ev, set())
+    assert _stamp(job).name == "s.pt.cmd.json" and _stamp(job, "start").name == "s.pt.start.json"
