@@ -503,7 +503,6 @@ def test_kd_study_evaluates_every_model_on_more_held_out_sets(tmp_path):
     baselines), and the set's verdict from its own evaluations: the given teachers as one curve,
     the baselines kept, each KD arm against its twin."""
     import json
-    from pathlib import Path
 
     from licforge.bench.kd_study import _curve, _verdict, plan_kd
 
