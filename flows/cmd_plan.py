@@ -55,8 +55,8 @@ def _cmd_plan(args) -> int:
         raise UsageError(f"--fps must be positive, not {args.fps}")
     if not args.clock_mhz > 0:
         raise UsageError(f"--clock-mhz must be positive, not {args.clock_mhz}")
-    if args.dsp < 1:
-        raise UsageError(f"--dsp must be at least 1, not {args.dsp}")
+    if args.dsp < 0:
+        raise UsageError(f"--dsp must be at least 0, not {args.dsp}")
     bundle = load_decoder_bundle(args.bundle, Path(args.build))
     r = plan_for_target(decoder_layers(bundle), fps=args.fps, height=height, width=width, dsp_budget=args.dsp,
                         clock_hz=args.clock_mhz * 1e6, pack=not args.no_pack)
@@ -79,7 +79,7 @@ def register(groups: dict) -> None:
     p.add_argument("bundle", help="bundle directory, or synthetic:N:M[:SEED]")
     p.add_argument("--fps", type=float, required=True, help="frames per second to reach")
     p.add_argument("--resolution", required=True, help="output frame size WxH, e.g. 1920x1080")
-    p.add_argument("--dsp", type=int, required=True, help="DSP48E2 budget (ZCU102: 2520)")
+    p.add_argument("--dsp", type=int, required=True, help="DSP48E2 budget (ZCU102: 2520; 0 fits a MinConv bundle)")
     p.add_argument("--clock-mhz", type=float, default=200.0, help="clock of the fps figures (MHz, default 200)")
     p.add_argument("--no-pack", action="store_true", help="one product per DSP (no shared-operand packing)")
     p.add_argument("--json", help="also write the plan (or the reason it cannot be met) to this file")

@@ -336,9 +336,10 @@ def plan_for_target(layers, *, fps: float, height: int, width: int, dsp_budget: 
     Returns ``{"ok": True, "plan": [LayerPlan], "report": frame_report(...)}``, or
     ``{"ok": False, "reason": one line naming the binding layer and what would make the
     target possible, "binding": layer name, "max_fps": the best frame rate within the
-    budget}``."""
-    if fps <= 0 or clock_hz <= 0 or height < 1 or width < 1 or dsp_budget < 1:
-        raise ValueError("fps, clock, resolution and DSP budget must be positive")
+    budget}``.  A budget of 0 DSPs is met only by a decoder without multipliers (a MinConv
+    bundle); layers that need a DSP at any speed are named in the reason (``max_fps`` 0)."""
+    if fps <= 0 or clock_hz <= 0 or height < 1 or width < 1 or dsp_budget < 0:
+        raise ValueError("fps, clock and resolution must be positive and the DSP budget >= 0")
     layers = list(layers)
     shapes, formats = layer_shapes(layers), layer_formats(layers)
     up = 1 << sum(s[1] == "conv_transpose2d" for s in shapes)
@@ -347,6 +348,13 @@ def plan_for_target(layers, *, fps: float, height: int, width: int, dsp_budget: 
                for s, f, pr in zip(shapes, formats, layer_products(layers))]
     budget = clock_hz / fps
     target = f"{fps:g} fps at {width}x{height} ({clock_hz / 1e6:g} MHz)"
+    least = [opts[0][3] for opts in options]  # each layer's fewest DSPs (options are sorted so)
+    if sum(p.dsps for p in least) > dsp_budget:
+        need = [p for p in least if p.dsps]
+        return {"ok": False, "binding": max(need, key=lambda p: p.dsps).name, "max_fps": 0.0,
+                "reason": (f"cannot: {target} within {dsp_budget} DSPs: the decoder needs at least "
+                           f"{sum(p.dsps for p in least)} at any speed ({', '.join(f'{p.name} {p.dsps}' for p in need)}: "
+                           f"multiplier products); a MinConv bundle (product min) needs none")}
     fastest = [min(opts, key=lambda o: (o[0], o[1])) for opts in options]
     slow = max(fastest, key=lambda o: o[0])
     if slow[0] > budget:

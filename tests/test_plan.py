@@ -106,3 +106,21 @@ def test_target_sweep_rows(students):
     rows = target_sweep(students[16], targets=[("1080p", 30.0)])
     assert [(r["pack"], r["ok"]) for r in rows] == [(True, True), (False, True)]
     assert rows[0]["report"]["dsps"] < rows[1]["report"]["dsps"] == rows[1]["report"]["multipliers"]
+
+
+def test_zero_dsp_budget_fits_only_a_minconv_decoder(students, capsys):
+    """--dsp 0: the MinConv bundle's plan uses no DSP; the multiplier bundle is refused by name,
+    with each layer's least DSP count (one product at PI = PO = PP = 1; a GDN's norm and output)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / BUNDLES
+    mins = decoder_layers(read_bundle(root / "student_n16_min_hybrid8"))
+    r = plan_for_target(mins, fps=30, height=1080, width=1920, dsp_budget=0)
+    assert r["ok"] and r["report"]["dsps"] == 0 and r["report"]["fps"] >= 30
+    r = plan_for_target(students[16], fps=30, height=1080, width=1920, dsp_budget=0)
+    assert not r["ok"] and r["max_fps"] == 0.0 and r["binding"] == "g_s.1"
+    assert r["reason"] == ("cannot: 30 fps at 1920x1080 (200 MHz) within 0 DSPs: the decoder needs at least 10 at "
+                           "any speed (g_s.0 1, g_s.1 2, g_s.2 1, g_s.3 2, g_s.4 1, g_s.5 2, g_s.6 1: multiplier "
+                           "products); a MinConv bundle (product min) needs none")
+    assert main(["plan", "synthetic:16:16", "--fps", "30", "--resolution", "1920x1080", "--dsp", "-1"]) == 2
+    assert "--dsp must be at least 0, not -1" in capsys.readouterr().err
