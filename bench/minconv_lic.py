@@ -24,24 +24,29 @@ from pathlib import Path
 
 from licforge.tables import markdown_table
 
-__all__ = ["twin_bundles", "synth_twins", "pnr_twins", "decode_held_out", "held_out_rd", "format_synth_table", "RUNS",
+__all__ = ["twin_bundles", "synth_twins", "HYBRID_MUL", "DECODERS", "pnr_twins", "decode_held_out", "held_out_rd", "format_synth_table", "RUNS",
            "PNR_RUNS",
            "TWIN_N", "TWIN_M", "TWIN_SEED", "TWIN_PARALLELISM", "MIN_STUDENT"]
 
 TWIN_N, TWIN_M, TWIN_SEED = 16, 16, 0
 TWIN_PARALLELISM = (16, 2)   # the N=16 decoder of bench decoder's place and route (PI x PO of the heaviest layer)
-#: (product, family, DSP inference) of each synthesis, in the order they run
+#: the convolutions the hybrid decoder keeps as multipliers (its inverse GDNs and other convolutions are MinConv)
+HYBRID_MUL = ("g_s.0", "g_s.6")
+#: the decoders: multiplier, MinConv, and the hybrid (MinConv with HYBRID_MUL kept as multipliers)
+DECODERS = ("mul", "min", "hybrid")
+#: (decoder, family, DSP inference) of each synthesis, in the order they run
 RUNS = [("min", "xcup", True), ("mul", "xcup", True), ("mul", "xcup", False),
-        ("min", "ecp5", True), ("mul", "ecp5", True), ("mul", "ecp5", False)]
+        ("min", "ecp5", True), ("mul", "ecp5", True), ("mul", "ecp5", False),
+        ("hybrid", "xcup", True), ("hybrid", "xcup", False), ("hybrid", "ecp5", True), ("hybrid", "ecp5", False)]
 _KEYS = {"xcup": ("LUT", "FF", "CARRY", "DSP", "BRAM", "LUTRAM", "MUXF"),
          "ecp5": ("LUT4", "FF", "CARRY", "MULT18", "EBR", "LUTRAM", "MUX")}
 
 
 def twin_bundles(build_dir: Path, n: int = TWIN_N, m: int = TWIN_M, seed: int = TWIN_SEED,
                  products: tuple[str, ...] = ("mul", "min")) -> dict:
-    """The multiplier and MinConv decoder bundles of width ``n`` (``M = m`` latent channels),
-    written once under ``build_dir/bundles`` and read back: ``{"mul": Bundle, "min": Bundle}``
-    (those of ``products``)."""
+    """The decoder bundles (:data:`DECODERS`) of width ``n`` (``M = m`` latent channels), written
+    once under ``build_dir/bundles`` and read back: ``{"mul": Bundle, "min": Bundle, ...}`` (those
+    of ``products``)."""
     from licforge.quant.bundle import read_bundle, write_bundle
     from licforge.quant.synthetic import random_decoder_bundle
 
@@ -49,9 +54,14 @@ def twin_bundles(build_dir: Path, n: int = TWIN_N, m: int = TWIN_M, seed: int = 
     for product in products:
         path = Path(build_dir) / "bundles" / f"synthetic_N{n}_M{m}_s{seed}_{product}"
         if not (path / "bundle.json").is_file():
-            write_bundle(random_decoder_bundle(n, m, seed=seed, product=product), path)
+            write_bundle(random_decoder_bundle(n, m, seed=seed, **_spec(product)), path)
         out[product] = read_bundle(path)
     return out
+
+
+def _spec(decoder: str) -> dict:
+    """random_decoder_bundle's arguments of one of :data:`DECODERS`."""
+    return {"product": "min", "mul_layers": HYBRID_MUL} if decoder == "hybrid" else {"product": decoder}
 
 
 def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi: int = TWIN_PARALLELISM[0],
@@ -68,9 +78,10 @@ def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi:
 
     bundles = twin_bundles(build_dir, products=tuple(sorted({r[0] for r in runs})))
     plans = {k: plan_decoder(decoder_layers(b), pi, po) for k, b in bundles.items()}
-    result = {"what": "whole N=16 decoders, multiplier vs MinConv twin, one Yosys run each",
+    result = {"what": "whole N=16 decoders, multiplier vs MinConv twin (and the hybrid), one Yosys run each",
               "bundles": {k: {"spec": f"quant.synthetic.random_decoder_bundle({TWIN_N}, {TWIN_M}, seed={TWIN_SEED}, "
-                                      f"product={k!r})", "hash": b.hash} for k, b in bundles.items()},
+                                      + ", ".join(f"{a}={v!r}" for a, v in _spec(k).items()) + ")", "hash": b.hash}
+                          for k, b in bundles.items()},
               "pi": pi, "po": po,
               "plan": {k: [p.as_dict() for p in plan] for k, plan in plans.items()},
               "model_1080p": {k: {key: frame_report(plan, *FRAMES["1080p"])[key]
@@ -239,17 +250,21 @@ def held_out_rd(eval_json: Path, twin: list[tuple[float, float]], curves: list[s
 
 
 def _ratios(runs: list[dict]) -> dict:
-    """MinConv LUTs (and FFs) over the multiplier decoder's, with DSPs and with -nodsp, per family."""
+    """MinConv LUTs (and FFs) over the multiplier decoder's, with DSPs and with -nodsp, per family;
+    the hybrid's without DSPs (its multipliers in LUTs) over the multiplier decoder's the same way."""
     got = {(r["product"], r["family"], r["dsp"]): r["resources"] for r in runs if "resources" in r}
     out = {}
     for family, lut in (("xcup", "LUT"), ("ecp5", "LUT4")):
-        mine = got.get(("min", family, True))
-        for dsp, tag in ((True, "dsp"), (False, "nodsp")):
-            other = got.get(("mul", family, dsp))
-            if mine and other:
-                out[f"{family}_lut_min_over_mul_{tag}"] = round(mine[lut] / other[lut], 3)
-                out[f"{family}_ff_min_over_mul_{tag}"] = round(mine["FF"] / other["FF"], 3)
+        for dec, mine in (("min", got.get(("min", family, True))), ("hybrid", got.get(("hybrid", family, False)))):
+            for dsp, tag in ((True, "dsp"), (False, "nodsp")):
+                other = got.get(("mul", family, dsp))
+                if mine and other:
+                    out[f"{family}_lut_{dec}_over_mul_{tag}"] = round(mine[lut] / other[lut], 3)
+                    out[f"{family}_ff_{dec}_over_mul_{tag}"] = round(mine["FF"] / other["FF"], 3)
     return out
+
+
+_LABEL = {"min": "MinConv", "mul": "multiplier", "hybrid": f"hybrid ({' and '.join(HYBRID_MUL)} multipliers)"}
 
 
 def format_synth_table(result: dict) -> str:
@@ -259,7 +274,7 @@ def format_synth_table(result: dict) -> str:
         res = r.get("resources", {})
         dsp = res.get("DSP", res.get("MULT18", "-"))
         mem = res.get("BRAM", res.get("EBR", "-"))
-        rows.append(["MinConv" if r["product"] == "min" else "multiplier", r["family"], "on" if r["dsp"] else "-nodsp",
+        rows.append([_LABEL[r["product"]], r["family"], "on" if r["dsp"] else "-nodsp",
                      res.get("LUT", res.get("LUT4", r.get("error", "-"))), res.get("FF", "-"), res.get("CARRY", "-"),
                      dsp, mem, r["seconds"]])
     return markdown_table(["decoder", "family", "DSP inference", "LUT", "FF", "CARRY", "DSP/MULT18", "BRAM/EBR",

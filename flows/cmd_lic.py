@@ -100,7 +100,7 @@ def _lic_config(args, gdn: str):
 
     m = args.M if args.M is not None else (3 * args.N + 1) // 2
     try:
-        return LICConfig(args.arch, args.N, m, gdn, args.product, args.gdn_out)
+        return LICConfig(args.arch, args.N, m, gdn, args.product, args.gdn_out, tuple(args.mul_layers))
     except ValueError as e:
         raise UsageError(f"--{e}") from None
 
@@ -341,6 +341,10 @@ def _model_args(p: argparse.ArgumentParser, n: int, gdn: str) -> None:
                    help="with --product min, the inverse GDN1's output x*n: shift (n rounded to a power of two, "
                         "the deployed form), or the ablations mul (exact) and min (sign(x) min(|x|, n), a clamp); "
                         "only shift students can be quantized")
+    p.add_argument("--mul-layers", nargs="+", default=[], metavar="LAYER",
+                   help="with --product min, synthesis convolutions kept as multiplier layers (a hybrid: any of "
+                        "g_s.0 g_s.2 g_s.4 g_s.6); --init may be the multiplier twin or a MinConv student, whose "
+                        "listed layers are then fitted as multipliers to its outputs")
     p.add_argument("--half", action="store_true", help="store the weights in fp16")
 
 

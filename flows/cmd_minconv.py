@@ -71,12 +71,13 @@ def _array_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_minconv_lic(out: Path, build: Path, args) -> str:
-    from licforge.bench.minconv_lic import decode_held_out, format_synth_table, pnr_twins, synth_twins
+    from licforge.bench.minconv_lic import RUNS, decode_held_out, format_synth_table, pnr_twins, synth_twins
 
     path = out / "minconv_lic_rtl.json"
     for section in args.sections:
         if section == "synth":
-            print(format_synth_table(synth_twins(build, path)), flush=True)
+            runs = [r for r in RUNS if r[0] in args.decoders]
+            print(format_synth_table(synth_twins(build, path, runs=runs)), flush=True)
         elif section == "pnr":
             pnr_twins(build, path)
         else:
@@ -114,6 +115,9 @@ def register(groups: dict) -> None:
                                                        "bench all)")
     p.add_argument("--sections", nargs="+", default=["synth", "pnr", "decode"], choices=["synth", "pnr", "decode"],
                    help="parts to run; each updates its part of the JSON and keeps the others")
+    p.add_argument("--decoders", nargs="+", default=["mul", "min", "hybrid"], choices=["mul", "min", "hybrid"],
+                   help="decoders the synth section synthesizes (hybrid: MinConv with g_s.0 and g_s.6 kept as "
+                        "multipliers); the runs of the others are kept")
     p.set_defaults(bench=_bench_minconv_lic, in_all=False)
 
     p = groups["bench"].add_parser("minconv", help="comparator vs multiplier lanes: Yosys resources, "

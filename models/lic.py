@@ -35,12 +35,15 @@ from torch import nn
 from .minconv import GDN_OUTS
 
 __all__ = ["LICConfig", "student_config", "build_lic", "to_min_student", "save_weights", "load_weights",
-           "read_checkpoint", "CheckpointError", "synthesis_cost", "WEIGHTS_FORMAT", "ARCHS", "GDNS", "PRODUCTS"]
+           "read_checkpoint", "CheckpointError", "synthesis_cost", "keep_multipliers", "WEIGHTS_FORMAT", "ARCHS", "GDNS",
+           "PRODUCTS", "SYNTH_CONVS"]
 
 WEIGHTS_FORMAT = "licforge-lic-weights/1"
 ARCHS = ("factorized", "hyperprior")
 GDNS = ("gdn", "gdn1")
 PRODUCTS = ("mul", "min")
+#: the synthesis transform's convolutions, the layers ``mul_layers`` may keep as multipliers
+SYNTH_CONVS = ("g_s.0", "g_s.2", "g_s.4", "g_s.6")
 
 
 class CheckpointError(ValueError):
@@ -53,13 +56,16 @@ class LICConfig:
     the normalisation ``gdn`` (gdn = CompressAI's float GDN, gdn1 = simplified GDN), the
     synthesis transform's ``product`` (mul, or min: MinConv, factorized gdn1 only) and, for
     ``min``, the form of the inverse GDN1's output ``gdn_out`` (:data:`models.minconv.GDN_OUTS`:
-    shift, deployed; mul and min, training-only ablations)."""
+    shift, deployed; mul and min, training-only ablations) and ``mul_layers``, the synthesis
+    convolutions (of :data:`SYNTH_CONVS`) that stay multiplier layers in a MinConv model (a
+    hybrid: the inverse GDNs and the other convolutions multiplier-free)."""
     arch: str = "factorized"
     N: int = 128
     M: int = 192
     gdn: str = "gdn"
     product: str = "mul"
     gdn_out: str = "shift"
+    mul_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -74,29 +80,40 @@ class LICConfig:
             raise ValueError(f"gdn-out must be one of {GDN_OUTS}, not {self.gdn_out!r}")
         if self.gdn_out != "shift" and self.product != "min":
             raise ValueError(f"gdn-out {self.gdn_out!r} is a form of the MinConv inverse GDN; it needs product 'min'")
+        bad = [x for x in self.mul_layers if x not in SYNTH_CONVS]
+        if bad or len(set(self.mul_layers)) != len(self.mul_layers):
+            raise ValueError(f"mul-layers must be distinct synthesis convolutions among {', '.join(SYNTH_CONVS)}, "
+                             f"not {' '.join(map(str, self.mul_layers))}")
+        if self.mul_layers and self.product != "min":
+            raise ValueError("mul-layers keeps layers of a MinConv synthesis as multipliers; it needs product 'min'")
+        object.__setattr__(self, "mul_layers", tuple(sorted(self.mul_layers)))
         for k in ("N", "M"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 1024:
                 raise ValueError(f"{k} must be an integer between 2 and 1024, not {v!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields; ``product`` only when not ``mul``, ``gdn_out`` only when not ``shift`` (the
-        records of earlier files stay as they were)."""
+        """The fields; ``product`` only when not ``mul``, ``gdn_out`` only when not ``shift``,
+        ``mul_layers`` only when not empty (the records of earlier files stay as they were)."""
         d = asdict(self)
         if self.product == "mul":
             del d["product"]
         if self.gdn_out == "shift":
             del d["gdn_out"]
+        d["mul_layers"] = list(self.mul_layers)
+        if not self.mul_layers:
+            del d["mul_layers"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LICConfig":
         return cls(**{k: d[k] for k in ("arch", "N", "M", "gdn")}, product=d.get("product", "mul"),
-                   gdn_out=d.get("gdn_out", "shift"))
+                   gdn_out=d.get("gdn_out", "shift"), mul_layers=tuple(d.get("mul_layers", ())))
 
     @property
     def name(self) -> str:
         return (f"{self.arch}_N{self.N}_M{self.M}_{self.gdn}" + ("_min" if self.product == "min" else "")
+                + ("_mul" + "".join(x[4:] for x in self.mul_layers) if self.mul_layers else "")
                 + ("" if self.gdn_out == "shift" else f"_out{self.gdn_out}"))
 
 
@@ -119,6 +136,8 @@ def build_lic(cfg: LICConfig) -> nn.Module:
         from .minconv import MinConvTranspose2d, MinIGDN1
 
         for i, mod in enumerate(net.g_s):
+            if f"g_s.{i}" in cfg.mul_layers:
+                continue
             if isinstance(mod, nn.ConvTranspose2d):
                 net.g_s[i] = MinConvTranspose2d(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride,
                                                 mod.padding, mod.output_padding)
@@ -128,17 +147,19 @@ def build_lic(cfg: LICConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def to_min_student(net: nn.Module, cfg: LICConfig, calib: torch.Tensor) -> tuple[nn.Module, LICConfig, list[float]]:
+def to_min_student(net: nn.Module, cfg: LICConfig, calib: torch.Tensor,
+                   mul_layers: tuple[str, ...] = ()) -> tuple[nn.Module, LICConfig, list[float]]:
     """The MinConv twin (``product="min"``) of a multiplier gdn1 student: every weight copied,
     then each synthesis layer fitted (:meth:`models.minconv.MinConvTranspose2d.fit_gain_`: weight
     scale and power-of-two output scale) so that its sum of minimums, on the features the twin's
     earlier layers produce from the rounded latents of ``calib`` (crops in p/256 units), matches
     the parent's sum of products on the parent's own features (so each layer also absorbs the
-    drift of those before it).  Returns (twin in eval mode, its config, the relative RMS error of
-    each layer's fit)."""
+    drift of those before it).  The convolutions in ``mul_layers`` stay multiplier layers with the
+    parent's weights (a hybrid, :class:`LICConfig`).  Returns (twin in eval mode, its config, the
+    relative RMS error of each layer's fit: for a kept layer, of its output on the twin's features)."""
     if cfg.product != "mul" or cfg.gdn != "gdn1" or cfg.arch != "factorized":
         raise ValueError(f"to_min_student converts a factorized gdn1 multiplier student, not {cfg.name}")
-    mcfg = LICConfig(cfg.arch, cfg.N, cfg.M, cfg.gdn, "min")
+    mcfg = LICConfig(cfg.arch, cfg.N, cfg.M, cfg.gdn, "min", mul_layers=tuple(mul_layers))
     twin = build_lic(mcfg)
     missing, unexpected = twin.load_state_dict(net.state_dict(), strict=False)
     if unexpected or any(not k.endswith("log2_gain") for k in missing):
@@ -153,9 +174,55 @@ def to_min_student(net: nn.Module, cfg: LICConfig, calib: torch.Tensor) -> tuple
         else:  # the GDN1 norm's sum: gamma |x|
             c = hp.shape[1]
             target = nn.functional.conv2d(hp.abs(), par.gamma_reparam(par.gamma).reshape(c, c, 1, 1))
-        errors.append(mod.fit_gain_(h, target))
+        errors.append(mod.fit_gain_(h, target) if hasattr(mod, "fit_gain_")
+                      else _rel_rms(mod(h) - mod.bias.view(1, -1, 1, 1), target))
         h, hp = mod(h), par(hp)
     return twin, mcfg, errors
+
+
+def _rel_rms(got: torch.Tensor, target: torch.Tensor) -> float:
+    return float(((got - target) ** 2).mean().sqrt() / target.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def keep_multipliers(net: nn.Module, cfg: LICConfig, mul_layers: tuple[str, ...], calib: torch.Tensor,
+                     steps: int = 400) -> tuple[nn.Module, LICConfig, list[float]]:
+    """A MinConv student with the synthesis convolutions ``mul_layers`` turned (back) into
+    multiplier layers: every other weight copied; each new multiplier layer, from zero weights
+    and the MinConv layer's bias, fitted by Adam (``steps`` steps, lr 1e-2, full batch) to the
+    MinConv layer's output on the student's own features of ``calib``'s rounded latents (crops
+    in p/256 units).  Returns (hybrid in eval mode, its config, the relative RMS error of each
+    new layer's fit, in the order of ``g_s``)."""
+    from dataclasses import replace
+
+    if cfg.product != "min":
+        raise ValueError(f"keep_multipliers converts a MinConv student, not {cfg.name}")
+    hcfg = replace(cfg, mul_layers=tuple(sorted(set(cfg.mul_layers) | set(mul_layers))))
+    new = [x for x in hcfg.mul_layers if x not in cfg.mul_layers]
+    hybrid = build_lic(hcfg)
+    sd = hybrid.state_dict()
+    sd.update({k: v for k, v in net.state_dict().items() if k in sd and not k.startswith(tuple(x + "." for x in new))})
+    hybrid.load_state_dict(sd)
+    net.eval()
+    errors = []
+    with torch.no_grad():
+        h = torch.round(net.g_a(calib))
+    for i, (mod, src) in enumerate(zip(hybrid.g_s, net.g_s)):
+        with torch.no_grad():
+            target = src(h)
+        if f"g_s.{i}" in new:
+            with torch.no_grad():
+                mod.weight.zero_()
+                mod.bias.copy_(src.bias)
+            opt = torch.optim.Adam(mod.parameters(), lr=1e-2)
+            for _ in range(steps):
+                opt.zero_grad()
+                ((mod(h) - target) ** 2).mean().backward()
+                opt.step()
+            with torch.no_grad():
+                errors.append(_rel_rms(mod(h), target))
+        h = target
+    hybrid.eval()
+    return hybrid, hcfg, errors
 
 
 def save_weights(net: nn.Module, cfg: LICConfig, path: str | Path, meta: dict[str, Any] | None = None,

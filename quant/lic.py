@@ -25,7 +25,9 @@ minimums in g_s: :class:`quant.lic_layers.QuantMinConvTranspose2d` and
 ``QuantGDN1(product="min")`` (norm in min form, output a shift by the norm's nearest power of
 two); each such layer's weight gain ``log2_gain`` is part of the spec (``exps[layer]``), and the
 bundle's layers carry ``product``/``x_shift``/``w_shift`` and ``norm_product``/``norm_x_shift``/
-``norm_g_shift``/``out_product`` (contract_15).
+``norm_g_shift``/``out_product`` (contract_15).  A hybrid (``config.mul_layers``) keeps the listed
+synthesis convolutions as multiplier layers (``product`` ``mul``, no gain); its inverse GDNs stay
+in min form.
 """
 from __future__ import annotations
 
@@ -100,7 +102,8 @@ class QuantFactorizedPrior(nn.Module):
                 signed = name != "g_s.6"
                 e = PIXEL_EXP if name == "g_s.6" else exps[name]["out_exp"]
                 out_quant = {"output_quant": fixed_act_quant(e, bits["out_bits"], signed)}
-            mins = prefix == "g_s" and self.spec.config.product == "min"
+            minconv = prefix == "g_s" and self.spec.config.product == "min"   # the inverse GDNs' norms
+            mins = minconv and name not in self.spec.config.mul_layers      # this convolution
             if mins:
                 extra.update(log2_gain=exps[name]["log2_gain"], bias_quant=None)
             else:
@@ -112,7 +115,7 @@ class QuantFactorizedPrior(nn.Module):
             if k < 3:
                 g = f"{prefix}.{2 * k + 1}"
                 gb = rec.bits(g)
-                gmin = {"product": "min", "log2_gain": exps[g]["log2_gain"]} if mins else {}
+                gmin = {"product": "min", "log2_gain": exps[g]["log2_gain"]} if minconv else {}
                 mods.append(QuantGDN1(cout, inverse, gamma_bits=gb["gamma_bits"], norm_bits=gb["norm_bits"],
                                       norm_exp=exps[g]["norm_exp"], out_bits=gb["out_bits"],
                                       out_exp=exps[g]["out_exp"], **gmin))
@@ -279,6 +282,8 @@ def export_bundle(q: QuantFactorizedPrior, meta: dict[str, Any] | None = None) -
              "recipe": q.spec.recipe.name, "pad_multiple": 16, **(meta or {})}
     if cfg.product != "mul":
         model["product"] = cfg.product
+    if cfg.mul_layers:
+        model["mul_layers"] = list(cfg.mul_layers)
     inp = {"exp": PIXEL_EXP, "bits": 8, "signed": False, "shape": [3, None, None]}
     return Bundle(model, inp, layers)
 

@@ -293,7 +293,8 @@ def export_synthesis(quant_pt: str | Path, out: str | Path, *, data: str | Path 
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     if q.product != "mul":  # QONNX has no signed-minimum or power-of-two-shift operator
-        raise UsageError(f"{quant_pt}: layer g_s.0: product {q.product!r} is not supported by QONNX export "
+        first = "g_s.1" if "g_s.0" in q.spec.config.mul_layers else "g_s.0"  # a hybrid's first MinConv layer
+        raise UsageError(f"{quant_pt}: layer {first}: product {q.product!r} is not supported by QONNX export "
                          f"(no QONNX operator computes signed minimums or the inverse GDN's power-of-two shift); "
                          f"export the multiplier twin, or use the bundle with the golden model or the RTL")
     samples = [(name, brevitas_integers(q, pad_image(img))[0].astype(np.float32))

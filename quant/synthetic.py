@@ -13,7 +13,8 @@ minimums in every ``conv_transpose2d`` (``x_shift``/``w_shift`` bring both opera
 the same magnitude range: the first layer's small latents are shifted up, one layer's
 half-range weights too, so both shift paths are exercised), the inverse GDN's norm in min
 form (``norm_product="min"``) and its output a shift by the norm rounded to a power of two
-(``out_product="shift"``).
+(``out_product="shift"``).  ``mul_layers`` keeps the listed convolutions of a ``min`` decoder as
+multiplier layers (the hybrid of :class:`models.lic.LICConfig`).
 """
 from __future__ import annotations
 
@@ -37,12 +38,16 @@ def _calibrated_shift(acc: np.ndarray, bits: int) -> int:
 
 def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act_bits: int = 8,
                           latent_bits: int = 8, gamma_bits: int = 8, norm_bits: int = 8,
-                          latent_hw: tuple[int, int] = (4, 4), product: str = "mul") -> Bundle:
+                          latent_hw: tuple[int, int] = (4, 4), product: str = "mul",
+                          mul_layers: tuple[str, ...] = ()) -> Bundle:
     """A decoder bundle (4 transposed convolutions, 3 inverse GDNs) with random integers;
-    ``product``: ``"mul"`` (multipliers) or ``"min"`` (MinConv decoder, module doc)."""
+    ``product``: ``"mul"`` (multipliers) or ``"min"`` (MinConv decoder, module doc), whose
+    convolutions named in ``mul_layers`` keep multipliers."""
     if product not in ("mul", "min"):
         raise ValueError(f"random_decoder_bundle: product must be 'mul' or 'min', not {product!r}")
-    mins = product == "min"
+    if mul_layers and (product != "min" or not set(mul_layers) <= {"g_s.0", "g_s.2", "g_s.4", "g_s.6"}):
+        raise ValueError(f"random_decoder_bundle: mul_layers are convolutions of a 'min' decoder, not {mul_layers}")
+    gdn_mins = product == "min"
     rng = np.random.default_rng(seed)
     wmax = (1 << (w_bits - 1)) - 1
     x = rng.integers(-(1 << (latent_bits - 1)) // 4, (1 << (latent_bits - 1)) // 4,
@@ -52,6 +57,7 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
     chans = [m, n, n, n, 3]
     for k in range(4):
         cin, cout = chans[k], chans[k + 1]
+        mins = gdn_mins and f"g_s.{2 * k}" not in mul_layers   # this convolution's product
         x_bits = act_bits if k else latent_bits
         # min: latents (a quarter of their range) shifted up by 2; layer 2's weights half-range, shifted by 1
         x_shift, w_shift = (2 if k == 0 else 0, 1 if k == 2 else 0) if mins else (0, 0)
@@ -59,7 +65,8 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
         bias = rng.integers(-(1 << 12), 1 << 12, size=cout)
         last = k == 3
         out_bits = 8 if last else act_bits
-        acc = conv_transpose2d_int(x, w, 2, 2, 1, product, x_shift, w_shift) + bias[None, :, None, None]
+        conv_product = "min" if mins else "mul"
+        acc = conv_transpose2d_int(x, w, 2, 2, 1, conv_product, x_shift, w_shift) + bias[None, :, None, None]
         shift = _calibrated_shift(acc, out_bits)
         if last:  # pixels: exp -8, unsigned; centre the random output on mid-grey
             shift += 1
@@ -78,7 +85,7 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
         attrs = {"x_exp": x_exp, "w_exp": w_exp, "acc_exp": acc_exp, "out_exp": out_exp,
                  "shift": out_exp - acc_exp, "x_bits": x_bits,
                  "w_bits": w_bits, "b_bits": b_bits, "out_bits": out_bits,
-                 "out_signed": not last, "relu": False, "product": product,
+                 "out_signed": not last, "relu": False, "product": conv_product,
                  "acc_bits": accumulator_bits(1 << (term_bits - 1), cin * 9, 1 << (b_bits - 1)),
                  "stride": 2, "padding": 2, "output_padding": 1}
         if mins:
@@ -92,23 +99,23 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
         gamma = np.where(rng.random((cout, cout)) < 0.3, rng.integers(0, gmax + 1, (cout, cout)), 0)
         gamma[np.diag_indices(cout)] = rng.integers(gmax // 2, gmax + 1, cout)
         xa = np.abs(x).reshape(cout, -1)
-        if mins:  # sum_j min(|x_j|, gamma_ij): |x| and gamma both up to ~2**(bits-1), no shift
+        if gdn_mins:  # sum_j min(|x_j|, gamma_ij): |x| and gamma both up to ~2**(bits-1), no shift
             load = float(np.mean(np.minimum(xa[None], gamma[:, :, None]).sum(1).max(0))) + 1.0
         else:
             load = float(np.mean((gamma @ xa).max(0))) + 1.0
         norm_acc_exp = -int(round(np.log2(load)))  # the norm's sum ~ 1 on average
-        gamma_exp = x_exp if mins else norm_acc_exp - x_exp  # min: gamma at the scale of |x|
+        gamma_exp = x_exp if gdn_mins else norm_acc_exp - x_exp  # min: gamma at the scale of |x|
         norm_exp = -(norm_bits - 2)  # norms in [0, 4)
         beta = np.full(cout, 1 << -norm_acc_exp, dtype=np.int64)  # beta = 1.0
         beta_bits = accumulator_bits(int(beta.max()), 1)
         attrs = {"x_exp": x_exp, "x_bits": act_bits, "gamma_exp": gamma_exp, "gamma_bits": gamma_bits,
                  "beta_bits": beta_bits, "norm_acc_exp": norm_acc_exp, "norm_exp": norm_exp,
                  "norm_bits": norm_bits, "norm_shift": norm_exp - norm_acc_exp, "out_bits": act_bits}
-        if mins:
+        if gdn_mins:
             attrs.update(norm_product="min", norm_x_shift=0, norm_g_shift=0, out_product="shift",
                          log2_gain=x_exp - norm_acc_exp)
         nrm = gdn_norm_int(x, gamma, beta, attrs["norm_shift"], norm_bits, attrs.get("norm_product", "mul"))
-        if mins:  # the output multiplies by the power of two nearest the norm
+        if gdn_mins:  # the output multiplies by the power of two nearest the norm
             e = pow2_round(nrm)
             nrm = np.where(e >= 0, np.int64(1) << np.maximum(e, 0), 0)
         out_shift = _calibrated_shift(x * nrm, act_bits)
@@ -117,6 +124,8 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
         layers.append(lay)
         x, x_exp = run_layer(lay, x), lay.attrs["out_exp"]
     model = {"arch": "synthetic-factorized-decoder", "N": n, "M": m, "seed": seed, "product": product}
+    if mul_layers:
+        model["mul_layers"] = sorted(mul_layers)
     inp = {"exp": 0, "bits": latent_bits, "signed": True, "shape": [m, None, None]}
     return Bundle(model, inp, layers)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from licforge.models.data import CropSampler, load_split
-from licforge.models.lic import LICConfig, build_lic, load_weights, save_weights, to_min_student
+from licforge.models.lic import LICConfig, build_lic, keep_multipliers, load_weights, save_weights, to_min_student
 from licforge.models.lic_train import TrainConfig, teacher_reconstructions, train_lic
 
 __all__ = ["train_model", "quantize_model", "state_path_for", "quant_model_path", "file_sha256"]
@@ -92,10 +92,20 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
     sampler = CropSampler(images, tcfg.crop, tcfg.batch, tcfg.seed, device=device)
     if init is not None:
         init_cfg = load_weights(init)[1]
+        calib = CropSampler(images, tcfg.crop, 4 * tcfg.batch, tcfg.seed + 1)()
         if cfg.product == "min" and init_cfg.product == "mul":  # MinConv twin of a multiplier student
-            calib = CropSampler(images, tcfg.crop, 4 * tcfg.batch, tcfg.seed + 1)()
             twin_of = LICConfig(cfg.arch, cfg.N, cfg.M, cfg.gdn)
-            net.load_state_dict(to_min_student(load_weights(init, expect=twin_of)[0], twin_of, calib)[0].state_dict())
+            net.load_state_dict(to_min_student(load_weights(init, expect=twin_of)[0], twin_of, calib,
+                                               cfg.mul_layers)[0].state_dict())
+        elif cfg.product == "min" and init_cfg.mul_layers != cfg.mul_layers:  # MinConv layers made multipliers
+            if not set(init_cfg.mul_layers) <= set(cfg.mul_layers):
+                from licforge.errors import UsageError
+
+                raise UsageError(f"{init}: its multiplier layers {', '.join(init_cfg.mul_layers)} cannot become "
+                                 f"MinConv layers again; start from the multiplier student")
+            src = replace(cfg, gdn_out=init_cfg.gdn_out, mul_layers=init_cfg.mul_layers)
+            net.load_state_dict(keep_multipliers(load_weights(init, expect=src)[0], src, cfg.mul_layers,
+                                                 calib)[0].state_dict())
         else:  # the same parameters whatever the GDN output's form (the ablations start from the deployed one)
             same = replace(cfg, gdn_out=init_cfg.gdn_out) if cfg.product == "min" else cfg
             net.load_state_dict(load_weights(init, expect=same)[0].state_dict())

@@ -1,0 +1,120 @@
+"""Issue 15: MinConv students that keep some synthesis convolutions as multipliers
+(``--mul-layers``): the record, the conversions both ways, and the exact chain with per-layer
+products (Brevitas == golden, the bundle's ``product`` of each layer, the planner's DSPs)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from licforge.errors import UsageError
+from licforge.flows.cli import main
+from licforge.models.data import CropSampler, embedded_images
+from licforge.models.lic import (LICConfig, build_lic, keep_multipliers, load_weights, save_weights, student_config,
+                                 to_min_student)
+from licforge.models.minconv import MinConvTranspose2d, MinIGDN1
+
+
+def _hybrid(n: int, *layers: str) -> LICConfig:
+    return LICConfig("factorized", n, (3 * n + 1) // 2, "gdn1", "min", mul_layers=layers)
+
+
+def _calib():
+    return CropSampler({k: v[:96, :96] for k, v in embedded_images("train").items()}, 32, 4, 1)()
+
+
+def test_the_record_names_sorts_and_refuses_mul_layers(tmp_path):
+    cfg = _hybrid(4, "g_s.6", "g_s.0")
+    assert cfg.mul_layers == ("g_s.0", "g_s.6") and cfg.name == "factorized_N4_M6_gdn1_min_mul06"
+    assert cfg.to_dict()["mul_layers"] == ["g_s.0", "g_s.6"] and LICConfig.from_dict(cfg.to_dict()) == cfg
+    assert "mul_layers" not in student_config(4, product="min").to_dict()  # MinConv records unchanged
+    with pytest.raises(ValueError, match="mul-layers must be distinct synthesis convolutions among g_s.0, g_s.2, "
+                                         "g_s.4, g_s.6, not g_s.1"):
+        _hybrid(4, "g_s.1")
+    with pytest.raises(ValueError, match="not g_s.2 g_s.2"):
+        _hybrid(4, "g_s.2", "g_s.2")
+    with pytest.raises(ValueError, match="it needs product 'min'"):
+        LICConfig("factorized", 4, 6, "gdn1", "mul", mul_layers=("g_s.0",))
+    torch.manual_seed(0)
+    save_weights(build_lic(cfg), cfg, tmp_path / "h.pt")
+    net, back, _ = load_weights(tmp_path / "h.pt")
+    assert back == cfg
+    assert [type(m) for m in net.g_s] == [nn.ConvTranspose2d, MinIGDN1, MinConvTranspose2d, MinIGDN1,
+                                          MinConvTranspose2d, MinIGDN1, nn.ConvTranspose2d]
+    assert main(["distill", "--N", "4", "--product", "min", "--mul-layers", "g_s.3", "--steps", "1",
+                 "--out", str(tmp_path / "x.pt")]) == 2
+
+
+def test_conversions_keep_or_fit_the_multiplier_layers(tmp_path, capsys):
+    """From the multiplier parent the kept layers keep its weights; from a MinConv student each
+    new multiplier layer is fitted to the MinConv layer's output (closer than predicting its bias);
+    distill converts either init, and refuses to turn a multiplier layer back into MinConv."""
+    from licforge.models.lic_train import TrainConfig
+    from licforge.quant.train import train_model
+
+    torch.manual_seed(0)
+    cfg = student_config(4)
+    parent = build_lic(cfg).eval()
+    with torch.no_grad():  # an untrained encoder's latents all round to 0: make them speak
+        parent.g_a[6].weight.mul_(50.0)
+    calib = _calib()
+    twin, hcfg, errors = to_min_student(parent, cfg, calib, ("g_s.6",))
+    assert hcfg == _hybrid(4, "g_s.6") and len(errors) == 7 and all(0 <= e < 1 for e in errors)
+    assert torch.equal(twin.g_s[6].weight, parent.g_s[6].weight) and type(twin.g_s[6]) is nn.ConvTranspose2d
+    mins, mcfg, _ = to_min_student(parent, cfg, calib)
+    both, bcfg, fit = keep_multipliers(mins, mcfg, ("g_s.0", "g_s.6"), calib)
+    assert bcfg == _hybrid(4, "g_s.0", "g_s.6") and len(fit) == 2
+    with torch.no_grad():
+        h = torch.round(mins.g_a(calib))
+        target = mins.g_s[0](h)
+        got = both.g_s[0](h)
+        bias_only = mins.g_s[0].bias.view(1, -1, 1, 1).expand_as(target)
+        rms = lambda a: float(((a - target) ** 2).mean().sqrt())  # noqa: E731
+        assert rms(got) < 0.5 * rms(bias_only) and fit[0] == pytest.approx(rms(got) / float(target.pow(2).mean().sqrt()))
+        assert torch.equal(both.g_s[2].weight, mins.g_s[2].weight) and int(both.g_s[2].log2_gain) == int(mins.g_s[2].log2_gain)
+    save_weights(mins, mcfg, tmp_path / "min.pt")
+    save_weights(parent, cfg, tmp_path / "mul.pt")
+    for init in ("min.pt", "mul.pt"):
+        train_model(bcfg, TrainConfig(steps=1, crop=32, batch=2, lr=1e-9), tmp_path / f"h_{init}", init=tmp_path / init,
+                    log=None)
+        assert load_weights(tmp_path / f"h_{init}")[1] == bcfg
+    with pytest.raises(UsageError, match="h_min.pt: its multiplier layers g_s.0, g_s.6 cannot become MinConv layers "
+                                         "again; start from the multiplier student"):
+        train_model(_hybrid(4, "g_s.6"), TrainConfig(steps=1, crop=32, batch=2), tmp_path / "back.pt",
+                    init=tmp_path / "h_min.pt", log=None)
+
+
+def test_hybrid_bundle_marks_each_layer_and_brevitas_equals_golden():
+    """PTQ of an N=8 hybrid (g_s.0 and g_s.6 multipliers): each layer's product in the bundle,
+    golden == Brevitas as integers on a held-out crop, and the planner's DSPs only in the
+    multiplier layers."""
+    from licforge.quant.bundle import decoder_layers
+    from licforge.quant.codec import pad_image, prepare_entropy_coder
+    from licforge.quant.golden import golden_forward
+    from licforge.quant.lic import brevitas_integers, export_bundle, quantize_student
+    from licforge.quant.lic_recipe import load_recipe
+    from licforge.rtl.perf import plan_for_target
+
+    cfg = _hybrid(8, "g_s.0", "g_s.6")
+    torch.manual_seed(4)
+    net = build_lic(cfg)
+    with torch.no_grad():
+        net.g_a[6].weight.mul_(20.0)
+    train = {k: v[:256, :256] for k, v in embedded_images("train").items()}
+    q, _ = quantize_student(net, cfg, load_recipe("hybrid8"), train)
+    prepare_entropy_coder(q.entropy_bottleneck)
+    bundle = export_bundle(q)
+    assert bundle.model["product"] == "min" and bundle.model["mul_layers"] == ["g_s.0", "g_s.6"]
+    products = {l.name: l.attrs.get("product", l.attrs.get("norm_product")) for l in bundle.layers
+                if l.name.startswith("g_s")}
+    assert products == {"g_s.0": "mul", "g_s.1": "min", "g_s.2": "min", "g_s.3": "min", "g_s.4": "min",
+                        "g_s.5": "min", "g_s.6": "mul"}
+    assert all("log2_gain" not in bundle.layer(n).attrs for n in ("g_s.0", "g_s.6"))
+    px = pad_image(embedded_images("held-out")["coffee"][100:180, 200:330])
+    lat_b, out_b = brevitas_integers(q, px)
+    lat_g, out_g = golden_forward(bundle, px)
+    assert out_g.shape == (1, 3, 80, 144) and np.abs(lat_g).max() > 0
+    assert np.array_equal(lat_b, lat_g) and np.array_equal(out_b, out_g)
+    assert len(np.unique(out_g)) > 10
+    r = plan_for_target(decoder_layers(bundle), fps=30, height=720, width=1280, dsp_budget=2520)
+    assert r["ok"] and {p.name for p in r["plan"] if p.dsps} == {"g_s.0", "g_s.6"}
+    assert not plan_for_target(decoder_layers(bundle), fps=30, height=720, width=1280, dsp_budget=0)["ok"]
