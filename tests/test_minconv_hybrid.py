@@ -118,3 +118,78 @@ def test_hybrid_bundle_marks_each_layer_and_brevitas_equals_golden():
     r = plan_for_target(decoder_layers(bundle), fps=30, height=720, width=1280, dsp_budget=2520)
     assert r["ok"] and {p.name for p in r["plan"] if p.dsps} == {"g_s.0", "g_s.6"}
     assert not plan_for_target(decoder_layers(bundle), fps=30, height=720, width=1280, dsp_budget=0)["ok"]
+
+
+def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
+    """bench minconv-lic's hybrid decoder is the MinConv twin with g_s.0/g_s.6 multipliers (same
+    seed: the same random weights, its inverse GDNs in min form); its LUT ratios are taken
+    without DSPs (its multipliers in LUTs) against the multiplier decoder with and without DSPs."""
+    from licforge.bench.minconv_lic import _ratios, twin_bundles
+
+    b = twin_bundles(tmp_path, n=4, m=4, products=("min", "hybrid"))
+    assert b["hybrid"].model["mul_layers"] == ["g_s.0", "g_s.6"]
+    assert [l.attrs.get("product") for l in b["hybrid"].layers if l.op == "conv_transpose2d"] == \
+        ["mul", "min", "min", "mul"]
+    for name in ("g_s.1", "g_s.3", "g_s.5"):   # the same random gamma, in min form with a shift output
+        hy, mn = b["hybrid"].layer(name), b["min"].layer(name)
+        assert np.array_equal(hy.tensors["gamma"], mn.tensors["gamma"])
+        assert (hy.attrs["norm_product"], hy.attrs["out_product"]) == ("min", "shift")
+    assert np.array_equal(b["hybrid"].layer("g_s.2").tensors["weight"], b["min"].layer("g_s.2").tensors["weight"])
+    res = lambda lut, ff: {"LUT": lut, "FF": ff}  # noqa: E731
+    runs = [{"product": "mul", "family": "xcup", "dsp": True, "resources": res(5000, 1000)},
+            {"product": "mul", "family": "xcup", "dsp": False, "resources": res(16000, 1000)},
+            {"product": "hybrid", "family": "xcup", "dsp": False, "resources": res(9600, 900)},
+            {"product": "hybrid", "family": "xcup", "dsp": True, "resources": res(6000, 900)}]
+    assert _ratios(runs) == {"xcup_lut_hybrid_over_mul_dsp": 1.92, "xcup_ff_hybrid_over_mul_dsp": 0.9,
+                             "xcup_lut_hybrid_over_mul_nodsp": 0.6, "xcup_ff_hybrid_over_mul_nodsp": 0.9}
+
+
+HYBRID = "models/checkpoints/bundles/student_n16_min_mul06_hybrid8"
+
+
+def test_committed_hybrid_brevitas_equals_golden_and_plans_54_dsps_at_1080p30():
+    """The committed N=16 hybrid (g_s.0 and g_s.6 multipliers): Brevitas (float64) == golden on
+    crops of every embedded held-out image, as integers; at 1080p30 the planner gives it 54 DSPs
+    (g_s.0 6, g_s.6 48), against 161 for the multiplier student and 0 for the MinConv one."""
+    from pathlib import Path
+
+    from licforge.quant.bundle import decoder_layers, read_bundle
+    from licforge.quant.golden import golden_forward
+    from licforge.quant.lic import brevitas_integers, load_quantized
+    from licforge.rtl.perf import plan_for_target
+
+    root = Path(__file__).resolve().parent.parent
+    bundle = read_bundle(root / HYBRID)
+    q = load_quantized(root / f"{HYBRID}.quant.pt")[0]
+    assert q.spec.config.mul_layers == ("g_s.0", "g_s.6") and bundle.model["mul_layers"] == ["g_s.0", "g_s.6"]
+    for name, img in embedded_images("held-out").items():
+        h, w = img.shape[:2]
+        px = np.ascontiguousarray(img[h // 2 - 48:h // 2 + 48, w // 2 - 64:w // 2 + 64].transpose(2, 0, 1))[None]
+        lat_b, out_b = brevitas_integers(q, px.astype(np.int64))
+        lat_g, out_g = golden_forward(bundle, px.astype(np.int64))
+        assert np.array_equal(lat_b, lat_g) and np.array_equal(out_b, out_g), name
+        assert out_g.std() > 10, name
+    r = plan_for_target(decoder_layers(bundle), fps=30, height=1080, width=1920, dsp_budget=2520)
+    assert r["ok"] and r["report"]["dsps"] == 54
+    assert {p.name: p.dsps for p in r["plan"] if p.dsps} == {"g_s.0": 6, "g_s.6": 48}
+
+
+def test_real_bitstream_of_a_held_out_crop_through_the_hybrid_decoder_rtl(tmp_path, capsys, sim_cache):
+    """``licforge encode`` of a held-out crop (32 x 48) with the committed hybrid, then ``licforge
+    decode`` with the golden model and with the decoder RTL (multiplier engines in g_s.0 and
+    g_s.6, comparator engines and shift GDNs between) in Verilator: 0 mismatches, same PNG."""
+    from PIL import Image
+
+    from helpers import require_simulator
+
+    require_simulator("verilator")
+    crop = embedded_images("held-out")["chelsea"][100:132, 150:198]
+    Image.fromarray(crop).save(tmp_path / "crop.png")
+    f = tmp_path / "crop.licf"
+    assert main(["encode", HYBRID, str(tmp_path / "crop.png"), "--out", str(f)]) == 0
+    assert main(["decode", str(f), "--out", str(tmp_path / "golden.png")]) == 0
+    assert main(["--build", str(sim_cache.parent), "decode", str(f), "--rtl", "--pi", "4", "--po", "4",
+                 "--max-width", "4", "--out", str(tmp_path / "rtl.png")]) == 0
+    out = capsys.readouterr().out
+    assert "0 mismatches against the golden decoder" in out
+    assert (tmp_path / "rtl.png").read_bytes() == (tmp_path / "golden.png").read_bytes()
