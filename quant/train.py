@@ -92,12 +92,13 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
     sampler = CropSampler(images, tcfg.crop, tcfg.batch, tcfg.seed, device=device)
     if init is not None:
         init_cfg = load_weights(init)[1]
-        calib = CropSampler(images, tcfg.crop, 4 * tcfg.batch, tcfg.seed + 1)()
-        if cfg.product == "min" and init_cfg.product == "mul":  # MinConv twin of a multiplier student
+        convert = cfg.product == "min" and (init_cfg.product == "mul" or init_cfg.mul_layers != cfg.mul_layers)
+        calib = CropSampler(images, tcfg.crop, 4 * tcfg.batch, tcfg.seed + 1)() if convert else None
+        if convert and init_cfg.product == "mul":  # MinConv twin of a multiplier student
             twin_of = LICConfig(cfg.arch, cfg.N, cfg.M, cfg.gdn)
             net.load_state_dict(to_min_student(load_weights(init, expect=twin_of)[0], twin_of, calib,
                                                cfg.mul_layers)[0].state_dict())
-        elif cfg.product == "min" and init_cfg.mul_layers != cfg.mul_layers:  # MinConv layers made multipliers
+        elif convert:  # MinConv layers made multipliers
             if not set(init_cfg.mul_layers) <= set(cfg.mul_layers):
                 from licforge.errors import UsageError
 
