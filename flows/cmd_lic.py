@@ -38,7 +38,7 @@ def _train_config(args, kd_recon: float = 0.0, kd_latent: float = 0.0, dist_weig
         cfg = TrainConfig(lmbda=args.lmbda, steps=args.steps, lr=args.lr, crop=args.crop, batch=args.batch,
                           seed=args.seed, kd_recon=kd_recon, kd_latent=kd_latent, dist_weight=dist_weight,
                           amp=getattr(args, "bf16", False), noise="sample" if launch else "global",
-                          kd_targets=kd_targets)
+                          kd_targets=kd_targets, ema=args.ema)
     except ValueError as e:
         raise UsageError(f"--{str(e).replace('_', '-')}") from None
     if launch is not None and cfg.batch % launch[1]:
@@ -309,6 +309,10 @@ def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
     p.add_argument("--data", default=None, help="image folder (default: embedded scikit-image photographs)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     p.add_argument("--curve", default=None, help="label of the RD curve this model belongs to")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="write the exponential moving average of the weights (decay e.g. 0.999, warmed up over "
+                        "the first steps) instead of the last step's: smooths a noisy run, and a loss spike in the "
+                        "last steps barely moves it (0 = off)")
 
 
 def _init_arg(p: argparse.ArgumentParser) -> None:

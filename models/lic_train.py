@@ -32,6 +32,11 @@ transform ``g_a`` runs on the batch (about 0.45 of a whole-teacher pass for the 
 ``extra_loss(net)`` is added to the loss and ``after_step(net)`` runs
 after every optimiser step (watermark embedding, projections).
 
+``ema`` > 0 keeps an exponential moving average of the weights (decay ``ema``, warmed up over the
+first steps) and returns it instead of the last step's weights: the average of a noisy run (a
+MinConv student's loss swings by up to 1.5 dB between 100-step windows) and one that a loss spike
+in the last steps barely moves.
+
 After every step CompressAI's auxiliary loss (``aux``: the entropy
 bottleneck's ``quantiles`` pulled to its tail-mass targets, data-independent) takes one step of
 its own Adam at ``aux_lr`` (0 = off), on the quantiles only.  The quantiles do not enter the
@@ -114,6 +119,7 @@ class TrainConfig:
     optimizer: str = "adam"
     noise: str = "global"
     kd_targets: str = "online"
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         for k in ("lmbda", "lr"):
@@ -133,16 +139,23 @@ class TrainConfig:
                 raise ValueError(f"{k} must be >= 1, not {getattr(self, k)}")
         if self.crop < 16 or self.crop % 16:
             raise ValueError(f"crop must be a multiple of 16 (>= 16), not {self.crop}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be a decay in [0, 1) (0 = off, e.g. 0.999), not {self.ema}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings; ``ema`` only when on (the records and cache keys of earlier runs stay as
+        they were)."""
+        d = asdict(self)
+        if not self.ema:
+            del d["ema"]
+        return d
 
     def differences(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """The settings in which the ``to_dict()`` of another run, ``saved``, differs from this
         one: name -> (saved, this).  A setting missing from ``saved`` (a run made before it
         existed) counts as its default, so older state files resume when it is left at that."""
         defaults = {f.name: f.default for f in fields(self)}
-        now = self.to_dict()
+        now = asdict(self)
         diff = {k: (saved.get(k, defaults[k]), v) for k, v in now.items() if saved.get(k, defaults[k]) != v}
         diff.update({k: (v, None) for k, v in saved.items() if k not in now})
         return diff
@@ -230,6 +243,28 @@ class _Progress:
     history: list[dict[str, float]] = field(default_factory=list)
     wall_s: float = 0.0
     window: _LossWindow = field(default_factory=_LossWindow)
+
+
+class _WeightAverage:
+    """An exponential moving average of a model's weights (Polyak averaging), kept beside the
+    trained ones: after step ``t`` of a run (1-based, counted from its first step, resumes
+    included) every floating-point entry of the state dict becomes ``d * avg + (1 - d) * w`` with
+    ``d = min(decay, (1 + t) / (10 + t))`` (the early steps weigh more, so that a short fine-tune is
+    not held at its initial weights); other entries are copied.  A loss spike in the last steps
+    moves the average by ``1 - d`` of its size per step only."""
+
+    def __init__(self, net: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.avg = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    def update(self, net: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in net.state_dict().items():
+                if v.is_floating_point():
+                    self.avg[k].lerp_(v, 1 - d)
+                else:
+                    self.avg[k] = v.detach().clone()
 
 
 def _world() -> tuple[int, int]:
@@ -424,21 +459,22 @@ def _aux_loss(net: nn.Module) -> Tensor:
 
 def _state(progress: _Progress, *, net: nn.Module, opt: torch.optim.Optimizer, aux_opt: torch.optim.Optimizer | None,
            adapter: nn.Module | None, sampler: CropSampler, arch: dict[str, Any], cfg: TrainConfig,
-           device: str | torch.device) -> dict:
+           device: str | torch.device, ema: _WeightAverage | None) -> dict:
     """The training state file's contents: everything :func:`_restore` needs to continue exactly."""
     return {"format": STATE_FORMAT, "arch": arch, "train": cfg.to_dict(), "step": progress.step,
             "model": net.state_dict(), "optimizer": opt.state_dict(),
             "aux_optimizer": aux_opt.state_dict() if aux_opt is not None else {},
             "adapter": adapter.state_dict() if adapter is not None else {},
             "sampler": sampler.state(), "torch_rng": torch.get_rng_state(), "history": progress.history,
-            "window": progress.window.state(),
+            "window": progress.window.state(), "ema": ema.avg if ema is not None else {},
             "cuda_rng": torch.cuda.get_rng_state(device) if torch.device(device).type == "cuda" else None,
             "wall_s": progress.wall_s}
 
 
 def _restore(state_path: Path | None, *, net: nn.Module, opt: torch.optim.Optimizer,
              aux_opt: torch.optim.Optimizer | None, adapter: nn.Module | None, sampler: CropSampler,
-             arch: dict[str, Any], cfg: TrainConfig, device: str | torch.device) -> _Progress:
+             arch: dict[str, Any], cfg: TrainConfig, device: str | torch.device,
+             ema: _WeightAverage | None) -> _Progress:
     """Load the state file written by an interrupted run of the same ``arch`` and ``cfg`` into the
     model, optimisers, adapter, sampler and random generators; returns the run's progress.
     (A state file written before the aux optimiser existed resumes with a fresh one.)"""
@@ -455,6 +491,8 @@ def _restore(state_path: Path | None, *, net: nn.Module, opt: torch.optim.Optimi
         aux_opt.load_state_dict(st["aux_optimizer"])
     if adapter is not None:
         adapter.load_state_dict(st["adapter"])
+    if ema is not None:
+        ema.avg = {k: v.to(device) for k, v in st["ema"].items()}
     sampler.restore(st["sampler"])
     torch.set_rng_state(st["torch_rng"])
     if st.get("cuda_rng") is not None and torch.device(device).type == "cuda":
@@ -575,7 +613,9 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
               device: str | torch.device = "cpu") -> dict:
     """Train ``net`` in place for ``cfg.steps`` steps on ``device`` (a sampler on another device
     has its crops moved there; give it ``device`` to cut them there); returns the training record
-    (``history`` of logged windows, ``wall_s``, ``steps``); ``net`` is back on the CPU when it returns.
+    (``history`` of logged windows, ``wall_s``, ``steps``); ``net`` is back on the CPU when it returns,
+    holding the moving average of its weights when ``cfg.ema`` is set (:class:`_WeightAverage`;
+    the state file keeps both the trained weights and the average, so a resume continues both).
 
     Every ``log_every`` steps, and after the last, the mean of each loss term over the steps
     since the previous window is appended to ``history`` (with ``step``) and passed to ``log``.
@@ -610,7 +650,7 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
     aux_opt = _aux_optimizer(net, cfg)
     state_path = Path(state_path) if state_path is not None else None
     parts = {"net": net, "opt": opt, "aux_opt": aux_opt, "adapter": adapter, "sampler": sampler, "arch": arch,
-             "cfg": cfg, "device": device}
+             "cfg": cfg, "device": device, "ema": _WeightAverage(net, cfg.ema) if cfg.ema else None}
     if resume:
         progress = _restore(state_path, **parts)
     else:
@@ -651,6 +691,8 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             if after_step is not None:
                 after_step(net)
             progress.step += 1
+            if parts["ema"] is not None:
+                parts["ema"].update(net, progress.step)
             progress.window.add(terms)
             progress.wall_s = time.perf_counter() - t_start
             if progress.step % log_every == 0 or progress.step == cfg.steps:
@@ -669,6 +711,8 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
         import torch.distributed as dist
 
         dist.barrier()  # the state file is complete when any process returns
+    if parts["ema"] is not None:
+        net.load_state_dict(parts["ema"].avg)
     net.eval().cpu()
     if teacher is not None:
         teacher.cpu()

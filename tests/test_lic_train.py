@@ -567,3 +567,46 @@ def test_bench_jobs_resume_an_interrupted_training_run_of_the_same_arguments(tmp
     _stamp(ev, "start").write_text(json.dumps({"args": ev.args}))
     assert not _resumable(ev, set())
     assert _stamp(job).name == "s.pt.cmd.json" and _stamp(job, "start").name == "s.pt.start.json"
+
+
+def test_ema_returns_the_moving_average_and_resumes_exactly(train_images, tmp_path):
+    """With ``ema`` the weights returned are avg_t = lerp(avg_{t-1}, w_t, 1 - min(ema, (1+t)/(10+t)))
+    of the weights w_t after each step (avg_0 the initial weights), entry by entry; the state
+    file keeps the average, so an interrupted run resumes to the same average."""
+    cfg, tcfg = student_config(4), TrainConfig(steps=5, crop=32, batch=2, seed=3, ema=0.6)
+    torch.manual_seed(tcfg.seed)
+    net = build_lic(cfg)
+    avg = {k: v.clone() for k, v in net.state_dict().items()}
+    raw: list[dict[str, torch.Tensor]] = []
+
+    def record(n):
+        raw.append({k: v.detach().clone() for k, v in n.state_dict().items()})
+        t = len(raw)
+        for k, v in raw[-1].items():
+            avg[k] = torch.lerp(avg[k], v, 1 - min(0.6, (1 + t) / (10 + t))) if v.is_floating_point() else v
+
+    train_lic(net, CropSampler(train_images, tcfg.crop, tcfg.batch, tcfg.seed), tcfg, arch=cfg.to_dict(),
+              after_step=record, state_path=tmp_path / "a.state.pt", log=None)
+    got = net.state_dict()
+    assert len(raw) == 5 and got.keys() == avg.keys()
+    assert all(torch.equal(got[k], avg[k]) for k in got)
+    assert not torch.equal(got["g_s.0.weight"], raw[-1]["g_s.0.weight"])   # the average, not the last step
+    state = torch.load(tmp_path / "a.state.pt", weights_only=True)
+    assert torch.equal(state["model"]["g_s.0.weight"], raw[-1]["g_s.0.weight"])
+    assert torch.equal(state["ema"]["g_s.0.weight"], avg["g_s.0.weight"])
+
+    with pytest.raises(Interrupt):
+        _run(train_images, cfg, tcfg, tmp_path / "b.state.pt", stop_after=3)
+    resumed = _run(train_images, cfg, tcfg, tmp_path / "b.state.pt", resume=True).state_dict()
+    assert all(torch.equal(resumed[k], avg[k]) for k in avg)
+    with pytest.raises(CheckpointError, match=r"other settings .*'ema': \(0\.6, 0\.0\)"):
+        _run(train_images, cfg, TrainConfig(steps=5, crop=32, batch=2, seed=3), tmp_path / "b.state.pt", resume=True)
+    assert "ema" not in TrainConfig().to_dict() and TrainConfig(ema=0.999).to_dict()["ema"] == 0.999
+
+
+def test_ema_outside_0_1_is_refused(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"ema must be a decay in \[0, 1\) \(0 = off, e\.g\. 0\.999\), not 1\.0"):
+        TrainConfig(ema=1.0)
+    rc = main(["train", "--N", "8", "--gdn", "gdn1", "--steps", "1", "--ema", "-0.5", "--out", str(tmp_path / "s.pt")])
+    assert rc == 2 and "--ema must be a decay in [0, 1) (0 = off, e.g. 0.999), not -0.5" in capsys.readouterr().err
+    assert not (tmp_path / "s.pt").exists()
