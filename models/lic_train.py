@@ -32,6 +32,12 @@ transform ``g_a`` runs on the batch (about 0.45 of a whole-teacher pass for the 
 ``extra_loss(net)`` is added to the loss and ``after_step(net)`` runs
 after every optimiser step (watermark embedding, projections).
 
+A step whose gradients are not finite (a NaN or an overflow, e.g. under bf16) is skipped: no
+optimiser step, its loss terms left out of the logged averages, the number of such steps logged
+(``skipped``); :data:`MAX_SKIPPED_IN_A_ROW` of them in a row stop the run with a
+``FloatingPointError``.  (Without the skip one NaN step turns every weight, and every state file
+written after it, into NaN.)
+
 ``ema`` > 0 keeps an exponential moving average of the weights (decay ``ema``, warmed up over the
 first steps) and returns it instead of the last step's weights: the average of a noisy run (a
 MinConv student's loss swings by up to 1.5 dB between 100-step windows) and one that a loss spike
@@ -98,6 +104,8 @@ from .lic import CheckpointError, read_checkpoint
 __all__ = ["TrainConfig", "rd_terms", "train_lic", "STATE_FORMAT", "lr_at", "teacher_reconstructions", "torchrun_env", "distributed"]
 
 STATE_FORMAT = "licforge-lic-train/1"
+#: a run stops (FloatingPointError) after this many steps in a row with non-finite gradients
+MAX_SKIPPED_IN_A_ROW = 20
 
 
 @dataclass(frozen=True)
@@ -230,8 +238,11 @@ class _LossWindow:
         self.steps += 1
 
     def take(self) -> dict[str, float]:
-        """The mean of every term over the steps added since the last call; empties the window."""
-        avg = {k: v / self.steps for k, v in self.sums.items()}
+        """The mean of every term over the steps added since the last call, the steps skipped for
+        non-finite gradients left out (their number is ``skipped``, when any); empties the window."""
+        skipped = self.sums.get("skipped", 0.0)
+        kept = self.steps - skipped
+        avg = {k: (v if k == "skipped" else v / kept if kept else math.nan) for k, v in self.sums.items()}
         self.sums, self.steps = {}, 0
         return avg
 
@@ -550,13 +561,20 @@ def _train_step(model: nn.Module, net: nn.Module, x: Tensor, cfg: TrainConfig, o
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip > 0:
-        nn.utils.clip_grad_norm_(params, cfg.clip)
-    opt.step()
+        norm = nn.utils.clip_grad_norm_(params, cfg.clip)
+    else:
+        norm = nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        opt.step()
+    if not finite:
+        terms["skipped"] = torch.tensor(1.0)
     if aux_opt is not None:
         aux_opt.zero_grad(set_to_none=True)
         aux = _aux_loss(net)
-        aux.backward()
-        aux_opt.step()
+        if finite and torch.isfinite(aux):
+            aux.backward()
+            aux_opt.step()
         terms["aux"] = aux.detach()
     return _mean_terms(terms, world)
 
@@ -565,6 +583,7 @@ def _log_line(desc: str, step: int, cfg: TrainConfig, avg: dict[str, float], wal
     """The progress line of a logged window: mean loss terms, PSNR, time spent and left."""
     left = wall_s / max(1, step) * (cfg.steps - step)
     kd = "".join(f" {k} {avg[k]:.3f}" for k in ("kd_recon", "kd_latent", "extra") if k in avg)
+    kd += f" | skipped {avg['skipped']:.0f} steps (non-finite gradients)" if avg.get("skipped") else ""
     aux = f" aux {avg['aux']:.2f}" if "aux" in avg else ""
     psnr = psnr_from_mse(max(avg["mse"], 1e-12))
     return (f"{desc}: step {step}/{cfg.steps} loss {avg['loss']:.4f} bpp {avg['bpp']:.4f} "
@@ -677,6 +696,7 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             _save_state(state_path, _state(progress, **parts))
 
     t_start = time.perf_counter() - progress.wall_s
+    in_a_row = 0  # steps skipped in a row for non-finite gradients
     try:
         while progress.step < cfg.steps:
             for g in opt.param_groups:
@@ -693,7 +713,13 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             progress.step += 1
             if parts["ema"] is not None:
                 parts["ema"].update(net, progress.step)
-            progress.window.add(terms)
+            in_a_row = in_a_row + 1 if "skipped" in terms else 0
+            if in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise FloatingPointError(
+                    f"{desc}: steps {progress.step - in_a_row + 1}-{progress.step} all gave non-finite gradients and were "
+                    f"skipped; the weights are still those of step {progress.step - in_a_row}, and so are the state "
+                    f"file's; lower --lr, drop --bf16 or check the data")
+            progress.window.add({"skipped": 1.0} if "skipped" in terms else terms)
             progress.wall_s = time.perf_counter() - t_start
             if progress.step % log_every == 0 or progress.step == cfg.steps:
                 avg = progress.window.take()

@@ -610,3 +610,42 @@ def test_ema_outside_0_1_is_refused(tmp_path, capsys):
     rc = main(["train", "--N", "8", "--gdn", "gdn1", "--steps", "1", "--ema", "-0.5", "--out", str(tmp_path / "s.pt")])
     assert rc == 2 and "--ema must be a decay in [0, 1) (0 = off, e.g. 0.999), not -0.5" in capsys.readouterr().err
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_a_run_of_them_stops(train_images, tmp_path):
+    """A NaN loss (here from ``extra_loss``) leaves the weights as they were and is counted in the
+    log instead of turning every weight into NaN; MAX_SKIPPED_IN_A_ROW such steps stop the run."""
+    from licforge.models.lic_train import MAX_SKIPPED_IN_A_ROW
+
+    cfg, tcfg = student_config(4), TrainConfig(steps=4, crop=32, batch=2, seed=3)
+    calls: list[int] = []
+    raw: list[dict[str, torch.Tensor]] = []
+
+    def nan_at(steps):
+        def extra(n):
+            calls.append(1)
+            return n.g_s[0].weight.sum() * (math.nan if len(calls) in steps else 0.0)   # NaN gradients
+        return extra
+
+    torch.manual_seed(tcfg.seed)
+    net = build_lic(cfg)
+    logged: list[str] = []
+    rec = train_lic(net, CropSampler(train_images, tcfg.crop, tcfg.batch, tcfg.seed), tcfg, arch=cfg.to_dict(),
+                    extra_loss=nan_at({2}), after_step=lambda n: raw.append({k: v.clone() for k, v in n.state_dict().items()}),
+                    log_every=2, log=logged.append)
+    assert all(torch.equal(raw[1][k], raw[0][k]) for k in raw[0])          # step 2 changed nothing
+    assert not torch.equal(raw[2]["g_s.0.weight"], raw[1]["g_s.0.weight"])  # step 3 trained again
+    assert all(torch.isfinite(v).all() for v in net.state_dict().values() if v.is_floating_point())
+    first, second = rec["history"]
+    assert first["skipped"] == 1 and math.isfinite(first["loss"]) and "skipped" not in second
+    assert "skipped 1 steps (non-finite gradients)" in logged[0] and "skipped" not in logged[1]
+
+    calls.clear()
+    state = tmp_path / "s.state.pt"
+    with pytest.raises(FloatingPointError, match=rf"steps 2-{MAX_SKIPPED_IN_A_ROW + 1} all gave non-finite gradients "
+                                                 r"and were skipped; the weights are still those of step 1"):
+        train_lic(build_lic(cfg), CropSampler(train_images, tcfg.crop, tcfg.batch, tcfg.seed),
+                  TrainConfig(steps=40, crop=32, batch=2, seed=3), arch=cfg.to_dict(),
+                  extra_loss=nan_at(set(range(2, 100))), state_path=state, save_every=5, log=None)
+    saved = torch.load(state, weights_only=True)
+    assert saved["step"] == 20 and all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
