@@ -583,11 +583,11 @@ def _log_line(desc: str, step: int, cfg: TrainConfig, avg: dict[str, float], wal
     """The progress line of a logged window: mean loss terms, PSNR, time spent and left."""
     left = wall_s / max(1, step) * (cfg.steps - step)
     kd = "".join(f" {k} {avg[k]:.3f}" for k in ("kd_recon", "kd_latent", "extra") if k in avg)
-    kd += f" | skipped {avg['skipped']:.0f} steps (non-finite gradients)" if avg.get("skipped") else ""
     aux = f" aux {avg['aux']:.2f}" if "aux" in avg else ""
+    skip = f", skipped {avg['skipped']:.0f} steps (non-finite gradients)" if avg.get("skipped") else ""
     psnr = psnr_from_mse(max(avg["mse"], 1e-12))
     return (f"{desc}: step {step}/{cfg.steps} loss {avg['loss']:.4f} bpp {avg['bpp']:.4f} "
-            f"mse {avg['mse']:.2f} ({psnr:.2f} dB){kd}{aux} | {wall_s:.0f} s, ~{left:.0f} s left")
+            f"mse {avg['mse']:.2f} ({psnr:.2f} dB){kd}{aux}{skip} | {wall_s:.0f} s, ~{left:.0f} s left")
 
 
 def _wrap(trainee: _Trainee, net: nn.Module, device: str | torch.device) -> nn.Module:
