@@ -25,7 +25,7 @@ one of another architecture with a :class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +192,6 @@ def keep_multipliers(net: nn.Module, cfg: LICConfig, mul_layers: tuple[str, ...]
     MinConv layer's output on the student's own features of ``calib``'s rounded latents (crops
     in p/256 units).  Returns (hybrid in eval mode, its config, the relative RMS error of each
     new layer's fit, in the order of ``g_s``)."""
-    from dataclasses import replace
-
     if cfg.product != "min":
         raise ValueError(f"keep_multipliers converts a MinConv student, not {cfg.name}")
     hcfg = replace(cfg, mul_layers=tuple(sorted(set(cfg.mul_layers) | set(mul_layers))))

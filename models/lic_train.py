@@ -668,8 +668,9 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
     opt, params = _optimizer(net, adapter, cfg)
     aux_opt = _aux_optimizer(net, cfg)
     state_path = Path(state_path) if state_path is not None else None
+    ema = _WeightAverage(net, cfg.ema) if cfg.ema else None
     parts = {"net": net, "opt": opt, "aux_opt": aux_opt, "adapter": adapter, "sampler": sampler, "arch": arch,
-             "cfg": cfg, "device": device, "ema": _WeightAverage(net, cfg.ema) if cfg.ema else None}
+             "cfg": cfg, "device": device, "ema": ema}
     if resume:
         progress = _restore(state_path, **parts)
     else:
@@ -711,8 +712,8 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
             if after_step is not None:
                 after_step(net)
             progress.step += 1
-            if parts["ema"] is not None:
-                parts["ema"].update(net, progress.step)
+            if ema is not None:
+                ema.update(net, progress.step)
             in_a_row = in_a_row + 1 if "skipped" in terms else 0
             if in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 raise FloatingPointError(
@@ -737,8 +738,8 @@ def train_lic(net: nn.Module, sampler: CropSampler, cfg: TrainConfig, *, arch: d
         import torch.distributed as dist
 
         dist.barrier()  # the state file is complete when any process returns
-    if parts["ema"] is not None:
-        net.load_state_dict(parts["ema"].avg)
+    if ema is not None:
+        net.load_state_dict(ema.avg)
     net.eval().cpu()
     if teacher is not None:
         teacher.cpu()

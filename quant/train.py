@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from licforge.errors import UsageError
 from licforge.models.data import CropSampler, load_split
 from licforge.models.lic import LICConfig, build_lic, keep_multipliers, load_weights, save_weights, to_min_student
 from licforge.models.lic_train import TrainConfig, teacher_reconstructions, train_lic
@@ -100,8 +101,6 @@ def train_model(cfg: LICConfig, tcfg: TrainConfig, out: Path, *, data: str | Non
                                                cfg.mul_layers)[0].state_dict())
         elif convert:  # MinConv layers made multipliers
             if not set(init_cfg.mul_layers) <= set(cfg.mul_layers):
-                from licforge.errors import UsageError
-
                 raise UsageError(f"{init}: its multiplier layers {', '.join(init_cfg.mul_layers)} cannot become "
                                  f"MinConv layers again; start from the multiplier student")
             src = replace(cfg, gdn_out=init_cfg.gdn_out, mul_layers=init_cfg.mul_layers)
@@ -150,8 +149,6 @@ def quantize_model(weights: Path, recipe_name: str, out_dir: Path, *, qat: Train
     from licforge.quant.codec import prepare_entropy_coder
     from licforge.quant.lic import export_bundle, quantize_student, save_quantized
     from licforge.quant.lic_recipe import load_recipe
-
-    from licforge.errors import UsageError
 
     out_dir = Path(out_dir)
     net, cfg, fmeta = load_weights(weights)
