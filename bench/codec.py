@@ -28,7 +28,7 @@ __all__ = ["bench_codec", "photo_768x512", "format_codec_table"]
 
 BUNDLE = "models/checkpoints/bundles/student_n16_photos_hybrid8"
 STUDENT = "models/checkpoints/student_n16_photos_l0.0130.pt"
-TEACHER = "models/checkpoints/teacher_n128_photos_l0.0130.pt"
+TEACHER = "models/checkpoints/teacher_n128_photos16k_l0.0130.pt"
 ROOT = Path(__file__).resolve().parent.parent
 
 

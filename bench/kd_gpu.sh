@@ -37,7 +37,7 @@ else
     if [ "$i" -le 4 ]; then
       cmd=(train --N 128 --M 192 --gdn gdn)
     else
-      cmd=(distill --N 64 --gdn gdn1 --kd-recon 1 --teacher models/checkpoints/teacher_n128_photos_l0.0130.pt)
+      cmd=(distill --N 64 --gdn gdn1 --kd-recon 1 --teacher models/checkpoints/teacher_n128_photos16k_l0.0130.pt)
     fi
     python3 -m licforge.flows.cli "${cmd[@]}" --steps $CAL --batch $BATCH --crop $CROP --device cuda --out /tmp/cal/m$i.pt >/tmp/cal/m$i.log 2>&1 &
   done

@@ -69,7 +69,8 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
             lambdas: tuple[float, ...] = LAMBDAS, widths: tuple[int, ...] = WIDTHS,
             seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = DEFAULT_ARMS, data: str | None = None,
             teachers: dict[float, Path] | None = None, kd_targets: str = "online",
-            eval_sets: dict[str, str] | None = None) -> list[Job]:
+            eval_sets: dict[str, str] | None = None, student_init: Path | None = None,
+            student_lr: float = STUDENT_LR) -> list[Job]:
     """The study's jobs in a valid order, base models first: the teacher (trained, or the weight
     files ``teachers`` maps each lambda to: jobs of kind ``"given"``), per width and seed the
     students of ``arms`` (the teacher of the same lambda in each stage for the KD arms) and, with a
@@ -79,7 +80,11 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
     ``kd_targets``: the distilled students' ``--kd-targets`` (``"precomputed"``: the teacher runs
     once per training image, see :mod:`models.lic_train`); ``eval_sets``: more held-out sets (name:
     image folder, its ``test/`` split or every 8th image) on which every model is evaluated too
-    (jobs ``eval_<name>_<model>``; the first with the Pillow JPEG/WebP baselines)."""
+    (jobs ``eval_<name>_<model>``; the first with the Pillow JPEG/WebP baselines);
+    ``student_init``: a trained student weight file every student's base model starts from
+    (``--init``; the study then asks whether distillation helps a student already trained, one
+    width, the file's; arms keeping the teacher's M are refused); ``student_lr``: the students'
+    learning rate."""
     if base < 1 or ft < 1:
         raise ValueError(f"base and fine-tune steps must be >= 1, not {base}/{ft}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
@@ -87,6 +92,9 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
     if not set(arms) <= set(ARMS) or any(TWIN.get(a, "nokd") not in arms for a in arms):
         raise ValueError(f"arms must be among {', '.join(ARMS)} and include each one's twin "
                          f"({', '.join(f'{a}: {t}' for a, t in TWIN.items())}), not {arms}")
+    if student_lr <= 0:
+        raise ValueError(f"the students' learning rate must be > 0, not {student_lr}")
+    init = _check_init(student_init, widths, arms) if student_init is not None else []
     jobs: list[Job] = []
     common = ["--batch", str(batch), "--crop", str(crop), "--device", device]
     common += ["--data", data] if data else []
@@ -104,7 +112,7 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
         plan_star(jobs, work, "teacher", {"base": targs, "ft": targs}, "teacher",
                   {"role": "teacher", "N": TEACHER["N"]}, {"lr": TEACHER["lr"], "base": base, "ft": ft},
                   lambdas=lambdas)
-    cfg = {"lr": STUDENT_LR, "base": base, "ft": ft}
+    cfg = {"lr": student_lr, "base": base, "ft": ft}
     runs = [(n, arm, seed) for n in widths for seed in seeds for arm in arms]
     runs += [(min(widths), "nokd", seeds[0] + 1)] if len(seeds) == 1 else []
     for n, arm, seed in runs:
@@ -113,7 +121,7 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
         args = ["distill", "--N", str(n), *m, "--gdn", "gdn1", *kd_args(kd), *common]
         args += ["--kd-targets", kd_targets] if kd and kd_targets != "online" else []
         args += ["--seed", str(seed)] if seed else []
-        plan_star(jobs, work, f"s{n}_{arm}" + (f"_seed{seed}" if seed else ""), {"base": args, "ft": args},
+        plan_star(jobs, work, f"s{n}_{arm}" + (f"_seed{seed}" if seed else ""), {"base": args + init, "ft": args},
                   _curve(n, arm, seed), {"role": "student", "N": n, "M": int(m[1]) if m else n * 3 // 2,
                                          "arm": arm, "seed": seed}, cfg,
                   {"base": "same", "ft": "same"} if kd else None, lambdas=lambdas)
@@ -132,11 +140,28 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
     return sorted(jobs, key=lambda j: ("given", "base", "train", "eval").index(j.kind))
 
 
+def _check_init(path: Path, widths: tuple[int, ...], arms: tuple[str, ...]) -> list[str]:
+    """``--init`` arguments of the students' base models from ``path``, after checking that it is a
+    student of the study's one width and of the hardware's M = 3N/2 (UsageError naming the file)."""
+    from licforge.models.lic import load_weights
+
+    cfg = load_weights(path)[1]
+    if set(widths) != {cfg.N} or cfg.M != cfg.N * 3 // 2 or cfg.gdn != "gdn1" or cfg.arch != "factorized":
+        raise UsageError(f"--student-init {path}: a factorized GDN1 student with M = 3N/2 of the study's one width "
+                         f"is needed (it is N={cfg.N}, M={cfg.M}, {cfg.arch}, {cfg.gdn}; --widths {' '.join(map(str, widths))}): "
+                         f"give --widths {cfg.N} or another file")
+    if set(arms) & set(KEEP_M):
+        raise UsageError(f"--student-init: the arms {', '.join(sorted(set(arms) & set(KEEP_M)))} keep the teacher's "
+                         f"M = {TEACHER['M']}, which {path} (M={cfg.M}) does not have: leave them out")
+    return ["--init", str(path)]
+
+
 def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, crop: int = 64,
              device: str = "cpu", workers: int = 2, tag: str = "long", lambdas: tuple[float, ...] = LAMBDAS,
              widths: tuple[int, ...] = WIDTHS, seeds: tuple[int, ...] = (0,), arms: tuple[str, ...] = DEFAULT_ARMS,
              data: str | None = None, teachers: dict[float, Path] | None = None,
-             kd_targets: str = "online", eval_sets: dict[str, str] | None = None) -> dict[str, Any]:
+             kd_targets: str = "online", eval_sets: dict[str, str] | None = None,
+             student_init: Path | None = None, student_lr: float = STUDENT_LR) -> dict[str, Any]:
     """Run :func:`plan_kd` (finished steps are kept) and write ``results/lic_kd_<tag>.json``
     and ``results/rd_kd_<tag>.png``, and per set of ``eval_sets`` the same verdict on it,
     ``lic_kd_<tag>_<set>.json`` (with BD-rates against Pillow JPEG and WebP) and
@@ -146,7 +171,8 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
     from licforge.quant.rd import bd_rate, plot_rd
 
     jobs = plan_kd(work, base, ft, batch=batch, crop=crop, device=device, lambdas=lambdas, widths=widths,
-                   seeds=seeds, arms=arms, data=data, teachers=teachers, kd_targets=kd_targets, eval_sets=eval_sets)
+                   seeds=seeds, arms=arms, data=data, teachers=teachers, kd_targets=kd_targets, eval_sets=eval_sets,
+                   student_init=student_init, student_lr=student_lr)
     t0 = time.perf_counter()
     run_jobs(jobs, work / "logs", workers)
     elapsed = time.perf_counter() - t0
@@ -188,7 +214,10 @@ def kd_study(results: Path, work: Path, *, base: int, ft: int, batch: int = 8, c
            "settings": {"base_steps": base, "fine_tune_steps": ft, "batch": batch, "crop": crop,
                         "lambdas": list(lambdas), "teacher": {"N": TEACHER["N"], "M": TEACHER["M"],
                                                               "lr": TEACHER["lr"]},
-                        "student_lr": STUDENT_LR, "arms": {a: ARMS[a] for a in arms}, "seeds": list(seeds),
+                        "student_lr": student_lr,
+                        **({"student_init": {"file": str(student_init), "sha256": _sha256(student_init)}}
+                           if student_init is not None else {}),
+                        "arms": {a: ARMS[a] for a in arms}, "seeds": list(seeds),
                         "data": data or "embedded", "teachers": "given" if teachers else "trained"},
            "distillation": per_width, "seed_noise": seed_noise, "models": models,
            **({"eval_sets": dict(eval_sets)} if eval_sets else {}), "note": note}

@@ -264,6 +264,7 @@ def _eval_sets(folders: list[str] | None) -> dict[str, str]:
 
 def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.kd_study import kd_study
+    from licforge.errors import need_file
 
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, not {args.workers}")
@@ -272,13 +273,17 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
         raise UsageError(f"--widths must be >= 1 and --seeds distinct and >= 0, not {args.widths} / {args.seeds}")
     if args.lambdas is not None and (len(args.lambdas) < 4 or min(args.lambdas) <= 0):
         raise UsageError(f"--lambdas: give at least 4 positive values (a BD-rate needs 4 points), not {args.lambdas}")
-    lambdas = {"lambdas": tuple(sorted(args.lambdas))} if args.lambdas else {}
+    extra = {"lambdas": tuple(sorted(args.lambdas))} if args.lambdas else {}
+    if args.student_lr is not None and args.student_lr <= 0:
+        raise UsageError(f"--student-lr must be > 0, not {args.student_lr}")
+    extra |= {} if args.student_lr is None else {"student_lr": args.student_lr}
+    init = need_file(args.student_init, "--student-init") if args.student_init else None
     work = Path(args.work) if args.work else build / "lic" / "kd"
     res = kd_study(out, work, base=args.base_steps, ft=args.ft_steps, batch=args.batch,
                    crop=args.crop, device=args.device, workers=args.workers, tag=args.tag,
                    widths=tuple(args.widths), seeds=tuple(args.seeds), arms=tuple(args.arms), data=args.data,
                    teachers=_given_teachers(args.teachers), kd_targets=args.kd_targets,
-                   eval_sets=_eval_sets(args.eval_data), **lambdas)
+                   eval_sets=_eval_sets(args.eval_data), student_init=init, **extra)
 
     def f(v: float | None, fmt: str) -> str:  # BD figures are None where two curves do not overlap
         return "n/a" if v is None else format(v, fmt)
@@ -409,6 +414,10 @@ def register(groups: dict) -> None:
     p.add_argument("--eval-data", nargs="+", default=None, metavar="DIR",
                    help="more held-out image folders: every model evaluated on each too (Pillow JPEG/WebP in the "
                         "same run) -> lic_kd_<tag>_<folder name>.json, rd_kd_<tag>_<folder name>.png")
+    p.add_argument("--student-init", default=None, metavar="FILE",
+                   help="a trained student every student's base model starts from (one width, the file's): does "
+                        "distillation help a student already trained?")
+    p.add_argument("--student-lr", type=float, default=None, help="the students' learning rate (default 1e-3)")
     p.add_argument("--tag", default="long", help="suffix of the result files")
     p.add_argument("--work", default=None, help="folder of the models, evaluations and logs (default <build>/lic/kd)")
     _device_arg(p)

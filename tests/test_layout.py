@@ -129,7 +129,7 @@ def test_a_non_editable_install_carries_the_checkpoints_recipes_and_config(tmp_p
     code = ("import licforge, pathlib, importlib.util as u; p = pathlib.Path(licforge.__file__).parent\n"
             "print(p.parent.name)\n"
             "print(u.find_spec('models') is None, u.find_spec('flows') is None)\n"
-            "for f in ('models/checkpoints/teacher_n128_photos_l0.0130.pt', 'models/checkpoints/student_n16_photos_l0.0130.pt',\n"
+            "for f in ('models/checkpoints/teacher_n128_photos16k_l0.0130.pt', 'models/checkpoints/student_n16_photos_l0.0130.pt',\n"
             "          'models/checkpoints/bundles/student_n16_photos_hybrid8/bundle.json', 'quant/recipes/hybrid8.json',\n"
             "          'flows/default.toml', 'bench/results/lic.json', 'models/checkpoints/digits/meta.json'):\n"
             "    print(f, (p / f).is_file())\n")

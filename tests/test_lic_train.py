@@ -344,6 +344,36 @@ def test_kd_study_with_given_teachers_trains_no_teacher_and_evaluates_them():
             plan_kd(Path("w"), 40, 10, arms=arms)
 
 
+def test_kd_study_from_a_trained_student_starts_every_base_there_and_refuses_another_width(capsys):
+    """bench kd --student-init: every student's base model (with and without KD, every seed) starts
+    from the file, its fine-tunes from their base as before, all at --student-lr; a file of another
+    width or M = 192 arms are refused naming the file, and so are a missing file and lr <= 0."""
+    from pathlib import Path
+
+    from licforge.bench.kd_study import plan_kd
+
+    student = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "student_n16_photos_l0.0130.pt"
+    by = {j.name: j for j in plan_kd(Path("w"), 40, 10, widths=(16,), seeds=(0, 1), arms=("nokd", "mix50"),
+                                     student_init=student, student_lr=2e-4)}
+    bases = [j for j in by.values() if j.kind == "base" and j.info["role"] == "student"]
+    assert sorted(j.name for j in bases) == ["s16_mix50_base", "s16_mix50_seed1_base", "s16_nokd_base",
+                                            "s16_nokd_seed1_base"]
+    assert all(j.args[j.args.index("--init") + 1] == str(student) for j in bases)
+    ft = by["s16_mix50_seed1_l0.0067"].args
+    assert ft[ft.index("--init") + 1] == str(Path("w/s16_mix50_seed1_base.pt")) and ft.count("--init") == 1
+    assert all(j.args[j.args.index("--lr") + 1] == "0.0002" for j in by.values() if j.info.get("role") == "student")
+    assert "--init" not in by["teacher_base"].args
+    with pytest.raises(UsageError, match=r"--student-init .*student_n16_photos_l0.0130.pt: a factorized GDN1 student "
+                                         r"with M = 3N/2 of the study's one width is needed \(it is N=16, M=24, "
+                                         r"factorized, gdn1; --widths 16 32\): give --widths 16 or another file"):
+        plan_kd(Path("w"), 40, 10, widths=(16, 32), student_init=student)
+    with pytest.raises(UsageError, match=r"the arms nokd_m192, prim_m192 keep the teacher's M = 192"):
+        plan_kd(Path("w"), 40, 10, widths=(16,), arms=("nokd", "nokd_m192", "prim_m192"), student_init=student)
+    for bad, msg in ((["--student-init", "nowhere.pt"], "--student-init nowhere.pt: not found"),
+                     (["--student-lr", "0"], "--student-lr must be > 0, not 0.0")):
+        assert main(["bench", "kd", "--widths", "16", *bad]) == 2 and msg in capsys.readouterr().err
+
+
 def test_kd_study_prim_arms_keep_the_teachers_m_and_pair_with_their_twins():
     """The PRIM arms: latent KD at weight 1/3 with precomputed reconstructions (none needed: the
     teacher's analysis transform runs per batch), the M = 192 arms pass --M 192, and every arm's

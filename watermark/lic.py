@@ -23,14 +23,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from licforge.models.lic import SYNTH_CONVS, load_weights
+from licforge.models.training import Marker, train
 from licforge.quant.bundle import Bundle, Layer
 from .keys import WatermarkKey, make_key
 from .layers import model_chain
-from licforge.models.training import Marker, train
 
 __all__ = ["LICHost", "DECODER_LAYERS", "DEFAULT_STUDENT", "student_chain", "float_student"]
 
-DECODER_LAYERS = ("g_s.0", "g_s.2", "g_s.4", "g_s.6")
+DECODER_LAYERS = SYNTH_CONVS
+"""The layers a key is drawn over: the synthesis convolutions, what the hardware decodes."""
 DEFAULT_STUDENT = Path(__file__).resolve().parent.parent / "models" / "checkpoints" / "student_n16_photos_l0.0130.pt"
 
 
@@ -52,7 +54,6 @@ class LICHost:
 
     def __post_init__(self) -> None:
         from licforge.models.data import CropSampler, load_split
-        from licforge.models.lic import load_weights
 
         self.net, self.cfg, self.meta = load_weights(self.weights)
         self.lmbda = float(self.meta.get("lmbda") or 0.013)
