@@ -567,7 +567,7 @@ def _train_step(model: nn.Module, net: nn.Module, x: Tensor, cfg: TrainConfig, o
     finite = bool(torch.isfinite(norm))
     if finite:
         opt.step()
-    if not finite:
+    else:
         terms["skipped"] = torch.tensor(1.0)
     if aux_opt is not None:
         aux_opt.zero_grad(set_to_none=True)
