@@ -151,13 +151,12 @@ def _cmd_decode(args) -> int:
 
 def _rtl(args, bundle, data: bytes):
     """The decoder RTL's pixels of ``data`` and its report (with PI, PO)."""
+    from licforge.flows.cmd_decoder import chosen_parallelism
     from licforge.quant.bundle import decoder_layers
-    from licforge.rtl.plan import default_parallelism
     from licforge.sim.decode import rtl_decode_file
 
     need_int(args.max_width, "--max-width", 1, 4096)
-    pi, po = default_parallelism(decoder_layers(bundle))
-    pi, po = args.pi or pi, args.po or po
+    pi, po = chosen_parallelism(args, decoder_layers(bundle))
     rgb, rep = rtl_decode_file(bundle, data, Path(args.build), pi=pi, po=po, max_width=args.max_width,
                                simulator=args.simulator)
     return rgb, {**rep, "pi": pi, "po": po}

@@ -17,14 +17,17 @@ from licforge.rtl.project import DEFAULT_MAX_WIDTH, DEFAULT_PART
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
 from licforge.errors import UsageError, need_file, need_int
 
-__all__ = ["register"]
+__all__ = ["register", "chosen_parallelism"]
 
 
-def _parallelism(args, layers) -> tuple[int, int]:
+def chosen_parallelism(args: argparse.Namespace, layers) -> tuple[int, int]:
+    """(``--pi``, ``--po``) of the command line, each defaulting to the plan's
+    (:func:`rtl.plan.default_parallelism`) only when not given: a given 0 or negative value
+    reaches the plan's check and is refused there by name."""
     from licforge.rtl.plan import default_parallelism
 
     pi, po = default_parallelism(layers)
-    return (args.pi or pi), (args.po or po)
+    return (pi if args.pi is None else args.pi), (po if args.po is None else args.po)
 
 
 def _cmd_rtl_decoder(args) -> int:
@@ -34,7 +37,7 @@ def _cmd_rtl_decoder(args) -> int:
     from licforge.quant.synthetic import load_decoder_bundle
 
     bundle = load_decoder_bundle(args.bundle, Path(args.build))
-    pi, po = _parallelism(args, decoder_layers(bundle))
+    pi, po = chosen_parallelism(args, decoder_layers(bundle))
     out = Path(args.out or f"{args.build}/rtl/decoder_{bundle.hash[:12]}_pi{pi}_po{po}")
     need_int(args.max_width, "--max-width", 1, 4096)
     man = generate_decoder(bundle, pi, po, out, max_width=args.max_width, part=args.part,
@@ -61,7 +64,7 @@ def _cmd_rtl_gdn(args) -> int:
         raise UsageError(f"--layer: bundle {bundle.path} has no igdn/gdn layer {args.layer or ''}")
     lay = gdns[0]
     try:
-        unit = GdnUnit.for_layer(lay, pi=args.pi, po=args.po or 1, div_bits=args.div_bits)
+        unit = GdnUnit.for_layer(lay, pi=args.pi, po=1 if args.po is None else args.po, div_bits=args.div_bits)
     except ValueError as e:
         raise UsageError(str(e)) from None
     out = Path(args.out or f"{args.build}/rtl/gdn_{bundle.hash[:12]}_{lay.name}_pi{unit.pi}_po{unit.po}")
@@ -116,7 +119,7 @@ def _cmd_perf(args) -> int:
     if args.pi is None and args.po is None:
         designs = parallelism_sweep(bundle)
     else:
-        designs = [_parallelism(args, decoder_layers(bundle))]
+        designs = [chosen_parallelism(args, decoder_layers(bundle))]
     if args.per_layer and not args.synth:
         raise UsageError("--per-layer: it says how --synth synthesizes; give --synth too")
     rows = design_table(bundle, designs, synth=args.synth, per_layer=args.per_layer, family=args.family,
@@ -197,7 +200,7 @@ def register(groups: dict) -> None:
             p.add_argument("--pp", type=int, default=1, help="output pixels per cycle (lanes; default 1)")
             p.add_argument("--pack", action="store_true", help="two 8-bit products per DSP48E2 where they fit")
         _sim_opts(p)
-        p.set_defaults(func=_cmd_sim_block, kind=kind)
+        p.set_defaults(func=_cmd_sim_block, kind=kind, **({"layer": None} if kind == "decoder" else {}))
 
     p = groups["top"].add_parser("perf", help="decoder resources (Yosys) and analytical throughput, as a table: "
                                               "one design with --pi/--po, else the sweep of bench decoder")

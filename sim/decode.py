@@ -147,7 +147,7 @@ def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: in
     if real is not None:
         height, width = real.shape[2:]
     dpi, dpo = _default_parallelism(bundle, kind, layers[0])
-    pi, po = pi or dpi, po or dpo
+    pi, po = (dpi if pi is None else pi), (dpo if po is None else po)
     if kind == "decoder" and (pp != 1 or pack):
         raise UsageError("--pp/--pack set one block's parallelism; a whole decoder takes its plan "
                          "('licforge plan', sim.decode.rtl_decode(plan=...))")

@@ -24,6 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
     (["synth", "x.v", "--family", "ecp5"], "argument --family: invalid choice: 'ecp5'"),
     (["flow", "--out", "x"], "--out: only with --digits"),
     (["flow", "--digits", "my.toml", "--run-dir", "r"], "CONFIG, --run-dir: not with --digits"),
+    # a given 0 is refused, not taken for "use the default" (and sim decoder has no --layer)
+    (["rtl", "decoder", "synthetic:16:24", "--pi", "0"],
+     "--pi must divide the 16 input channels of the heaviest layer 'g_s.4': one of [1, 2, 4, 8, 16], not 0"),
+    (["perf", "synthetic:16:24", "--pi", "2", "--po", "0"],
+     "--po must divide the 16 output channels of the heaviest layer 'g_s.4': one of [1, 2, 4, 8, 16], not 0"),
+    (["sim", "decoder", "synthetic:16:24", "--po", "0"],
+     "--po must divide the 16 output channels of the heaviest layer 'g_s.4': one of [1, 2, 4, 8, 16], not 0"),
+    (["rtl", "gdn", "synthetic:16:24", "--po", "0"], "layer g_s.1: po must divide the 16 channels: one of [1, 2, 4, 8, 16], not 0"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle, capsys):
     assert main(args) == 2
