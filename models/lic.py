@@ -25,6 +25,7 @@ one of another architecture with a :class:`CheckpointError` naming the file.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -236,6 +237,14 @@ def save_weights(net: nn.Module, cfg: LICConfig, path: str | Path, meta: dict[st
     return path
 
 
+def _load_error(e: Exception) -> str:
+    """The cause in one short line: for a file the weights-only unpickler refuses, its reason
+    (e.g. ``Unsupported operand 103`` for text), not torch's advice to load it unsafely."""
+    msg = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", msg)
+    return f"{type(e).__name__}: " + (f"unpickler: {m.group(1)}" if m else (msg.splitlines() or [""])[0])[:120]
+
+
 def read_checkpoint(path: str | Path, fmt: str, writer: str | None = None) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` of a licforge checkpoint of format ``fmt``,
     or a :class:`CheckpointError` saying what is wrong with the file; ``writer`` names what
@@ -246,9 +255,8 @@ def read_checkpoint(path: str | Path, fmt: str, writer: str | None = None) -> di
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / non-torch files
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:120]}); the file is corrupt or truncated, "
-                              f"train or copy it again") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_load_error(e)}); the file is corrupt or "
+                              f"truncated, train or copy it again") from None
     if not isinstance(ck, dict) or ck.get("format") != fmt:
         got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
         writer = writer or f"licforge {'train/distill' if fmt == WEIGHTS_FORMAT else 'quantize'}"

@@ -94,6 +94,11 @@ def test_weights_load_with_weights_only_and_refuse_wrong_files(tmp_path):
     bad.write_bytes(path.read_bytes()[:500])
     with pytest.raises(CheckpointError, match=r"cut\.pt: not a readable checkpoint .*corrupt or truncated"):
         load_weights(bad)
+    text = tmp_path / "notes.pt"
+    text.write_text("garbage")  # the cause, not torch's advice to load it with weights_only=False
+    with pytest.raises(CheckpointError, match=r"notes\.pt: not a readable checkpoint \(UnpicklingError: unpickler: "
+                                              r"Unsupported operand 103\); the file is corrupt or truncated"):
+        load_weights(text)
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(CheckpointError, match=r"other\.pt: format None, expected 'licforge-lic-weights/1'"):
