@@ -45,7 +45,8 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
     convolutions named in ``mul_layers`` keep multipliers."""
     if product not in ("mul", "min"):
         raise ValueError(f"random_decoder_bundle: product must be 'mul' or 'min', not {product!r}")
-    if mul_layers and (product != "min" or not set(mul_layers) <= {"g_s.0", "g_s.2", "g_s.4", "g_s.6"}):
+    convs = tuple(f"g_s.{2 * k}" for k in range(4))  # models.lic.SYNTH_CONVS (this module is torch-free)
+    if mul_layers and (product != "min" or not set(mul_layers) <= set(convs)):
         raise ValueError(f"random_decoder_bundle: mul_layers are convolutions of a 'min' decoder, not {mul_layers}")
     gdn_mins = product == "min"
     rng = np.random.default_rng(seed)
@@ -57,7 +58,7 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
     chans = [m, n, n, n, 3]
     for k in range(4):
         cin, cout = chans[k], chans[k + 1]
-        mins = gdn_mins and f"g_s.{2 * k}" not in mul_layers   # this convolution's product
+        mins = gdn_mins and convs[k] not in mul_layers   # this convolution's product
         x_bits = act_bits if k else latent_bits
         # min: latents (a quarter of their range) shifted up by 2; layer 2's weights half-range, shifted by 1
         x_shift, w_shift = (2 if k == 0 else 0, 1 if k == 2 else 0) if mins else (0, 0)
@@ -90,7 +91,7 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
                  "stride": 2, "padding": 2, "output_padding": 1}
         if mins:
             attrs.update(x_shift=x_shift, w_shift=w_shift, log2_gain=gain)
-        conv = Layer(f"g_s.{2 * k}", "conv_transpose2d", attrs, {"weight": w, "bias": bias})
+        conv = Layer(convs[k], "conv_transpose2d", attrs, {"weight": w, "bias": bias})
         layers.append(conv)
         x, x_exp = run_layer(conv, x), out_exp
         if last:

@@ -10,8 +10,9 @@ from licforge.errors import UsageError
 from licforge.flows.cli import main
 from licforge.models.data import CropSampler, embedded_images
 from licforge.models.lic import (LICConfig, build_lic, keep_multipliers, load_weights, save_weights, student_config,
-                                 to_min_student)
+                                 SYNTH_CONVS, to_min_student)
 from licforge.models.minconv import MinConvTranspose2d, MinIGDN1
+from licforge.quant.synthetic import random_decoder_bundle
 
 
 def _hybrid(n: int, *layers: str) -> LICConfig:
@@ -42,6 +43,12 @@ def test_the_record_names_sorts_and_refuses_mul_layers(tmp_path):
                                           MinConvTranspose2d, MinIGDN1, nn.ConvTranspose2d]
     assert main(["distill", "--N", "4", "--product", "min", "--mul-layers", "g_s.3", "--steps", "1",
                  "--out", str(tmp_path / "x.pt")]) == 2
+    # the torch-free random bundles name their convolutions as the models do, and refuse the same names
+    synth = random_decoder_bundle(4, 6, product="min", mul_layers=SYNTH_CONVS[:1])
+    assert tuple(l.name for l in synth.layers if l.op == "conv_transpose2d") == SYNTH_CONVS
+    assert [l.attrs.get("product") for l in synth.layers if l.op == "conv_transpose2d"] == ["mul", "min", "min", "min"]
+    with pytest.raises(ValueError, match="mul_layers are convolutions of a 'min' decoder"):
+        random_decoder_bundle(4, 6, product="min", mul_layers=("g_s.1",))
 
 
 def test_conversions_keep_or_fit_the_multiplier_layers(tmp_path, capsys):
