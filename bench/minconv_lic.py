@@ -24,20 +24,21 @@ from pathlib import Path
 
 from licforge.tables import markdown_table
 
-__all__ = ["twin_bundles", "synth_twins", "HYBRID_MUL", "DECODERS", "pnr_twins", "decode_held_out", "held_out_rd", "format_synth_table", "RUNS",
+__all__ = ["twin_bundles", "synth_twins", "HYBRIDS", "DECODERS", "pnr_twins", "decode_held_out", "held_out_rd", "format_synth_table", "RUNS",
            "PNR_RUNS",
            "TWIN_N", "TWIN_M", "TWIN_SEED", "TWIN_PARALLELISM", "MIN_STUDENT"]
 
 TWIN_N, TWIN_M, TWIN_SEED = 16, 16, 0
 TWIN_PARALLELISM = (16, 2)   # the N=16 decoder of bench decoder's place and route (PI x PO of the heaviest layer)
-#: the convolutions the hybrid decoder keeps as multipliers (its inverse GDNs and other convolutions are MinConv)
-HYBRID_MUL = ("g_s.0", "g_s.6")
-#: the decoders: multiplier, MinConv, and the hybrid (MinConv with HYBRID_MUL kept as multipliers)
-DECODERS = ("mul", "min", "hybrid")
+#: the hybrid decoders: MinConv with these convolutions kept as multipliers (their inverse GDNs and other
+#: convolutions MinConv); ``hybrid`` is the committed hybrid student's, ``hybrid0`` keeps the first layer only
+HYBRIDS = {"hybrid": ("g_s.0", "g_s.6"), "hybrid0": ("g_s.0",)}
+#: the decoders: multiplier, MinConv, and the hybrids
+DECODERS = ("mul", "min", *HYBRIDS)
 #: (decoder, family, DSP inference) of each synthesis, in the order they run
 RUNS = [("min", "xcup", True), ("mul", "xcup", True), ("mul", "xcup", False),
         ("min", "ecp5", True), ("mul", "ecp5", True), ("mul", "ecp5", False),
-        ("hybrid", "xcup", True), ("hybrid", "xcup", False), ("hybrid", "ecp5", True), ("hybrid", "ecp5", False)]
+        *[(h, family, dsp) for h in HYBRIDS for family in ("xcup", "ecp5") for dsp in (True, False)]]
 _KEYS = {"xcup": ("LUT", "FF", "CARRY", "DSP", "BRAM", "LUTRAM", "MUXF"),
          "ecp5": ("LUT4", "FF", "CARRY", "MULT18", "EBR", "LUTRAM", "MUX")}
 
@@ -61,7 +62,7 @@ def twin_bundles(build_dir: Path, n: int = TWIN_N, m: int = TWIN_M, seed: int = 
 
 def _spec(decoder: str) -> dict:
     """random_decoder_bundle's arguments of one of :data:`DECODERS`."""
-    return {"product": "min", "mul_layers": HYBRID_MUL} if decoder == "hybrid" else {"product": decoder}
+    return {"product": "min", "mul_layers": HYBRIDS[decoder]} if decoder in HYBRIDS else {"product": decoder}
 
 
 def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi: int = TWIN_PARALLELISM[0],
@@ -251,11 +252,11 @@ def held_out_rd(eval_json: Path, twin: list[tuple[float, float]], curves: list[s
 
 def _ratios(runs: list[dict]) -> dict:
     """MinConv LUTs (and FFs) over the multiplier decoder's, with DSPs and with -nodsp, per family;
-    the hybrid's without DSPs (its multipliers in LUTs) over the multiplier decoder's the same way."""
+    each hybrid's without DSPs (its multipliers in LUTs) over the multiplier decoder's the same way."""
     got = {(r["product"], r["family"], r["dsp"]): r["resources"] for r in runs if "resources" in r}
     out = {}
     for family, lut in (("xcup", "LUT"), ("ecp5", "LUT4")):
-        for dec, mine in (("min", got.get(("min", family, True))), ("hybrid", got.get(("hybrid", family, False)))):
+        for dec, mine in (("min", got.get(("min", family, True))), *((h, got.get((h, family, False))) for h in HYBRIDS)):
             for dsp, tag in ((True, "dsp"), (False, "nodsp")):
                 other = got.get(("mul", family, dsp))
                 if mine and other:
@@ -264,7 +265,8 @@ def _ratios(runs: list[dict]) -> dict:
     return out
 
 
-_LABEL = {"min": "MinConv", "mul": "multiplier", "hybrid": f"hybrid ({' and '.join(HYBRID_MUL)} multipliers)"}
+_LABEL = {"min": "MinConv", "mul": "multiplier",
+          **{h: f"hybrid ({' and '.join(layers)} multipliers)" for h, layers in HYBRIDS.items()}}
 
 
 def format_synth_table(result: dict) -> str:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from licforge.bench.minconv_lic import DECODERS, HYBRID_MUL
+from licforge.bench.minconv_lic import DECODERS, HYBRIDS
 from licforge.errors import UsageError
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
 
@@ -117,8 +117,9 @@ def register(groups: dict) -> None:
     p.add_argument("--sections", nargs="+", default=["synth", "pnr", "decode"], choices=["synth", "pnr", "decode"],
                    help="parts to run; each updates its part of the JSON and keeps the others")
     p.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=DECODERS,
-                   help=f"decoders the synth section synthesizes (hybrid: MinConv with {' and '.join(HYBRID_MUL)} "
-                        f"kept as multipliers); the runs of the others are kept")
+                   help="decoders the synth section synthesizes (" + "; ".join(
+                       f"{h}: MinConv with {' and '.join(layers)} kept as multipliers" for h, layers in HYBRIDS.items())
+                   + "); the runs of the others are kept")
     p.set_defaults(bench=_bench_minconv_lic, in_all=False)
 
     p = groups["bench"].add_parser("minconv", help="comparator vs multiplier lanes: Yosys resources, "

@@ -133,10 +133,12 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
     without DSPs (its multipliers in LUTs) against the multiplier decoder with and without DSPs."""
     from licforge.bench.minconv_lic import _ratios, twin_bundles
 
-    b = twin_bundles(tmp_path, n=4, m=4, products=("min", "hybrid"))
-    assert b["hybrid"].model["mul_layers"] == ["g_s.0", "g_s.6"]
+    b = twin_bundles(tmp_path, n=4, m=4, products=("min", "hybrid", "hybrid0"))
+    assert b["hybrid"].model["mul_layers"] == ["g_s.0", "g_s.6"] and b["hybrid0"].model["mul_layers"] == ["g_s.0"]
     assert [l.attrs.get("product") for l in b["hybrid"].layers if l.op == "conv_transpose2d"] == \
         ["mul", "min", "min", "mul"]
+    assert [l.attrs.get("product") for l in b["hybrid0"].layers if l.op == "conv_transpose2d"] == \
+        ["mul", "min", "min", "min"]
     for name in ("g_s.1", "g_s.3", "g_s.5"):   # the same random gamma, in min form with a shift output
         hy, mn = b["hybrid"].layer(name), b["min"].layer(name)
         assert np.array_equal(hy.tensors["gamma"], mn.tensors["gamma"])
@@ -146,9 +148,12 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
     runs = [{"product": "mul", "family": "xcup", "dsp": True, "resources": res(5000, 1000)},
             {"product": "mul", "family": "xcup", "dsp": False, "resources": res(16000, 1000)},
             {"product": "hybrid", "family": "xcup", "dsp": False, "resources": res(9600, 900)},
-            {"product": "hybrid", "family": "xcup", "dsp": True, "resources": res(6000, 900)}]
+            {"product": "hybrid", "family": "xcup", "dsp": True, "resources": res(6000, 900)},
+            {"product": "hybrid0", "family": "xcup", "dsp": False, "resources": res(8000, 800)}]
     assert _ratios(runs) == {"xcup_lut_hybrid_over_mul_dsp": 1.92, "xcup_ff_hybrid_over_mul_dsp": 0.9,
-                             "xcup_lut_hybrid_over_mul_nodsp": 0.6, "xcup_ff_hybrid_over_mul_nodsp": 0.9}
+                             "xcup_lut_hybrid_over_mul_nodsp": 0.6, "xcup_ff_hybrid_over_mul_nodsp": 0.9,
+                             "xcup_lut_hybrid0_over_mul_dsp": 1.6, "xcup_ff_hybrid0_over_mul_dsp": 0.8,
+                             "xcup_lut_hybrid0_over_mul_nodsp": 0.5, "xcup_ff_hybrid0_over_mul_nodsp": 0.8}
 
 
 HYBRID = "models/checkpoints/bundles/student_n16_min_mul06_hybrid8"
