@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _set_threads(args)
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is caught below, not reported at exit
+        return rc
     except UsageError as e:
         print(f"licforge: error: {e}", file=sys.stderr)
         return 2
@@ -118,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CheckFailed as e:
         print(f"licforge: check failed: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # the reader of stdout left (``licforge inspect B | head``): stop without a traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one when Python flushes at exit
         return 1
     except Exception as e:  # errors of our own boundary checks carry their own message
         from licforge.quant.bundle import BundleError

@@ -50,6 +50,18 @@ def test_console_script_exits_2_with_one_line():
     assert lines == ["licforge: error: --bits must be between 2 and 32, not 0"]
 
 
+def test_a_closed_stdout_pipe_ends_the_command_without_a_traceback(tmp_path):
+    """``licforge ... | head``: the reader leaves before the command writes; exit 1, nothing on stderr
+    about the broken pipe (no traceback, no 'Exception ignored' at interpreter exit)."""
+    script = Path(sys.executable).with_name("licforge")
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "licforge.flows.cli"]
+    p = subprocess.Popen(cmd + ["rtl", "minconv", "--out", str(tmp_path / "m")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()   # before the child has written anything: its first flush meets a closed pipe
+    err = p.stderr.read()
+    assert p.wait() == 1 and "BrokenPipe" not in err and "Traceback" not in err, err
+
+
 def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
     """(command path, parser) of every parser in the ``licforge`` tree, the top one first."""
     yield path, parser
