@@ -159,10 +159,12 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
 HYBRID = "models/checkpoints/bundles/student_n16_min_mul06_hybrid8"
 
 
-def test_committed_hybrid_brevitas_equals_golden_and_plans_54_dsps_at_1080p30():
-    """The committed N=16 hybrid (g_s.0 and g_s.6 multipliers): Brevitas (float64) == golden on
-    crops of every embedded held-out image, as integers; at 1080p30 the planner gives it 54 DSPs
-    (g_s.0 6, g_s.6 48), against 161 for the multiplier student and 0 for the MinConv one."""
+@pytest.mark.parametrize("path,dsps", [(HYBRID, {"g_s.0": 6, "g_s.6": 48}),
+                                       ("models/checkpoints/bundles/student_n16_min_mul0_hybrid8", {"g_s.0": 6})])
+def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(path, dsps):
+    """The committed N=16 hybrids (g_s.0 and g_s.6 multipliers; g_s.0 alone): Brevitas (float64) ==
+    golden on crops of every embedded held-out image, as integers; at 1080p30 the planner gives them
+    54 and 6 DSPs, against 161 for the multiplier student and 0 for the MinConv one."""
     from pathlib import Path
 
     from licforge.quant.bundle import decoder_layers, read_bundle
@@ -171,9 +173,9 @@ def test_committed_hybrid_brevitas_equals_golden_and_plans_54_dsps_at_1080p30():
     from licforge.rtl.perf import plan_for_target
 
     root = Path(__file__).resolve().parent.parent
-    bundle = read_bundle(root / HYBRID)
-    q = load_quantized(root / f"{HYBRID}.quant.pt")[0]
-    assert q.spec.config.mul_layers == ("g_s.0", "g_s.6") and bundle.model["mul_layers"] == ["g_s.0", "g_s.6"]
+    bundle = read_bundle(root / path)
+    q = load_quantized(root / f"{path}.quant.pt")[0]
+    assert q.spec.config.mul_layers == tuple(dsps) and bundle.model["mul_layers"] == list(dsps)
     for name, img in embedded_images("held-out").items():
         h, w = img.shape[:2]
         px = np.ascontiguousarray(img[h // 2 - 48:h // 2 + 48, w // 2 - 64:w // 2 + 64].transpose(2, 0, 1))[None]
@@ -182,8 +184,8 @@ def test_committed_hybrid_brevitas_equals_golden_and_plans_54_dsps_at_1080p30():
         assert np.array_equal(lat_b, lat_g) and np.array_equal(out_b, out_g), name
         assert out_g.std() > 10, name
     r = plan_for_target(decoder_layers(bundle), fps=30, height=1080, width=1920, dsp_budget=2520)
-    assert r["ok"] and r["report"]["dsps"] == 54
-    assert {p.name: p.dsps for p in r["plan"] if p.dsps} == {"g_s.0": 6, "g_s.6": 48}
+    assert r["ok"] and r["report"]["dsps"] == sum(dsps.values())
+    assert {p.name: p.dsps for p in r["plan"] if p.dsps} == dsps
 
 
 def test_real_bitstream_of_a_held_out_crop_through_the_hybrid_decoder_rtl(tmp_path, capsys, sim_cache):
