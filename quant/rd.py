@@ -108,7 +108,9 @@ def curve_style(label: str, palette: dict[str, str]) -> dict[str, Any]:
 
 def plot_rd(curves: dict[str, list[tuple[float, float]]], out: Path, title: str = "") -> Path:
     """PSNR vs bpp, one line per curve (see :func:`curve_style`); the rate axis ends a little
-    past the learned codecs' largest rate."""
+    past the learned codecs' largest rate, and the PSNR axis spans the learned codecs' points with
+    1 dB below them (a baseline far below them, e.g. JPEG at low rates, leaves the frame there
+    instead of squeezing the learned curves into a corner)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +130,7 @@ def plot_rd(curves: dict[str, list[tuple[float, float]]], out: Path, title: str 
         top = max(p[:, 0].max() for p in learned) * 1.25
         inside = [p[p[:, 0] <= top, 1] for p in map(np.array, curves.values())]
         ax.set_xlim(0, top)
-        ax.set_ylim(min(v.min() for v in inside if v.size) - 0.5, max(v.max() for v in inside if v.size) + 0.5)
+        ax.set_ylim(min(p[:, 1].min() for p in learned) - 1.0, max(v.max() for v in inside if v.size) + 0.5)
     ax.set_xlabel("bits per pixel (file size)")
     ax.set_ylabel("PSNR (dB, RGB)")
     ax.grid(alpha=0.3)
