@@ -93,7 +93,7 @@ def plan_kd(work: Path, base: int, ft: int, *, batch: int = 8, crop: int = 64, d
         raise ValueError(f"arms must be among {', '.join(ARMS)} and include each one's twin "
                          f"({', '.join(f'{a}: {t}' for a, t in TWIN.items())}), not {arms}")
     if student_lr <= 0:
-        raise ValueError(f"the students' learning rate must be > 0, not {student_lr}")
+        raise UsageError(f"--student-lr must be > 0, not {student_lr}")
     init = _check_init(student_init, widths, arms) if student_init is not None else []
     jobs: list[Job] = []
     common = ["--batch", str(batch), "--crop", str(crop), "--device", device]

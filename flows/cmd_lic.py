@@ -274,9 +274,7 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     if args.lambdas is not None and (len(args.lambdas) < 4 or min(args.lambdas) <= 0):
         raise UsageError(f"--lambdas: give at least 4 positive values (a BD-rate needs 4 points), not {args.lambdas}")
     extra = {"lambdas": tuple(sorted(args.lambdas))} if args.lambdas else {}
-    if args.student_lr is not None:
-        if args.student_lr <= 0:
-            raise UsageError(f"--student-lr must be > 0, not {args.student_lr}")
+    if args.student_lr is not None:   # plan_kd refuses lr <= 0
         extra["student_lr"] = args.student_lr
     init = need_file(args.student_init, "--student-init") if args.student_init else None
     work = Path(args.work) if args.work else build / "lic" / "kd"
