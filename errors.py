@@ -1,9 +1,11 @@
 """Exit-code contract of the command line (DESIGN.md): bad input -> 2, failed check -> 1."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-__all__ = ["UsageError", "CheckFailed", "need_file", "need_dir", "need_int"]
+__all__ = ["UsageError", "CheckFailed", "need_file", "need_dir", "need_int", "read_json"]
 
 
 class UsageError(Exception):
@@ -35,3 +37,14 @@ def need_int(value: int, name: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise UsageError(f"{name} must be between {low} and {high}, not {value}")
     return value
+
+
+def read_json(path: str | Path, what: str = "", fix: str = "", error: type[Exception] = UsageError) -> Any:
+    """The JSON document in the file ``path``; ``error`` naming the file (``what`` before its name,
+    ``fix`` after the reason) where it is not UTF-8 JSON: truncated, corrupt or binary."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what + ' ' if what else ''}{p}: not valid JSON ({e}); the file is truncated or corrupt"
+                    f"{', ' + fix if fix else ''}") from None

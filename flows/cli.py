@@ -104,8 +104,21 @@ def _set_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _quiet_third_party() -> None:
+    """Silence two notices that third-party imports print on every command that loads them, which
+    would bury the command's one-line error: torch_geometric's (imported by compressai)
+    ``torch.jit.script`` deprecation warning, and torch's "No CUDA runtime is found" log line
+    (brevitas imports ``torch.utils.cpp_extension``) on machines without CUDA."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``licforge`` console script."""
+    _quiet_third_party()
     try:
         args = build_parser().parse_args(argv)
         _set_threads(args)

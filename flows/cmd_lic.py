@@ -201,15 +201,12 @@ def _eval_line(entry: dict) -> str:
 
 
 def _cmd_plot_rd(args) -> int:
-    from licforge.errors import need_file
+    from licforge.errors import need_file, read_json
     from licforge.quant.rd import curves_from_results, plot_rd, rd_report, write_json
 
     results = []
     for f in args.results:
-        try:
-            res = json.loads(need_file(f, "results").read_text())
-        except json.JSONDecodeError as e:
-            raise UsageError(f"results {f}: not valid JSON ({e})") from None
+        res = read_json(need_file(f, "results"), "results")
         if not isinstance(res, dict) or "entries" not in res:
             raise UsageError(f"results {f}: not a file written by 'licforge eval' (no 'entries')")
         results.append(res)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from licforge.errors import read_json
+
 from .fixed import int_range
 
 __all__ = ["decoder_layers", "BundleError", "Layer", "Bundle", "OPS", "OpSchema", "write_bundle", "read_bundle",
@@ -226,11 +228,7 @@ def read_bundle(path: Path) -> Bundle:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise BundleError(f"{mpath}: not found; a bundle is a directory written by 'licforge quantize'")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{mpath}: not valid JSON ({e}); the file is truncated or corrupt, "
-                          f"re-export the bundle") from None
+    manifest = read_json(mpath, fix="re-export the bundle", error=BundleError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{mpath}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                           f"expected {FORMAT!r}")

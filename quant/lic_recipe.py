@@ -15,10 +15,11 @@ pixel), g_a.6 outputs the latent (signed ``latent_bits`` at 2^0), g_s.6 outputs 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from licforge.errors import read_json
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "parse_recipe", "RECIPE_DIR", "CONV_LAYERS", "GDN_LAYERS"]
 
@@ -105,8 +106,5 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if not p.is_file():
         known = sorted(f.stem for f in RECIPE_DIR.glob("*.json"))
         raise RecipeError(f"--recipe {name_or_path}: no such file or recipe (built-in: {known})")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise RecipeError(f"{p}: not valid JSON ({e})") from None
+    data = read_json(p, "recipe", error=RecipeError)
     return parse_recipe(data, str(p))

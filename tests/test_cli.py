@@ -40,10 +40,46 @@ def test_bad_input_is_one_line_exit_2(args, needle, capsys):
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err
 
 
+def _licforge() -> list[str]:
+    """The installed ``licforge`` console script (``-m licforge.flows.cli`` without one)."""
+    script = Path(sys.executable).with_name("licforge")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "licforge.flows.cli"]
+
+
+@pytest.mark.parametrize("cmd", [["plot", "rd", "{f}"],
+                                 ["quantize", "models/checkpoints/student_n16_photos_l0.0130.pt", "--out", "{o}",
+                                  "--recipe", "{f}"]])
+def test_a_binary_json_argument_is_named_not_a_traceback(cmd, tmp_path):
+    """A results file or recipe that is not UTF-8 (a binary file given by mistake) is refused by name,
+    exit 2, in one line: no notice of a third-party import (torch's "No CUDA runtime" log line) before it."""
+    f = tmp_path / "r.json"
+    f.write_bytes(bytes([0xEC, 0xD7, 0xAA, 0xC2]) * 8)
+    r = subprocess.run(_licforge() + [a.format(f=f, o=tmp_path / "q") for a in cmd], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and f"{f}: not valid JSON ('utf-8' codec can't decode byte 0xec" in err[0], err
+
+
+def test_a_file_of_another_bundle_is_refused_in_one_line(tmp_path):
+    """Decoding with the wrong bundle: exit 2 and one line, with no deprecation warning of compressai's
+    imports (torch_geometric's ``torch.jit.script``) before it."""
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (90, 120, 200)).save(tmp_path / "a.png")
+    bundles = ROOT / "models" / "checkpoints" / "bundles"
+    assert main(["encode", str(bundles / "student_n16_photos_hybrid8"), str(tmp_path / "a.png"),
+                 "--out", str(tmp_path / "a.licf")]) == 0
+    r = subprocess.run(_licforge() + ["decode", str(tmp_path / "a.licf"), "--model",
+                                      str(bundles / "student_n32_photos_hybrid8")], capture_output=True, text=True)
+    assert r.returncode == 2
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "a.licf: file was encoded with the bundle of sha256 486712d06f899bff" in err[0], err
+
+
 def test_console_script_exits_2_with_one_line():
     """The installed ``licforge`` entry point (``-m licforge.flows.cli`` without one): exit code 2, one line."""
-    script = Path(sys.executable).with_name("licforge")
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "licforge.flows.cli"]
+    cmd = _licforge()
     r = subprocess.run(cmd + ["rtl", "minconv", "--bits", "0"], capture_output=True, text=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
@@ -53,8 +89,7 @@ def test_console_script_exits_2_with_one_line():
 def test_a_closed_stdout_pipe_ends_the_command_without_a_traceback(tmp_path):
     """``licforge ... | head``: the reader leaves before the command writes; exit 1, nothing on stderr
     about the broken pipe (no traceback, no 'Exception ignored' at interpreter exit)."""
-    script = Path(sys.executable).with_name("licforge")
-    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "licforge.flows.cli"]
+    cmd = _licforge()
     p = subprocess.Popen(cmd + ["rtl", "minconv", "--out", str(tmp_path / "m")], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     p.stdout.close()   # before the child has written anything: its first flush meets a closed pipe

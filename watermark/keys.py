@@ -23,6 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from licforge.errors import read_json
 from licforge.quant.bundle import Layer
 from .layers import OUT_AXIS
 
@@ -156,10 +157,7 @@ def load_key(path: Path) -> WatermarkKey:
     path = Path(path)
     if not path.is_file():
         raise KeyFileError(f"key file {path}: not found; 'licforge watermark embed' writes one")
-    try:
-        doc = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KeyFileError(f"key file {path}: not valid JSON ({e}); the file is truncated or corrupt") from None
+    doc = read_json(path, "key file", error=KeyFileError)
     if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else None
         raise KeyFileError(f"key file {path}: format is {got!r}, expected {KEY_FORMAT!r}")
