@@ -1,11 +1,14 @@
 """Exit-code contract of the command line (DESIGN.md): bad input -> 2, failed check -> 1."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UsageError", "CheckFailed", "need_file", "need_dir", "need_int", "read_json"]
+__all__ = ["UsageError", "CheckFailed", "need_file", "need_dir", "need_int", "read_json", "finite_float", "positive_float",
+           "probability"]
 
 
 class UsageError(Exception):
@@ -48,3 +51,30 @@ def read_json(path: str | Path, what: str = "", fix: str = "", error: type[Excep
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"{what + ' ' if what else ''}{p}: not valid JSON ({e}); the file is truncated or corrupt"
                     f"{', ' + fix if fix else ''}") from None
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number ('inf' and 'nan' are refused by the argument's name)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (a rate, a clock, a learning rate, a time)."""
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return v
+
+
+def probability(text: str) -> float:
+    """argparse type: a probability in (0, 1] (of a beat being offered or taken: 0 would never end)."""
+    v = finite_float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability in (0, 1], not {text}")
+    return v

@@ -15,7 +15,7 @@ from licforge.bench.decoder import PNR_SEEDS
 from licforge.flows.cmd_pnr import seeds_arg
 from licforge.rtl.project import DEFAULT_MAX_WIDTH, DEFAULT_PART
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
-from licforge.errors import UsageError, need_file, need_int
+from licforge.errors import UsageError, need_file, need_int, positive_float, probability
 
 __all__ = ["register", "chosen_parallelism"]
 
@@ -177,7 +177,7 @@ def register(groups: dict) -> None:
     p.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH,
                    help=f"widest latent grid (default {DEFAULT_MAX_WIDTH}: {16 * DEFAULT_MAX_WIDTH} pixels)")
     p.add_argument("--part", default=DEFAULT_PART, help=f"FPGA part for the Vivado project (default {DEFAULT_PART}, ZCU102)")
-    p.add_argument("--clock-mhz", type=float, default=200.0, help="clock constraint and fps figures (MHz)")
+    p.add_argument("--clock-mhz", type=positive_float, default=200.0, help="clock constraint and fps figures (MHz)")
     p.set_defaults(func=_cmd_rtl_decoder)
 
     p = groups["rtl"].add_parser("gdn", help="one GDN unit of a bundle: inverse (igdn) or forward (gdn, --layer g_a.1)")
@@ -193,8 +193,8 @@ def register(groups: dict) -> None:
         p.add_argument("--height", type=int, default=3, help="input grid rows")
         p.add_argument("--width", type=int, default=4, help="input grid columns")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--p-valid", type=float, default=0.8, help="probability an input beat is offered")
-        p.add_argument("--p-ready", type=float, default=0.6, help="probability the output is taken (back-pressure)")
+        p.add_argument("--p-valid", type=probability, default=0.8, help="probability an input beat is offered")
+        p.add_argument("--p-ready", type=probability, default=0.6, help="probability the output is taken (back-pressure)")
         p.add_argument("--image", help="use the real tensors this image produces (needs a trained bundle)")
         if kind != "decoder":
             p.add_argument("--pp", type=int, default=1, help="output pixels per cycle (lanes; default 1)")
@@ -210,7 +210,7 @@ def register(groups: dict) -> None:
                    help="with --synth: each layer's block in a Yosys of its own, resources summed (scales to "
                         "N=64 and beyond; the whole design needs it all in one 4 GiB WebAssembly Yosys)")
     _family_arg(p)
-    p.add_argument("--clock-mhz", type=float, default=200.0)
+    p.add_argument("--clock-mhz", type=positive_float, default=200.0)
     p.add_argument("--json", help="also write the rows to this file")
     p.set_defaults(func=_cmd_perf)
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from licforge.errors import UsageError
+from licforge.errors import UsageError, finite_float, positive_float
 
 __all__ = ["register"]
 
@@ -268,8 +268,8 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     _device(args)
     if min(args.widths) < 1 or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
         raise UsageError(f"--widths must be >= 1 and --seeds distinct and >= 0, not {args.widths} / {args.seeds}")
-    if args.lambdas is not None and (len(args.lambdas) < 4 or min(args.lambdas) <= 0):
-        raise UsageError(f"--lambdas: give at least 4 positive values (a BD-rate needs 4 points), not {args.lambdas}")
+    if args.lambdas is not None and len(args.lambdas) < 4:
+        raise UsageError(f"--lambdas: give at least 4 values (a BD-rate needs 4 points), not {args.lambdas}")
     extra = {"lambdas": tuple(sorted(args.lambdas))} if args.lambdas else {}
     if args.student_lr is not None:   # plan_kd refuses lr <= 0
         extra["student_lr"] = args.student_lr
@@ -301,16 +301,16 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
 
 
 def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
-    p.add_argument("--lmbda", type=float, default=0.013, help="rate-distortion trade-off (MSE on 0..255)")
+    p.add_argument("--lmbda", type=positive_float, default=0.013, help="rate-distortion trade-off (MSE on 0..255)")
     p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--lr", type=positive_float, default=lr)
     p.add_argument("--crop", type=int, default=64, help="random crop size (multiple of 16)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=None, help="image folder (default: embedded scikit-image photographs)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     p.add_argument("--curve", default=None, help="label of the RD curve this model belongs to")
-    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+    p.add_argument("--ema", type=finite_float, default=0.0, metavar="DECAY",
                    help="write the exponential moving average of the weights (decay e.g. 0.999, warmed up over "
                         "the first steps) instead of the last step's: smooths a noisy run, and a loss spike in the "
                         "last steps barely moves it (0 = off)")
@@ -369,9 +369,9 @@ def register(groups: dict) -> None:
     _model_args(p, 16, "gdn1")
     _train_args(p, 2000, 1e-3)
     p.add_argument("--teacher", help="teacher weight file (needed when a KD weight is > 0)")
-    p.add_argument("--kd-recon", type=float, default=1.0, help="weight of the reconstruction KD term")
-    p.add_argument("--kd-latent", type=float, default=0.0, help="weight of the latent KD term")
-    p.add_argument("--dist-weight", type=float, default=1.0,
+    p.add_argument("--kd-recon", type=finite_float, default=1.0, help="weight of the reconstruction KD term")
+    p.add_argument("--kd-latent", type=finite_float, default=0.0, help="weight of the latent KD term")
+    p.add_argument("--dist-weight", type=finite_float, default=1.0,
                    help="weight of the distortion against the image (1 - kd-recon interpolates)")
     p.add_argument("--kd-targets", choices=("online", "precomputed"), default="online",
                    help="run the teacher on every batch (online), or once on each whole training image and "
@@ -393,7 +393,7 @@ def register(groups: dict) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="training/eval processes at a time")
     p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="student widths N")
-    p.add_argument("--lambdas", type=float, nargs="+", default=None,
+    p.add_argument("--lambdas", type=positive_float, nargs="+", default=None,
                    help="rate-distortion points (default: those of licforge bench lic)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="seeds of every student (one seed: plus a twin without KD at the next seed)")
@@ -413,7 +413,7 @@ def register(groups: dict) -> None:
     p.add_argument("--student-init", default=None, metavar="FILE",
                    help="a trained student every student's base model starts from (one width, the file's): does "
                         "distillation help a student already trained?")
-    p.add_argument("--student-lr", type=float, default=None, help="the students' learning rate (default 1e-3)")
+    p.add_argument("--student-lr", type=positive_float, default=None, help="the students' learning rate (default 1e-3)")
     p.add_argument("--tag", default="long", help="suffix of the result files")
     p.add_argument("--work", default=None, help="folder of the models, evaluations and logs (default <build>/lic/kd)")
     _device_arg(p)

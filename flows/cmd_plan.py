@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from licforge.errors import UsageError
+from licforge.errors import UsageError, positive_float
 
 __all__ = ["register", "parse_resolution", "format_plan"]
 
@@ -51,10 +51,6 @@ def _cmd_plan(args) -> int:
     from licforge.rtl.perf import plan_for_target
 
     width, height = parse_resolution(args.resolution)
-    if not args.fps > 0:
-        raise UsageError(f"--fps must be positive, not {args.fps}")
-    if not args.clock_mhz > 0:
-        raise UsageError(f"--clock-mhz must be positive, not {args.clock_mhz}")
     if args.dsp < 0:
         raise UsageError(f"--dsp must be at least 0, not {args.dsp}")
     bundle = load_decoder_bundle(args.bundle, Path(args.build))
@@ -77,10 +73,10 @@ def register(groups: dict) -> None:
     p = groups["top"].add_parser("plan", help="the cheapest decoder (PI/PO/PP per layer) meeting a frame-rate target "
                                               "within a DSP budget, by the analytical model")
     p.add_argument("bundle", help="bundle directory, or synthetic:N:M[:SEED]")
-    p.add_argument("--fps", type=float, required=True, help="frames per second to reach")
+    p.add_argument("--fps", type=positive_float, required=True, help="frames per second to reach")
     p.add_argument("--resolution", required=True, help="output frame size WxH, e.g. 1920x1080")
     p.add_argument("--dsp", type=int, required=True, help="DSP48E2 budget (ZCU102: 2520; 0 fits a MinConv bundle)")
-    p.add_argument("--clock-mhz", type=float, default=200.0, help="clock of the fps figures (MHz, default 200)")
+    p.add_argument("--clock-mhz", type=positive_float, default=200.0, help="clock of the fps figures (MHz, default 200)")
     p.add_argument("--no-pack", action="store_true", help="one product per DSP (no shared-operand packing)")
     p.add_argument("--json", help="also write the plan (or the reason it cannot be met) to this file")
     p.set_defaults(func=_cmd_plan, torch=False)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from licforge.errors import CheckFailed, UsageError, need_dir
+from licforge.errors import CheckFailed, UsageError, need_dir, positive_float
 
 __all__ = ["register", "seeds_arg"]
 
@@ -33,8 +33,6 @@ def _cmd_pnr(args) -> int:
         dev = parse_device(args.device)
     except ValueError as e:
         raise UsageError(f"--device: {e}") from None
-    if not args.freq_mhz > 0:
-        raise UsageError(f"--freq-mhz must be positive, not {args.freq_mhz:g}")
     out = Path(args.out or f"{args.build}/pnr/{design.resolve().name}_{dev.part}")
     try:
         rep = run_pnr(design, out, device=dev.part, seeds=args.seeds, freq_mhz=args.freq_mhz, top=args.top,
@@ -77,7 +75,7 @@ def register(groups: dict) -> None:
                    help=f"ECP5 ordering code (default {DEFAULT_DEVICE}: the ULX3S's ECP5-85F, speed 6, caBGA381)")
     p.add_argument("--seeds", type=seeds_arg, default=list(DEFAULT_SEEDS),
                    help=f"placement seeds, comma-separated (default {','.join(map(str, DEFAULT_SEEDS))})")
-    p.add_argument("--freq-mhz", type=float, default=DEFAULT_FREQ_MHZ,
+    p.add_argument("--freq-mhz", type=positive_float, default=DEFAULT_FREQ_MHZ,
                    help=f"nextpnr's timing target (default {DEFAULT_FREQ_MHZ:g}); the measured Fmax is reported")
     p.add_argument("--top", default=None, help="top module (default: the board wrapper of a decoder, else the "
                                                "manifest's top)")
@@ -90,7 +88,7 @@ def register(groups: dict) -> None:
                    help="route every clock enable through the fabric (default: the flip-flop enables with the most "
                         "loads drive them through DCCA global buffers)")
     p.add_argument("--out", help="output folder (default <build>/pnr/<design folder>_<device>)")
-    p.add_argument("--timeout-s", type=float, default=None, help="give up a Yosys or nextpnr run after this long")
-    p.add_argument("--min-mhz", type=float, default=None, help="exit 1 when the slowest seed's Fmax is below this")
+    p.add_argument("--timeout-s", type=positive_float, default=None, help="give up a Yosys or nextpnr run after this long")
+    p.add_argument("--min-mhz", type=positive_float, default=None, help="exit 1 when the slowest seed's Fmax is below this")
     p.add_argument("--json", help="also write the report to this file")
     p.set_defaults(func=_cmd_pnr, torch=False)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from licforge.errors import CheckFailed, UsageError, need_dir, need_file, need_int
+from licforge.errors import CheckFailed, UsageError, finite_float, need_dir, need_file, need_int, positive_float
 
 __all__ = ["register"]
 
@@ -396,7 +396,7 @@ def register(groups: dict) -> None:
     p.add_argument("--product", choices=("mul", "min"), default="mul", help="exact CNN or MinConv")
     p.add_argument("--key-seed", type=int, default=1, help="seed of the key (positions, bits, matrix)")
     p.add_argument("--layers", help="comma-separated layers the key may use (default: all)")
-    p.add_argument("--lam", type=float, help="embedding strength (default: WaterMAS 1.0, Uchida 0.1)")
+    p.add_argument("--lam", type=positive_float, help="embedding strength (default: WaterMAS 1.0, Uchida 0.1)")
     p.add_argument("--min-bits", type=int, default=4, help="coarsest deployment bit width (WaterMAS floor)")
     p.add_argument("--repeat", type=int, default=1, help="WaterMAS weights per bit, read by a soft majority "
                    "(default 1; 3 survives obfuscation + pruning, see README)")
@@ -421,7 +421,7 @@ def register(groups: dict) -> None:
                                                     "beside the generated Verilog, or a float model file")
     p.add_argument("--key", required=True, help="key file")
     p.add_argument("--reference", help="owner's float model: re-synchronize permuted neurons first")
-    p.add_argument("--max-ber", type=float, help="exit 1 if the BER is above this")
+    p.add_argument("--max-ber", type=finite_float, help="exit 1 if the BER is above this")
     p.set_defaults(func=_cmd_extract)
 
     p = g.add_parser("verify", help="matched bits, binomial p-value and a verdict against a threshold calibrated "
@@ -437,7 +437,7 @@ def register(groups: dict) -> None:
                                               "LIC key needs it: each null student trains for minutes)")
     p.add_argument("--heldout", type=int, help="null models held out to measure the false-positive rate "
                                                "(digits: default 30; LIC: 0)")
-    p.add_argument("--alpha", type=float, default=0.01, help="false-positive rate of the threshold on the "
+    p.add_argument("--alpha", type=finite_float, default=0.01, help="false-positive rate of the threshold on the "
                                                              "fitted null law (default 0.01)")
     p.add_argument("--json", help="write the verdict and calibration as JSON")
     common(p)
@@ -446,7 +446,7 @@ def register(groups: dict) -> None:
     p = g.add_parser("attack", help="attack a model (or permute a bundle) without the key")
     p.add_argument("source", metavar="SOURCE", help="a float model file, or a bundle directory (permute only)")
     p.add_argument("--attack", choices=ATTACKS, required=True)
-    p.add_argument("--strength", type=float, default=0.0,
+    p.add_argument("--strength", type=finite_float, default=0.0,
                    help="noise sigma (x layer std) | pruning rate | fine-tuning steps | bits")
     p.add_argument("--out", required=True, help="attacked model file (bundle directory for quantize or a bundle)")
     p.add_argument("--key", help="report the BER with this key")

@@ -32,6 +32,12 @@ ROOT = Path(__file__).resolve().parent.parent
     (["sim", "decoder", "synthetic:16:24", "--po", "0"],
      "--po must divide the 16 output channels of the heaviest layer 'g_s.4': one of [1, 2, 4, 8, 16], not 0"),
     (["rtl", "gdn", "synthetic:16:24", "--po", "0"], "layer g_s.1: po must divide the 16 channels: one of [1, 2, 4, 8, 16], not 0"),
+    (["plan", "synthetic:16:24", "--resolution", "1920x1080", "--fps", "inf", "--dsp", "10"],
+     "argument --fps: must be a finite number, not 'inf'"),
+    (["perf", "synthetic:16:24", "--pi", "4", "--po", "4", "--clock-mhz", "0"], "argument --clock-mhz: must be positive, not 0"),
+    (["sim", "convt", "synthetic:16:24", "--p-valid", "0"], "argument --p-valid: must be a probability in (0, 1], not 0"),
+    (["sim", "gdn", "synthetic:16:24", "--p-ready", "1.5"], "argument --p-ready: must be a probability in (0, 1], not 1.5"),
+    (["train", "--steps", "1", "--lr", "nan", "--out", "x.pt"], "argument --lr: must be a finite number, not 'nan'"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle, capsys):
     assert main(args) == 2
