@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["UsageError", "CheckFailed", "need_file", "need_dir", "need_int", "read_json", "finite_float", "positive_float",
-           "probability"]
+           "probability", "seed_int"]
 
 
 class UsageError(Exception):
@@ -77,4 +77,15 @@ def probability(text: str) -> float:
     v = finite_float(text)
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"must be a probability in (0, 1], not {text}")
+    return v
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed, an integer in [0, 2**32) (numpy's generators refuse negatives)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= v < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"a seed must be between 0 and {2 ** 32 - 1}, not {text}")
     return v

@@ -141,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:  # errors of our own boundary checks carry their own message
         from licforge.quant.bundle import BundleError
-        from licforge.sim.runner import SimulatorUnavailable
+        from licforge.sim.runner import SimulationFailed, SimulatorUnavailable
         from licforge.rtl.yosys import YosysError
         if isinstance(e, (BundleError, SimulatorUnavailable)):
             print(f"licforge: error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, SimulationFailed):  # a failing cocotb test: its message names the log
+            print(f"licforge: check failed: {e}", file=sys.stderr)
+            return 1
         if isinstance(e, YosysError):  # a tool failure, not bad input: its log tail, no traceback
             print(f"licforge: {e}", file=sys.stderr)
             return 1

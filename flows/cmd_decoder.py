@@ -15,7 +15,7 @@ from licforge.bench.decoder import PNR_SEEDS
 from licforge.flows.cmd_pnr import seeds_arg
 from licforge.rtl.project import DEFAULT_MAX_WIDTH, DEFAULT_PART
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
-from licforge.errors import UsageError, need_file, need_int, positive_float, probability
+from licforge.errors import UsageError, need_file, need_int, positive_float, probability, seed_int
 
 __all__ = ["register", "chosen_parallelism"]
 
@@ -192,7 +192,7 @@ def register(groups: dict) -> None:
         _common(p, layer=kind != "decoder")
         p.add_argument("--height", type=int, default=3, help="input grid rows")
         p.add_argument("--width", type=int, default=4, help="input grid columns")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=seed_int, default=0)
         p.add_argument("--p-valid", type=probability, default=0.8, help="probability an input beat is offered")
         p.add_argument("--p-ready", type=probability, default=0.6, help="probability the output is taken (back-pressure)")
         p.add_argument("--image", help="use the real tensors this image produces (needs a trained bundle)")

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from licforge.errors import UsageError
+from licforge.errors import UsageError, need_int, seed_int
 
 __all__ = ["register"]
 
@@ -43,6 +43,8 @@ def _digits(args: argparse.Namespace) -> int:
     if given:
         raise UsageError(f"{', '.join(given)}: not with --digits (they configure the LIC flow)")
     opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in _DIGITS.items()}
+    need_int(opts["lanes"], "--lanes", 1, 1024)
+    need_int(opts["bits"], "--bits", 2, 16)
     out = Path(args.out) if args.out else Path(args.build) / "flow" / "digits"
     run_minconv_slice(out, **opts)
     print(f"summary: {out / 'summary.json'}")
@@ -65,7 +67,7 @@ def register(groups: dict) -> None:
     d.add_argument("--out", default=None, help="output folder of --digits (default <build>/flow/digits)")
     d.add_argument("--lanes", type=int, default=None, help=f"lanes of the arrays (default {_DIGITS['lanes']})")
     d.add_argument("--bits", type=int, default=None, help=f"operand bit width (default {_DIGITS['bits']})")
-    d.add_argument("--seed", type=int, default=None, help=f"training and stimulus seed (default {_DIGITS['seed']})")
+    d.add_argument("--seed", type=seed_int, default=None, help=f"training and stimulus seed (default {_DIGITS['seed']})")
     d.add_argument("--simulator", default=None, choices=("verilator", "icarus"),
                    help=f"HDL simulator (default {_DIGITS['simulator']})")
     p.set_defaults(func=_cmd_flow)

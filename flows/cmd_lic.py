@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from licforge.errors import UsageError, finite_float, positive_float
+from licforge.errors import UsageError, finite_float, positive_float, seed_int
 
 __all__ = ["register"]
 
@@ -266,8 +266,8 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, not {args.workers}")
     _device(args)
-    if min(args.widths) < 1 or len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
-        raise UsageError(f"--widths must be >= 1 and --seeds distinct and >= 0, not {args.widths} / {args.seeds}")
+    if min(args.widths) < 1 or len(set(args.seeds)) != len(args.seeds):
+        raise UsageError(f"--widths must be >= 1 and --seeds distinct, not {args.widths} / {args.seeds}")
     if args.lambdas is not None and len(args.lambdas) < 4:
         raise UsageError(f"--lambdas: give at least 4 values (a BD-rate needs 4 points), not {args.lambdas}")
     extra = {"lambdas": tuple(sorted(args.lambdas))} if args.lambdas else {}
@@ -306,7 +306,7 @@ def _train_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
     p.add_argument("--lr", type=positive_float, default=lr)
     p.add_argument("--crop", type=int, default=64, help="random crop size (multiple of 16)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--data", default=None, help="image folder (default: embedded scikit-image photographs)")
     p.add_argument("--resume", action="store_true", help="continue from <out>.state.pt")
     p.add_argument("--curve", default=None, help="label of the RD curve this model belongs to")
@@ -395,7 +395,7 @@ def register(groups: dict) -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="student widths N")
     p.add_argument("--lambdas", type=positive_float, nargs="+", default=None,
                    help="rate-distortion points (default: those of licforge bench lic)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+    p.add_argument("--seeds", type=seed_int, nargs="+", default=[0],
                    help="seeds of every student (one seed: plus a twin without KD at the next seed)")
     p.add_argument("--arms", nargs="+", default=["nokd", "recon1", "mix50"],
                    choices=["nokd", "recon1", "mix50", "prim", "nokd_m192", "prim_m192"],

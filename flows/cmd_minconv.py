@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from licforge.bench.minconv_lic import DECODERS, HYBRIDS
-from licforge.errors import UsageError
+from licforge.errors import UsageError, need_int, seed_int
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
 
 __all__ = ["register"]
@@ -49,6 +49,7 @@ def _cmd_sim_array(args) -> int:
     cfg = array_config(args.kind, args.lanes, args.bits, args.shift, args.out_bits, args.max_beats)
     if not 1 <= args.beats <= cfg.max_beats:
         raise UsageError(f"--beats must be between 1 and --max-beats ({cfg.max_beats}), not {args.beats}")
+    need_int(args.vectors, "--vectors", 1, 1 << 24)
     r = random_array_check(cfg, args.vectors, args.beats, args.seed, Path(args.build) / "sim" / cfg.name,
                            args.simulator)
     print(f"{cfg.name} on {r.simulator}: seed {args.seed}, {r.report['checked']} dot products, "
@@ -97,7 +98,7 @@ def register(groups: dict) -> None:
         _array_args(p)
         p.add_argument("--vectors", type=int, default=1000, help="dot products to check")
         p.add_argument("--beats", type=int, default=4, help="beats per dot product")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=seed_int, default=0)
         p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
         p.set_defaults(func=_cmd_sim_array, torch=False)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from licforge.errors import CheckFailed, need_file, need_int
+from licforge.errors import CheckFailed, need_file, need_int, seed_int
 
 __all__ = ["register"]
 
@@ -64,7 +64,7 @@ def register(groups: dict) -> None:
     lic.add_argument("--out", default=None, help="output folder (default <build>/qonnx)")
     lic.set_defaults(func=_cmd_lic)
     dig = sub.add_parser("digits", help="the exact-product digits classifier (trained here)")
-    dig.add_argument("--seed", type=int, default=0)
+    dig.add_argument("--seed", type=seed_int, default=0)
     dig.add_argument("--bits", type=int, default=8)
     dig.add_argument("--out", default=None, help="output folder (default <build>/qonnx)")
     dig.set_defaults(func=_cmd_digits)

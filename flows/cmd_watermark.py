@@ -20,7 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from licforge.errors import CheckFailed, UsageError, finite_float, need_dir, need_file, need_int, positive_float
+from licforge.errors import (CheckFailed, UsageError, finite_float, need_dir, need_file, need_int, positive_float,
+                            seed_int)
 
 __all__ = ["register"]
 
@@ -388,13 +389,13 @@ def register(groups: dict) -> None:
     g = groups["watermark"]
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--seed", type=int, default=0, help="data split and training seed (default 0)")
+        p.add_argument("--seed", type=seed_int, default=0, help="data split and training seed (default 0)")
 
     p = g.add_parser("embed", help="train the digits classifier with a watermark; write model + key file")
     p.add_argument("--scheme", choices=("watermas", "uchida"), default="watermas")
     p.add_argument("--payload", type=int, default=64, help="watermark bits (default 64)")
     p.add_argument("--product", choices=("mul", "min"), default="mul", help="exact CNN or MinConv")
-    p.add_argument("--key-seed", type=int, default=1, help="seed of the key (positions, bits, matrix)")
+    p.add_argument("--key-seed", type=seed_int, default=1, help="seed of the key (positions, bits, matrix)")
     p.add_argument("--layers", help="comma-separated layers the key may use (default: all)")
     p.add_argument("--lam", type=positive_float, help="embedding strength (default: WaterMAS 1.0, Uchida 0.1)")
     p.add_argument("--min-bits", type=int, default=4, help="coarsest deployment bit width (WaterMAS floor)")

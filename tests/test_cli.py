@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
     (["sim", "convt", "synthetic:16:24", "--p-valid", "0"], "argument --p-valid: must be a probability in (0, 1], not 0"),
     (["sim", "gdn", "synthetic:16:24", "--p-ready", "1.5"], "argument --p-ready: must be a probability in (0, 1], not 1.5"),
     (["train", "--steps", "1", "--lr", "nan", "--out", "x.pt"], "argument --lr: must be a finite number, not 'nan'"),
+    (["sim", "convt", "synthetic:16:24", "--seed", "-1"], "argument --seed: a seed must be between 0 and 4294967295, not -1"),
+    (["flow", "--digits", "--bits", "0"], "--bits must be between 2 and 16, not 0"),
+    (["sim", "minconv", "--vectors", "0"], "--vectors must be between 1 and 16777216, not 0"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle, capsys):
     assert main(args) == 2
@@ -81,6 +84,21 @@ def test_a_file_of_another_bundle_is_refused_in_one_line(tmp_path):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "a.licf: file was encoded with the bundle of sha256 486712d06f899bff" in err[0], err
+
+
+def test_a_failing_cocotb_test_is_a_failed_check_in_one_line(monkeypatch, capsys):
+    """SimulationFailed from a simulation the command started: exit 1, one line naming the log."""
+    import licforge.sim.lane_array as lane_array
+    from licforge.sim.runner import SimulationFailed
+
+    def failing(*a, **k):
+        raise SimulationFailed("licforge.sim.tb_lane_array on top (verilator): 1 of 1 cocotb tests failed; log L")
+
+    monkeypatch.setattr(lane_array, "random_array_check", failing)
+    assert main(["sim", "minconv", "--vectors", "4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["licforge: check failed: licforge.sim.tb_lane_array on top (verilator): 1 of 1 cocotb tests "
+                   "failed; log L"]
 
 
 def test_console_script_exits_2_with_one_line():
