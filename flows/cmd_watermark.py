@@ -340,21 +340,30 @@ def _cmd_attack(args) -> int:
         return 0
     net = _model(args.source)
     s = args.strength
+
+    def whole(what: str, low: int, high: int) -> int:  # a count given as --strength: not truncated silently
+        if s != int(s):
+            raise UsageError(f"--strength ({what}) must be a whole number, not {s:g}")
+        return need_int(int(s), f"--strength ({what})", low, high)
+
     if args.attack == "noise":
+        if s < 0:
+            raise UsageError(f"--strength (noise sigma) must be >= 0, not {s:g}")
         load_chain_weights(net, gaussian_noise(chain_weights(model_chain(net)), s, args.seed))
     elif args.attack == "prune":
         if not 0 <= s <= 1:
             raise UsageError(f"--strength (pruning rate) must be in [0, 1], not {s}")
         load_chain_weights(net, magnitude_prune(chain_weights(model_chain(net)), s))
     elif args.attack == "finetune":
-        train(net, classifier_loss, host.attacker, steps=int(s), lr=1e-3, seed=args.seed, cosine=False)
+        train(net, classifier_loss, host.attacker, steps=whole("fine-tuning steps", 0, 1 << 20), lr=1e-3,
+              seed=args.seed, cosine=False)
     elif args.attack == "permute":
         permute_model(net, random_permutation(model_chain(net), args.seed))
     else:
-        bundle = host.deploy(net, need_int(int(s), "--strength (bits)", 2, 16), None,
-                             epochs=10, data=host.attacker)
+        bits = whole("bits", 2, 16)
+        bundle = host.deploy(net, bits, None, epochs=10, data=host.attacker)
         write_bundle(bundle, out)
-        print(f"quantized bundle {out}: {int(s)}-bit, golden accuracy {host.bundle_accuracy(bundle):.2%}", end="")
+        print(f"quantized bundle {out}: {bits}-bit, golden accuracy {host.bundle_accuracy(bundle):.2%}", end="")
         print(f"; BER {ber(key, chain_weights(bundle_chain(bundle))):.3f}" if key else "")
         return 0
     save_digits_model(net, out)

@@ -96,6 +96,12 @@ def test_verify_gives_matched_bits_p_value_and_a_calibrated_verdict(embedded, ca
     (["watermark", "embed", "--scheme", "uchida", "--repeat", "3"],
      "--repeat 3: a repetition code is for --scheme watermas only; drop --repeat"),
     (["watermark", "embed", "--repeat", "0"], "--repeat must be between 1 and 64, not 0"),
+    (["watermark", "attack", "MODEL", "--attack", "noise", "--strength", "-1", "--out", "x"],
+     "--strength (noise sigma) must be >= 0, not -1"),
+    (["watermark", "attack", "MODEL", "--attack", "finetune", "--strength", "-3", "--out", "x"],
+     "--strength (fine-tuning steps) must be between 0 and 1048576, not -3"),
+    (["watermark", "attack", "MODEL", "--attack", "quantize", "--strength", "3.5", "--out", "x"],
+     "--strength (bits) must be a whole number, not 3.5"),
 ])
 def test_bad_input_is_one_line_exit_2(embedded, capsys, args, needle):
     named = {"KEY": "key.json", "BUNDLE": "b4", "RTL": "b4_rtl", "MODEL": "model.pt"}
