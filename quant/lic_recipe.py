@@ -91,10 +91,14 @@ def parse_recipe(data: Any, where: str) -> Recipe:
     cal = data["calibration"]
     if not isinstance(cal, dict) or sorted(cal) != sorted(_CAL):
         raise RecipeError(f"{where}: 'calibration' must have exactly the keys {list(_CAL)}")
-    if not 50.0 <= float(cal["percentile"]) <= 100.0:
-        raise RecipeError(f"{where}: calibration.percentile must be in [50, 100], not {cal['percentile']}")
+    pct = cal["percentile"]
+    if isinstance(pct, bool) or not isinstance(pct, (int, float)) or not 50.0 <= pct <= 100.0:
+        raise RecipeError(f"{where}: calibration.percentile must be a number in [50, 100], not {pct!r}")
     for k in ("crops", "crop"):
         _need_bits(cal[k], f"{where}: calibration.{k}", 1, 4096)
+    if cal["crop"] % 16:
+        raise RecipeError(f"{where}: calibration.crop must be a multiple of 16 (the transform's stride), "
+                          f"not {cal['crop']}")
     return Recipe(str(data["name"]), data)
 
 

@@ -101,5 +101,11 @@ def test_recipes_load_and_bad_ones_name_the_key(tmp_path):
     data["layers"] = {"g_s.9": {"w_bits": 8}}
     with pytest.raises(RecipeError, match=r"layers\.g_s\.9: no such layer"):
         parse_recipe(data, "x.json")
+    for key, value, needle in (("percentile", "high", r"calibration\.percentile must be a number in \[50, 100\], not 'high'"),
+                               ("crop", 72, r"calibration\.crop must be a multiple of 16 \(the transform's stride\), not 72")):
+        data = json.loads(json.dumps(r.data))
+        data["calibration"][key] = value
+        with pytest.raises(RecipeError, match=needle):
+            parse_recipe(data, "x.json")
     with pytest.raises(RecipeError, match=r"--recipe nope: no such file or recipe \(built-in: \['hybrid6', 'hybrid8', 'int8'\]\)"):
         load_recipe("nope")
