@@ -374,8 +374,10 @@ def test_kd_study_from_a_trained_student_starts_every_base_there_and_refuses_ano
         plan_kd(Path("w"), 40, 10, widths=(16, 32), student_init=student)
     with pytest.raises(UsageError, match=r"the arms nokd_m192, prim_m192 keep the teacher's M = 192"):
         plan_kd(Path("w"), 40, 10, widths=(16,), arms=("nokd", "nokd_m192", "prim_m192"), student_init=student)
+    with pytest.raises(UsageError, match=r"--student-lr must be > 0, not 0\.0"):
+        plan_kd(Path("w"), 40, 10, widths=(16,), student_lr=0.0)
     for bad, msg in ((["--student-init", "nowhere.pt"], "--student-init nowhere.pt: not found"),
-                     (["--student-lr", "0"], "--student-lr must be > 0, not 0.0")):
+                     (["--student-lr", "0"], "argument --student-lr: must be positive, not 0")):
         assert main(["bench", "kd", "--widths", "16", *bad]) == 2 and msg in capsys.readouterr().err
 
 
