@@ -29,23 +29,16 @@ def _model(path: str):
         raise UsageError(str(e)) from None
 
 
-def _read_image(path_arg: str):
-    """An RGB image file as uint8 (H, W, 3), its size checked against the file format's
-    limit before its pixels are decoded."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
+def image_arg(path_arg: str):
+    """An image file as uint8 (H, W, 3) RGB (:func:`models.data.read_rgb`), at most the pixels a
+    licforge file holds; UsageError naming the file otherwise."""
+    from licforge.models.data import DataError, read_rgb
     from licforge.quant.container import MAX_PIXELS
 
-    path = need_file(path_arg, "image")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise UsageError(f"image {path}: {im.width}x{im.height} has more than the {MAX_PIXELS} pixels a "
-                                 f"licforge file holds")
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise UsageError(f"image {path}: cannot be read ({e})") from None
+        return read_rgb(need_file(path_arg, "image"), MAX_PIXELS)
+    except DataError as e:
+        raise UsageError(f"image {e}") from None
 
 
 def _import_coder() -> None:
@@ -71,7 +64,7 @@ def _cmd_encode(args) -> int:
     from licforge.quant.container import KINDS
 
     model = _model(args.model)
-    img = _read_image(args.image)
+    img = image_arg(args.image)
     image = Path(args.image)
     out = _output(args.out, Path(args.build) / "codec" / f"{image.stem}.licf", image)
     _import_coder()

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 from licforge.bench.decoder import PNR_SEEDS
+from licforge.flows.cmd_codec import image_arg
 from licforge.flows.cmd_pnr import seeds_arg
 from licforge.rtl.project import DEFAULT_MAX_WIDTH, DEFAULT_PART
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
-from licforge.errors import UsageError, need_file, need_int, positive_float, probability, seed_int
+from licforge.errors import UsageError, need_int, positive_float, probability, seed_int
 
 __all__ = ["register", "chosen_parallelism"]
 
@@ -85,7 +86,7 @@ def _cmd_sim_block(args) -> int:
     bundle = load_decoder_bundle(args.bundle, Path(args.build))
     need_int(args.height, "--height", 1, 4096)
     need_int(args.width, "--width", 1, 4096)
-    image = _read_image(args.image) if args.image else None
+    image = image_arg(args.image) if args.image else None
     lanes = {"pp": need_int(args.pp, "--pp", 1, 256), "pack": args.pack} if args.kind != "decoder" else {}
     r = check_block(bundle, args.kind, Path(args.build), layer=args.layer, pi=args.pi, po=args.po, height=args.height,
                     width=args.width, image=image, seed=args.seed, p_valid=args.p_valid, p_ready=args.p_ready,
@@ -96,18 +97,6 @@ def _cmd_sim_block(args) -> int:
           f"input {r['input_shape']}, {r['checked']} outputs checked, {r['mismatches']} mismatches, "
           f"{r['cycles']} cycles")
     return 0
-
-
-def _read_image(path_arg: str):
-    """An RGB image file as uint8 (H, W, 3); UsageError naming the file otherwise."""
-    import numpy as np
-    from PIL import Image
-
-    path = need_file(path_arg, "image")
-    try:
-        return np.asarray(Image.open(path).convert("RGB"))
-    except OSError as e:
-        raise UsageError(f"image {path}: cannot be read ({e})") from None
 
 
 def _cmd_perf(args) -> int:
@@ -194,7 +183,8 @@ def register(groups: dict) -> None:
         p.add_argument("--width", type=int, default=4, help="input grid columns")
         p.add_argument("--seed", type=seed_int, default=0)
         p.add_argument("--p-valid", type=probability, default=0.8, help="probability an input beat is offered")
-        p.add_argument("--p-ready", type=probability, default=0.6, help="probability the output is taken (back-pressure)")
+        p.add_argument("--p-ready", type=probability, default=0.6,
+                       help="probability the output is taken (back-pressure)")
         p.add_argument("--image", help="use the real tensors this image produces (needs a trained bundle)")
         if kind != "decoder":
             p.add_argument("--pp", type=int, default=1, help="output pixels per cycle (lanes; default 1)")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["psnr_from_mse", "EMBEDDED_TRAIN", "EMBEDDED_HELD_OUT", "embedded_images", "folder_images", "load_split",
-           "to_tensor", "CropSampler", "DataError", "IMAGE_SUFFIXES"]
+           "read_rgb", "to_tensor", "CropSampler", "DataError", "IMAGE_SUFFIXES"]
 
 EMBEDDED_TRAIN = ("rocket", "motorcycle_left", "motorcycle_right", "hubble_deep_field",
                   "immunohistochemistry", "retina")
@@ -56,13 +56,33 @@ def embedded_images(split: str) -> dict[str, np.ndarray]:
     return {n: _skimage(n) for n in names}
 
 
-def _read_image(path: Path) -> np.ndarray:
+def read_rgb(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """The image file ``path`` as uint8 (H, W, 3) RGB, the only pixels the codec and its training
+    take.  8-bit modes (grey, palette, RGB, CMYK ...) are converted by Pillow; 16-bit grey is scaled
+    to 8 bits (``round(v * 255 / 65535)``), where Pillow's conversion would clip every value above
+    255 to white.  :class:`DataError` names the file where it cannot be read, has more than
+    ``max_pixels`` pixels (checked before its pixels are decoded), holds 32-bit integer or float
+    samples, or has transparent pixels (coding RGB would drop them silently)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise DataError(f"{path}: {im.width}x{im.height} has more than the {max_pixels} pixels a "
+                                f"licforge file holds; crop or scale it down")
+            if im.mode.startswith("I;16"):
+                v = np.asarray(im, dtype=np.float64)
+                return np.repeat(np.rint(v * (255 / 65535)).astype(np.uint8)[..., None], 3, axis=2)
+            if im.mode in ("I", "F"):
+                raise DataError(f"{path}: {'32-bit integer' if im.mode == 'I' else 'floating-point'} samples; "
+                                f"save it as 8-bit RGB (or 16-bit grey)")
+            if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+                alpha = np.asarray(im.convert("RGBA"))[..., 3]
+                if (alpha < 255).any():
+                    raise DataError(f"{path}: {int((alpha < 255).sum())} transparent pixels (alpha below 255); "
+                                    f"licforge codes RGB: flatten the image onto a background first")
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: not a readable PNG/JPEG image ({e}); remove or replace it") from None
 
 
@@ -88,7 +108,7 @@ def folder_images(folder: str | Path, split: str) -> dict[str, np.ndarray]:
     if not files:
         raise DataError(f"--data {root}: no {split} PNG/JPEG images found ({sub if sub.is_dir() else root}); "
                         f"need at least 8 files, or train/ and test/ subfolders")
-    return {p.stem: _read_image(p) for p in files}
+    return {p.stem: read_rgb(p) for p in files}
 
 
 def load_split(data: str | Path | None, split: str) -> dict[str, np.ndarray]:

@@ -1,5 +1,6 @@
 """Bjøntegaard deltas, baselines, the data split and the eval / plot rd command line."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ from PIL import Image
 
 from licforge.flows.cli import main
 from licforge.quant.rd import bd_psnr, bd_rate, curves_from_results, rd_report
-from licforge.models.data import DataError, EMBEDDED_HELD_OUT, EMBEDDED_TRAIN, embedded_images, folder_images
+from licforge.models.data import (DataError, EMBEDDED_HELD_OUT, EMBEDDED_TRAIN, embedded_images, folder_images,
+                                  read_rgb)
 
 ANCHOR = [(0.2, 26.0), (0.35, 28.1), (0.6, 30.0), (1.0, 32.2)]
 
@@ -34,6 +36,34 @@ def test_embedded_split_is_fixed_and_disjoint():
     assert {k: v.shape for k, v in held.items()} == {"astronaut": (512, 512, 3), "chelsea": (300, 451, 3),
                                                      "coffee": (400, 600, 3)}
     assert not set(EMBEDDED_TRAIN) & set(EMBEDDED_HELD_OUT) and len(EMBEDDED_TRAIN) == 6
+
+
+def test_read_rgb_scales_16_bit_grey_and_refuses_what_rgb_would_lose(tmp_path, capsys):
+    """16-bit grey is scaled to 8 bits (Pillow's own conversion clips it to white above 255); an opaque
+    alpha channel is dropped, a transparent pixel refused; 32-bit samples and oversized images refused."""
+    grey16 = (np.arange(6 * 7, dtype=np.uint16).reshape(6, 7) * 1567)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    got = read_rgb(tmp_path / "g16.png")
+    assert got.shape == (6, 7, 3) and got.dtype == np.uint8
+    assert got[..., 0].ravel().tolist() == np.rint(grey16.astype(np.float64).ravel() * 255 / 65535).astype(int).tolist()
+    assert (got[..., 0] == got[..., 2]).all() and got.max() == 250
+    rgba = np.full((4, 5, 4), 255, np.uint8)
+    rgba[..., :3] = np.arange(60, dtype=np.uint8).reshape(4, 5, 3)
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    assert (read_rgb(tmp_path / "opaque.png") == rgba[..., :3]).all()
+    rgba[1, 2, 3] = 254
+    rgba[3, 0, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "holes.png")
+    with pytest.raises(DataError, match=r"holes\.png: 2 transparent pixels \(alpha below 255\); licforge codes RGB"):
+        read_rgb(tmp_path / "holes.png")
+    Image.fromarray(np.zeros((3, 3), np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(DataError, match=r"i32\.tif: 32-bit integer samples; save it as 8-bit RGB"):
+        read_rgb(tmp_path / "i32.tif")
+    with pytest.raises(DataError, match=r"g16\.png: 7x6 has more than the 41 pixels a licforge file holds"):
+        read_rgb(tmp_path / "g16.png", max_pixels=41)
+    bundle = Path(__file__).resolve().parent.parent / "models/checkpoints/bundles/student_n16_photos_hybrid8"
+    assert main(["encode", str(bundle), str(tmp_path / "holes.png")]) == 2
+    assert "licforge: error: image " in capsys.readouterr().err
 
 
 def test_image_folder_split_and_errors(tmp_path):
