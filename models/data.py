@@ -58,18 +58,19 @@ def embedded_images(split: str) -> dict[str, np.ndarray]:
 
 def read_rgb(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """The image file ``path`` as uint8 (H, W, 3) RGB, the only pixels the codec and its training
-    take.  8-bit modes (grey, palette, RGB, CMYK ...) are converted by Pillow; 16-bit grey is scaled
-    to 8 bits (``round(v * 255 / 65535)``), where Pillow's conversion would clip every value above
-    255 to white.  :class:`DataError` names the file where it cannot be read, has more than
+    take, turned upright by its EXIF orientation tag where it has one.  8-bit modes (grey, palette,
+    RGB, CMYK ...) are converted by Pillow; 16-bit grey is scaled to 8 bits
+    (``round(v * 255 / 65535)``), where Pillow's conversion would clip every value above 255 to white.  :class:`DataError` names the file where it cannot be read, has more than
     ``max_pixels`` pixels (checked before its pixels are decoded), holds 32-bit integer or float
     samples, or has transparent pixels (coding RGB would drop them silently)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            if max_pixels is not None and im.width * im.height > max_pixels:
-                raise DataError(f"{path}: {im.width}x{im.height} has more than the {max_pixels} pixels a "
+        with Image.open(path) as opened:
+            if max_pixels is not None and opened.width * opened.height > max_pixels:
+                raise DataError(f"{path}: {opened.width}x{opened.height} has more than the {max_pixels} pixels a "
                                 f"licforge file holds; crop or scale it down")
+            im = ImageOps.exif_transpose(opened)  # a camera's EXIF orientation: the pixels as viewers show them
             if im.mode.startswith("I;16"):
                 v = np.asarray(im, dtype=np.float64)
                 return np.repeat(np.rint(v * (255 / 65535)).astype(np.uint8)[..., None], 3, axis=2)

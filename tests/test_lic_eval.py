@@ -38,9 +38,10 @@ def test_embedded_split_is_fixed_and_disjoint():
     assert not set(EMBEDDED_TRAIN) & set(EMBEDDED_HELD_OUT) and len(EMBEDDED_TRAIN) == 6
 
 
-def test_read_rgb_scales_16_bit_grey_and_refuses_what_rgb_would_lose(tmp_path, capsys):
+def test_read_rgb_scales_16_bit_grey_turns_upright_and_refuses_what_rgb_would_lose(tmp_path, capsys):
     """16-bit grey is scaled to 8 bits (Pillow's own conversion clips it to white above 255); an opaque
-    alpha channel is dropped, a transparent pixel refused; 32-bit samples and oversized images refused."""
+    alpha channel is dropped, a transparent pixel refused; 32-bit samples and oversized images refused;
+    an EXIF orientation is applied."""
     grey16 = (np.arange(6 * 7, dtype=np.uint16).reshape(6, 7) * 1567)
     Image.fromarray(grey16).save(tmp_path / "g16.png")
     got = read_rgb(tmp_path / "g16.png")
@@ -61,6 +62,10 @@ def test_read_rgb_scales_16_bit_grey_and_refuses_what_rgb_would_lose(tmp_path, c
         read_rgb(tmp_path / "i32.tif")
     with pytest.raises(DataError, match=r"g16\.png: 7x6 has more than the 41 pixels a licforge file holds"):
         read_rgb(tmp_path / "g16.png", max_pixels=41)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(rgba[..., :3]).save(tmp_path / "camera.png", exif=exif)
+    assert (read_rgb(tmp_path / "camera.png") == np.rot90(rgba[..., :3], -1)).all()
     bundle = Path(__file__).resolve().parent.parent / "models/checkpoints/bundles/student_n16_photos_hybrid8"
     assert main(["encode", str(bundle), str(tmp_path / "holes.png")]) == 2
     assert "licforge: error: image " in capsys.readouterr().err
