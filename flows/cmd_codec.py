@@ -46,10 +46,15 @@ def _import_coder() -> None:
     import compressai.ans  # noqa: F401
 
 
-def _output(arg: str | None, default: Path, source: Path) -> Path:
+def _output(arg: str | None, default: Path, source: Path, suffix: str | None = None) -> Path:
+    """``--out`` (else ``default``), its folder made; UsageError where it is the input ``source`` or, with
+    ``suffix``, names another file type (the image is written in the format its suffix names)."""
     out = Path(arg) if arg else default
     if out.resolve() == source.resolve():
         raise UsageError(f"--out {out}: would overwrite the input; name another file")
+    if suffix and (out.suffix.lower() != suffix or out.is_dir()):
+        raise UsageError(f"--out {out}: the decoded image is written as {suffix[1:].upper()}; give a file name "
+                         f"ending in {suffix}")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -110,7 +115,7 @@ def _cmd_decode(args) -> int:
             raise UsageError(f"file {path}: encoded with the {KINDS[header.kind]} of sha256 {header.model_sha256}, "
                              f"which is not committed here; pass that model with --model")
         model = _model(str(model_path))
-        out = _output(args.out, Path(args.build) / "codec" / f"{path.stem}.png", path)
+        out = _output(args.out, Path(args.build) / "codec" / f"{path.stem}.png", path, suffix=".png")
         record = {"file": str(path), "out": str(out), "height": header.height, "width": header.width,
                   "model": str(model_path), "model_sha256": model_sha256(model)}
         _import_coder()

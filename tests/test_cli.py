@@ -70,9 +70,9 @@ def test_a_binary_json_argument_is_named_not_a_traceback(cmd, tmp_path):
     assert len(err) == 1 and f"{f}: not valid JSON ('utf-8' codec can't decode byte 0xec" in err[0], err
 
 
-def test_a_file_of_another_bundle_is_refused_in_one_line(tmp_path):
+def test_a_file_of_another_bundle_is_refused_in_one_line(tmp_path, capsys):
     """Decoding with the wrong bundle: exit 2 and one line, with no deprecation warning of compressai's
-    imports (torch_geometric's ``torch.jit.script``) before it."""
+    imports (torch_geometric's ``torch.jit.script``) before it; an --out that is not a PNG file: exit 2."""
     from PIL import Image
 
     Image.new("RGB", (16, 16), (90, 120, 200)).save(tmp_path / "a.png")
@@ -84,6 +84,11 @@ def test_a_file_of_another_bundle_is_refused_in_one_line(tmp_path):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "a.licf: file was encoded with the bundle of sha256 486712d06f899bff" in err[0], err
+    for out in (tmp_path, tmp_path / "a.jpg"):  # a folder, another image type: refused before decoding
+        assert main(["decode", str(tmp_path / "a.licf"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (f"licforge: error: --out {out}: the decoded image is written as PNG; "
+                                           f"give a file name ending in .png\n")
+    assert main(["decode", str(tmp_path / "a.licf"), "--out", str(tmp_path / "a.PNG")]) == 0
 
 
 def test_a_failing_cocotb_test_is_a_failed_check_in_one_line(monkeypatch, capsys):
