@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UsageError", "CheckFailed", "need_file", "need_dir", "need_int", "read_json", "finite_float", "positive_float",
-           "probability", "seed_int"]
+__all__ = ["UsageError", "CheckFailed", "need_file", "need_dir", "need_int", "read_json", "finite_float",
+           "positive_float", "probability", "seed_int", "out_file", "out_dir"]
 
 
 class UsageError(Exception):
@@ -89,3 +90,30 @@ def seed_int(text: str) -> int:
     if not 0 <= v < 2 ** 32:
         raise argparse.ArgumentTypeError(f"a seed must be between 0 and {2 ** 32 - 1}, not {text}")
     return v
+
+
+def out_file(path: str | Path, what: str = "--out", suffix: str | None = None) -> Path:
+    """``path`` as a Path that a command can write its file to, checked before the command's work
+    (a training run, a decode) rather than after it: not a folder, ending in ``suffix`` where the
+    format follows from it, its folder made and writable; UsageError naming ``what`` otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what} {p}: is a folder; give a file name" + (f" ending in {suffix}" if suffix else ""))
+    if suffix and p.suffix.lower() != suffix:
+        raise UsageError(f"{what} {p}: written as {suffix[1:].upper()}; give a file name ending in {suffix}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{what} {p}: its folder cannot be made ({e.strerror})") from None
+    if not os.access(p.parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{what} {p}: not writable")
+    return p
+
+
+def out_dir(path: str | Path, what: str = "--out") -> Path:
+    """``path`` as a Path that a command can write a folder to (a bundle, generated Verilog): not an
+    existing file; UsageError naming ``what`` otherwise."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{what} {p}: is a file; give a folder name")
+    return p

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from licforge.errors import CheckFailed, UsageError, need_int
+from licforge.errors import CheckFailed, UsageError, need_int, out_file
 
 __all__ = ["main", "build_parser", "BENCH_RESULTS"]
 
@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _set_threads(args)
+        if getattr(args, "json", None):  # every --json is a results file the command writes after its work
+            out_file(args.json, "--json")
         rc = args.func(args)
         sys.stdout.flush()  # here, so that a closed pipe is caught below, not reported at exit
         return rc

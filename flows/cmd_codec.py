@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from licforge.errors import CheckFailed, UsageError, need_file, need_int
+from licforge.errors import CheckFailed, UsageError, need_file, need_int, out_file
 from licforge.rtl.project import DEFAULT_MAX_WIDTH
 
 __all__ = ["register"]
@@ -47,16 +47,11 @@ def _import_coder() -> None:
 
 
 def _output(arg: str | None, default: Path, source: Path, suffix: str | None = None) -> Path:
-    """``--out`` (else ``default``), its folder made; UsageError where it is the input ``source`` or, with
-    ``suffix``, names another file type (the image is written in the format its suffix names)."""
+    """``--out`` (else ``default``) checked by :func:`errors.out_file`; UsageError where it is the input."""
     out = Path(arg) if arg else default
     if out.resolve() == source.resolve():
         raise UsageError(f"--out {out}: would overwrite the input; name another file")
-    if suffix and (out.suffix.lower() != suffix or out.is_dir()):
-        raise UsageError(f"--out {out}: the decoded image is written as {suffix[1:].upper()}; give a file name "
-                         f"ending in {suffix}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    return out_file(out, "--out", suffix)
 
 
 def _write_json(path: str | None, record: dict) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from licforge.errors import UsageError, finite_float, positive_float, seed_int
+from licforge.errors import UsageError, finite_float, out_dir, out_file, positive_float, seed_int
 
 __all__ = ["register"]
 
@@ -116,8 +116,9 @@ def _cmd_train(args) -> int:
 
     cfg = _lic_config(args, args.gdn)
     tcfg, init = _train_config(args, launched=True), _init(args)
+    out = out_file(args.out)
     with _launch(_device(args)) as device:
-        meta = train_model(cfg, tcfg, Path(args.out), data=args.data, resume=args.resume,
+        meta = train_model(cfg, tcfg, out, data=args.data, resume=args.resume,
                            init=init, curve=args.curve, half=args.half, device=device)
     if _rank0():
         print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
@@ -139,8 +140,9 @@ def _cmd_distill(args) -> int:
         teacher = need_file(args.teacher, "--teacher")
     tcfg, init = _train_config(args, args.kd_recon, args.kd_latent, args.dist_weight, launched=True,
                                kd_targets=args.kd_targets), _init(args)
+    out = out_file(args.out)
     with _launch(_device(args)) as device:
-        meta = train_model(cfg, tcfg, Path(args.out), data=args.data, teacher=teacher, init=init,
+        meta = train_model(cfg, tcfg, out, data=args.data, teacher=teacher, init=init,
                            resume=args.resume, curve=args.curve, half=args.half, device=device)
     if _rank0():
         print(f"{args.out}: {cfg.name}, {meta['steps']} steps in {meta['wall_s']:.0f} s")
@@ -154,7 +156,7 @@ def _cmd_quantize(args) -> int:
     weights = need_file(args.weights, "weights")
     qat = None if args.ptq else _train_config(args)
     parent = need_dir(args.parent, "--parent") if args.parent else None
-    meta = quantize_model(weights, args.recipe, Path(args.out), qat=qat, data=args.data, resume=args.resume,
+    meta = quantize_model(weights, args.recipe, out_dir(args.out), qat=qat, data=args.data, resume=args.resume,
                           curve=args.curve, parent=parent)
     print(f"{args.out}: bundle {meta['bundle_hash'][:16]} ({meta['mode']}, recipe {meta['recipe']}); "
           f"Brevitas model {quant_model_path(Path(args.out))}")
@@ -204,6 +206,7 @@ def _cmd_plot_rd(args) -> int:
     from licforge.errors import need_file, read_json
     from licforge.quant.rd import curves_from_results, plot_rd, rd_report, write_json
 
+    png = out_file(args.out if args.out else Path(args.build) / "lic" / "rd.png", "--out", ".png")
     results = []
     for f in args.results:
         res = read_json(need_file(f, "results"), "results")
@@ -214,7 +217,6 @@ def _cmd_plot_rd(args) -> int:
     if args.anchor not in curves:
         raise UsageError(f"--anchor {args.anchor!r}: no such curve (curves: {sorted(curves)})")
     report = rd_report(curves, args.anchor)
-    png = Path(args.out) if args.out else Path(args.build) / "lic" / "rd.png"
     plot_rd(curves, png, title=f"held-out images, BD-rate anchor: {args.anchor}")
     for k, v in sorted(report["curves"].items()):
         r = v["bd_rate_pct"]

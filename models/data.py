@@ -60,9 +60,10 @@ def read_rgb(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """The image file ``path`` as uint8 (H, W, 3) RGB, the only pixels the codec and its training
     take, turned upright by its EXIF orientation tag where it has one.  8-bit modes (grey, palette,
     RGB, CMYK ...) are converted by Pillow; 16-bit grey is scaled to 8 bits
-    (``round(v * 255 / 65535)``), where Pillow's conversion would clip every value above 255 to white.  :class:`DataError` names the file where it cannot be read, has more than
-    ``max_pixels`` pixels (checked before its pixels are decoded), holds 32-bit integer or float
-    samples, or has transparent pixels (coding RGB would drop them silently)."""
+    (``round(v * 255 / 65535)``), where Pillow's conversion would clip every value above 255 to white.
+    :class:`DataError` names the file where it cannot be read, has more than ``max_pixels`` pixels
+    (checked before its pixels are decoded), holds 32-bit integer or float samples, or has
+    transparent pixels (coding RGB would drop them silently)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:

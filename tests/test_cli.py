@@ -34,11 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
     (["rtl", "gdn", "synthetic:16:24", "--po", "0"], "layer g_s.1: po must divide the 16 channels: one of [1, 2, 4, 8, 16], not 0"),
     (["plan", "synthetic:16:24", "--resolution", "1920x1080", "--fps", "inf", "--dsp", "10"],
      "argument --fps: must be a finite number, not 'inf'"),
-    (["perf", "synthetic:16:24", "--pi", "4", "--po", "4", "--clock-mhz", "0"], "argument --clock-mhz: must be positive, not 0"),
-    (["sim", "convt", "synthetic:16:24", "--p-valid", "0"], "argument --p-valid: must be a probability in (0, 1], not 0"),
-    (["sim", "gdn", "synthetic:16:24", "--p-ready", "1.5"], "argument --p-ready: must be a probability in (0, 1], not 1.5"),
+    (["perf", "synthetic:16:24", "--pi", "4", "--po", "4", "--clock-mhz", "0"],
+     "argument --clock-mhz: must be positive, not 0"),
+    (["sim", "convt", "synthetic:16:24", "--p-valid", "0"],
+     "argument --p-valid: must be a probability in (0, 1], not 0"),
+    (["sim", "gdn", "synthetic:16:24", "--p-ready", "1.5"],
+     "argument --p-ready: must be a probability in (0, 1], not 1.5"),
     (["train", "--steps", "1", "--lr", "nan", "--out", "x.pt"], "argument --lr: must be a finite number, not 'nan'"),
-    (["sim", "convt", "synthetic:16:24", "--seed", "-1"], "argument --seed: a seed must be between 0 and 4294967295, not -1"),
+    (["sim", "convt", "synthetic:16:24", "--seed", "-1"],
+     "argument --seed: a seed must be between 0 and 4294967295, not -1"),
     (["flow", "--digits", "--bits", "0"], "--bits must be between 2 and 16, not 0"),
     (["sim", "minconv", "--vectors", "0"], "--vectors must be between 1 and 16777216, not 0"),
 ])
@@ -84,11 +88,30 @@ def test_a_file_of_another_bundle_is_refused_in_one_line(tmp_path, capsys):
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and "a.licf: file was encoded with the bundle of sha256 486712d06f899bff" in err[0], err
-    for out in (tmp_path, tmp_path / "a.jpg"):  # a folder, another image type: refused before decoding
+    for out, why in ((tmp_path, "is a folder"), (tmp_path / "a.jpg", "written as PNG")):  # refused before decoding
         assert main(["decode", str(tmp_path / "a.licf"), "--out", str(out)]) == 2
-        assert capsys.readouterr().err == (f"licforge: error: --out {out}: the decoded image is written as PNG; "
-                                           f"give a file name ending in .png\n")
+        assert capsys.readouterr().err == f"licforge: error: --out {out}: {why}; give a file name ending in .png\n"
     assert main(["decode", str(tmp_path / "a.licf"), "--out", str(tmp_path / "a.PNG")]) == 0
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
+    """A training run to a folder, a bundle to a file, a plot to a non-PNG name, --json into a folder:
+    refused by name (exit 2) before training, quantizing, plotting or synthesizing."""
+    (tmp_path / "f.txt").write_text("x")
+    weights = str(ROOT / "models" / "checkpoints" / "student_n16_photos_l0.0130.pt")
+    for args, needle in ((["train", "--steps", "1", "--out", str(tmp_path)],
+                          f"--out {tmp_path}: is a folder; give a file name"),
+                         (["distill", "--steps", "1", "--kd-recon", "0", "--out", str(tmp_path)],
+                          f"--out {tmp_path}: is a folder"),
+                         (["quantize", weights, "--ptq", "--out", str(tmp_path / "f.txt")],
+                          f"--out {tmp_path / 'f.txt'}: is a file; give a folder name"),
+                         (["plot", "rd", str(tmp_path / "f.txt"), "--out", str(tmp_path / "rd")],
+                          f"--out {tmp_path / 'rd'}: written as PNG; give a file name ending in .png"),
+                         (["synth", str(tmp_path / "f.txt"), "--json", str(tmp_path)],
+                          f"--json {tmp_path}: is a folder; give a file name")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("licforge: error: ") and needle in err and err.count("\n") == 1, err
 
 
 def test_a_failing_cocotb_test_is_a_failed_check_in_one_line(monkeypatch, capsys):
