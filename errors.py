@@ -104,7 +104,7 @@ def out_file(path: str | Path, what: str = "--out", suffix: str | None = None) -
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"{what} {p}: its folder cannot be made ({e.strerror})") from None
+        raise UsageError(f"{what} {p}: its folder cannot be made ({e.strerror}: {e.filename})") from None
     if not os.access(p.parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
         raise UsageError(f"{what} {p}: not writable")
     return p

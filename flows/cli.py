@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from licforge.errors import CheckFailed, UsageError, need_int, out_file
+from licforge.errors import CheckFailed, UsageError, need_int, out_dir, out_file
 
 __all__ = ["main", "build_parser", "BENCH_RESULTS"]
 
@@ -80,7 +80,7 @@ def _command_modules() -> list:
 
 def _run_bench(args: argparse.Namespace) -> int:
     """``licforge bench NAME``: run one benchmark, print its summary line."""
-    print(f"bench {args.kind}: {args.bench(Path(args.out), Path(args.build), args)}", flush=True)
+    print(f"bench {args.kind}: {args.bench(out_dir(args.out), Path(args.build), args)}", flush=True)
     return 0
 
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"licforge: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"licforge: error: {e}", file=sys.stderr)
         return 2
     except CheckFailed as e:

@@ -16,7 +16,7 @@ from licforge.flows.cmd_codec import image_arg
 from licforge.flows.cmd_pnr import seeds_arg
 from licforge.rtl.project import DEFAULT_MAX_WIDTH, DEFAULT_PART
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
-from licforge.errors import UsageError, need_int, positive_float, probability, seed_int
+from licforge.errors import UsageError, need_int, out_dir, positive_float, probability, seed_int
 
 __all__ = ["register", "chosen_parallelism"]
 
@@ -39,7 +39,7 @@ def _cmd_rtl_decoder(args) -> int:
 
     bundle = load_decoder_bundle(args.bundle, Path(args.build))
     pi, po = chosen_parallelism(args, decoder_layers(bundle))
-    out = Path(args.out or f"{args.build}/rtl/decoder_{bundle.hash[:12]}_pi{pi}_po{po}")
+    out = out_dir(args.out or f"{args.build}/rtl/decoder_{bundle.hash[:12]}_pi{pi}_po{po}")
     need_int(args.max_width, "--max-width", 1, 4096)
     man = generate_decoder(bundle, pi, po, out, max_width=args.max_width, part=args.part,
                            clock_hz=args.clock_mhz * 1e6)
@@ -68,7 +68,7 @@ def _cmd_rtl_gdn(args) -> int:
         unit = GdnUnit.for_layer(lay, pi=args.pi, po=1 if args.po is None else args.po, div_bits=args.div_bits)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out or f"{args.build}/rtl/gdn_{bundle.hash[:12]}_{lay.name}_pi{unit.pi}_po{unit.po}")
+    out = out_dir(args.out or f"{args.build}/rtl/gdn_{bundle.hash[:12]}_{lay.name}_pi{unit.pi}_po{unit.po}")
     sources = write_verilog(unit, "gdn", out)
     (out / "manifest.json").write_text(json.dumps({"design": "gdn", "top": "gdn", "bundle": str(bundle.path),
                                                    "sources": [s.name for s in sources],

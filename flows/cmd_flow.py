@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from licforge.errors import UsageError, need_int, seed_int
+from licforge.errors import UsageError, need_int, out_dir, seed_int
 
 __all__ = ["register"]
 
@@ -45,7 +45,7 @@ def _digits(args: argparse.Namespace) -> int:
     opts = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in _DIGITS.items()}
     need_int(opts["lanes"], "--lanes", 1, 1024)
     need_int(opts["bits"], "--bits", 2, 16)
-    out = Path(args.out) if args.out else Path(args.build) / "flow" / "digits"
+    out = out_dir(args.out) if args.out else Path(args.build) / "flow" / "digits"
     run_minconv_slice(out, **opts)
     print(f"summary: {out / 'summary.json'}")
     return 0

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from licforge.bench.minconv_lic import DECODERS, HYBRIDS
-from licforge.errors import UsageError, need_int, seed_int
+from licforge.errors import UsageError, need_int, out_dir, seed_int
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
 
 __all__ = ["register"]
@@ -17,7 +17,7 @@ def _cmd_rtl_array(args) -> int:
     from licforge.sim.lane_array import array_config, generate_array
 
     cfg = array_config(args.kind, args.lanes, args.bits, args.shift, args.out_bits, args.max_beats)
-    out = Path(args.out or f"{args.build}/rtl/{cfg.name}")
+    out = out_dir(args.out or f"{args.build}/rtl/{cfg.name}")
     sources = generate_array(cfg, out)
     print(f"{cfg.name}: {', '.join(str(s) for s in sources)}")
     return 0

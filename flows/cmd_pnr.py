@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from licforge.errors import CheckFailed, UsageError, need_dir, positive_float
+from licforge.errors import CheckFailed, UsageError, need_dir, out_dir, positive_float
 
 __all__ = ["register", "seeds_arg"]
 
@@ -33,7 +33,7 @@ def _cmd_pnr(args) -> int:
         dev = parse_device(args.device)
     except ValueError as e:
         raise UsageError(f"--device: {e}") from None
-    out = Path(args.out or f"{args.build}/pnr/{design.resolve().name}_{dev.part}")
+    out = out_dir(args.out or f"{args.build}/pnr/{design.resolve().name}_{dev.part}")
     try:
         rep = run_pnr(design, out, device=dev.part, seeds=args.seeds, freq_mhz=args.freq_mhz, top=args.top,
                       threads=args.threads, timeout_s=args.timeout_s, pack_dsp=not args.no_dsp_pack,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from licforge.errors import CheckFailed, need_file, need_int, seed_int
+from licforge.errors import CheckFailed, need_file, need_int, out_dir, seed_int
 
 __all__ = ["register"]
 
@@ -51,7 +51,7 @@ def _cmd_digits(args) -> int:
 
 def _out(args) -> Path:
     """The output folder: ``--out``, else ``<build>/qonnx``."""
-    return Path(args.out) if args.out else Path(args.build) / "qonnx"
+    return out_dir(args.out) if args.out else Path(args.build) / "qonnx"
 
 
 def register(groups: dict) -> None:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from licforge.errors import (CheckFailed, UsageError, finite_float, need_dir, need_file, need_int, positive_float,
-                            seed_int)
+from licforge.errors import (CheckFailed, UsageError, finite_float, need_dir, need_file, need_int, out_dir, out_file,
+                            positive_float, seed_int)
 
 __all__ = ["register"]
 
@@ -77,7 +77,7 @@ def _cmd_embed(args) -> int:
     need_int(args.repeat, "--repeat", 1, 64)
     if args.repeat > 1 and args.scheme != "watermas":
         raise UsageError(f"--repeat {args.repeat}: a repetition code is for --scheme watermas only; drop --repeat")
-    out = Path(args.out) if args.out else Path(args.build) / "watermark"
+    out = out_dir(args.out) if args.out else Path(args.build) / "watermark"
     host = _host(args)
     base = host.train_base(args.product)
     params = MarkerParams(watermas_lam=args.lam if args.lam is not None else MarkerParams.watermas_lam,
@@ -105,13 +105,16 @@ def _cmd_deploy(args) -> int:
     from licforge.watermark.layers import bundle_chain, chain_weights
 
     need_int(args.bits, "--bits", 2, 16)
+    out = out_dir(args.out)
+    if args.verilog:
+        out_dir(args.verilog, "--verilog")
     key, net = _key(args.key), _model(args.model)
     host = _host(args)
     try:
         bundle = host.deploy(net, args.bits, key)
     except ValueError as e:
         raise UsageError(f"--model/--key: {e}") from None
-    write_bundle(bundle, Path(args.out))
+    write_bundle(bundle, out)
     line = f"bundle {args.out}: {args.bits}-bit, golden accuracy {host.bundle_accuracy(bundle):.2%}, " \
            f"BER from the bundle integers {ber(key, chain_weights(bundle_chain(bundle))):.3f}"
     if args.verilog:
@@ -327,9 +330,9 @@ def _cmd_attack(args) -> int:
     kind = _source(args.source, verilog=False)
     if kind == "bundle" and args.attack != "permute":
         raise UsageError(f"--attack {args.attack} works on a float model file; a bundle directory can be permuted")
+    out = out_dir(args.out) if kind == "bundle" or args.attack == "quantize" else out_file(args.out)
     key = _key(args.key) if args.key else None
     host = _host(args)
-    out = Path(args.out)
     if kind == "bundle":
         b = _bundle(args.source)
         chain = permute(bundle_chain(b), random_permutation(bundle_chain(b), args.seed))

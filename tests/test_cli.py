@@ -95,9 +95,13 @@ def test_a_file_of_another_bundle_is_refused_in_one_line(tmp_path, capsys):
 
 
 def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
-    """A training run to a folder, a bundle to a file, a plot to a non-PNG name, --json into a folder:
-    refused by name (exit 2) before training, quantizing, plotting or synthesizing."""
+    """A training run to a folder; a bundle, RTL, benchmark, flow or place-and-route folder onto a file; a
+    plot to a non-PNG name; --json into a folder; a file under a file: refused by name (exit 2) before
+    the command's work."""
+    from PIL import Image
+
     (tmp_path / "f.txt").write_text("x")
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     weights = str(ROOT / "models" / "checkpoints" / "student_n16_photos_l0.0130.pt")
     for args, needle in ((["train", "--steps", "1", "--out", str(tmp_path)],
                           f"--out {tmp_path}: is a folder; give a file name"),
@@ -108,7 +112,12 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
                          (["plot", "rd", str(tmp_path / "f.txt"), "--out", str(tmp_path / "rd")],
                           f"--out {tmp_path / 'rd'}: written as PNG; give a file name ending in .png"),
                          (["synth", str(tmp_path / "f.txt"), "--json", str(tmp_path)],
-                          f"--json {tmp_path}: is a folder; give a file name")):
+                          f"--json {tmp_path}: is a folder; give a file name"),
+                         *[(cmd + ["--out", str(tmp_path / "f.txt")], f"--out {tmp_path / 'f.txt'}: is a file; give a "
+                            f"folder name") for cmd in (["rtl", "minconv"], ["watermark", "embed"], ["bench", "minconv"],
+                                                        ["flow", "--digits"], ["qonnx", "digits"], ["pnr", str(tmp_path)])],
+                         (["encode", weights, str(tmp_path / "a.png"), "--out", str(tmp_path / "f.txt" / "a.licf")],
+                          f"its folder cannot be made (File exists: {tmp_path / 'f.txt'})")):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("licforge: error: ") and needle in err and err.count("\n") == 1, err
