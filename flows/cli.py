@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         _set_threads(args)
+        out_dir(args.build, "--build")
         if getattr(args, "json", None):  # every --json is a results file the command writes after its work
             out_file(args.json, "--json")
         rc = args.func(args)

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from licforge.errors import CheckFailed, UsageError
+from licforge.errors import CheckFailed, UsageError, out_dir
 from licforge.flows.pipeline import Pipeline, Stage, StageContext, StageRecord
 
 __all__ = ["DEFAULT_CONFIG", "load_config", "build_pipeline", "run_flow", "STAGES"]
@@ -576,6 +576,7 @@ def run_flow(config_path: Path | None = None, *, run_dir: Path | None = None, fo
     cfg, text = load_config(config_path)
     if run_dir is not None:
         cfg["run"]["dir"] = str(Path(run_dir).resolve())
+    out_dir(cfg["run"]["dir"], "--run-dir" if run_dir is not None else "config key run.dir")
     cfg["_teacher_file"] = _fingerprint(cfg["teacher"]["checkpoint"])
     cfg["_student_file"] = _fingerprint(cfg["student"]["init"])
     cfg["_images"] = _fingerprint(cfg["data"]["folder"])

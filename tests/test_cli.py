@@ -116,6 +116,9 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
                          *[(cmd + ["--out", str(tmp_path / "f.txt")], f"--out {tmp_path / 'f.txt'}: is a file; give a "
                             f"folder name") for cmd in (["rtl", "minconv"], ["watermark", "embed"], ["bench", "minconv"],
                                                         ["flow", "--digits"], ["qonnx", "digits"], ["pnr", str(tmp_path)])],
+                         (["--build", str(tmp_path / "f.txt"), "rtl", "minconv"],
+                          f"--build {tmp_path / 'f.txt'}: is a file; give a folder name"),
+                         (["flow", "--run-dir", str(tmp_path / "f.txt")], f"--run-dir {tmp_path / 'f.txt'}: is a file"),
                          (["encode", weights, str(tmp_path / "a.png"), "--out", str(tmp_path / "f.txt" / "a.licf")],
                           f"its folder cannot be made (File exists: {tmp_path / 'f.txt'})")):
         assert main(args) == 2, args
