@@ -77,3 +77,21 @@ def test_eval_reports_file_sizes_and_checks_golden(lic_bundle, chelsea, tmp_path
     fl = eval_float(STUDENT, imgs, tmp_path)
     assert fl["per_image"]["chelsea"]["bytes"] == (tmp_path / "student_n16_photos_l0.0130_chelsea.licf").stat().st_size
     assert 15 < fl["per_image"]["chelsea"]["psnr"] < 40 and 0 < fl["mean"]["ms_ssim"] <= 1
+
+
+def test_bench_codec_reproduces_the_committed_file_sizes_and_psnr(tmp_path):
+    """``bench codec`` (one repeat): the 768x512 photo through the N=16 bundle, the N=16 float student and
+    the teacher gives the bytes and PSNR of bench/results/codec.json (the README's codec table) exactly;
+    only the timings may differ."""
+    import json
+    from pathlib import Path
+
+    from licforge.bench.codec import bench_codec
+
+    committed = json.loads((Path(__file__).resolve().parent.parent / "bench/results/codec.json").read_text())
+    got = bench_codec(tmp_path / "codec.json", repeats=1, log=None)
+    assert json.loads((tmp_path / "codec.json").read_text())["rows"] == got["rows"]
+    for row, ref in zip(got["rows"][:3], committed["rows"][:3]):
+        assert (row["model"], row["bytes"]) == (ref["model"], ref["bytes"])
+        assert row["psnr_db"] == pytest.approx(ref["psnr_db"], abs=1e-9)
+    assert [r["bytes"] for r in got["rows"][:3]] == [14038, 14410, 20062]
