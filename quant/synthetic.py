@@ -140,11 +140,12 @@ def load_decoder_bundle(spec: str, build_dir: Path) -> Bundle:
         product = parts[3] if len(parts) == 4 else "mul"
         try:
             n, m, seed = (int(v) for v in (parts + ["0"])[:3])
-            if len(parts) not in (2, 3, 4) or min(n, m) < 1 or product not in ("mul", "min"):
+            if (len(parts) not in (2, 3, 4) or min(n, m) < 1 or max(n, m) > 1024 or seed < 0
+                    or product not in ("mul", "min")):
                 raise ValueError
         except ValueError:
             raise UsageError(f"bundle {spec!r}: write synthetic:N:M, synthetic:N:M:SEED or synthetic:N:M:SEED:min "
-                             f"(positive integers; product mul or min)") from None
+                             f"(N, M from 1 to 1024, SEED >= 0; product mul or min)") from None
         out = Path(build_dir) / "bundles" / f"synthetic_N{n}_M{m}_s{seed}{'_min' if product == 'min' else ''}"
         if not (out / "bundle.json").is_file():
             write_bundle(random_decoder_bundle(n, m, seed=seed, product=product), out)

@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
     (["sim", "gdn", "synthetic:16:24", "--p-ready", "1.5"],
      "argument --p-ready: must be a probability in (0, 1], not 1.5"),
     (["train", "--steps", "1", "--lr", "nan", "--out", "x.pt"], "argument --lr: must be a finite number, not 'nan'"),
+    (["perf", "synthetic:100000:24", "--pi", "1", "--po", "1"], "(N, M from 1 to 1024, SEED >= 0; product mul or min)"),
+    (["perf", "synthetic:16:24:-1", "--pi", "1", "--po", "1"], "bundle 'synthetic:16:24:-1': write synthetic:N:M"),
     (["sim", "convt", "synthetic:16:24", "--seed", "-1"],
      "argument --seed: a seed must be between 0 and 4294967295, not -1"),
     (["flow", "--digits", "--bits", "0"], "--bits must be between 2 and 16, not 0"),
