@@ -1,4 +1,6 @@
-"""Exit-code contract of the command line (DESIGN.md): bad input -> 2, failed check -> 1."""
+"""Exit-code contract of the command line (DESIGN.md): bad input -> 2, failed check -> 1; the shared checks
+of its arguments (argparse types for floats and seeds) and of the files it reads and writes, which raise
+:class:`UsageError` naming the argument or file."""
 from __future__ import annotations
 
 import argparse
