@@ -1,5 +1,7 @@
 """``licforge watermark``: embed -> deploy (bundle + weight-ROM Verilog) -> extract from the
 memory init files; permute the deployed bundle -> extract fails -> re-synchronize -> BER 0."""
+import contextlib
+import io
 import json
 import re
 
@@ -31,22 +33,31 @@ def test_embed_writes_model_and_separate_key_file(embedded):
     assert b"positions" not in blob and key["bits"].encode() not in blob  # the key is not in the model
 
 
-def test_deploy_then_extract_from_the_deployed_integers(embedded, capsys):
-    before = torch.get_num_threads()
-    d = embedded
-    assert run("watermark", "deploy", d / "model.pt", "--key", d / "key.json", "--bits", 4,
-               "--qat-epochs", 2, "--out", d / "b4", "--verilog", d / "b4_rtl") == 0
-    torch.set_num_threads(before)
-    assert "BER from the bundle integers 0.000, from the memory init files" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def deployed(embedded):
+    """The marked model deployed at 4 bits (bundle ``b4`` + weight-ROM Verilog ``b4_rtl``) and the bundle
+    permuted without the key (``b4_perm``); returns (folder, the two commands' stdout)."""
+    d, before = embedded, torch.get_num_threads()
+    outs = []
+    for args in (["watermark", "deploy", d / "model.pt", "--key", d / "key.json", "--bits", 4, "--qat-epochs", 2,
+                  "--out", d / "b4", "--verilog", d / "b4_rtl"],
+                 ["watermark", "attack", d / "b4", "--attack", "permute", "--seed", 3, "--out", d / "b4_perm"]):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert run(*args) == 0
+        outs.append(out.getvalue())
+        torch.set_num_threads(before)
+    return d, outs
+
+
+def test_deploy_then_extract_from_the_deployed_integers(deployed, capsys):
+    d, (deploy_out, permute_out) = deployed
+    assert "BER from the bundle integers 0.000, from the memory init files" in deploy_out
     assert sorted(p.name for p in (d / "b4_rtl").glob("*.hex")) == ["conv1_w.hex", "conv2_w.hex", "fc_w.hex"]
     for src in (d / "b4_rtl", d / "b4", d / "model.pt"):  # memory init files, bundle, model: told apart
         assert run("watermark", "extract", src, "--key", d / "key.json", "--max-ber", 0) == 0
         assert "BER 0.0000 (0 bit errors)" in capsys.readouterr().out
 
-    assert run("watermark", "attack", d / "b4", "--attack", "permute", "--seed", 3,
-               "--out", d / "b4_perm") == 0
-    torch.set_num_threads(before)
-    before_after = re.search(r"golden accuracy ([\d.]+)% before, ([\d.]+)% after", capsys.readouterr().out)
+    before_after = re.search(r"golden accuracy ([\d.]+)% before, ([\d.]+)% after", permute_out)
     assert before_after[1] == before_after[2]  # the permuted integer network is the same
     assert run("watermark", "extract", d / "b4_perm", "--key", d / "key.json", "--max-ber", 0.1) == 1
     assert run("watermark", "extract", d / "b4_perm", "--key", d / "key.json",
@@ -54,11 +65,12 @@ def test_deploy_then_extract_from_the_deployed_integers(embedded, capsys):
     assert "BER 0.0000" in capsys.readouterr().out
 
 
-def test_verify_gives_matched_bits_p_value_and_a_calibrated_verdict(embedded, capsys):
+def test_verify_gives_matched_bits_p_value_and_a_calibrated_verdict(deployed, capsys):
     """From the memory init files, and from the permuted bundle after re-synchronization; the
     permuted bundle read directly is decided absent (exit 1).  Two null models keep the test short
     (the default is 30, and 30 held out to measure the false-positive rate)."""
-    d, build = embedded, embedded / "build"
+    d = deployed[0]
+    build = d / "build"
     before = torch.get_num_threads()
     nulls = ["--nulls", 2, "--heldout", 0]
     assert run("--build", build, "watermark", "verify", d / "key.json", d / "b4_rtl", *nulls,
@@ -103,9 +115,9 @@ def test_verify_gives_matched_bits_p_value_and_a_calibrated_verdict(embedded, ca
     (["watermark", "attack", "MODEL", "--attack", "quantize", "--strength", "3.5", "--out", "x"],
      "--strength (bits) must be a whole number, not 3.5"),
 ])
-def test_bad_input_is_one_line_exit_2(embedded, capsys, args, needle):
+def test_bad_input_is_one_line_exit_2(deployed, capsys, args, needle):
     named = {"KEY": "key.json", "BUNDLE": "b4", "RTL": "b4_rtl", "MODEL": "model.pt"}
-    args = [str(embedded / named[a]) if a in named else a for a in args]
+    args = [str(deployed[0] / named[a]) if a in named else a for a in args]
     assert run(*args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
