@@ -182,9 +182,15 @@ def _cmd_eval(args) -> int:
     from licforge.quant.eval import evaluate
     from licforge.quant.rd import write_json
 
+    if not args.models and args.no_baselines:
+        raise UsageError("nothing to evaluate: give weight files or bundle directories, or drop --no-baselines")
+    models = [Path(m) for m in args.models]
+    twice = sorted({str(m) for m in models if sum(m.resolve() == n.resolve() for n in models) > 1})
+    if twice:
+        raise UsageError(f"{', '.join(twice)}: given more than once (its points would be counted twice in a curve)")
+    bitstreams = out_dir(args.bitstreams, "--bitstreams") if args.bitstreams else None
     images = load_split(args.data, "held-out")
-    res = evaluate([Path(m) for m in args.models], images, baselines=not args.no_baselines,
-                   bitstreams=Path(args.bitstreams) if args.bitstreams else None)
+    res = evaluate(models, images, baselines=not args.no_baselines, bitstreams=bitstreams)
     res["data"] = args.data or "embedded"
     for e in res["entries"]:
         if e["kind"] == "baseline":  # the models' lines were printed as they were evaluated

@@ -43,6 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
     (["train", "--steps", "1", "--lr", "nan", "--out", "x.pt"], "argument --lr: must be a finite number, not 'nan'"),
     (["perf", "synthetic:100000:24", "--pi", "1", "--po", "1"], "(N, M from 1 to 1024, SEED >= 0; product mul or min)"),
     (["perf", "synthetic:16:24:-1", "--pi", "1", "--po", "1"], "bundle 'synthetic:16:24:-1': write synthetic:N:M"),
+    (["eval", "--no-baselines"], "nothing to evaluate: give weight files or bundle directories, or drop --no-baselines"),
+    (["eval", "models/checkpoints/student_n16_photos_l0.0130.pt", "./models/checkpoints/student_n16_photos_l0.0130.pt"],
+     "models/checkpoints/student_n16_photos_l0.0130.pt: given more than once"),
     (["sim", "convt", "synthetic:16:24", "--seed", "-1"],
      "argument --seed: a seed must be between 0 and 4294967295, not -1"),
     (["flow", "--digits", "--bits", "0"], "--bits must be between 2 and 16, not 0"),
@@ -118,6 +121,8 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
                          *[(cmd + ["--out", str(tmp_path / "f.txt")], f"--out {tmp_path / 'f.txt'}: is a file; give a "
                             f"folder name") for cmd in (["rtl", "minconv"], ["watermark", "embed"], ["bench", "minconv"],
                                                         ["flow", "--digits"], ["qonnx", "digits"], ["pnr", str(tmp_path)])],
+                         (["eval", "--bitstreams", str(tmp_path / "f.txt")],
+                          f"--bitstreams {tmp_path / 'f.txt'}: is a file; give a folder name"),
                          (["--build", str(tmp_path / "f.txt"), "rtl", "minconv"],
                           f"--build {tmp_path / 'f.txt'}: is a file; give a folder name"),
                          (["flow", "--run-dir", str(tmp_path / "f.txt")], f"--run-dir {tmp_path / 'f.txt'}: is a file"),
