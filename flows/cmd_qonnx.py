@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from licforge.errors import CheckFailed, need_file, need_int, out_dir, seed_int
+from licforge.errors import CheckFailed, UsageError, need_file, need_int, out_dir, seed_int
 
 __all__ = ["register"]
 
@@ -35,7 +35,15 @@ def _report(res: dict, out: Path) -> int:
 def _cmd_lic(args) -> int:
     from licforge.quant.qonnx import export_synthesis
 
-    quant_pt = need_file(args.quant_pt, "quantized model")
+    from licforge.quant.train import quant_model_path
+
+    given = Path(args.quant_pt)
+    if given.is_dir():  # a bundle directory: its Brevitas model lies beside it
+        if not quant_model_path(given).is_file():
+            raise UsageError(f"quantized model {given}: a folder without {quant_model_path(given).name} beside it; "
+                             f"give the .quant.pt that 'licforge quantize' wrote")
+        given = quant_model_path(given)
+    quant_pt = need_file(given, "quantized model")
     out = _out(args)
     return _report(export_synthesis(quant_pt, out, data=args.data), out)
 
@@ -59,7 +67,7 @@ def register(groups: dict) -> None:
     top = groups["top"].add_parser("qonnx", help="QONNX export for FINN, checked against Brevitas")
     sub = top.add_subparsers(dest="network", required=True, parser_class=type(top))
     lic = sub.add_parser("lic", help="the LIC student's synthesis transform (decoder)")
-    lic.add_argument("quant_pt", help="quantized student (.quant.pt from licforge quantize)")
+    lic.add_argument("quant_pt", help="quantized student (.quant.pt from licforge quantize, or its bundle directory)")
     lic.add_argument("--data", default=None, help="image folder for the held-out latents (default: embedded)")
     lic.add_argument("--out", default=None, help="output folder (default <build>/qonnx)")
     lic.set_defaults(func=_cmd_lic)

@@ -68,6 +68,8 @@ def test_minconv_classifier_is_refused():
 
 @pytest.mark.parametrize("path,message", [
     ("no/such.quant.pt", "licforge: error: quantized model no/such.quant.pt: not found"),
+    ("models", "licforge: error: quantized model models: a folder without models.quant.pt beside it; give the "
+               ".quant.pt that 'licforge quantize' wrote"),
     ("models/checkpoints/student_n16_photos_l0.0130.pt",
      "licforge: error: models/checkpoints/student_n16_photos_l0.0130.pt: format 'licforge-lic-weights/1', expected "
      "'licforge-lic-quant/1' (a file written by licforge quantize)"),
