@@ -75,9 +75,11 @@ def _cmd_embed(args) -> int:
 
     need_int(args.payload, "--payload", 1, 1 << 20)
     need_int(args.repeat, "--repeat", 1, 64)
+    need_int(args.min_bits, "--min-bits", 2, 16)
     if args.repeat > 1 and args.scheme != "watermas":
         raise UsageError(f"--repeat {args.repeat}: a repetition code is for --scheme watermas only; drop --repeat")
     out = out_dir(args.out) if args.out else Path(args.build) / "watermark"
+    key_file = out_file(args.key, "--key") if args.key else out / "key.json"
     host = _host(args)
     base = host.train_base(args.product)
     params = MarkerParams(watermas_lam=args.lam if args.lam is not None else MarkerParams.watermas_lam,
@@ -89,7 +91,7 @@ def _cmd_embed(args) -> int:
     except ValueError as e:
         raise UsageError(f"--payload/--layers: {e}") from None
     control = host.continue_training(copy.deepcopy(base), None)
-    key_path = save_key(key, Path(args.key) if args.key else out / "key.json")
+    key_path = save_key(key, key_file)
     model_path = save_digits_model(net, out / "model.pt")
     print(f"{args.scheme}: {key.payload} bits in layers {sorted(key.layers)}; key {key_path} (keep it "
           f"secret, apart from the model); model {model_path}")
