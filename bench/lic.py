@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from licforge.errors import CheckFailed
+
 __all__ = ["bench_lic", "plan", "plan_star", "run_jobs", "kd_args", "Job", "LAMBDAS", "TEACHER", "MIX50"]
 
 LAMBDAS = (0.0009, 0.0018, 0.0035, 0.0067, 0.013, 0.025)
@@ -261,7 +263,7 @@ def run_jobs(jobs: list[Job], logs: Path, workers: int) -> dict[str, float]:
             del running[name]
             job = by_name[name]
             if proc.returncode != 0:
-                raise RuntimeError(f"bench lic: step {name} failed (exit {proc.returncode}); see {logs / name}.log")
+                raise CheckFailed(f"bench lic: step {name} failed (exit {proc.returncode}); see {logs / name}.log")
             _stamp(job).write_text(json.dumps({"args": job.args}))
             walls[name] = time.perf_counter() - start
             finished.add(name)

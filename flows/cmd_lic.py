@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from licforge.errors import UsageError, finite_float, out_dir, out_file, positive_float, seed_int
+from licforge.errors import UsageError, finite_float, need_int, out_dir, out_file, positive_float, seed_int
 
 __all__ = ["register"]
 
@@ -271,8 +271,16 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.kd_study import kd_study
     from licforge.errors import need_file
 
+    from licforge.models.lic_train import TrainConfig
+
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, not {args.workers}")
+    need_int(args.base_steps, "--base-steps", 1, 10 ** 7)
+    need_int(args.ft_steps, "--ft-steps", 1, 10 ** 7)
+    try:  # the crop and batch every job of the study trains with, checked before the first job starts
+        TrainConfig(crop=args.crop, batch=args.batch)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
     _device(args)
     if min(args.widths) < 1 or len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"--widths must be >= 1 and --seeds distinct, not {args.widths} / {args.seeds}")

@@ -107,6 +107,7 @@ def _cmd_deploy(args) -> int:
     from licforge.watermark.layers import bundle_chain, chain_weights
 
     need_int(args.bits, "--bits", 2, 16)
+    need_int(args.qat_epochs, "--qat-epochs", 0, 10 ** 4)
     out = out_dir(args.out)
     if args.verilog:
         out_dir(args.verilog, "--verilog")
