@@ -135,9 +135,7 @@ def coder_tables(model: Model) -> dict[str, np.ndarray]:
 def pad_image(image: np.ndarray, multiple: int = PAD) -> np.ndarray:
     """uint8 (H, W, 3) -> (1, 3, H', W') int64 with H', W' multiples of ``multiple`` (the
     last row and column repeated)."""
-    img = np.asarray(image)
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"image must be uint8 (H, W, 3), not {img.dtype} {img.shape}")
+    img = _rgb_array(image)
     hh, ww = img.shape[:2]
     padded = np.pad(img, ((0, -hh % multiple), (0, -ww % multiple), (0, 0)), mode="edge")
     return padded.transpose(2, 0, 1)[None].astype(np.int64)
@@ -170,10 +168,17 @@ def encode_latents(bundle: Bundle, latent: np.ndarray) -> bytes:
     return RansEncoder().encode_with_indexes(symbols, _indexes(m, h, w), cdf, length, offset)
 
 
-def _check_image(image: np.ndarray) -> np.ndarray:
+def _rgb_array(image: np.ndarray) -> np.ndarray:
+    """``image`` as an array if it is uint8 (H, W, 3) with at least one pixel; ValueError naming its dtype
+    and shape otherwise."""
     img = np.asarray(image)
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"image must be uint8 (H, W, 3), not {img.dtype} {img.shape}")
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+        raise ValueError(f"image must be uint8 (H, W, 3) with H, W >= 1, not {img.dtype} {img.shape}")
+    return img
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    img = _rgb_array(image)
     hh, ww = img.shape[:2]
     if hh * ww > MAX_PIXELS or max(hh, ww) > 0xFFFF:
         raise UsageError(f"image {hh}x{ww}: more than the {MAX_PIXELS} pixels (or 65535 a side) a file may hold")

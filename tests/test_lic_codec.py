@@ -1,4 +1,6 @@
 """Real bitstreams: compress to a file, read it back, decompress; refusal of bad streams."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,17 @@ def test_bad_bitstreams_are_refused(lic_bundle, chelsea):
         decode_latents(lic_bundle, bytes(flipped))
     with pytest.raises(BitstreamError, match=r"starts with b'JFIF'"):
         decode_latents(lic_bundle, b"JFIF" + data[4:])
+
+
+@pytest.mark.parametrize("image", [np.zeros((32, 32), np.uint8), np.zeros((3, 32, 32), np.uint8),
+                                   np.zeros((32, 32, 3), np.float32), np.zeros((0, 32, 3), np.uint8)])
+def test_an_image_array_of_another_shape_or_type_is_refused_by_both_codecs(lic_bundle, image):
+    """A grey, channel-first, float or empty array: the bundle's and pad_image's one check (an empty
+    image reached a reshape error in the rANS coder before)."""
+    for coder in (lambda: encode_image(lic_bundle, image), lambda: pad_image(image)):
+        with pytest.raises(ValueError, match=re.escape(f"image must be uint8 (H, W, 3) with H, W >= 1, not "
+                                                       f"{image.dtype} {image.shape}")):
+            coder()
 
 
 def test_float_model_compress_decompress_equals_forward(chelsea):
