@@ -432,15 +432,39 @@ def _latent_index(bundle: Bundle) -> int:
     return ops.index("latent") + 1
 
 
+def _integers(x: np.ndarray, what: str, channels: int, bits: int, signed: bool, multiple: int = 1) -> np.ndarray:
+    """``x`` as int64 if it is (N, ``channels``, H, W) of whole numbers within the ``bits``-wide format
+    (H, W multiples of ``multiple``); ValueError naming ``what`` otherwise (a float would be truncated,
+    a value out of range wrapped by the hardware's input port, without a word)."""
+    a = np.asarray(x)
+    if a.ndim != 4 or a.shape[1] != channels or min(a.shape[2:]) < 1 or a.shape[2] % multiple or a.shape[3] % multiple \
+            or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        side = f" with H, W multiples of {multiple}" if multiple > 1 else ""
+        raise ValueError(f"{what} must be (N, {channels}, H, W){side}, not {a.dtype} {a.shape}")
+    if np.issubdtype(a.dtype, np.floating) and not np.array_equal(a, np.round(a)):
+        raise ValueError(f"{what}: {a.dtype} values that are not whole numbers; give the integers")
+    lo, hi = int_range(bits, signed)
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise ValueError(f"{what}: values {a.min():g}..{a.max():g} outside the {bits}-bit "
+                         f"{'signed' if signed else 'unsigned'} range {lo}..{hi} that the bundle takes")
+    return a.astype(np.int64)
+
+
 def golden_encode(bundle: Bundle, pixels: np.ndarray) -> np.ndarray:
     """Integer golden encoder: uint8 pixels (N, 3, H, W), H and W multiples of 16 ->
     integer latents (N, M, H/16, W/16) (layers up to and including ``latent``)."""
-    return run_layers(bundle.layers[:_latent_index(bundle)], np.asarray(pixels, np.int64))
+    inp = bundle.input
+    px = _integers(pixels, "pixels", inp["shape"][0], inp["bits"], inp["signed"], multiple=16)
+    return run_layers(bundle.layers[:_latent_index(bundle)], px)
 
 
 def golden_decode(bundle: Bundle, latent: np.ndarray) -> np.ndarray:
-    """Integer golden decoder (synthesis transform): latents -> pixel integers 0..255."""
-    return run_layers(bundle.layers[_latent_index(bundle):], latent)
+    """Integer golden decoder (synthesis transform): latents (N, M, h, w) in the latent layer's
+    signed format -> pixel integers 0..255."""
+    k = _latent_index(bundle)
+    first = bundle.layers[k]
+    lat = _integers(latent, "latents", first.tensors["weight"].shape[0], bundle.layers[k - 1].attrs["out_bits"], True)
+    return run_layers(bundle.layers[k:], lat)
 
 
 def golden_forward(bundle: Bundle, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

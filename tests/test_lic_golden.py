@@ -100,3 +100,21 @@ def test_ptq_int8_student_equals_golden():
     assert out_g.shape == (1, 3, 80, 144)
     assert np.array_equal(lat_b, lat_g) and np.array_equal(out_b, out_g)
     assert len(np.unique(out_g)) > 10
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda b: golden_decode(b, np.zeros((24, 4, 4), np.int64)), "latents must be (N, 24, H, W), not int64 (24, 4, 4)"),
+    (lambda b: golden_decode(b, np.full((1, 24, 2, 2), 0.5)), "latents: float64 values that are not whole numbers"),
+    (lambda b: golden_decode(b, np.full((1, 24, 2, 2), 128)),
+     "latents: values 128..128 outside the 8-bit signed range -128..127 that the bundle takes"),
+    (lambda b: golden_forward(b, np.full((1, 3, 32, 32), 256)),
+     "pixels: values 256..256 outside the 8-bit unsigned range 0..255 that the bundle takes"),
+    (lambda b: golden_forward(b, np.zeros((1, 3, 30, 32), np.uint8)),
+     "pixels must be (N, 3, H, W) with H, W multiples of 16, not uint8 (1, 3, 30, 32)"),
+])
+def test_golden_model_refuses_what_the_hardware_port_would_wrap(lic_bundle, call, message):
+    """The golden model's inputs are the decoder's ports: a value the port cannot hold (a latent of 128 on
+    an 8-bit signed port), a fraction, another shape, is refused rather than wrapped or truncated."""
+    with pytest.raises(ValueError) as e:
+        call(lic_bundle)
+    assert str(e.value).startswith(message)
