@@ -111,6 +111,7 @@ def _cmd_deploy(args) -> int:
     out = out_dir(args.out)
     if args.verilog:
         out_dir(args.verilog, "--verilog")
+        need_int(args.lanes, "--lanes", 1, 256)
     key, net = _key(args.key), _model(args.model)
     host = _host(args)
     try:
@@ -121,7 +122,6 @@ def _cmd_deploy(args) -> int:
     line = f"bundle {args.out}: {args.bits}-bit, golden accuracy {host.bundle_accuracy(bundle):.2%}, " \
            f"BER from the bundle integers {ber(key, chain_weights(bundle_chain(bundle))):.3f}"
     if args.verilog:
-        need_int(args.lanes, "--lanes", 1, 256)
         line += f", from the memory init files in {args.verilog} " \
                 f"{ber(key, memory_weights(bundle, Path(args.verilog), args.lanes)):.3f}"
     print(line)

@@ -109,6 +109,8 @@ def test_verify_gives_matched_bits_p_value_and_a_calibrated_verdict(deployed, ca
      "--repeat 3: a repetition code is for --scheme watermas only; drop --repeat"),
     (["watermark", "embed", "--repeat", "0"], "--repeat must be between 1 and 64, not 0"),
     (["watermark", "embed", "--min-bits", "1"], "--min-bits must be between 2 and 16, not 1"),
+    (["watermark", "deploy", "MODEL", "--key", "KEY", "--out", "x", "--verilog", "v", "--lanes", "0"],
+     "--lanes must be between 1 and 256, not 0"),
     (["watermark", "attack", "MODEL", "--attack", "noise", "--strength", "-1", "--out", "x"],
      "--strength (noise sigma) must be >= 0, not -1"),
     (["watermark", "attack", "MODEL", "--attack", "finetune", "--strength", "-3", "--out", "x"],
