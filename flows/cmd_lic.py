@@ -6,7 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from licforge.errors import UsageError, finite_float, need_int, out_dir, out_file, positive_float, seed_int
+from licforge.errors import (UsageError, finite_float, need_dir, need_file, need_int, out_dir, out_file,
+                             positive_float, read_json, seed_int)
 
 __all__ = ["register"]
 
@@ -106,8 +107,6 @@ def _lic_config(args, gdn: str):
 
 
 def _init(args) -> Path | None:
-    from licforge.errors import need_file
-
     return need_file(args.init, "--init") if args.init else None
 
 
@@ -126,7 +125,6 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_distill(args) -> int:
-    from licforge.errors import need_file
     from licforge.quant.train import train_model
 
     if args.kd_recon < 0 or args.kd_latent < 0:
@@ -150,7 +148,6 @@ def _cmd_distill(args) -> int:
 
 
 def _cmd_quantize(args) -> int:
-    from licforge.errors import need_dir, need_file
     from licforge.quant.train import quant_model_path, quantize_model
 
     weights = need_file(args.weights, "weights")
@@ -209,7 +206,6 @@ def _eval_line(entry: dict) -> str:
 
 
 def _cmd_plot_rd(args) -> int:
-    from licforge.errors import need_file, read_json
     from licforge.quant.rd import curves_from_results, plot_rd, rd_report, write_json
 
     png = out_file(args.out if args.out else Path(args.build) / "lic" / "rd.png", "--out", ".png")
@@ -259,8 +255,6 @@ def _given_teachers(files: list[str] | None) -> dict[float, Path] | None:
 
 def _eval_sets(folders: list[str] | None) -> dict[str, str]:
     """``bench kd --eval-data``: each folder named by its last component (distinct, and existing)."""
-    from licforge.errors import need_dir
-
     sets = {Path(f).name: str(need_dir(f, "--eval-data")) for f in folders or []}
     if len(sets) != len(folders or []):
         raise UsageError(f"--eval-data: the folders' names must differ (they name the result files), not {folders}")
@@ -269,8 +263,6 @@ def _eval_sets(folders: list[str] | None) -> dict[str, str]:
 
 def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     from licforge.bench.kd_study import kd_study
-    from licforge.errors import need_file
-
     from licforge.models.lic_train import TrainConfig
 
     if args.workers < 1:
@@ -287,7 +279,7 @@ def _bench_kd(out: Path, build: Path, args: argparse.Namespace) -> str:
     if args.lambdas is not None and len(args.lambdas) < 4:
         raise UsageError(f"--lambdas: give at least 4 values (a BD-rate needs 4 points), not {args.lambdas}")
     extra = {"lambdas": tuple(sorted(args.lambdas))} if args.lambdas else {}
-    if args.student_lr is not None:   # plan_kd refuses lr <= 0
+    if args.student_lr is not None:
         extra["student_lr"] = args.student_lr
     init = need_file(args.student_init, "--student-init") if args.student_init else None
     work = Path(args.work) if args.work else build / "lic" / "kd"

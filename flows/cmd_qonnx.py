@@ -34,16 +34,16 @@ def _report(res: dict, out: Path) -> int:
 
 def _cmd_lic(args) -> int:
     from licforge.quant.qonnx import export_synthesis
-
     from licforge.quant.train import quant_model_path
 
-    given = Path(args.quant_pt)
-    if given.is_dir():  # a bundle directory: its Brevitas model lies beside it
-        if not quant_model_path(given).is_file():
-            raise UsageError(f"quantized model {given}: a folder without {quant_model_path(given).name} beside it; "
+    quant_pt = Path(args.quant_pt)
+    if quant_pt.is_dir():  # a bundle directory: its Brevitas model lies beside it
+        beside = quant_model_path(quant_pt)
+        if not beside.is_file():
+            raise UsageError(f"quantized model {quant_pt}: a folder without {beside.name} beside it; "
                              f"give the .quant.pt that 'licforge quantize' wrote")
-        given = quant_model_path(given)
-    quant_pt = need_file(given, "quantized model")
+        quant_pt = beside
+    need_file(quant_pt, "quantized model")
     out = _out(args)
     return _report(export_synthesis(quant_pt, out, data=args.data), out)
 
