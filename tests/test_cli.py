@@ -316,6 +316,24 @@ def test_rtl_then_synth(tmp_path, capsys):
     assert mac_lut["DSP"] == 0 and mac_lut["LUT"] > mn["LUT"]  # multipliers in fabric cost more than comparators
 
 
+def test_a_top_module_no_source_declares_is_bad_input(tmp_path, capsys):
+    """``--top`` naming no module of the sources is refused before Yosys runs (it was a Yosys
+    failure, exit 1, with the log's "Module `bar' not found!" twice), naming the modules there
+    are; a module in a block comment does not count, an escaped identifier does."""
+    from licforge.rtl.yosys import verilog_modules
+
+    a, b = tmp_path / "a.v", tmp_path / "b.v"
+    a.write_text("/* module ghost(); endmodule */\nmodule top(input x, output y);\n  assign y = x;\nendmodule\n")
+    b.write_text("// module other\n  module \\top.sub (input x);\nendmodule\nmodule automatic inner;\nendmodule\n")
+    assert verilog_modules([a, b]) == ["top", "top.sub", "inner"]
+    assert main(["synth", str(a), "--top", "bar"]) == 2
+    assert capsys.readouterr().err == ("licforge: error: top module 'bar': a.v declares no module of that name "
+                                       "(modules: top)\n")
+    assert main(["pnr", str(tmp_path), "--top", "ghost", "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err == ("licforge: error: top module 'ghost': 2 Verilog files declare no module of "
+                                       "that name (modules: top, top.sub, inner)\n")
+
+
 def test_yosys_failure_is_reported_without_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.v"
     bad.write_text("module top(input a; endmodule\n")
