@@ -114,8 +114,16 @@ def out_file(path: str | Path, what: str = "--out", suffix: str | None = None) -
 
 def out_dir(path: str | Path, what: str = "--out") -> Path:
     """``path`` as a Path that a command can write a folder to (a bundle, generated Verilog): not an
-    existing file; UsageError naming ``what`` otherwise."""
+    existing file, and the folder, or the nearest existing folder above it (where it will be
+    made), writable; UsageError naming ``what`` otherwise.  Nothing is created."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise UsageError(f"{what} {p}: is a file; give a folder name")
+    above = p.absolute()
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"{what} {p}: cannot be made ({above} is a file)")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {p}: not writable" + ("" if above == p.absolute() else f" ({above} is read-only)"))
     return p

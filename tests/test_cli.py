@@ -137,6 +137,28 @@ def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
         assert err.startswith("licforge: error: ") and needle in err and err.count("\n") == 1, err
 
 
+def test_an_output_folder_under_a_file_or_in_a_read_only_folder_is_refused_before_the_work(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A folder ``--out`` below a file, or in a folder that cannot be written (a read-only tree: the
+    check asks ``os.access``, made to answer no here since root may write anywhere), is refused by
+    name before the command runs (it failed at the first write before)."""
+    import licforge.errors as errors
+
+    (tmp_path / "f.txt").write_text("x")
+    assert main(["rtl", "minconv", "--out", str(tmp_path / "f.txt" / "a" / "b")]) == 2
+    assert capsys.readouterr().err == (f"licforge: error: --out {tmp_path / 'f.txt' / 'a' / 'b'}: cannot be made "
+                                       f"({tmp_path / 'f.txt'} is a file)\n")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = errors.os.access
+    monkeypatch.setattr(errors.os, "access", lambda path, mode: Path(path) != ro and real(path, mode))
+    for out, why in ((ro / "new" / "rtl", f"not writable ({ro} is read-only)"), (ro, "not writable")):
+        assert main(["rtl", "minconv", "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"licforge: error: --out {out}: {why}\n"
+    assert not (ro / "new").exists()
+    assert main(["rtl", "minconv", "--out", str(tmp_path / "rw" / "rtl")]) == 0
+
+
 def test_a_failing_cocotb_test_is_a_failed_check_in_one_line(monkeypatch, capsys):
     """SimulationFailed from a simulation the command started: exit 1, one line naming the log."""
     import licforge.sim.lane_array as lane_array
