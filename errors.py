@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UsageError", "CheckFailed", "need_file", "need_dir", "need_int", "read_json", "finite_float",
+__all__ = ["UsageError", "CheckFailed", "need_file", "not_a_file", "need_dir", "need_int", "read_json", "finite_float",
            "positive_float", "probability", "seed_int", "out_file", "out_dir"]
 
 
@@ -23,11 +23,20 @@ class CheckFailed(Exception):
 
 
 def need_file(path: str | Path, what: str = "file") -> Path:
-    """``path`` as a Path if it is an existing file, else UsageError naming it."""
+    """``path`` as a Path if it is an existing file, else UsageError naming it and why (not found,
+    a folder, or not a regular file such as a device)."""
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"{what} {p}: not found")
+        raise UsageError(f"{what} {p}: {not_a_file(p)}")
     return p
+
+
+def not_a_file(p: Path) -> str:
+    """Why ``p``, which is not a regular file, cannot be read as one: ``not found``, ``is a
+    folder; give a file`` or ``not a regular file``."""
+    if not p.exists():
+        return "not found"
+    return "is a folder; give a file" if p.is_dir() else "not a regular file"
 
 
 def need_dir(path: str | Path, what: str = "directory") -> Path:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from licforge.bench.minconv_lic import DECODERS, HYBRIDS
-from licforge.errors import UsageError, need_int, out_dir, seed_int
+from licforge.errors import UsageError, need_int, not_a_file, out_dir, seed_int
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
 
 __all__ = ["register"]
@@ -36,7 +36,7 @@ def _cmd_synth(args) -> int:
         elif p.is_file():
             sources.append(p)
         else:
-            raise UsageError(f"{p}: not found")
+            raise UsageError(f"{p}: {not_a_file(p)}")
     try:
         report = synthesize(sources, args.top, family=args.family, dsp=not args.no_dsp,
                             out_json=Path(args.json) if args.json else None)

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from licforge.errors import not_a_file
+
 from .minconv import GDN_OUTS
 
 __all__ = ["LICConfig", "student_config", "build_lic", "to_min_student", "save_weights", "load_weights",
@@ -251,7 +253,7 @@ def read_checkpoint(path: str | Path, fmt: str, writer: str | None = None) -> di
     writes that format (default: the LIC commands)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
+        raise CheckpointError(f"{path}: {not_a_file(path)}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated / non-torch files

@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
     (["rtl", "mac", "--bits", "33"], "--bits must be between 2 and 32, not 33"),
     (["rtl", "minconv", "--lanes", "0"], "--lanes must be between 1 and 1024, not 0"),
     (["synth", "no/such/file.v"], "no/such/file.v: not found"),
+    # a folder or a device where a file is read: said so, not "not found"
+    (["synth", "/dev/null"], "/dev/null: not a regular file"),
+    (["quantize", "tests", "--ptq", "--out", "x"], "weights tests: is a folder; give a file"),
+    (["plot", "rd", "tests"], "results tests: is a folder; give a file"),
+    (["watermark", "extract", ".", "--key", "/dev/null"], "key file /dev/null: not a regular file"),
     (["rtl", "minconv", "--lanes", "eight"], "invalid int value: 'eight'"),
     (["sim", "mac", "--beats", "100"], "--beats must be between 1 and --max-beats (64), not 100"),
     (["--threads", "0", "rtl", "minconv"], "--threads must be between 1 and 256, not 0"),

@@ -23,7 +23,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from licforge.errors import read_json
+from licforge.errors import not_a_file, read_json
 from licforge.quant.bundle import Layer
 from .layers import OUT_AXIS
 
@@ -156,7 +156,8 @@ def load_key(path: Path) -> WatermarkKey:
     """Read and validate a key file; :class:`KeyFileError` names the file and what is wrong."""
     path = Path(path)
     if not path.is_file():
-        raise KeyFileError(f"key file {path}: not found; 'licforge watermark embed' writes one")
+        why = not_a_file(path)
+        raise KeyFileError(f"key file {path}: {why}" + ("; 'licforge watermark embed' writes one" if why == "not found" else ""))
     doc = read_json(path, "key file", error=KeyFileError)
     if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
         got = doc.get("format") if isinstance(doc, dict) else None
