@@ -108,8 +108,11 @@ def folder_images(folder: str | Path, split: str) -> dict[str, np.ndarray]:
         held = {i for i in range(len(every)) if i % 8 == 7}
         files = [p for i, p in enumerate(every) if (i in held) == (split == "held-out")]
     if not files:
-        raise DataError(f"--data {root}: no {split} PNG/JPEG images found ({sub if sub.is_dir() else root}); "
-                        f"need at least 8 files, or train/ and test/ subfolders")
+        if (root / "train").is_dir() and (root / "test").is_dir():
+            raise DataError(f"--data {root}: no PNG/JPEG images in {sub}")
+        raise DataError(f"--data {root}: " + (f"{len(every)} PNG/JPEG image(s), too few to hold any out (every 8th "
+                                              f"file is held out): give at least 8, or train/ and test/ subfolders"
+                                              if every else "no PNG/JPEG images"))
     return {p.stem: read_rgb(p) for p in files}
 
 

@@ -83,6 +83,21 @@ def test_image_folder_split_and_errors(tmp_path):
         folder_images(tmp_path, "train")
     with pytest.raises(DataError, match=r"--data .*nothing: not a directory"):
         folder_images(tmp_path / "nothing", "train")
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(few / f"a{i}.png")
+    assert sorted(folder_images(few, "train")) == ["a0", "a1", "a2"]
+    with pytest.raises(DataError) as e:  # 3 images are not "no images"
+        folder_images(few, "held-out")
+    assert str(e.value) == (f"--data {few}: 3 PNG/JPEG image(s), too few to hold any out (every 8th file is held "
+                            "out): give at least 8, or train/ and test/ subfolders")
+    (few / "train").mkdir()
+    (few / "test").mkdir()
+    with pytest.raises(DataError, match=f"^--data {few}: no PNG/JPEG images in {few / 'test'}$"):
+        folder_images(few, "held-out")
+    with pytest.raises(DataError, match=f"^--data {tmp_path / 'few' / 'train'}: no PNG/JPEG images$"):
+        folder_images(few / "train", "train")
 
 
 def test_eval_baselines_and_plot_rd_cli(tmp_path, capsys, monkeypatch):
