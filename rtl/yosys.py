@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["YosysError", "yosys_cmd", "verilog_modules", "synthesize", "synthesize_parts", "summarize_cells", "failure_reason", "FAMILIES",
-           "DEFAULT_FAMILY", "ECP5", "RESOURCE_KEYS"]
+__all__ = ["YosysError", "yosys_cmd", "verilog_modules", "synthesize", "synthesize_parts", "summarize_cells",
+           "failure_reason", "FAMILIES", "DEFAULT_FAMILY", "ECP5", "RESOURCE_KEYS"]
 
 FAMILIES = ("xc7", "xcu", "xcup")
 DEFAULT_FAMILY = "xcup"  # the command line's --family: UltraScale+, as the ZCU102 of the seed paper
