@@ -352,8 +352,8 @@ def _model_args(p: argparse.ArgumentParser, n: int, gdn: str) -> None:
                         "only; --init may then be the multiplier twin, converted with calibrated gains)")
     p.add_argument("--gdn-out", default="shift", choices=("shift", "mul", "min"),
                    help="with --product min, the inverse GDN1's output x*n: shift (n rounded to a power of two, "
-                        "the deployed form), or the ablations mul (exact) and min (sign(x) min(|x|, n), a clamp); "
-                        "only shift students can be quantized")
+                        "multiplier-free), mul (exact: one product of two activations per channel, kept in LUTs "
+                        "or a DSP), or the ablation min (sign(x) min(|x|, n), a clamp, not quantized)")
     p.add_argument("--mul-layers", nargs="+", default=[], metavar="LAYER",
                    help="with --product min, synthesis convolutions kept as multiplier layers (a hybrid: any of "
                         "g_s.0 g_s.2 g_s.4 g_s.6); --init may be the multiplier twin or a MinConv student, whose "

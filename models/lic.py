@@ -59,7 +59,7 @@ class LICConfig:
     the normalisation ``gdn`` (gdn = CompressAI's float GDN, gdn1 = simplified GDN), the
     synthesis transform's ``product`` (mul, or min: MinConv, factorized gdn1 only) and, for
     ``min``, the form of the inverse GDN1's output ``gdn_out`` (:data:`models.minconv.GDN_OUTS`:
-    shift, deployed; mul and min, training-only ablations) and ``mul_layers``, the synthesis
+    shift, multiplier-free; mul, exact; both deployed; min, a training-only ablation) and ``mul_layers``, the synthesis
     convolutions (of :data:`SYNTH_CONVS`) that stay multiplier layers in a MinConv model (a
     hybrid: the inverse GDNs and the other convolutions multiplier-free)."""
     arch: str = "factorized"

@@ -333,9 +333,9 @@ class MinConvTranspose2d(_GainMixin, nn.ConvTranspose2d):
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
 
-#: forms of the inverse GDN1's output ``x_i * n_i``: ``shift`` (``n`` rounded to a power of two, the
-#: deployed form), ``mul`` (the exact product), ``min`` (``sign(x) min(|x|, n)``: the MinConv
-#: product of two activations, which degenerates to a clamp; an ablation)
+#: forms of the inverse GDN1's output ``x_i * n_i``: ``shift`` (``n`` rounded to a power of two,
+#: multiplier-free), ``mul`` (the exact product, kept in LUTs or a DSP), ``min`` (``sign(x) min(|x|, n)``:
+#: the MinConv product of two activations, which degenerates to a clamp; an ablation)
 GDN_OUTS = ("shift", "mul", "min")
 
 
@@ -345,8 +345,8 @@ class MinIGDN1(_GainMixin, nn.Module):
     the nearest power of two (a shift in hardware; straight-through gradient,
     :func:`pow2_round_ste`).  Parameters and their reparametrisation are CompressAI's ``GDN1``'s
     (same state-dict keys plus ``log2_gain``), so a ``GDN1``'s weights load unchanged.
-    ``out`` (:data:`GDN_OUTS`) picks the output's form; only ``shift`` is deployed (quantized,
-    exported and built), the others are its ablations."""
+    ``out`` (:data:`GDN_OUTS`) picks the output's form; ``shift`` and ``mul`` are deployed
+    (quantized, exported and built), ``min`` is an ablation."""
 
     def __init__(self, channels: int, beta_min: float = 1e-6, gamma_init: float = 0.1, out: str = "shift") -> None:
         from compressai.ops.parametrizers import NonNegativeParametrizer

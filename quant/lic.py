@@ -27,7 +27,8 @@ two); each such layer's weight gain ``log2_gain`` is part of the spec (``exps[la
 bundle's layers carry ``product``/``x_shift``/``w_shift`` and ``norm_product``/``norm_x_shift``/
 ``norm_g_shift``/``out_product`` (contract_15).  A hybrid (``config.mul_layers``) keeps the listed
 synthesis convolutions as multiplier layers (``product`` ``mul``, no gain); its inverse GDNs stay
-in min form.
+in min form.  A student distilled with ``--gdn-out mul`` (``config.gdn_out``) keeps its inverse
+GDNs' output ``x * n`` exact (``out_product`` ``mul``); the ``min`` form is a training ablation only.
 """
 from __future__ import annotations
 
@@ -115,7 +116,8 @@ class QuantFactorizedPrior(nn.Module):
             if k < 3:
                 g = f"{prefix}.{2 * k + 1}"
                 gb = rec.bits(g)
-                gmin = {"product": "min", "log2_gain": exps[g]["log2_gain"]} if minconv else {}
+                gmin = {"product": "min", "log2_gain": exps[g]["log2_gain"],
+                        "out_product": "mul" if self.spec.config.gdn_out == "mul" else "shift"} if minconv else {}
                 mods.append(QuantGDN1(cout, inverse, gamma_bits=gb["gamma_bits"], norm_bits=gb["norm_bits"],
                                       norm_exp=exps[g]["norm_exp"], out_bits=gb["out_bits"],
                                       out_exp=exps[g]["out_exp"], **gmin))
@@ -349,7 +351,7 @@ def _gdn_layer(name: str, mod: QuantGDN1, inp, x_exp: int, x_bits: int) -> Layer
              "norm_exp": mod.norm_exp, "norm_bits": mod.norm_bits, "norm_shift": norm_shift,
              "out_exp": mod.out_exp, "out_bits": mod.out_bits, "out_shift": out_shift}
     if mins:
-        attrs.update(norm_product="min", norm_x_shift=nx_shift, norm_g_shift=ng_shift, out_product="shift",
+        attrs.update(norm_product="min", norm_x_shift=nx_shift, norm_g_shift=ng_shift, out_product=mod.out_product,
                      log2_gain=conv.log2_gain)
     return Layer(name, "igdn" if mod.inverse else "gdn", attrs, {"gamma": gamma, "beta": beta})
 

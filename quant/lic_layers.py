@@ -22,7 +22,9 @@ signed minimums of the quantized operands (the stored weight is the gained weigh
 the minimum's accumulator scale ``2**(min(x_exp, w_exp) - log2_gain)`` (:func:`min_acc_exp`),
 not at ``x_exp + w_exp``.  ``QuantGDN1(product="min")`` is the multiplier-free inverse GDN: its
 norm a :class:`QuantMinConv2d` 1x1 on ``|x|`` and its output ``x * 2**e`` with ``2**e`` the
-quantized norm rounded to the nearest power of two (:func:`models.minconv.pow2_round_ste`).
+quantized norm rounded to the nearest power of two (:func:`models.minconv.pow2_round_ste`), or,
+with ``out_product="mul"`` (a student distilled with ``--gdn-out mul``), the exact ``x * n``: one
+product of two activations per channel, kept exact (in LUTs, or a DSP) and counted.
 """
 from __future__ import annotations
 
@@ -144,11 +146,16 @@ class QuantGDN1(nn.Module):
     ``out_exp`` are the calibrated exponents of the norm and of the output."""
 
     def __init__(self, channels: int, inverse: bool, *, gamma_bits: int, norm_bits: int, norm_exp: int,
-                 out_bits: int, out_exp: int, product: str = "mul", log2_gain: int = 0) -> None:
+                 out_bits: int, out_exp: int, product: str = "mul", log2_gain: int = 0,
+                 out_product: str | None = None) -> None:
         super().__init__()
         if product not in ("mul", "min") or (product == "min" and not inverse):
             raise ValueError(f"QuantGDN1: product must be 'mul', or 'min' for the inverse GDN, not {product!r}")
-        self.inverse, self.channels, self.product = bool(inverse), int(channels), product
+        out_product = out_product or ("shift" if product == "min" else "mul")
+        if out_product not in (("shift", "mul") if product == "min" else ("mul",)):
+            raise ValueError(f"QuantGDN1: out_product {out_product!r} with product {product!r} (the min form's "
+                             f"output is 'shift' or 'mul'; the multiplier GDN's 'mul')")
+        self.inverse, self.channels, self.product, self.out_product = bool(inverse), int(channels), product, out_product
         self.norm_bits, self.norm_exp, self.out_bits, self.out_exp = norm_bits, norm_exp, out_bits, out_exp
         self.gamma_bits = gamma_bits
         wq = dict(bias=True, weight_quant=WeightFixedPoint, weight_bit_width=gamma_bits)
@@ -182,10 +189,11 @@ class QuantGDN1(nn.Module):
         n = self.norm(x)
         # plain tensors (not QuantTensors) flow through the graph while exporting to QONNX
         xv, nv = getattr(x, "value", x), getattr(n, "value", n)
-        if self.product == "min":  # the multiplier-free output: a shift by the norm's nearest power of two
+        if self.out_product == "shift":  # the multiplier-free output: a shift by the norm's nearest power of two
             nv = pow2_round_ste(nv)
         return self.out_q(xv * nv if self.inverse else xv / nv)
 
     def extra_repr(self) -> str:
-        return (f"{self.channels}, inverse={self.inverse}, product={self.product}, gamma_bits={self.gamma_bits}, "
+        return (f"{self.channels}, inverse={self.inverse}, product={self.product}, out_product={self.out_product}, "
+                f"gamma_bits={self.gamma_bits}, "
                 f"norm=u{self.norm_bits}@2^{self.norm_exp}, out=s{self.out_bits}@2^{self.out_exp}")

@@ -13,7 +13,7 @@ minimums in every ``conv_transpose2d`` (``x_shift``/``w_shift`` bring both opera
 the same magnitude range: the first layer's small latents are shifted up, one layer's
 half-range weights too, so both shift paths are exercised), the inverse GDN's norm in min
 form (``norm_product="min"``) and its output a shift by the norm rounded to a power of two
-(``out_product="shift"``).  ``mul_layers`` keeps the listed convolutions of a ``min`` decoder as
+(``out_product="shift"``), or the exact product (``gdn_out="mul"``).  ``mul_layers`` keeps the listed convolutions of a ``min`` decoder as
 multiplier layers (the hybrid of :class:`models.lic.LICConfig`).
 """
 from __future__ import annotations
@@ -39,12 +39,15 @@ def _calibrated_shift(acc: np.ndarray, bits: int) -> int:
 def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act_bits: int = 8,
                           latent_bits: int = 8, gamma_bits: int = 8, norm_bits: int = 8,
                           latent_hw: tuple[int, int] = (4, 4), product: str = "mul",
-                          mul_layers: tuple[str, ...] = ()) -> Bundle:
+                          mul_layers: tuple[str, ...] = (), gdn_out: str = "shift") -> Bundle:
     """A decoder bundle (4 transposed convolutions, 3 inverse GDNs) with random integers;
     ``product``: ``"mul"`` (multipliers) or ``"min"`` (MinConv decoder, module doc), whose
-    convolutions named in ``mul_layers`` keep multipliers."""
+    convolutions named in ``mul_layers`` keep multipliers and whose inverse GDNs' output is a
+    shift (``gdn_out="shift"``) or the exact product (``"mul"``)."""
     if product not in ("mul", "min"):
         raise ValueError(f"random_decoder_bundle: product must be 'mul' or 'min', not {product!r}")
+    if gdn_out not in ("shift", "mul"):
+        raise ValueError(f"random_decoder_bundle: gdn_out (of a 'min' decoder) must be 'shift' or 'mul', not {gdn_out!r}")
     convs = tuple(f"g_s.{2 * k}" for k in range(4))  # models.lic.SYNTH_CONVS (this module is torch-free)
     if mul_layers and (product != "min" or not set(mul_layers) <= set(convs)):
         raise ValueError(f"random_decoder_bundle: mul_layers are convolutions of a 'min' decoder, not {mul_layers}")
@@ -113,10 +116,10 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
                  "beta_bits": beta_bits, "norm_acc_exp": norm_acc_exp, "norm_exp": norm_exp,
                  "norm_bits": norm_bits, "norm_shift": norm_exp - norm_acc_exp, "out_bits": act_bits}
         if gdn_mins:
-            attrs.update(norm_product="min", norm_x_shift=0, norm_g_shift=0, out_product="shift",
+            attrs.update(norm_product="min", norm_x_shift=0, norm_g_shift=0, out_product=gdn_out,
                          log2_gain=x_exp - norm_acc_exp)
         nrm = gdn_norm_int(x, gamma, beta, attrs["norm_shift"], norm_bits, attrs.get("norm_product", "mul"))
-        if gdn_mins:  # the output multiplies by the power of two nearest the norm
+        if attrs.get("out_product") == "shift":  # the output multiplies by the power of two nearest the norm
             e = pow2_round(nrm)
             nrm = np.where(e >= 0, np.int64(1) << np.maximum(e, 0), 0)
         out_shift = _calibrated_shift(x * nrm, act_bits)

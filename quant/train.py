@@ -155,10 +155,10 @@ def quantize_model(weights: Path, recipe_name: str, out_dir: Path, *, qat: Train
     if cfg.arch != "factorized" or cfg.gdn != "gdn1":
         raise UsageError(f"{weights}: a {cfg.name} model; quantization takes factorized students with the "
                          f"simplified GDN (train one with 'licforge distill --gdn gdn1')")
-    if cfg.gdn_out != "shift":
-        raise UsageError(f"{weights}: its inverse GDN output is in {cfg.gdn_out!r} form, a training ablation; "
-                         f"the bundle, golden model and RTL compute the 'shift' form only (distill with "
-                         f"--gdn-out shift)")
+    if cfg.gdn_out == "min":
+        raise UsageError(f"{weights}: its inverse GDN output is in 'min' form (a clamp), a training ablation; "
+                         f"the bundle, golden model and RTL compute the 'shift' and 'mul' forms (distill with "
+                         f"--gdn-out shift or mul)")
     recipe = load_recipe(recipe_name)
     images = load_split(data, "train")
     t0 = time.perf_counter()

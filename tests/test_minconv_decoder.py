@@ -133,6 +133,28 @@ def test_shift_gdn_random_extremes_bubbles_and_back_pressure(min_bundle, tmp_pat
     assert (e == a["norm_bits"]).any()
 
 
+def test_min_norm_gdn_with_exact_output_random_extremes_bubbles_and_back_pressure(tmp_path_factory, sim_cache):
+    """The inverse GDN of a --gdn-out mul student (min norm, y = x * n exact): g_s.3 of a random
+    N=8 decoder at PI=4, PO=2, inputs at the rails, against quant.golden: comparators for the
+    norm, one multiplier per output lane, no shifter."""
+    require_simulator("verilator")
+    b = random_decoder_bundle(8, 8, seed=6, product="min", gdn_out="mul")
+    out = tmp_path_factory.mktemp("minconv_mulout") / "bundle"
+    write_bundle(b, out)
+    bundle = read_bundle(out)
+    lay = bundle.layer("g_s.3")
+    assert (lay.attrs["norm_product"], lay.attrs["out_product"]) == ("min", "mul")
+    dut = GdnUnit.for_layer(lay, pi=4, po=2)
+    assert (dut.multipliers, dut.comparators, dut.shifters) == (2, 8, 0)
+    x = extreme_ints(np.random.default_rng(32), (2, 8, 3, 5), 8)
+    r = simulate_chain(dut, bundle.path, [lay.name], x, work=tmp_path_factory.getbasetemp() / "min_mulout_build",
+                       timeout_cycles=100_000, frame_ports=False, seed=32, p_valid=0.6, p_ready=0.5,
+                       cache_dir=sim_cache)
+    assert r.report["checked"] == x.size and r.report["mismatches"] == 0, r.report
+    with pytest.raises(ValueError, match="gdn_out .* must be 'shift' or 'mul', not 'min'"):
+        random_decoder_bundle(8, 8, product="min", gdn_out="min")
+
+
 def test_yosys_maps_no_dsp_for_min_blocks_with_dsp_inference_on(tmp_path):
     """A MinConv engine (N=4, PI = PO = 2) through synth_xilinx -family xcup and synth_ecp5,
     and a shift GDN through synth_ecp5, with DSP inference on: no DSP48E2, no MULT18X18D; the

@@ -127,6 +127,39 @@ def test_hybrid_bundle_marks_each_layer_and_brevitas_equals_golden():
     assert not plan_for_target(decoder_layers(bundle), fps=30, height=720, width=1280, dsp_budget=0)["ok"]
 
 
+def test_exact_gdn_output_bundle_and_brevitas_equals_golden():
+    """PTQ of an N=8 MinConv student whose inverse GDNs keep the output x*n exact (--gdn-out mul):
+    norms in min form, outputs products in the bundle, golden == Brevitas as integers on a held-out
+    crop, and the planner's DSPs only in the inverse GDNs (one x*n product per output lane)."""
+    from licforge.quant.bundle import decoder_layers
+    from licforge.quant.codec import pad_image, prepare_entropy_coder
+    from licforge.quant.golden import golden_forward
+    from licforge.quant.lic import brevitas_integers, export_bundle, quantize_student
+    from licforge.quant.lic_recipe import load_recipe
+    from licforge.rtl.perf import plan_for_target
+
+    cfg = LICConfig("factorized", 8, 12, "gdn1", "min", "mul")
+    torch.manual_seed(5)
+    net = build_lic(cfg)
+    with torch.no_grad():
+        net.g_a[6].weight.mul_(20.0)
+    train = {k: v[:256, :256] for k, v in embedded_images("train").items()}
+    q, _ = quantize_student(net, cfg, load_recipe("hybrid8"), train)
+    prepare_entropy_coder(q.entropy_bottleneck)
+    bundle = export_bundle(q)
+    gdns = {l.name: (l.attrs["norm_product"], l.attrs["out_product"]) for l in bundle.layers
+            if l.op == "igdn"}
+    assert gdns == {"g_s.1": ("min", "mul"), "g_s.3": ("min", "mul"), "g_s.5": ("min", "mul")}
+    assert all(bundle.layer(f"g_s.{i}").attrs["product"] == "min" for i in (0, 2, 4, 6))
+    px = pad_image(embedded_images("held-out")["coffee"][100:180, 200:330])
+    lat_b, out_b = brevitas_integers(q, px)
+    lat_g, out_g = golden_forward(bundle, px)
+    assert np.array_equal(lat_b, lat_g) and np.array_equal(out_b, out_g) and len(np.unique(out_g)) > 10
+    r = plan_for_target(decoder_layers(bundle), fps=30, height=720, width=1280, dsp_budget=2520)
+    assert r["ok"] and {p.name for p in r["plan"] if p.dsps} == {"g_s.1", "g_s.3", "g_s.5"}
+    assert all(p.dsps == p.po * p.pp for p in r["plan"] if p.dsps)
+
+
 def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
     """bench minconv-lic's hybrid decoder is the MinConv twin with g_s.0/g_s.6 multipliers (same
     seed: the same random weights, its inverse GDNs in min form); its LUT ratios are taken

@@ -171,9 +171,9 @@ def test_min_student_checkpoint_restores_its_products(tmp_path):
 
 
 def test_gdn_output_ablations_compute_their_forms_and_are_never_quantized(tmp_path, capsys):
-    """--gdn-out: the inverse GDN1's output x*n as deployed (n rounded to a power of two), exact,
+    """--gdn-out: the inverse GDN1's output x*n as a shift (n rounded to a power of two), exact,
     or in min form sign(x) min(|x|, n); one set of parameters serves the three (a distill init of
-    one form loads into another), and only the deployed form can be quantized."""
+    one form loads into another), and the min form (a clamp) cannot be quantized."""
     from licforge.flows.cli import main
     from licforge.models.lic_train import TrainConfig
     from licforge.quant.train import train_model
@@ -207,8 +207,8 @@ def test_gdn_output_ablations_compute_their_forms_and_are_never_quantized(tmp_pa
     assert (y.abs() < x.abs()).any() and (y == x).any()  # it clamps some values and passes others
     assert main(["quantize", str(tmp_path / "min.pt"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert "min.pt: its inverse GDN output is in 'min' form, a training ablation" in err
-    assert "distill with --gdn-out shift" in err
+    assert "min.pt: its inverse GDN output is in 'min' form (a clamp), a training ablation" in err
+    assert "distill with --gdn-out shift or mul" in err
 
 
 @pytest.fixture(scope="module")
