@@ -24,15 +24,25 @@ from pathlib import Path
 
 from licforge.tables import markdown_table
 
-__all__ = ["twin_bundles", "synth_twins", "HYBRIDS", "DECODERS", "pnr_twins", "decode_held_out", "held_out_rd", "format_synth_table", "RUNS",
+__all__ = ["twin_bundles", "synth_twins", "HYBRIDS", "hybrid_what", "DECODERS", "pnr_twins", "decode_held_out", "held_out_rd", "format_synth_table", "RUNS",
            "PNR_RUNS",
            "TWIN_N", "TWIN_M", "TWIN_SEED", "TWIN_PARALLELISM", "MIN_STUDENT"]
 
 TWIN_N, TWIN_M, TWIN_SEED = 16, 16, 0
 TWIN_PARALLELISM = (16, 2)   # the N=16 decoder of bench decoder's place and route (PI x PO of the heaviest layer)
-#: the hybrid decoders: MinConv with these convolutions kept as multipliers (their inverse GDNs and other
-#: convolutions MinConv); ``hybrid`` is the committed hybrid student's, ``hybrid0`` keeps the first layer only
-HYBRIDS = {"hybrid": ("g_s.0", "g_s.6"), "hybrid0": ("g_s.0",)}
+#: the hybrid decoders: MinConv with some products kept exact (random_decoder_bundle's arguments beside
+#: product="min"): ``hybrid`` (the committed hybrid student's) keeps g_s.0 and g_s.6 as multipliers,
+#: ``hybrid0`` the first layer only (their inverse GDNs and other convolutions MinConv), ``gdnmul`` every
+#: convolution MinConv and the inverse GDNs' outputs x*n exact (a student distilled with --gdn-out mul)
+HYBRIDS = {"hybrid": {"mul_layers": ("g_s.0", "g_s.6")}, "hybrid0": {"mul_layers": ("g_s.0",)},
+           "gdnmul": {"gdn_out": "mul"}}
+
+
+def hybrid_what(name: str) -> str:
+    """What the hybrid decoder ``name`` of :data:`HYBRIDS` keeps exact, in words."""
+    spec = HYBRIDS[name]
+    return (f"{' and '.join(spec['mul_layers'])} multipliers" if "mul_layers" in spec
+            else "exact inverse-GDN outputs x*n")
 #: the decoders: multiplier, MinConv, and the hybrids
 DECODERS = ("mul", "min", *HYBRIDS)
 #: (decoder, family, DSP inference) of each synthesis, in the order they run
@@ -62,7 +72,7 @@ def twin_bundles(build_dir: Path, n: int = TWIN_N, m: int = TWIN_M, seed: int = 
 
 def _spec(decoder: str) -> dict:
     """random_decoder_bundle's arguments of one of :data:`DECODERS`."""
-    return {"product": "min", "mul_layers": HYBRIDS[decoder]} if decoder in HYBRIDS else {"product": decoder}
+    return {"product": "min", **HYBRIDS[decoder]} if decoder in HYBRIDS else {"product": decoder}
 
 
 def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi: int = TWIN_PARALLELISM[0],
@@ -266,7 +276,7 @@ def _ratios(runs: list[dict]) -> dict:
 
 
 _LABEL = {"min": "MinConv", "mul": "multiplier",
-          **{h: f"hybrid ({' and '.join(layers)} multipliers)" for h, layers in HYBRIDS.items()}}
+          **{h: f"hybrid ({hybrid_what(h)})" for h in HYBRIDS}}
 
 
 def format_synth_table(result: dict) -> str:

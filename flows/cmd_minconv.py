@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from licforge.bench.minconv_lic import DECODERS, HYBRIDS
+from licforge.bench.minconv_lic import DECODERS, HYBRIDS, hybrid_what
 from licforge.errors import UsageError, need_int, not_a_file, out_dir, seed_int
 from licforge.rtl.yosys import DEFAULT_FAMILY, FAMILIES
 
@@ -122,7 +122,7 @@ def register(groups: dict) -> None:
                    help="parts to run; each updates its part of the JSON and keeps the others")
     p.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=DECODERS,
                    help="decoders the synth section synthesizes (" + "; ".join(
-                       f"{h}: MinConv with {' and '.join(layers)} kept as multipliers" for h, layers in HYBRIDS.items())
+                       f"{h}: MinConv with {hybrid_what(h)}" for h in HYBRIDS)
                    + "); the runs of the others are kept")
     p.set_defaults(bench=_bench_minconv_lic, in_all=False)
 

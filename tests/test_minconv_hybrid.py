@@ -166,7 +166,7 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
     without DSPs (its multipliers in LUTs) against the multiplier decoder with and without DSPs."""
     from licforge.bench.minconv_lic import _ratios, twin_bundles
 
-    b = twin_bundles(tmp_path, n=4, m=4, products=("min", "hybrid", "hybrid0"))
+    b = twin_bundles(tmp_path, n=4, m=4, products=("min", "hybrid", "hybrid0", "gdnmul"))
     assert b["hybrid"].model["mul_layers"] == ["g_s.0", "g_s.6"] and b["hybrid0"].model["mul_layers"] == ["g_s.0"]
     assert [l.attrs.get("product") for l in b["hybrid"].layers if l.op == "conv_transpose2d"] == \
         ["mul", "min", "min", "mul"]
@@ -177,6 +177,10 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
         assert np.array_equal(hy.tensors["gamma"], mn.tensors["gamma"])
         assert (hy.attrs["norm_product"], hy.attrs["out_product"]) == ("min", "shift")
     assert np.array_equal(b["hybrid"].layer("g_s.2").tensors["weight"], b["min"].layer("g_s.2").tensors["weight"])
+    # gdnmul: every convolution MinConv, the inverse GDNs' norms in min form and their outputs x*n exact
+    assert [l.attrs.get("product") for l in b["gdnmul"].layers if l.op == "conv_transpose2d"] == ["min"] * 4
+    assert {(l.attrs["norm_product"], l.attrs["out_product"]) for l in b["gdnmul"].layers if l.op == "igdn"} == \
+        {("min", "mul")}
     res = lambda lut, ff: {"LUT": lut, "FF": ff}  # noqa: E731
     runs = [{"product": "mul", "family": "xcup", "dsp": True, "resources": res(5000, 1000)},
             {"product": "mul", "family": "xcup", "dsp": False, "resources": res(16000, 1000)},
