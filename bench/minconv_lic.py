@@ -33,16 +33,17 @@ TWIN_PARALLELISM = (16, 2)   # the N=16 decoder of bench decoder's place and rou
 #: the hybrid decoders: MinConv with some products kept exact (random_decoder_bundle's arguments beside
 #: product="min"): ``hybrid`` (the committed hybrid student's) keeps g_s.0 and g_s.6 as multipliers,
 #: ``hybrid0`` the first layer only (their inverse GDNs and other convolutions MinConv), ``gdnmul`` every
-#: convolution MinConv and the inverse GDNs' outputs x*n exact (a student distilled with --gdn-out mul)
+#: convolution MinConv and the inverse GDNs' outputs x*n exact (a student distilled with --gdn-out mul),
+#: ``hybrid0gdnmul`` both g_s.0 and the outputs
 HYBRIDS = {"hybrid": {"mul_layers": ("g_s.0", "g_s.6")}, "hybrid0": {"mul_layers": ("g_s.0",)},
-           "gdnmul": {"gdn_out": "mul"}}
+           "gdnmul": {"gdn_out": "mul"}, "hybrid0gdnmul": {"mul_layers": ("g_s.0",), "gdn_out": "mul"}}
 
 
 def hybrid_what(name: str) -> str:
     """What the hybrid decoder ``name`` of :data:`HYBRIDS` keeps exact, in words."""
     spec = HYBRIDS[name]
-    return (f"{' and '.join(spec['mul_layers'])} multipliers" if "mul_layers" in spec
-            else "exact inverse-GDN outputs x*n")
+    kept = [f"{' and '.join(spec['mul_layers'])} multipliers"] if "mul_layers" in spec else []
+    return ", ".join(kept + (["exact inverse-GDN outputs x*n"] if spec.get("gdn_out") == "mul" else []))
 #: the decoders: multiplier, MinConv, and the hybrids
 DECODERS = ("mul", "min", *HYBRIDS)
 #: (decoder, family, DSP inference) of each synthesis, in the order they run
