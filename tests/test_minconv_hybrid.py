@@ -201,12 +201,15 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
 HYBRID = "models/checkpoints/bundles/student_n16_min_mul06_hybrid8"
 
 
-@pytest.mark.parametrize("path,dsps", [(HYBRID, {"g_s.0": 6, "g_s.6": 48}),
-                                       ("models/checkpoints/bundles/student_n16_min_mul0_hybrid8", {"g_s.0": 6})])
-def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(path, dsps):
-    """The committed N=16 hybrids (g_s.0 and g_s.6 multipliers; g_s.0 alone): Brevitas (float64) ==
-    golden on crops of every embedded held-out image, as integers; at 1080p30 the planner gives them
-    54 and 6 DSPs, against 161 for the multiplier student and 0 for the MinConv one."""
+@pytest.mark.parametrize("path,gdn_out,dsps", [
+    (HYBRID, "shift", {"g_s.0": 6, "g_s.6": 48}),
+    ("models/checkpoints/bundles/student_n16_min_mul0_hybrid8", "shift", {"g_s.0": 6}),
+    ("models/checkpoints/bundles/student_n16_min_mul0_outmul_hybrid8", "mul", {"g_s.0": 6, "g_s.1": 1, "g_s.3": 1, "g_s.5": 2})])
+def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(path, gdn_out, dsps):
+    """The committed N=16 hybrids (g_s.0 and g_s.6 multipliers; g_s.0 alone; g_s.0 and the inverse
+    GDNs' outputs x*n): Brevitas (float64) == golden on crops of every embedded held-out image, as
+    integers; at 1080p30 the planner gives them 54, 6 and 10 DSPs, against 161 for the multiplier
+    student and 0 for the MinConv one."""
     from pathlib import Path
 
     from licforge.quant.bundle import decoder_layers, read_bundle
@@ -217,7 +220,10 @@ def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(
     root = Path(__file__).resolve().parent.parent
     bundle = read_bundle(root / path)
     q = load_quantized(root / f"{path}.quant.pt")[0]
-    assert q.spec.config.mul_layers == tuple(dsps) and bundle.model["mul_layers"] == list(dsps)
+    convs = [k for k in dsps if k in ("g_s.0", "g_s.2", "g_s.4", "g_s.6")]
+    assert q.spec.config.mul_layers == tuple(convs) and bundle.model["mul_layers"] == convs
+    assert q.spec.config.gdn_out == gdn_out
+    assert {bundle.layer(f"g_s.{i}").attrs["out_product"] for i in (1, 3, 5)} == {gdn_out}
     for name, img in embedded_images("held-out").items():
         h, w = img.shape[:2]
         px = np.ascontiguousarray(img[h // 2 - 48:h // 2 + 48, w // 2 - 64:w // 2 + 64].transpose(2, 0, 1))[None]
@@ -230,10 +236,13 @@ def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(
     assert {p.name: p.dsps for p in r["plan"] if p.dsps} == dsps
 
 
-def test_real_bitstream_of_a_held_out_crop_through_the_hybrid_decoder_rtl(tmp_path, capsys, sim_cache):
-    """``licforge encode`` of a held-out crop (32 x 48) with the committed hybrid, then ``licforge
-    decode`` with the golden model and with the decoder RTL (multiplier engines in g_s.0 and
-    g_s.6, comparator engines and shift GDNs between) in Verilator: 0 mismatches, same PNG."""
+@pytest.mark.parametrize("bundle", [HYBRID, "models/checkpoints/bundles/student_n16_min_mul0_outmul_hybrid8"])
+def test_real_bitstream_of_a_held_out_crop_through_the_hybrid_decoder_rtl(bundle, tmp_path, capsys, sim_cache):
+    """``licforge encode`` of a held-out crop (32 x 48) with a committed hybrid, then ``licforge
+    decode`` with the golden model and with the decoder RTL in Verilator: 0 mismatches, same PNG.
+    The first hybrid has multiplier engines in g_s.0 and g_s.6, comparator engines and shift GDNs
+    between; the second a multiplier engine in g_s.0, comparator engines after it, and GDNs with a
+    norm of minimums and an exact output product."""
     from PIL import Image
 
     from helpers import require_simulator
@@ -242,7 +251,7 @@ def test_real_bitstream_of_a_held_out_crop_through_the_hybrid_decoder_rtl(tmp_pa
     crop = embedded_images("held-out")["chelsea"][100:132, 150:198]
     Image.fromarray(crop).save(tmp_path / "crop.png")
     f = tmp_path / "crop.licf"
-    assert main(["encode", HYBRID, str(tmp_path / "crop.png"), "--out", str(f)]) == 0
+    assert main(["encode", bundle, str(tmp_path / "crop.png"), "--out", str(f)]) == 0
     assert main(["decode", str(f), "--out", str(tmp_path / "golden.png")]) == 0
     assert main(["--build", str(sim_cache.parent), "decode", str(f), "--rtl", "--pi", "4", "--po", "4",
                  "--max-width", "4", "--out", str(tmp_path / "rtl.png")]) == 0
