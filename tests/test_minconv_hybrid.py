@@ -90,19 +90,16 @@ def test_conversions_keep_or_fit_the_multiplier_layers(tmp_path, capsys):
                     init=tmp_path / "h_min.pt", log=None)
 
 
-def test_hybrid_bundle_marks_each_layer_and_brevitas_equals_golden():
-    """PTQ of an N=8 hybrid (g_s.0 and g_s.6 multipliers): each layer's product in the bundle,
-    golden == Brevitas as integers on a held-out crop, and the planner's DSPs only in the
-    multiplier layers."""
-    from licforge.quant.bundle import decoder_layers
+def _ptq_brevitas_equals_golden(cfg: LICConfig, seed: int):
+    """PTQ (hybrid8) of a random student of ``cfg`` (its latents scaled up to use their range) and its
+    bundle; asserts Brevitas == golden as integers on a held-out crop of coffee (130 x 80, padded) with
+    non-zero latents and varied pixels; returns (bundle, golden pixels)."""
     from licforge.quant.codec import pad_image, prepare_entropy_coder
     from licforge.quant.golden import golden_forward
     from licforge.quant.lic import brevitas_integers, export_bundle, quantize_student
     from licforge.quant.lic_recipe import load_recipe
-    from licforge.rtl.perf import plan_for_target
 
-    cfg = _hybrid(8, "g_s.0", "g_s.6")
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     net = build_lic(cfg)
     with torch.no_grad():
         net.g_a[6].weight.mul_(20.0)
@@ -110,18 +107,29 @@ def test_hybrid_bundle_marks_each_layer_and_brevitas_equals_golden():
     q, _ = quantize_student(net, cfg, load_recipe("hybrid8"), train)
     prepare_entropy_coder(q.entropy_bottleneck)
     bundle = export_bundle(q)
+    px = pad_image(embedded_images("held-out")["coffee"][100:180, 200:330])
+    lat_b, out_b = brevitas_integers(q, px)
+    lat_g, out_g = golden_forward(bundle, px)
+    assert np.array_equal(lat_b, lat_g) and np.array_equal(out_b, out_g)
+    assert np.abs(lat_g).max() > 0 and len(np.unique(out_g)) > 10
+    return bundle, out_g
+
+
+def test_hybrid_bundle_marks_each_layer_and_brevitas_equals_golden():
+    """PTQ of an N=8 hybrid (g_s.0 and g_s.6 multipliers): each layer's product in the bundle,
+    golden == Brevitas as integers on a held-out crop, and the planner's DSPs only in the
+    multiplier layers."""
+    from licforge.quant.bundle import decoder_layers
+    from licforge.rtl.perf import plan_for_target
+
+    bundle, out_g = _ptq_brevitas_equals_golden(_hybrid(8, "g_s.0", "g_s.6"), seed=4)
     assert bundle.model["product"] == "min" and bundle.model["mul_layers"] == ["g_s.0", "g_s.6"]
     products = {l.name: l.attrs.get("product", l.attrs.get("norm_product")) for l in bundle.layers
                 if l.name.startswith("g_s")}
     assert products == {"g_s.0": "mul", "g_s.1": "min", "g_s.2": "min", "g_s.3": "min", "g_s.4": "min",
                         "g_s.5": "min", "g_s.6": "mul"}
     assert all("log2_gain" not in bundle.layer(n).attrs for n in ("g_s.0", "g_s.6"))
-    px = pad_image(embedded_images("held-out")["coffee"][100:180, 200:330])
-    lat_b, out_b = brevitas_integers(q, px)
-    lat_g, out_g = golden_forward(bundle, px)
-    assert out_g.shape == (1, 3, 80, 144) and np.abs(lat_g).max() > 0
-    assert np.array_equal(lat_b, lat_g) and np.array_equal(out_b, out_g)
-    assert len(np.unique(out_g)) > 10
+    assert out_g.shape == (1, 3, 80, 144)
     r = plan_for_target(decoder_layers(bundle), fps=30, height=720, width=1280, dsp_budget=2520)
     assert r["ok"] and {p.name for p in r["plan"] if p.dsps} == {"g_s.0", "g_s.6"}
     assert not plan_for_target(decoder_layers(bundle), fps=30, height=720, width=1280, dsp_budget=0)["ok"]
@@ -132,29 +140,13 @@ def test_exact_gdn_output_bundle_and_brevitas_equals_golden():
     norms in min form, outputs products in the bundle, golden == Brevitas as integers on a held-out
     crop, and the planner's DSPs only in the inverse GDNs (one x*n product per output lane)."""
     from licforge.quant.bundle import decoder_layers
-    from licforge.quant.codec import pad_image, prepare_entropy_coder
-    from licforge.quant.golden import golden_forward
-    from licforge.quant.lic import brevitas_integers, export_bundle, quantize_student
-    from licforge.quant.lic_recipe import load_recipe
     from licforge.rtl.perf import plan_for_target
 
-    cfg = LICConfig("factorized", 8, 12, "gdn1", "min", "mul")
-    torch.manual_seed(5)
-    net = build_lic(cfg)
-    with torch.no_grad():
-        net.g_a[6].weight.mul_(20.0)
-    train = {k: v[:256, :256] for k, v in embedded_images("train").items()}
-    q, _ = quantize_student(net, cfg, load_recipe("hybrid8"), train)
-    prepare_entropy_coder(q.entropy_bottleneck)
-    bundle = export_bundle(q)
+    bundle, _ = _ptq_brevitas_equals_golden(LICConfig("factorized", 8, 12, "gdn1", "min", "mul"), seed=5)
     gdns = {l.name: (l.attrs["norm_product"], l.attrs["out_product"]) for l in bundle.layers
             if l.op == "igdn"}
     assert gdns == {"g_s.1": ("min", "mul"), "g_s.3": ("min", "mul"), "g_s.5": ("min", "mul")}
     assert all(bundle.layer(f"g_s.{i}").attrs["product"] == "min" for i in (0, 2, 4, 6))
-    px = pad_image(embedded_images("held-out")["coffee"][100:180, 200:330])
-    lat_b, out_b = brevitas_integers(q, px)
-    lat_g, out_g = golden_forward(bundle, px)
-    assert np.array_equal(lat_b, lat_g) and np.array_equal(out_b, out_g) and len(np.unique(out_g)) > 10
     r = plan_for_target(decoder_layers(bundle), fps=30, height=720, width=1280, dsp_budget=2520)
     assert r["ok"] and {p.name for p in r["plan"] if p.dsps} == {"g_s.1", "g_s.3", "g_s.5"}
     assert all(p.dsps == p.po * p.pp for p in r["plan"] if p.dsps)
