@@ -24,8 +24,8 @@ from pathlib import Path
 
 from licforge.tables import markdown_table
 
-__all__ = ["twin_bundles", "synth_twins", "HYBRIDS", "hybrid_what", "DECODERS", "pnr_twins", "decode_held_out", "held_out_rd", "format_synth_table", "RUNS",
-           "PNR_RUNS",
+__all__ = ["twin_bundles", "synth_twins", "HYBRIDS", "hybrid_what", "DECODERS", "pnr_twins", "decode_held_out",
+           "held_out_rd", "format_synth_table", "RUNS", "PNR_RUNS",
            "TWIN_N", "TWIN_M", "TWIN_SEED", "TWIN_PARALLELISM", "MIN_STUDENT"]
 
 TWIN_N, TWIN_M, TWIN_SEED = 16, 16, 0
@@ -44,6 +44,8 @@ def hybrid_what(name: str) -> str:
     spec = HYBRIDS[name]
     kept = [f"{' and '.join(spec['mul_layers'])} multipliers"] if "mul_layers" in spec else []
     return ", ".join(kept + (["exact inverse-GDN outputs x*n"] if spec.get("gdn_out") == "mul" else []))
+
+
 #: the decoders: multiplier, MinConv, and the hybrids
 DECODERS = ("mul", "min", *HYBRIDS)
 #: (decoder, family, DSP inference) of each synthesis, in the order they run

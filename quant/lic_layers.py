@@ -155,7 +155,8 @@ class QuantGDN1(nn.Module):
         if out_product not in (("shift", "mul") if product == "min" else ("mul",)):
             raise ValueError(f"QuantGDN1: out_product {out_product!r} with product {product!r} (the min form's "
                              f"output is 'shift' or 'mul'; the multiplier GDN's 'mul')")
-        self.inverse, self.channels, self.product, self.out_product = bool(inverse), int(channels), product, out_product
+        self.inverse, self.channels = bool(inverse), int(channels)
+        self.product, self.out_product = product, out_product
         self.norm_bits, self.norm_exp, self.out_bits, self.out_exp = norm_bits, norm_exp, out_bits, out_exp
         self.gamma_bits = gamma_bits
         wq = dict(bias=True, weight_quant=WeightFixedPoint, weight_bit_width=gamma_bits)

@@ -13,8 +13,9 @@ minimums in every ``conv_transpose2d`` (``x_shift``/``w_shift`` bring both opera
 the same magnitude range: the first layer's small latents are shifted up, one layer's
 half-range weights too, so both shift paths are exercised), the inverse GDN's norm in min
 form (``norm_product="min"``) and its output a shift by the norm rounded to a power of two
-(``out_product="shift"``), or the exact product (``gdn_out="mul"``).  ``mul_layers`` keeps the listed convolutions of a ``min`` decoder as
-multiplier layers (the hybrid of :class:`models.lic.LICConfig`).
+(``out_product="shift"``), or the exact product (``gdn_out="mul"``).  ``mul_layers`` keeps the
+listed convolutions of a ``min`` decoder as multiplier layers (the hybrid of
+:class:`models.lic.LICConfig`).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def random_decoder_bundle(n: int, m: int, *, seed: int = 0, w_bits: int = 8, act
     if product not in ("mul", "min"):
         raise ValueError(f"random_decoder_bundle: product must be 'mul' or 'min', not {product!r}")
     if gdn_out not in ("shift", "mul"):
-        raise ValueError(f"random_decoder_bundle: gdn_out (of a 'min' decoder) must be 'shift' or 'mul', not {gdn_out!r}")
+        raise ValueError(f"random_decoder_bundle: gdn_out (of a 'min' decoder) must be 'shift' or 'mul', "
+                         f"not {gdn_out!r}")
     convs = tuple(f"g_s.{2 * k}" for k in range(4))  # models.lic.SYNTH_CONVS (this module is torch-free)
     if mul_layers and (product != "min" or not set(mul_layers) <= set(convs)):
         raise ValueError(f"random_decoder_bundle: mul_layers are convolutions of a 'min' decoder, not {mul_layers}")

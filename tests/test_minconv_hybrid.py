@@ -196,7 +196,8 @@ HYBRID = "models/checkpoints/bundles/student_n16_min_mul06_hybrid8"
 @pytest.mark.parametrize("path,gdn_out,dsps", [
     (HYBRID, "shift", {"g_s.0": 6, "g_s.6": 48}),
     ("models/checkpoints/bundles/student_n16_min_mul0_hybrid8", "shift", {"g_s.0": 6}),
-    ("models/checkpoints/bundles/student_n16_min_mul0_outmul_hybrid8", "mul", {"g_s.0": 6, "g_s.1": 1, "g_s.3": 1, "g_s.5": 2})])
+    ("models/checkpoints/bundles/student_n16_min_mul0_outmul_hybrid8", "mul",
+     {"g_s.0": 6, "g_s.1": 1, "g_s.3": 1, "g_s.5": 2})])
 def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(path, gdn_out, dsps):
     """The committed N=16 hybrids (g_s.0 and g_s.6 multipliers; g_s.0 alone; g_s.0 and the inverse
     GDNs' outputs x*n): Brevitas (float64) == golden on crops of every embedded held-out image, as
