@@ -169,7 +169,9 @@ def _cmd_inspect(args) -> int:
     for lay in b.layers:
         shapes = {t: list(a.shape) for t, a in lay.tensors.items()}
         bits = {k: v for k, v in lay.attrs.items() if k.endswith(("bits", "exp", "shift"))}
-        print(f"  {lay.name:<7} {lay.op:<17} {shapes} {bits}")
+        # the products of contract_15 (a multiplier layer of an earlier bundle records none: it multiplies)
+        kinds = " ".join(f"{k}={lay.attrs[k]}" for k in ("product", "norm_product", "out_product") if k in lay.attrs)
+        print(f"  {lay.name:<7} {lay.op:<17} {kinds + ' ' if kinds else ''}{shapes} {bits}")
     return 0
 
 

@@ -198,7 +198,7 @@ HYBRID = "models/checkpoints/bundles/student_n16_min_mul06_hybrid8"
     ("models/checkpoints/bundles/student_n16_min_mul0_hybrid8", "shift", {"g_s.0": 6}),
     ("models/checkpoints/bundles/student_n16_min_mul0_outmul_hybrid8", "mul",
      {"g_s.0": 6, "g_s.1": 1, "g_s.3": 1, "g_s.5": 2})])
-def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(path, gdn_out, dsps):
+def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(path, gdn_out, dsps, capsys):
     """The committed N=16 hybrids (g_s.0 and g_s.6 multipliers; g_s.0 alone; g_s.0 and the inverse
     GDNs' outputs x*n): Brevitas (float64) == golden on crops of every embedded held-out image, as
     integers; at 1080p30 the planner gives them 54, 6 and 10 DSPs, against 161 for the multiplier
@@ -226,6 +226,10 @@ def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(
         assert out_g.std() > 10, name
     r = plan_for_target(decoder_layers(bundle), fps=30, height=1080, width=1920, dsp_budget=2520)
     assert r["ok"] and r["report"]["dsps"] == sum(dsps.values())
+    assert main(["inspect", str(root / path)]) == 0   # the listing names each layer's products
+    rows = {l.split()[0]: l.split()[2:5] for l in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["g_s.0"][0] == "product=mul" and rows["g_s.2"][0] == "product=min"
+    assert rows["g_s.3"][:2] == ["norm_product=min", f"out_product={gdn_out}"]
     assert {p.name: p.dsps for p in r["plan"] if p.dsps} == dsps
 
 
