@@ -117,7 +117,7 @@ class QuantFactorizedPrior(nn.Module):
                 g = f"{prefix}.{2 * k + 1}"
                 gb = rec.bits(g)
                 gmin = {"product": "min", "log2_gain": exps[g]["log2_gain"],
-                        "out_product": "mul" if self.spec.config.gdn_out == "mul" else "shift"} if minconv else {}
+                        "out_product": self.spec.config.gdn_out} if minconv else {}
                 mods.append(QuantGDN1(cout, inverse, gamma_bits=gb["gamma_bits"], norm_bits=gb["norm_bits"],
                                       norm_exp=exps[g]["norm_exp"], out_bits=gb["out_bits"],
                                       out_exp=exps[g]["out_exp"], **gmin))
