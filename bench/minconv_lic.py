@@ -143,17 +143,20 @@ def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi:
     return result
 
 
-#: (product, device, max_width) of each place and route: the twins on the ECP5-85F at 1920-pixel lines, the
-#: MinConv decoder on the smaller parts (the 25F at 1024-pixel lines: line buffers of half the depth)
-PNR_RUNS = [("min", "LFE5U-85F-6BG381C", 120), ("mul", "LFE5U-85F-6BG381C", 120),
-            ("min", "LFE5U-45F-6BG381C", 120), ("min", "LFE5U-25F-6BG381C", 64)]
+#: (decoder, device, max_width, DSP inference) of each place and route: the twins on the ECP5-85F at 1920-pixel
+#: lines, the MinConv decoder on the smaller parts (the 25F at 1024-pixel lines: line buffers of half the depth),
+#: hybrid0gdnmul (g_s.0 and the inverse GDNs' outputs exact) with its 5 multipliers in LUTs (synth_ecp5 -nodsp)
+PNR_RUNS = [("min", "LFE5U-85F-6BG381C", 120, True), ("mul", "LFE5U-85F-6BG381C", 120, True),
+            ("min", "LFE5U-45F-6BG381C", 120, True), ("min", "LFE5U-25F-6BG381C", 64, True),
+            ("hybrid0gdnmul", "LFE5U-85F-6BG381C", 120, False), ("hybrid0gdnmul", "LFE5U-25F-6BG381C", 64, False)]
 
 
 def pnr_twins(build_dir: Path, out_json: Path, *, runs=PNR_RUNS, pi: int = TWIN_PARALLELISM[0],
               po: int = TWIN_PARALLELISM[1], seed: int = 1, log=print) -> dict:
     """``licforge pnr`` (:func:`rtl.pnr.run_pnr`: synth_ecp5, nextpnr-ecp5 with one placement
-    seed, ecppack) of the twins' decoders; the results go to ``out_json``'s ``"pnr"`` list
-    (rewritten after every run; earlier runs of other (product, device, width) are kept).  A
+    seed, ecppack; ``synth_ecp5 -nodsp`` where a run's DSP inference is off) of the decoders
+    ``runs`` lists (:data:`PNR_RUNS`); the results go to ``out_json``'s ``"pnr"`` list (rewritten
+    after every run; earlier runs of other (decoder, device, width, DSP inference) are kept).  A
     run that does not fit its device or fails is kept with the reason."""
     from licforge.quant.bundle import decoder_layers
     from licforge.rtl.perf import FRAMES, frame_report
@@ -164,17 +167,19 @@ def pnr_twins(build_dir: Path, out_json: Path, *, runs=PNR_RUNS, pi: int = TWIN_
 
     bundles = twin_bundles(build_dir, products=tuple(sorted({r[0] for r in runs})))
     result = json.loads(Path(out_json).read_text()) if Path(out_json).is_file() else {}
-    keep = [r for r in result.get("pnr", []) if (r["product"], r["device"], r["max_width"]) not in runs]
-    for product, device, width in runs:
+    keep = [r for r in result.get("pnr", []) if (r["product"], r["device"], r["max_width"], r.get("dsp", True))
+            not in runs]
+    for product, device, width, dsp in runs:
         bundle = bundles[product]
         plan = plan_decoder(decoder_layers(bundle), pi, po)
         design = Path(build_dir) / "bench" / "minconv_lic" / f"{bundle.hash[:12]}_pi{pi}_po{po}_w{width}"
         generate_decoder(bundle, pi, po, design, max_width=width, plan=plan)
-        row = {"product": product, "device": device, "max_width": width, "bundle_hash": bundle.hash, "seed": seed,
-               "command": f"licforge pnr {design} --device {device} --seeds {seed}"}
+        row = {"product": product, "device": device, "max_width": width, "dsp": dsp, "bundle_hash": bundle.hash,
+               "seed": seed, "command": f"licforge pnr {design} --device {device} --seeds {seed}"
+                                        + ("" if dsp else " --no-dsp")}
         try:
-            rep = run_pnr(design, Path(build_dir) / "pnr" / f"minconv_lic_{product}_{device}_w{width}", device=device,
-                          seeds=[seed], progress=lambda t: log(f"  {t}"))
+            where = Path(build_dir) / "pnr" / f"minconv_lic_{product}_{device}_w{width}{'' if dsp else '_nodsp'}"
+            rep = run_pnr(design, where, device=device, seeds=[seed], dsp=dsp, progress=lambda t: log(f"  {t}"))
             fmax = rep["fmax_mhz"]["max"]
             fig = frame_report(plan, *FRAMES["1080p"], clock_hz=fmax * 1e6)
             row.update(fmax_mhz=fmax, utilization={k: v for k, v in rep["utilization"].items()
@@ -184,7 +189,8 @@ def pnr_twins(build_dir: Path, out_json: Path, *, runs=PNR_RUNS, pi: int = TWIN_
                        luts_per_mpixel_s=round(rep["utilization"]["LUT4"]["used"] / fig["mpixel_s"], 1))
         except (PnrError, YosysError) as e:
             row["error"] = str(e).strip().splitlines()[-1][:300]
-        log(f"{product} {device} w{width}: {row.get('fmax_mhz', row.get('error'))} MHz, {row.get('utilization')}")
+        log(f"{product} {device} w{width}{'' if dsp else ' -nodsp'}: {row.get('fmax_mhz', row.get('error'))} MHz, "
+            f"{row.get('utilization')}")
         keep.append(row)
         result["pnr"] = keep
         Path(out_json).write_text(json.dumps(result, indent=1))

@@ -76,7 +76,8 @@ def _array_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_minconv_lic(out: Path, build: Path, args) -> str:
-    from licforge.bench.minconv_lic import RUNS, decode_held_out, format_synth_table, pnr_twins, synth_twins
+    from licforge.bench.minconv_lic import (PNR_RUNS, RUNS, decode_held_out, format_synth_table, pnr_twins,
+                                            synth_twins)
 
     path = out / "minconv_lic_rtl.json"
     for section in args.sections:
@@ -84,7 +85,7 @@ def _bench_minconv_lic(out: Path, build: Path, args) -> str:
             runs = [r for r in RUNS if r[0] in args.decoders]
             print(format_synth_table(synth_twins(build, path, runs=runs)), flush=True)
         elif section == "pnr":
-            pnr_twins(build, path)
+            pnr_twins(build, path, runs=[r for r in PNR_RUNS if r[0] in args.decoders])
         else:
             decode_held_out(build, path)
     return f"wrote {path}"
@@ -121,7 +122,7 @@ def register(groups: dict) -> None:
     p.add_argument("--sections", nargs="+", default=["synth", "pnr", "decode"], choices=["synth", "pnr", "decode"],
                    help="parts to run; each updates its part of the JSON and keeps the others")
     p.add_argument("--decoders", nargs="+", default=list(DECODERS), choices=DECODERS,
-                   help="decoders the synth section synthesizes (" + "; ".join(
+                   help="decoders the synth and pnr sections build (" + "; ".join(
                        f"{h}: MinConv with {hybrid_what(h)}" for h in HYBRIDS)
                    + "); the runs of the others are kept")
     p.set_defaults(bench=_bench_minconv_lic, in_all=False)

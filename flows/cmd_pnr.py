@@ -38,7 +38,7 @@ def _cmd_pnr(args) -> int:
         rep = run_pnr(design, out, device=dev.part, seeds=args.seeds, freq_mhz=args.freq_mhz, top=args.top,
                       threads=args.threads, timeout_s=args.timeout_s, pack_dsp=not args.no_dsp_pack,
                       global_enables=not args.no_global_enables, slice_roms=not args.no_ebr_roms,
-                      progress=lambda s: print(s, flush=True))
+                      dsp=not args.no_dsp, progress=lambda s: print(s, flush=True))
     except ValueError as e:
         raise UsageError(str(e)) from None
     except (PnrError, YosysError) as e:
@@ -79,6 +79,9 @@ def register(groups: dict) -> None:
                    help=f"nextpnr's timing target (default {DEFAULT_FREQ_MHZ:g}); the measured Fmax is reported")
     p.add_argument("--top", default=None, help="top module (default: the board wrapper of a decoder, else the "
                                                "manifest's top)")
+    p.add_argument("--no-dsp", action="store_true",
+                   help="map every multiplier to LUTs (synth_ecp5 -nodsp: no MULT18X18D), e.g. to measure a "
+                        "decoder that must leave the DSPs free")
     p.add_argument("--no-dsp-pack", action="store_true",
                    help="leave the multipliers' operand registers in the fabric (default: moved into the MULT18X18D)")
     p.add_argument("--no-ebr-roms", action="store_true",

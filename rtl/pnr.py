@@ -563,9 +563,10 @@ def prepare_design(design_dir: Path, out_dir: Path, top: str | None) -> tuple[li
 def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, seeds=DEFAULT_SEEDS,
             freq_mhz: float = DEFAULT_FREQ_MHZ, top: str | None = None, threads: int = 1,
             timeout_s: float | None = None, pack_dsp: bool = True, global_enables: bool = True,
-            slice_roms: bool = True, progress=None) -> dict:
+            slice_roms: bool = True, dsp: bool = True, progress=None) -> dict:
     """Cut the large ROMs into EBR-wide slices (:func:`ebr_roms`, unless ``slice_roms`` is
-    false), synthesize (``synth_ecp5``), move operand registers into the multipliers
+    false), synthesize (``synth_ecp5``; with ``dsp`` false ``synth_ecp5 -nodsp``: every multiplier in
+    LUTs, no MULT18X18D), move operand registers into the multipliers
     (:func:`pack_dsp_input_registers`, unless ``pack_dsp`` is false), put the high-fanout
     clock enables on global buffers (:func:`promote_enables`, unless ``global_enables`` is
     false), place and route
@@ -573,7 +574,7 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     (of the next one, with the reason in ``bitstream_error``, where ecppack fails on it).
     A seed that nextpnr fails to place or route is recorded with the tool's reason (``failed_seeds``)
     and the others go on; PnrError only when every seed fails.
-    Returns (and writes to ``out_dir/pnr.json``) ``{"device", "design", "top", "target_mhz",
+    Returns (and writes to ``out_dir/pnr.json``) ``{"device", "design", "top", "target_mhz", "dsp",
     "synthesis"`` (Yosys cells and resources), ``"ebr_roms", "dsp_input_registers", "global_enables", "seeds"`` (per seed:
     fmax_mhz, critical path, utilization; routed seeds only), ``"failed_seeds"`` ([{"seed", "error"}]),
     ``"fmax_mhz": {"min", "median", "max", "best_seed", "seeds"}`` (over the routed seeds), ``"utilization"`` (of the best seed), ``"bitstream", "bitstream_bytes", "seconds"}``."""
@@ -590,8 +591,8 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
     if sliced and sliced["roms"]:
         say("ROMs in EBR slices: " + ", ".join(f"{n} ({k})" for n, k in sliced["roms"].items()))
     netlist = out_dir / f"{top}_ecp5.json"
-    syn = synthesize(sources, top, family=ECP5, workdir=out_dir, netlist=netlist, timeout_s=timeout_s)
-    say(f"synth_ecp5 {top}: {syn['resources']} ({syn['seconds']} s)")
+    syn = synthesize(sources, top, family=ECP5, dsp=dsp, workdir=out_dir, netlist=netlist, timeout_s=timeout_s)
+    say(f"synth_ecp5{'' if dsp else ' -nodsp'} {top}: {syn['resources']} ({syn['seconds']} s)")
     packed = pack_dsp_input_registers(netlist) if pack_dsp else None
     if packed:
         say(f"DSP input registers: {packed['packed']} of {packed['mult18']} MULT18X18D packed "
@@ -625,7 +626,7 @@ def run_pnr(design_dir: Path, out_dir: Path, *, device: str = DEFAULT_DEVICE, se
         raise PnrError(f"ecppack packed no seed's configuration: {runs[0]['bitstream_error']}")
     fmax = [r["fmax_mhz"] for r in runs]
     report = {"device": asdict(dev), "design": what, "design_dir": str(Path(design_dir).resolve()), "top": top,
-              "target_mhz": freq_mhz, "clock_note": "measured: nextpnr-ecp5 static timing after place and route",
+              "target_mhz": freq_mhz, "dsp": dsp, "clock_note": "measured: nextpnr-ecp5 static timing after place and route",
               "synthesis": {"resources": syn["resources"], "cells": syn["cells"], "seconds": syn["seconds"]},
               "ebr_roms": sliced, "dsp_input_registers": packed, "global_enables": promoted,
               "seeds": runs, "failed_seeds": failed,

@@ -239,6 +239,13 @@ def test_pnr_of_a_small_block(tmp_path, capsys, monkeypatch):
     assert fast["bitstream_error"].endswith("thrown Wasm exception") and "bitstream_error" not in slow
     assert bit.name.endswith(f"_seed{slow['seed']}.bit")
     assert "measured after place and route" in out and "MULT18 2/156" in out
+    # --no-dsp: the same array with its two multipliers in LUTs (synth_ecp5 -nodsp), no MULT18 placed
+    assert main(["pnr", str(tmp_path / "mac"), "--top", "top", "--seeds", "1", "--no-dsp", "--out",
+                 str(tmp_path / "q"), "--json", str(tmp_path / "nodsp.json")]) == 0
+    nodsp = json.loads((tmp_path / "nodsp.json").read_text())
+    assert (rep["dsp"], nodsp["dsp"]) == (True, False) and "synth_ecp5 -nodsp top" in capsys.readouterr().out
+    assert nodsp["utilization"]["MULT18"] == {"used": 0, "available": 156}
+    assert nodsp["utilization"]["LUT4"]["used"] > rep["utilization"]["LUT4"]["used"] + 2 * 150   # two 8x8 products (510 vs 116)
     # bad input: exit 2, one line naming the argument
     assert main(["pnr", str(tmp_path / "mac"), "--device", "xc7a35t"]) == 2
     assert "--device: device 'xc7a35t': give an ECP5 ordering code" in capsys.readouterr().err
