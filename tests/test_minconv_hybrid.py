@@ -160,7 +160,8 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
 
     from licforge.bench.minconv_lic import hybrid_what
 
-    b = twin_bundles(tmp_path, n=4, m=4, products=("min", "hybrid", "hybrid0", "gdnmul", "hybrid0gdnmul"))
+    b = twin_bundles(tmp_path, n=4, m=4, products=("min", "hybrid", "hybrid0", "gdnmul", "hybrid0gdnmul",
+                                                  "hybrid02gdnmul"))
     assert b["hybrid"].model["mul_layers"] == ["g_s.0", "g_s.6"] and b["hybrid0"].model["mul_layers"] == ["g_s.0"]
     assert [l.attrs.get("product") for l in b["hybrid"].layers if l.op == "conv_transpose2d"] == \
         ["mul", "min", "min", "mul"]
@@ -178,6 +179,9 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
     assert [l.attrs.get("product", l.attrs.get("out_product")) for l in b["hybrid0gdnmul"].layers] == \
         ["mul", "mul", "min", "mul", "min", "mul", "min"]
     assert hybrid_what("hybrid0gdnmul") == "g_s.0 multipliers, exact inverse-GDN outputs x*n"
+    assert [l.attrs.get("product", l.attrs.get("out_product")) for l in b["hybrid02gdnmul"].layers] == \
+        ["mul", "mul", "mul", "mul", "min", "mul", "min"]
+    assert hybrid_what("hybrid02gdnmul") == "g_s.0 and g_s.2 multipliers, exact inverse-GDN outputs x*n"
     res = lambda lut, ff: {"LUT": lut, "FF": ff}  # noqa: E731
     runs = [{"product": "mul", "family": "xcup", "dsp": True, "resources": res(5000, 1000)},
             {"product": "mul", "family": "xcup", "dsp": False, "resources": res(16000, 1000)},
