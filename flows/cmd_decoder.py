@@ -42,7 +42,7 @@ def _cmd_rtl_decoder(args) -> int:
     out = out_dir(args.out or f"{args.build}/rtl/decoder_{bundle.hash[:12]}_pi{pi}_po{po}")
     need_int(args.max_width, "--max-width", 1, 4096)
     man = generate_decoder(bundle, pi, po, out, max_width=args.max_width, part=args.part,
-                           clock_hz=args.clock_mhz * 1e6)
+                           clock_hz=args.clock_mhz * 1e6, split_products=args.split_products)
     fig = man["model_figures"]["1080p"]
     print(f"decoder (PI={pi}, PO={po}, {fig['multipliers']} multipliers) -> {out}: "
           f"{', '.join(man['sources'])}, {len(man['roms'])} ROM files, manifest.json, vivado.tcl")
@@ -167,6 +167,10 @@ def register(groups: dict) -> None:
                    help=f"widest latent grid (default {DEFAULT_MAX_WIDTH}: {16 * DEFAULT_MAX_WIDTH} pixels)")
     p.add_argument("--part", default=DEFAULT_PART, help=f"FPGA part for the Vivado project (default {DEFAULT_PART}, ZCU102)")
     p.add_argument("--clock-mhz", type=positive_float, default=200.0, help="clock constraint and fps figures (MHz)")
+    p.add_argument("--split-products", action="store_true",
+                   help="every multiplier in two pipeline stages (half-width products, then their sum), for a build "
+                        "whose multipliers are LUTs (pnr --no-dsp, synth --no-dsp): a cycle more latency per block "
+                        "that has multipliers, the same pixels")
     p.set_defaults(func=_cmd_rtl_decoder)
 
     p = groups["rtl"].add_parser("gdn", help="one GDN unit of a bundle: inverse (igdn) or forward (gdn, --layer g_a.1)")

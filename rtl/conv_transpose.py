@@ -75,12 +75,13 @@ def pack_words(values: np.ndarray, bits: int) -> list[int]:
 OPERAND_STAGES = 3
 
 
-def conv_latency(pi: int) -> int:
+def conv_latency(pi: int, split: bool = False) -> int:
     """Cycles from the issue of an output pixel's last item to its output beat: registered
     addresses, memory read, read-data registers (:data:`OPERAND_STAGES`), the multiplier
-    array (:func:`rtl.mac_pipe.mac_latency`: operand registers, products, ``ceil(log2 PI)``
-    adder-tree levels), the accumulator, the requantizer into the output queue."""
-    return OPERAND_STAGES + mac_latency(pi) + 2
+    array (:func:`rtl.mac_pipe.mac_latency`: operand registers, products -- two stages each
+    when ``split`` --, ``ceil(log2 PI)`` adder-tree levels), the accumulator, the requantizer
+    into the output queue."""
+    return OPERAND_STAGES + mac_latency(pi, split) + 2
 
 
 class ConvTransposeEngine(wiring.Component):
@@ -101,7 +102,9 @@ class ConvTransposeEngine(wiring.Component):
     phase ``a`` and column phase ``b``: the same weight word feeds every lane.  ``pack``: two
     8-bit products per DSP48E2 (:func:`rtl.mac_pipe.mac_array`): ``PI * PO * PP`` products
     in ``dsp_pairs`` packed DSPs and ``dsp_single`` lone multipliers ("mul" only: refused
-    for "min").
+    for "min").  ``split_products`` ("mul" without ``pack``: for a build whose multipliers are
+    LUTs, ``synth_ecp5 -nodsp``): each product in two pipeline stages
+    (:func:`rtl.mac_pipe.split_product`), one cycle more latency; the sums are the same.
 
     Structure: a line buffer of 4 input rows, split into ``PP`` banks by column modulo
     ``PP`` (``PI`` channels a word, depth ``4 * 2**ceil(log2 ceil(max_width/PP)) *
@@ -121,7 +124,7 @@ class ConvTransposeEngine(wiring.Component):
     with ``PP = 1`` each pixel goes out when finished).  Input pixels are written into the
     line buffer at one per ``Cin/PI`` cycles while computing; the input stalls while 4 rows
     are held.  Latency from the last cycle of an output block to its first beat:
-    :func:`conv_latency` = ``7 + ceil(log2 PI)`` cycles, every path between registers kept
+    :func:`conv_latency` = ``7 + ceil(log2 PI)`` cycles (8 with ``split_products``), every path between registers kept
     short for the clock: registered memory addresses and read data, registered multiplier
     operands and products, a register after every adder-tree level, the accumulators, the
     requantizers (from the accumulators) into the output queue.  Back-pressure: the finished
@@ -134,9 +137,13 @@ class ConvTransposeEngine(wiring.Component):
     def __init__(self, weight: np.ndarray, bias: np.ndarray, *, shift: int, x_bits: int, w_bits: int,
                  b_bits: int, out_bits: int, out_signed: bool = True, pi: int = 1, po: int = 1, pp: int = 1,
                  pack: bool = False, max_width: int = 128, name: str = "convt", product: str = "mul",
-                 x_shift: int = 0, w_shift: int = 0) -> None:
+                 x_shift: int = 0, w_shift: int = 0, split_products: bool = False) -> None:
         weight, bias = np.asarray(weight), np.asarray(bias)
         self.product, self.x_shift, self.w_shift = check_product(product, x_shift, w_shift, pack=pack)
+        if split_products and (self.product != "mul" or pack):
+            raise ValueError(f"split_products cuts multipliers built from LUTs into two stages: a 'mul' engine "
+                             f"without pack, not {self.product!r}{' with pack' if pack else ''}")
+        self.split = bool(split_products)
         if weight.ndim != 4 or weight.shape[2:] != (KERNEL, KERNEL):
             raise ValueError(f"weight must have shape (Cin, Cout, {KERNEL}, {KERNEL}), not {weight.shape}")
         self.cin, self.cout = int(weight.shape[0]), int(weight.shape[1])
@@ -162,7 +169,7 @@ class ConvTransposeEngine(wiring.Component):
         xs, ws = signed(self.x_bits), signed(self.w_bits)
         self.acc_bits = accumulator_bits(term_bound(self.product, xs, ws, self.x_shift, self.w_shift),
                                          taps * taps * self.cin, 1 << (b_bits - 1))
-        self.latency = conv_latency(self.pi)
+        self.latency = conv_latency(self.pi, self.split)
         lanes = self.pi * self.po * self.pp
         self.multipliers, self.comparators = (lanes, 0) if self.product == "mul" else (0, lanes)
         self.dsp_pairs, self.dsp_single = (0, 0) if self.product == "min" else packed_dsps(
@@ -178,8 +185,10 @@ class ConvTransposeEngine(wiring.Component):
 
     @classmethod
     def for_layer(cls, layer, *, pi: int, po: int, pp: int = 1, pack: bool = False,
-                  max_width: int) -> "ConvTransposeEngine":
-        """The engine of a bundle ``conv_transpose2d`` layer (:class:`quant.bundle.Layer`)."""
+                  max_width: int, split_products: bool = False) -> "ConvTransposeEngine":
+        """The engine of a bundle ``conv_transpose2d`` layer (:class:`quant.bundle.Layer`);
+        ``split_products``: a multiplier layer's products in two stages (ignored by a MinConv
+        layer, which has none)."""
         a = layer.attrs
         if layer.op != "conv_transpose2d":
             raise ValueError(f"layer {layer.name!r} is {layer.op!r}, not conv_transpose2d")
@@ -198,7 +207,8 @@ class ConvTransposeEngine(wiring.Component):
             return cls(layer.tensors["weight"], bias, shift=a["shift"], x_bits=a["x_bits"], w_bits=a["w_bits"],
                        b_bits=a["b_bits"], out_bits=a["out_bits"], out_signed=a.get("out_signed", True),
                        pi=pi, po=po, pp=pp, pack=pack, max_width=max_width, name=layer.name, product=product,
-                       x_shift=a.get("x_shift", 0), w_shift=a.get("w_shift", 0))
+                       x_shift=a.get("x_shift", 0), w_shift=a.get("w_shift", 0),
+                       split_products=split_products and product == "mul")
         except ValueError as e:
             raise ValueError(f"layer {layer.name}: {e}") from None
 
@@ -222,7 +232,7 @@ class ConvTransposeEngine(wiring.Component):
         ``o*PO ..``; neither depends on ``pp`` or ``pack``)."""
         return {"name": self.name, "op": "conv_transpose2d", "cin": self.cin, "cout": self.cout,
                 "kernel": KERNEL, "pi": self.pi, "po": self.po, "pp": self.pp, "pack": self.pack,
-                "product": self.product, "x_shift": self.x_shift, "w_shift": self.w_shift,
+                "product": self.product, "split_products": self.split, "x_shift": self.x_shift, "w_shift": self.w_shift,
                 "dsp_pairs": self.dsp_pairs, "dsp_single": self.dsp_single, "x_bits": self.x_bits,
                 "shift": self.shift, "out_bits": self.out_bits, "out_signed": self.out_signed,
                 "acc_bits": self.acc_bits, "max_width": self.max_width, "latency": self.latency,
@@ -402,7 +412,7 @@ class ConvTransposeEngine(wiring.Component):
         adder trees, accumulators that start from the bias, requantizers, and the output
         queue."""
         pi, po, pp, xb, wb = self.pi, self.po, self.pp, self.x_bits, self.w_bits
-        root = OPERAND_STAGES + mac_latency(pi)     # addresses, read, read data, operands, products, tree
+        root = OPERAND_STAGES + mac_latency(pi, self.split)   # addresses, read, read data, operands, products, tree
         flags = Delayed(m, items, root + 1, advance, "s")
         so = flags.stage(OPERAND_STAGES)
         data = [register(m, rd.data, advance, f"xraw{k}") for k, rd in enumerate(reads)]
@@ -414,7 +424,7 @@ class ConvTransposeEngine(wiring.Component):
         ws = [[wdata[(oo * pi + ii) * wb:(oo * pi + ii + 1) * wb].as_signed() for ii in range(pi)]
               for oo in range(po)]
         roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack, product=self.product, x_shift=self.x_shift,
-                             w_shift=self.w_shift)
+                             w_shift=self.w_shift, split=self.split)
         # the bias ROM: read at stage root - 1, its data registered for the accumulators at root
         m.d.comb += [bport.addr.eq(flags.stage(root - 2)["o"]), bport.en.eq(advance)]
         bdata = register(m, bport.data, advance, "braw")

@@ -34,10 +34,13 @@ class Decoder(wiring.Component):
     (:mod:`rtl.perf`).  Back-pressure on the
     output stalls the last engine, and the stall propagates upstream through the line buffers.
     ``width``/``height`` must stay constant while a frame is in the pipeline.
+    ``split_products`` (for a build whose multipliers are LUTs, ``-nodsp``): every multiplier
+    of every block in two pipeline stages (a cycle more latency in each block that has any);
+    the pixels are the same.  Packed plan entries (two products per DSP48E2) are refused with it.
     """
 
     def __init__(self, layers, *, pi: int | None = None, po: int | None = None,
-                 plan: list[LayerPlan] | None = None, max_width: int = 120) -> None:
+                 plan: list[LayerPlan] | None = None, max_width: int = 120, split_products: bool = False) -> None:
         layers = list(layers)
         if plan is None:
             if pi is None or po is None:
@@ -57,15 +60,21 @@ class Decoder(wiring.Component):
             if prev.attrs["out_bits"] != nxt.attrs["x_bits"]:
                 raise ValueError(f"layer {nxt.name!r} expects {nxt.attrs['x_bits']}-bit inputs but {prev.name!r} "
                                  f"emits {prev.attrs['out_bits']}-bit outputs")
-        self.layers, self.plan, self.max_width = layers, plan, max_width
+        packed = [p.name for p in plan if p.pack]
+        if split_products and packed:
+            raise ValueError(f"split_products cuts multipliers built from LUTs into two stages, but the plan packs two "
+                             f"products per DSP in {', '.join(packed)}: plan without packing (--no-pack)")
+        self.layers, self.plan, self.max_width, self.split_products = layers, plan, max_width, bool(split_products)
         self.blocks, scale = [], 0
         for lay, p in zip(layers, plan):
             if lay.op == "conv_transpose2d":
                 self.blocks.append(ConvTransposeEngine.for_layer(lay, pi=p.pi, po=p.po, pp=p.pp, pack=p.pack,
-                                                                 max_width=max_width << scale))
+                                                                 max_width=max_width << scale,
+                                                                 split_products=split_products))
                 scale += 1
             else:
-                self.blocks.append(GdnUnit.for_layer(lay, pi=p.pi, po=p.po, pp=p.pp, pack=p.pack))
+                self.blocks.append(GdnUnit.for_layer(lay, pi=p.pi, po=p.po, pp=p.pp, pack=p.pack,
+                                                     split_products=split_products))
         self.upsampling = 1 << scale
         first = layers[0]
         self.latent_channels = int(first.tensors["weight"].shape[0])
@@ -79,7 +88,7 @@ class Decoder(wiring.Component):
 
     def manifest(self) -> dict:
         """What a deployment needs to know: the plan, each block's ROMs and their layouts."""
-        return {"max_width": self.max_width, "upsampling": self.upsampling,
+        return {"max_width": self.max_width, "upsampling": self.upsampling, "split_products": self.split_products,
                 "latent_channels": self.latent_channels, "latent_bits": self.latent_bits,
                 "blocks": [b.deployment() for b in self.blocks],
                 "dsps": sum(b.dsps for b in self.blocks),

@@ -28,7 +28,7 @@ from licforge.quant.fixed import accumulator_bits, check_bits, int_range, requan
 from .conv_transpose import pack_words
 from .emit import rom_file_attr
 from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, check_product, delay, emit_pixels, mac_array,
-                       mac_latency, pack_chunk, packed_dsps, register, term_bound, PRODUCTS)
+                       mac_latency, pack_chunk, packed_dsps, register, split_product, term_bound, PRODUCTS)
 from .requantizer import requantize_expr
 
 __all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "divide_round_half_even", "pow2_exponent", "OUT_PRODUCTS",
@@ -51,14 +51,14 @@ def gamma_layout(channels: int, pi: int, po: int) -> np.ndarray:
     return np.stack(words)
 
 
-def gdn_latency(pi: int, tail: int) -> int:
+def gdn_latency(pi: int, tail: int, split: bool = False) -> int:
     """Cycles from the issue of a pixel's last item to its output beat: ROM read (with ``|x|``),
     the read-data registers, the multiplier array (:func:`rtl.mac_pipe.mac_latency`: operand
-    registers, products, ``ceil(log2 PI)`` adder-tree levels), accumulator, norm (from the
-    accumulator), ``tail``
-    (:data:`INVERSE_TAIL` for the inverse's ``x * n``; the divider's stages for the forward
-    GDN), output register."""
-    return 5 + mac_latency(pi) + tail
+    registers, products -- two stages each when ``split`` --, ``ceil(log2 PI)`` adder-tree
+    levels), accumulator, norm (from the accumulator), ``tail``
+    (:data:`INVERSE_TAIL` for the inverse's ``x * n``, one more when it is split; the divider's
+    stages for the forward GDN), output register."""
+    return 5 + mac_latency(pi, split) + tail
 
 
 def divide_round_half_even(m: Module, x: Value, n: Value, *, num_shift: int, den_shift: int, out_bits: int,
@@ -120,6 +120,14 @@ def pow2_exponent(n: Value) -> tuple[Value, Value]:
     return e, ~n.any()
 
 
+def _has_multipliers(layer, pack: bool) -> bool:
+    """Whether the GdnUnit of bundle layer ``layer`` has multipliers that ``split_products`` cuts:
+    its norm's (products ``mul``, unpacked) or an inverse GDN's exact ``x * n``."""
+    a = layer.attrs
+    return (a.get("norm_product", "mul") == "mul" and not pack) or \
+        (layer.op == "igdn" and a.get("out_product", "mul") == "mul")
+
+
 class GdnUnit(wiring.Component):
     """GDN of ``C`` channels with the norm ``n`` above: the inverse
     ``y = requantize(x * n, out_shift, out_bits)`` or, with ``inverse=False``, the forward
@@ -145,6 +153,10 @@ class GdnUnit(wiring.Component):
     >= 0; ``pack`` is refused), and ``out_product="shift"`` replaces the ``PO * PP``
     multipliers ``x * n`` by ``x << e`` (:func:`pow2_exponent`; ``y = 0`` where ``n = 0``),
     requantized as the product was, in the same pipeline stage: the latency does not change.
+    ``split_products`` (for a build whose multipliers are LUTs, ``synth_ecp5 -nodsp``): every
+    multiplier of the unit -- the norm's when they are unpacked multipliers, the inverse's
+    ``x * n`` -- in two pipeline stages (:func:`rtl.mac_pipe.split_product`), one cycle more
+    latency for each of the two; the outputs are the same.
 
     The inverse's ``x * n`` reads a copy of the norm register (and ``x`` one cycle later): the
     norm's requantizer (a carry chain) and the route to the multiplier get a cycle each, and
@@ -171,7 +183,7 @@ class GdnUnit(wiring.Component):
                  norm_shift: int, norm_bits: int, out_shift: int, out_bits: int, pi: int | None = None,
                  po: int = 1, pp: int = 1, pack: bool = False, inverse: bool = True, div_bits: int | None = None,
                  name: str = "igdn", norm_product: str = "mul", norm_x_shift: int = 0, norm_g_shift: int = 0,
-                 out_product: str = "mul") -> None:
+                 out_product: str = "mul", split_products: bool = False) -> None:
         gamma, beta = np.asarray(gamma), np.asarray(beta)
         c = int(beta.shape[0]) if beta.ndim == 1 else -1
         if c < 1 or gamma.shape != (c, c):
@@ -203,10 +215,17 @@ class GdnUnit(wiring.Component):
         if not self.inverse and (norm_product, out_product) != ("mul", "mul"):
             raise ValueError("norm_product='min' and out_product='shift' belong to the inverse GDN of a MinConv "
                              "decoder; the forward GDN (inverse=False) multiplies and divides")
+        # split_products: every multiplier of the unit (the norm's, unless they are comparators or packed,
+        # and the inverse's x * n) in two pipeline stages, for multipliers built from LUTs
+        self.split_norm = bool(split_products) and self.norm_product == "mul" and not self.pack
+        self.split_out = bool(split_products) and self.inverse and self.out_product == "mul"
+        if split_products and not (self.split_norm or self.split_out):
+            raise ValueError("split_products cuts multipliers built from LUTs into two stages: this unit has none "
+                             "(comparator or packed norm products, and a shift or a divider after the norm)")
         if self.inverse:
             if div_bits is not None:
                 raise ValueError("div_bits sets the forward GDN's divider; the inverse GDN (inverse=True) has none")
-            self.tail = INVERSE_TAIL
+            self.tail = INVERSE_TAIL + self.split_out
         else:
             check_bits(out_bits, "out_bits", 2)
             self.div_bits = check_bits(2 if div_bits is None else div_bits, "div_bits", 1, out_bits - 1)
@@ -222,7 +241,7 @@ class GdnUnit(wiring.Component):
         else:
             term = (1 << (x_bits - 1)) * (1 << (gamma_bits - 1))
         self.acc_bits = accumulator_bits(term, c, 1 << (beta_bits - 1))
-        self.latency = gdn_latency(self.pi, self.tail)
+        self.latency = gdn_latency(self.pi, self.tail, self.split_norm)
         # x * n: a multiplier per output unless shifted (the forward GDN divides instead)
         lone = self.po * self.pp if self.inverse and self.out_product == "mul" else 0
         norm = self.pi * self.po * self.pp
@@ -238,8 +257,9 @@ class GdnUnit(wiring.Component):
 
     @classmethod
     def for_layer(cls, layer, *, pi: int | None = None, po: int = 1, pp: int = 1, pack: bool = False,
-                  div_bits: int | None = None) -> "GdnUnit":
-        """The unit of a bundle ``igdn`` or ``gdn`` layer (:class:`quant.bundle.Layer`)."""
+                  div_bits: int | None = None, split_products: bool = False) -> "GdnUnit":
+        """The unit of a bundle ``igdn`` or ``gdn`` layer (:class:`quant.bundle.Layer`);
+        ``split_products``: its multipliers, if it has any, in two stages each."""
         if layer.op not in ("igdn", "gdn"):
             raise ValueError(f"layer {layer.name!r} is {layer.op!r}: GdnUnit implements 'igdn' and 'gdn' layers")
         a, t = layer.attrs, layer.tensors
@@ -253,7 +273,8 @@ class GdnUnit(wiring.Component):
                        out_shift=a["out_shift"], out_bits=a["out_bits"], pi=pi, po=po, pp=pp, pack=pack,
                        inverse=layer.op == "igdn", div_bits=div_bits, name=layer.name,
                        norm_product=a.get("norm_product", "mul"), norm_x_shift=a.get("norm_x_shift", 0),
-                       norm_g_shift=a.get("norm_g_shift", 0), out_product=a.get("out_product", "mul"))
+                       norm_g_shift=a.get("norm_g_shift", 0), out_product=a.get("out_product", "mul"),
+                       split_products=split_products and _has_multipliers(layer, pack))
         except ValueError as e:
             raise ValueError(f"layer {layer.name}: {e}") from None
 
@@ -278,7 +299,7 @@ class GdnUnit(wiring.Component):
                 "norm_g_shift": self.norm_g_shift, "out_product": self.out_product,
                 "x_bits": self.x_bits, "norm_shift": self.norm_shift, "norm_bits": self.norm_bits,
                 "out_shift": self.out_shift, "out_bits": self.out_bits, "acc_bits": self.acc_bits,
-                "latency": self.latency,
+                "latency": self.latency, "split_products": self.split_norm or self.split_out,
                 "roms": {"gamma": {"file": f"{self.name}_gamma.hex", "bits": self.gamma_bits},
                          "beta": {"file": f"{self.name}_beta.hex", "bits": self.beta_bits}}}
 
@@ -315,7 +336,7 @@ class GdnUnit(wiring.Component):
         # Stage 1: the item's input group of x (a multiplexer) and the gamma ROM's data; stage 2:
         # |x| (a comparator reads x itself: rtl.mac_pipe.magnitude, no negation) and the ROM
         # data registered
-        root, tail = 2 + mac_latency(pi), self.tail
+        root, tail = 2 + mac_latency(pi, self.split_norm), self.tail
         flags = Delayed(m, {"v": have, "first": g == 0, "done": have & last_g, "pix": pix_last, "o": o, "nv": nv},
                         root + 2 + tail, advance, "s")
         mins = self.norm_product == "min"
@@ -323,7 +344,7 @@ class GdnUnit(wiring.Component):
         absx1 = register(m, Cat(*(v if mins else abs(v) for v in (xsel.word_select(k, xb).as_signed()
                                                                     for k in range(pi * pp)))), advance, "absx")
         gdata = register(m, gport.data, advance, "graw")
-        xo_at = root + 2 + (self.tail - 1 if self.inverse else 0)   # x meets the norm (its copy, inverse)
+        xo_at = root + 2 + (INVERSE_TAIL - 1 if self.inverse else 0)   # x meets the norm (its copy, inverse)
         xo = delay(m, Cat(*(h.word_select(o, po * xb) for h in held)), xo_at, advance, "xo")[xo_at]
         gb = self.gamma_bits
         xs = [[absx1[(p * pi + k) * xb:(p * pi + k + 1) * xb] for k in range(pi)] for p in range(pp)]
@@ -334,7 +355,8 @@ class GdnUnit(wiring.Component):
             ws = [[gdata[(oo * pi + ii) * gb:(oo * pi + ii + 1) * gb].as_signed() for ii in range(pi)]
                   for oo in range(po)]
         roots, _ = mac_array(m, xs, ws, advance, "mac", pack=self.pack, product=self.norm_product,
-                             x_shift=self.norm_x_shift, w_shift=self.norm_g_shift, x_magnitude=mins)
+                             x_shift=self.norm_x_shift, w_shift=self.norm_g_shift, x_magnitude=mins,
+                             split=self.split_norm)
         m.d.comb += [bport.addr.eq(flags.stage(root - 2)["o"]), bport.en.eq(advance)]
         bdata = register(m, bport.data, advance, "braw")
         sr = flags.stage(root)
@@ -349,14 +371,17 @@ class GdnUnit(wiring.Component):
             xk = xo[k * xb:(k + 1) * xb].as_signed()
             if self.inverse:
                 n = register(m, n, advance, f"norm{k}_op")
-                p = Signal(signed(xb + self.norm_bits + 1), name=f"xn{k}")
-                if self.out_product == "shift":   # e <= norm_bits: x << e fits xb + norm_bits bits
-                    e, zero = pow2_exponent(n)
-                    xn = Mux(zero, 0, (xk << e)[:xb + self.norm_bits].as_signed())
+                if self.split_out:   # the half products' register, then their sum's: one stage more
+                    p = split_product(m, xk, n, advance, f"xn{k}")
                 else:
-                    xn = xk * n
-                with m.If(advance):
-                    m.d.sync += p.eq(xn)
+                    p = Signal(signed(xb + self.norm_bits + 1), name=f"xn{k}")
+                    if self.out_product == "shift":   # e <= norm_bits: x << e fits xb + norm_bits bits
+                        e, zero = pow2_exponent(n)
+                        xn = Mux(zero, 0, (xk << e)[:xb + self.norm_bits].as_signed())
+                    else:
+                        xn = xk * n
+                    with m.If(advance):
+                        m.d.sync += p.eq(xn)
                 y.append(requantize_expr(p, self.out_shift, self.out_bits, True))
             else:
                 q, _ = divide_round_half_even(m, xk, n, num_shift=max(0, -self.out_shift),

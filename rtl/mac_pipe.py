@@ -16,9 +16,10 @@ from amaranth.hdl import ShapeLike
 
 from .lane_array import adder_tree
 
-__all__ = ["delay", "register", "Delayed", "mac_array", "mac_latency", "accumulate", "emit_pixels", "check_divisor",
-           "check_lanes", "check_product", "Magnitude", "magnitude", "min_term", "carry_tree", "term_bound",
-           "pack_chunk", "product_pairs", "packed_dsps", "PRODUCTS", "PACK_SHIFT", "PACK_A_BITS", "PACK_B_BITS"]
+__all__ = ["delay", "register", "Delayed", "mac_array", "mac_latency", "split_product", "accumulate", "emit_pixels",
+           "check_divisor", "check_lanes", "check_product", "Magnitude", "magnitude", "min_term", "carry_tree",
+           "term_bound", "pack_chunk", "product_pairs", "packed_dsps", "PRODUCTS", "PACK_SHIFT", "PACK_A_BITS",
+           "PACK_B_BITS"]
 
 #: the products a dot-product array computes: ``"mul"`` (``x * w``, a multiplier) and ``"min"``
 #: (``sign(x) sign(w) min(|x| << x_shift, |w| << w_shift)``, a comparator: MinConv)
@@ -289,15 +290,34 @@ def carry_tree(m: Module, terms: list[Value], carries: list[Value], enable: Valu
     return sum(rest, root) if rest else root
 
 
-def mac_latency(inputs: int) -> int:
+def mac_latency(inputs: int, split: bool = False) -> int:
     """Cycles from :func:`mac_array`'s operands to its sums: the operand registers, the
-    registered products, ``ceil(log2 inputs)`` adder-tree levels."""
-    return 2 + (inputs - 1).bit_length()
+    registered products (two stages each when ``split``: :func:`split_product`),
+    ``ceil(log2 inputs)`` adder-tree levels."""
+    return 2 + int(split) + (inputs - 1).bit_length()
+
+
+def split_product(m: Module, a: Value, b: Value, enable: Value, name: str) -> Signal:
+    """``a * b`` in two pipeline stages, for a multiplier built from LUTs: the wider operand
+    ``b`` is cut into its low half (unsigned) and its high half (with ``b``'s sign), the two
+    half-width products are registered, and their sum ``lo + (hi << h)`` is registered.
+    Exact for any signedness; each stage is a half-width multiplier or one adder, so a LUT
+    multiplier no longer sets the clock (a DSP would take the whole product in one stage).
+    Latency: 2 enabled cycles (one more than a registered ``a * b``)."""
+    if len(a) > len(b):
+        a, b = b, a
+    h = (len(b) + 1) // 2
+    hi = b[h:].as_signed() if b.shape().signed else b[h:]
+    lo = register(m, a * b[:h], enable, f"{name}_lo")
+    top = register(m, a * hi, enable, f"{name}_hi")
+    r = Signal((a * b).shape(), name=name)
+    m.d.sync += r.eq(Mux(enable, lo + (top << h), r))
+    return r
 
 
 def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Value, name: str,
               pack: bool = False, *, product: str = "mul", x_shift: int = 0, w_shift: int = 0,
-              x_magnitude: bool = False) -> tuple[list[list[Value]], int]:
+              x_magnitude: bool = False, split: bool = False) -> tuple[list[list[Value]], int]:
     """``PP x PO`` dot products of length ``PI`` per cycle: ``s[p][o] = sum_i x[p][i] * w[o][i]``
     for lanes (output pixels) ``p`` and rows (output channels) ``o``; with ``product="min"``
     ``sum_i sign(x) sign(w) min(|x[p][i]| << x_shift, |w[o][i]| << w_shift)`` instead
@@ -314,11 +334,15 @@ def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Val
     wherever their operands fit it (:func:`pack_chunk`, :func:`product_pairs`): rows ``o, o+1``
     of a lane as the weight pair ``(w[o][i] << 18) + w[o+1][i]`` times ``x[p][i]``, an odd last
     row as the activation pair ``(x[p][i] << 18) + x[p+1][i]`` times ``w[o][i]``; bit-exact.
-    Returns the sums (combinational of registers) and the latency in cycles,
-    :func:`mac_latency` (``2 + ceil(log2 PI)``) in every case.
+    ``split`` (``"mul"`` unpacked only, for multipliers built from LUTs): each product in two
+    stages (:func:`split_product`).  Returns the sums (combinational of registers) and the
+    latency in cycles, :func:`mac_latency` (``2 + ceil(log2 PI)``, one more when ``split``).
     """
     lanes, rows, n = len(x), len(w), len(w[0])
     check_product(product, x_shift, w_shift, pack=pack)
+    if split and (product != "mul" or pack):
+        raise ValueError(f"split products are multipliers built from LUTs: a 'mul' product without pack, not "
+                         f"{product!r}{' with pack' if pack else ''}")
     x = [[register(m, v, enable, f"{name}_x{p}_{i}") for i, v in enumerate(lane)] for p, lane in enumerate(x)]
     w = [[register(m, v, enable, f"{name}_w{o}_{i}") for i, v in enumerate(row)] for o, row in enumerate(w)]
     if product == "min":
@@ -332,6 +356,9 @@ def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Val
         if kind == "one":
             terms = []
             for i in range(n):
+                if split:
+                    terms.append(split_product(m, x[p][i], w[o][i], enable, f"{tag}_p{i}"))
+                    continue
                 r = Signal((x[p][i] * w[o][i]).shape(), name=f"{tag}_p{i}")
                 m.d.sync += r.eq(Mux(enable, x[p][i] * w[o][i], r))
                 terms.append(r)
@@ -345,7 +372,7 @@ def mac_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Val
         hi, lo = _packed_sums(m, ops, chunk, enable, tag)
         (p1, o1), (p2, o2) = into
         sums[p1][o1], sums[p2][o2] = hi, lo
-    return sums, mac_latency(n)
+    return sums, mac_latency(n, split)
 
 
 def accumulate(m: Module, terms: list[Value], init: list[Value], first: Value, enable: Value, bits: int,

@@ -27,15 +27,16 @@ DEFAULT_MAX_WIDTH = 120                  # latent columns: 1920-pixel lines
 
 
 def build_decoder(bundle: Bundle, pi: int, po: int, max_width: int = DEFAULT_MAX_WIDTH, *,
-                  plan: list[LayerPlan] | None = None) -> Decoder:
+                  plan: list[LayerPlan] | None = None, split_products: bool = False) -> Decoder:
     """The Amaranth decoder of ``bundle``'s synthesis transform: with ``plan`` (per layer PI,
     PO, PP, packing, e.g. from ``licforge plan``'s planner) as given, else planned for ``pi``
-    x ``po`` on its heaviest layer; a plan the bundle cannot take raises UsageError naming the
+    x ``po`` on its heaviest layer; ``split_products``: every multiplier in two pipeline stages
+    (:class:`rtl.decoder.Decoder`); a plan the bundle cannot take raises UsageError naming the
     bundle."""
     layers = decoder_layers(bundle)
     try:  # plan first: a Decoder that fails in its constructor would warn as never elaborated
         plan = plan if plan is not None else plan_decoder(layers, pi, po)
-        return Decoder(layers, plan=plan, max_width=max_width)
+        return Decoder(layers, plan=plan, max_width=max_width, split_products=split_products)
     except ValueError as e:
         raise UsageError(f"bundle {bundle.path}: {e}") from None
 
@@ -64,13 +65,14 @@ puts "project created: run synth_design / launch_runs as usual ({clock_hz / 1e6:
 
 def generate_decoder(bundle: Bundle, pi: int, po: int, out_dir: Path, *, max_width: int = DEFAULT_MAX_WIDTH,
                      part: str = DEFAULT_PART, clock_hz: float | None = None,
-                     plan: list[LayerPlan] | None = None) -> dict:
+                     plan: list[LayerPlan] | None = None, split_products: bool = False) -> dict:
     """Write the decoder of ``bundle`` (top module ``decoder``): Verilog, one ``.hex`` per ROM,
     ``manifest.json`` (plan, blocks, ROM layouts, model figures), ``vivado.tcl`` and
-    ``decoder.xdc``.  ``plan``: as in :func:`build_decoder`.  Returns the manifest."""
+    ``decoder.xdc``.  ``plan``, ``split_products``: as in :func:`build_decoder`.  Returns the
+    manifest."""
     clock_hz = clock_hz or CLOCK_HZ
     out_dir = Path(out_dir)
-    dec = build_decoder(bundle, pi, po, max_width, plan=plan)
+    dec = build_decoder(bundle, pi, po, max_width, plan=plan, split_products=split_products)
     sources = write_verilog(dec, "decoder", out_dir)
     tcl, xdc = vivado_tcl("decoder", [s.name for s in sources], part, clock_hz)
     (out_dir / "vivado.tcl").write_text(tcl)

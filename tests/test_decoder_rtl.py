@@ -73,7 +73,15 @@ def test_cli_rtl_decoder_and_its_errors(tmp_path, capsys):
     assert main(["rtl", "decoder", "synthetic:8:8:3", "--pi", "2", "--po", "3", "--out", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "18 multipliers" in out and "fps at 200 MHz" in out
-    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["pi"] == 2
+    plain = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert plain["pi"] == 2 and not plain["split_products"]
+    # --split-products: every multiplier in two stages, one cycle more per convolution, two per GDN (norm, x*n)
+    assert main(["rtl", "decoder", "synthetic:8:8:3", "--pi", "2", "--po", "3", "--split-products",
+                 "--out", str(tmp_path / "s")]) == 0
+    split = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert split["split_products"] and all(b["split_products"] for b in split["blocks"])
+    assert [b["latency"] - a["latency"] for a, b in zip(plain["blocks"], split["blocks"])] == [1, 2, 1, 2, 1, 2, 1]
+    capsys.readouterr()
     assert main(["rtl", "decoder", "synthetic:8:8:3", "--pi", "3", "--po", "3", "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--pi must divide the 8 input channels of the heaviest layer 'g_s.6'" in err[0]

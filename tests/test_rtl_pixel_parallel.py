@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from amaranth import Module, signed, unsigned
+from amaranth import Module, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 from amaranth.sim import Simulator
@@ -265,3 +265,69 @@ def test_whole_image_decode_with_lanes_and_packing(lic_bundle, tmp_path, sim_cac
     _, rep = rtl_decode(lic_bundle, lat, tmp_path, plan=plan, max_width=8, p_valid=0.7, p_ready=0.5, seed=3,
                         cache_dir=sim_cache)
     assert rep["mismatches"] == 0 and rep["checked"] == 2 * 3 * 32 * 48
+
+
+@pytest.mark.parametrize("xs,ws", [(signed(8), signed(8)), (unsigned(10), signed(8)), (signed(8), unsigned(12))])
+def test_split_products_are_bit_exact_one_cycle_later(xs, ws):
+    """split=True (multipliers built from LUTs): each product as two registered half-width
+    products and their registered sum, exact for every signedness at the operands' extremes,
+    with one cycle more than the unsplit array (3 + 2 tree levels for 4 inputs)."""
+    rng = np.random.default_rng(9)
+    ends = lambda s: [-(1 << (s.width - 1)), -1, 0, 1, (1 << (s.width - 1)) - 1] if s.signed \
+        else [0, 1, (1 << s.width) - 2, (1 << s.width) - 1]   # noqa: E731
+    vecs = [(rng.choice(ends(xs), (2, 4)), rng.choice(ends(ws), (3, 4))) for _ in range(40)]
+    got, depth = simulate_mac_array(xs, ws, 2, 3, 4, vecs, split=True)
+    exp = np.array([np.einsum("pi,oi->po", x.astype(np.int64), w.astype(np.int64)) for x, w in vecs])
+    assert depth == 3 + 2 and np.array_equal(got, exp)
+    m = Module()
+    m._MustUse__silence = True   # refused before any use
+    with pytest.raises(ValueError, match="split products are multipliers built from LUTs: a 'mul' product without "
+                                         "pack, not 'min'"):
+        mac_array(m, [[Signal(xs)]], [[Signal(ws)]], 1, "mac", product="min", split=True)
+
+
+def test_split_products_engines_equal_golden_and_take_their_extra_stages():
+    """A multiplier engine and inverse GDNs built with split_products: the golden model's pixels
+    under stalls, and at full rate the unsplit unit's cycles plus one per split stage (the
+    engine's products 1; a multiplier GDN's norm and x*n 2; a min-norm GDN's x*n alone 1)."""
+    b = random_decoder_bundle(4, 6, seed=2)
+    bo = random_decoder_bundle(4, 6, seed=2, product="min", gdn_out="mul")
+    x6 = extreme_ints(np.random.default_rng(10), (2, 6, 3, 5), 8)
+    cases = [(ConvTransposeEngine, b.layer("g_s.0"), x6, dict(pi=3, po=2, pp=2, max_width=8), 1),
+             (GdnUnit, b.layer("g_s.1"), None, dict(pi=2, po=2, pp=2), 2),
+             (GdnUnit, bo.layer("g_s.1"), None, dict(pi=2, po=2, pp=2), 1)]
+    for cls, lay, x, kw, extra in cases:
+        x = x if x is not None else extreme_ints(np.random.default_rng(11), (2, 4, 3, 5), lay.attrs["x_bits"])
+        plain, split = cls.for_layer(lay, **kw), cls.for_layer(lay, split_products=True, **kw)
+        assert split.latency == plain.latency + extra and split.deployment()["split_products"]
+        out, cycles = _stream(split, x)
+        ref, ref_cycles = _stream(plain, x)
+        n, c, h, w = x.shape
+        s = 2 if cls is ConvTransposeEngine else 1
+        cout = lay.tensors["weight"].shape[1] if s == 2 else c
+        assert np.array_equal(out.reshape(n, s * h, s * w, cout).transpose(0, 3, 1, 2), run_layer(lay, x)), lay.name
+        assert cycles == ref_cycles + extra, lay.name
+        stalled, _ = _stream(split, x, p_valid=0.6, p_ready=0.5, seed=3)
+        assert np.array_equal(stalled, out), lay.name
+
+
+def test_split_products_refusals_name_the_fix():
+    """Nothing to split, or products packed into DSPs: refused with what to do."""
+    from licforge.rtl.decoder import Decoder
+    from licforge.rtl.plan import plan_decoder
+    from licforge.quant.bundle import decoder_layers
+
+    m = random_decoder_bundle(4, 6, seed=2, product="min")
+    with pytest.raises(ValueError, match="a 'mul' engine without pack, not 'min'"):
+        ConvTransposeEngine(m.layer("g_s.2").tensors["weight"], m.layer("g_s.2").tensors["bias"], shift=4, x_bits=8,
+                            w_bits=8, b_bits=16, out_bits=8, product="min", split_products=True)
+    g = m.layer("g_s.1")
+    with pytest.raises(ValueError, match="this unit has none"):
+        GdnUnit(g.tensors["gamma"], g.tensors["beta"], x_bits=8, gamma_bits=8, beta_bits=16, norm_shift=4,
+                norm_bits=10, out_shift=4, out_bits=8, norm_product="min", out_product="shift", split_products=True)
+    assert not GdnUnit.for_layer(g, pi=2, split_products=True).deployment()["split_products"]   # nothing: as built
+    layers = decoder_layers(random_decoder_bundle(4, 6, seed=2))
+    plan = plan_decoder(layers, 2, 3, pack=True)
+    with pytest.raises(ValueError, match=r"packs two products per DSP in g_s.0, g_s.1, g_s.2, g_s.3, g_s.4, g_s.5, g_s.6: plan "
+                                         r"without packing \(--no-pack\)"):
+        Decoder(layers, plan=plan, split_products=True)
