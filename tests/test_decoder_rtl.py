@@ -50,6 +50,26 @@ def test_whole_decoder_is_bit_exact_and_matches_the_cycle_model(small_bundle, tm
     assert r.report["mismatches"] == 0 and r.report["checked"] == 2 * 3 * 32 * 48
 
 
+def test_split_products_decoder_is_bit_exact_under_stalls(tmp_path_factory, sim_cache):
+    """A whole hybrid decoder built with split_products (g_s.0's multipliers and the inverse GDNs'
+    exact x*n in two stages each, MinConv elsewhere) in Verilator: two frames of extreme latents
+    back to back, input bubbles and output back-pressure, every pixel equal to the golden model."""
+    require_simulator("verilator")
+    out = tmp_path_factory.mktemp("split") / "synthetic_N8_M8_h0g"
+    write_bundle(random_decoder_bundle(8, 8, seed=3, product="min", mul_layers=("g_s.0",), gdn_out="mul"), out)
+    bundle = read_bundle(out)
+    layers = decoder_layers(bundle)
+    dut = Decoder(layers, pi=2, po=3, max_width=4, split_products=True)
+    plain = Decoder(layers, pi=2, po=3, max_width=4)
+    for x in (plain, *plain.blocks):   # only its latencies are compared
+        x._MustUse__silence = True
+    assert [a.latency - b.latency for a, b in zip(dut.blocks, plain.blocks)] == [1, 1, 0, 1, 0, 1, 0]
+    lat = extreme_ints(np.random.default_rng(1), (2, 8, 2, 3), 8)
+    r = simulate_chain(dut, bundle.path, [l.name for l in layers], lat, work=tmp_path_factory.getbasetemp() / "split",
+                       timeout_cycles=10 ** 6, seed=2, p_valid=0.5, p_ready=0.3, cache_dir=sim_cache)
+    assert r.report["mismatches"] == 0 and r.report["checked"] == 2 * 3 * 32 * 48
+
+
 def test_deployed_files_give_back_the_bundle_tensors(small_bundle, tmp_path):
     man = generate_decoder(small_bundle, 4, 3, tmp_path)
     words = man["roms"]["g_s.2_w.hex"]["depth"]
