@@ -73,14 +73,15 @@ def _rows(p: LayerPlan, w: int) -> tuple[list[int], int]:
     return [(nb - 1) * max(g, pp) + max(g, nv)], nv - 1
 
 
-def _conv_rows(p: LayerPlan, arrivals: list[tuple[float, float]], h: int, w: int) -> list[tuple[float, float]]:
+def _conv_rows(p: LayerPlan, arrivals: list[tuple[float, float]], h: int, w: int,
+               split: bool = False) -> list[tuple[float, float]]:
     """(first, last) pixel out of each output row of a transposed convolution, frames back to
     back: ``arrivals[f*h + i]`` are the producer's first and last pixel of row ``i`` of frame
     ``f``."""
     g, gi = p.groups, p.cin // p.pi
     (even, odd), tail = _rows(p, w)
     pair = max(even + odd, w * gi)
-    lat = conv_latency(p.pi)
+    lat = conv_latency(p.pi, split and p.product == "mul")
     # the first beat of a row: its first pixel (PP = 1), or its first block of both column phases
     lead = (9 * g, 6 * g) if p.pp == 1 else tuple(t * g for t in ROW_TAPS)
     a_done: list[float] = []  # when input row r (global index) is in the line buffer
@@ -115,7 +116,8 @@ def _conv_rows(p: LayerPlan, arrivals: list[tuple[float, float]], h: int, w: int
     return out
 
 
-def _gdn_rows(p: LayerPlan, arrivals: list[tuple[float, float]], w: int) -> list[tuple[float, float]]:
+def _gdn_rows(p: LayerPlan, arrivals: list[tuple[float, float]], w: int,
+              split: bool = False) -> list[tuple[float, float]]:
     """(first, last) pixel out of each output row of an inverse GDN.  A row computes from when
     its first block is gathered (its last pixel accepted: the producer's pixels spread evenly
     over its row, at most one a cycle) and the previous row is done, block after block (a
@@ -125,7 +127,9 @@ def _gdn_rows(p: LayerPlan, arrivals: list[tuple[float, float]], w: int) -> list
     nb = -(-w // pp)
     nv, nv0 = w - pp * (nb - 1), min(pp, w)
     span = g if nb == 1 else (nb - 2) * max(g, pp) + max(g, nv) + g   # first block's start to last one's end
-    lat, tail = gdn_latency(p.pi, INVERSE_TAIL), nv - 1
+    lat = gdn_latency(p.pi, INVERSE_TAIL + (split and p.out_product == "mul"),
+                      split and p.product == "mul" and not p.pack)
+    tail = nv - 1
     out: list[tuple[float, float]] = []
     gathered, busy = nv0 - 1 - w, 0.0
     for first, last in arrivals:
@@ -137,20 +141,21 @@ def _gdn_rows(p: LayerPlan, arrivals: list[tuple[float, float]], w: int) -> list
     return out
 
 
-def frame_timeline(plan: list[LayerPlan], height: int, width: int, frames: int = 1) -> dict:
+def frame_timeline(plan: list[LayerPlan], height: int, width: int, frames: int = 1, split: bool = False) -> dict:
     """Cycles of ``frames`` frames of ``height x width`` latents, back to back, from the row
     timeline: ``cycles`` (first input beat offered to the last pixel out), and per layer the
     time its last output row ends.  Assumes the latents are offered every cycle and the
-    output is never stalled."""
+    output is never stalled.  ``split``: the decoder built with ``split_products`` (a cycle
+    more latency per split stage)."""
     h, w = height, width
     arrivals = [(0.0, 0.0)] * (frames * h)  # the latents are all available from the start
     ends = {}
     for p in plan:
         if p.op == "conv_transpose2d":
-            arrivals = _conv_rows(p, arrivals, h, w)
+            arrivals = _conv_rows(p, arrivals, h, w, split)
             h, w = 2 * h, 2 * w
         else:
-            arrivals = _gdn_rows(p, arrivals, w)
+            arrivals = _gdn_rows(p, arrivals, w, split)
         ends[p.name] = arrivals[-1][1]
     return {"cycles": int(arrivals[-1][1]) + 1, "layer_end": ends, "output_hw": (h, w)}
 
@@ -267,7 +272,8 @@ def format_efficiency(value: float | None) -> str:
     return "n/a (no DSP)" if value is None else f"{value:.1%}"
 
 
-def frame_report(plan: list[LayerPlan], height: int, width: int, clock_hz: float = CLOCK_HZ) -> dict:
+def frame_report(plan: list[LayerPlan], height: int, width: int, clock_hz: float = CLOCK_HZ,
+                 split: bool = False) -> dict:
     """The model's figures for an output frame of ``height x width`` pixels (padded up to a
     multiple of the decoder's upsampling, 16).
 
@@ -276,12 +282,13 @@ def frame_report(plan: list[LayerPlan], height: int, width: int, clock_hz: float
     ``clock_hz``, ``dsp_efficiency_steady``.  One isolated frame (first latent in to last
     pixel out, fill and drain included): ``cycles``, ``fps_single_frame``,
     ``dsp_efficiency``.  Resources: ``multipliers`` (multiplier slots), ``dsps`` (DSP48E2:
-    ``dsp_packed`` pairs plus ``dsp_lone``), ``lut_estimate``.
+    ``dsp_packed`` pairs plus ``dsp_lone``), ``lut_estimate``.  ``split``: the decoder is built
+    with ``split_products`` (its latency; the LUT estimate is the one-stage multipliers').
     """
     up = 1 << sum(p.op == "conv_transpose2d" for p in plan)
     lh, lw = -(-height // up), -(-width // up)
     steady = max(p.frame_cycles(lh, lw) for p in plan)
-    single = frame_timeline(plan, lh, lw)["cycles"]
+    single = frame_timeline(plan, lh, lw, split=split)["cycles"]
     mults = sum(p.multipliers for p in plan)
     packed, lone = (sum(p.dsp_split[k] for p in plan) for k in (0, 1))
     slots = 2 * packed + lone

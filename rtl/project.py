@@ -84,7 +84,8 @@ def generate_decoder(bundle: Bundle, pi: int, po: int, out_dir: Path, *, max_wid
                           "o": "3 x unsigned 8-bit pixels (R, G, B), raster order",
                           "width/height": f"latent grid, width <= {max_width}"},
                 **dec.manifest(),
-                "model_figures": {k: frame_report(dec.plan, h, w, clock_hz) for k, (h, w) in FRAMES.items()}}
+                "model_figures": {k: frame_report(dec.plan, h, w, clock_hz, split=split_products)
+                                  for k, (h, w) in FRAMES.items()}}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 

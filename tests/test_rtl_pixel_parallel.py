@@ -289,7 +289,8 @@ def test_split_products_are_bit_exact_one_cycle_later(xs, ws):
 def test_split_products_engines_equal_golden_and_take_their_extra_stages():
     """A multiplier engine and inverse GDNs built with split_products: the golden model's pixels
     under stalls, and at full rate the unsplit unit's cycles plus one per split stage (the
-    engine's products 1; a multiplier GDN's norm and x*n 2; a min-norm GDN's x*n alone 1)."""
+    engine's products 1; a multiplier GDN's norm and x*n 2; a min-norm GDN's x*n alone 1), as
+    the row timeline (rtl.perf) counts them, exactly."""
     b = random_decoder_bundle(4, 6, seed=2)
     bo = random_decoder_bundle(4, 6, seed=2, product="min", gdn_out="mul")
     x6 = extreme_ints(np.random.default_rng(10), (2, 6, 3, 5), 8)
@@ -307,6 +308,11 @@ def test_split_products_engines_equal_golden_and_take_their_extra_stages():
         cout = lay.tensors["weight"].shape[1] if s == 2 else c
         assert np.array_equal(out.reshape(n, s * h, s * w, cout).transpose(0, 3, 1, 2), run_layer(lay, x)), lay.name
         assert cycles == ref_cycles + extra, lay.name
+        a = lay.attrs
+        plan = LayerPlan(lay.name, lay.op, c, cout, 0, kw["pi"], kw["po"], kw["pp"],
+                         product=a.get("product", a.get("norm_product", "mul")), out_product=a.get("out_product", "mul"))
+        assert [frame_timeline([plan], h, w, frames=2, split=sp)["cycles"] for sp in (False, True)] == \
+            [ref_cycles, cycles], lay.name   # the row timeline counts the split stages
         stalled, _ = _stream(split, x, p_valid=0.6, p_ready=0.5, seed=3)
         assert np.array_equal(stalled, out), lay.name
 
