@@ -34,6 +34,13 @@ def _cmd_pnr(args) -> int:
     except ValueError as e:
         raise UsageError(f"--device: {e}") from None
     out = out_dir(args.out or f"{args.build}/pnr/{design.resolve().name}_{dev.part}")
+    man = design / "manifest.json"
+    if args.no_dsp and man.is_file():   # a decoder whose LUT multipliers are one stage each
+        m = json.loads(man.read_text())
+        if m.get("split_products") is False and any("mul" in (b.get("product"), b.get("norm_product"), b.get("out_product"))
+                                                     for b in m.get("blocks", [])):
+            print(f"note: {design} has one-stage multipliers; with --no-dsp they are LUT cones that set the clock "
+                  "(licforge rtl decoder --split-products builds them in two stages)", flush=True)
     try:
         rep = run_pnr(design, out, device=dev.part, seeds=args.seeds, freq_mhz=args.freq_mhz, top=args.top,
                       threads=args.threads, timeout_s=args.timeout_s, pack_dsp=not args.no_dsp_pack,

@@ -243,7 +243,9 @@ def test_pnr_of_a_small_block(tmp_path, capsys, monkeypatch):
     assert main(["pnr", str(tmp_path / "mac"), "--top", "top", "--seeds", "1", "--no-dsp", "--out",
                  str(tmp_path / "q"), "--json", str(tmp_path / "nodsp.json")]) == 0
     nodsp = json.loads((tmp_path / "nodsp.json").read_text())
-    assert (rep["dsp"], nodsp["dsp"]) == (True, False) and "synth_ecp5 -nodsp top" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (rep["dsp"], nodsp["dsp"]) == (True, False) and "synth_ecp5 -nodsp top" in out
+    assert "one-stage multipliers" not in out   # not a decoder: no manifest that says so
     assert nodsp["utilization"]["MULT18"] == {"used": 0, "available": 156}
     assert nodsp["utilization"]["LUT4"]["used"] > rep["utilization"]["LUT4"]["used"] + 2 * 150   # two 8x8 products (510 vs 116)
     # bad input: exit 2, one line naming the argument
@@ -526,3 +528,23 @@ def test_global_buffers_are_placed_off_the_clock_edge_and_route(tmp_path):
     r = place_and_route(net, dev, 1, tmp_path, timeout_s=300)
     assert r["utilization"]["GLOBAL_CLOCK"]["used"] == 8      # the clock's buffer and the seven
     assert pack_bitstream(Path(r["config"]), tmp_path / "en7.bit").stat().st_size > 100_000   # ecppack knows every arc
+
+
+def test_pnr_no_dsp_notes_a_decoder_with_one_stage_multipliers(tmp_path, capsys, monkeypatch):
+    """``pnr --no-dsp`` of a decoder whose manifest says its multipliers are one stage each says
+    how to build them in two (the place and route itself is cut short here); a decoder built with
+    --split-products and a MinConv decoder (no multiplier) get no note."""
+    from licforge.rtl import pnr
+
+    def stop(*a, **kw):
+        raise pnr.PnrError("stopped before place and route")
+
+    monkeypatch.setattr(pnr, "run_pnr", stop)
+    for name, extra, noted in (("plain", [], True), ("split", ["--split-products"], False),
+                               ("min", [], False)):
+        src = "synthetic:8:8:3:min" if name == "min" else "synthetic:8:8:3"
+        assert main(["rtl", "decoder", src, "--pi", "2", "--po", "3", "--out", str(tmp_path / name), *extra]) == 0
+        capsys.readouterr()
+        assert main(["pnr", str(tmp_path / name), "--no-dsp", "--out", str(tmp_path / f"p_{name}")]) == 1
+        out = capsys.readouterr().out
+        assert ("has one-stage multipliers" in out and "--split-products" in out) == noted, name
