@@ -102,6 +102,8 @@ def _cmd_decode(args) -> int:
     from licforge.quant.codec import BitstreamError, decode_image, find_model, model_sha256, read_header
     from licforge.quant.container import KINDS
 
+    if args.split_products and not args.rtl:
+        raise UsageError("--split-products builds the decoder RTL with two-stage multipliers: give --rtl too")
     path, data = _read_file(args.file)
     try:
         header = read_header(data)
@@ -121,7 +123,7 @@ def _cmd_decode(args) -> int:
                                  f"from a bundle")
             rgb, rep = _rtl(args, model, data)
             record.update(decoder="rtl", mismatches=rep["mismatches"], cycles=rep["cycles"], pi=rep["pi"],
-                          po=rep["po"], simulator=rep["simulator"])
+                          po=rep["po"], simulator=rep["simulator"], split_products=args.split_products)
         else:
             rgb = decode_image(model, data)
             record["decoder"] = "golden" if isinstance(model, Bundle) else "float"
@@ -130,7 +132,8 @@ def _cmd_decode(args) -> int:
     record["decode_s"] = time.perf_counter() - t0
     Image.fromarray(np.ascontiguousarray(rgb)).save(out)
     what = {"golden": "integer golden decoder", "float": "float model",
-            "rtl": f"decoder RTL (PI={record.get('pi')}, PO={record.get('po')}, {record.get('simulator')})"}
+            "rtl": f"decoder RTL (PI={record.get('pi')}, PO={record.get('po')}, "
+                   f"{'split products, ' if record.get('split_products') else ''}{record.get('simulator')})"}
     line = (f"{path.name} -> {out}: {header.height}x{header.width}, {what[record['decoder']]} of "
             f"{record['model']} ({record['model_sha256'][:16]}), {record['decode_s']:.2f} s")
     if args.rtl:
@@ -151,7 +154,7 @@ def _rtl(args, bundle, data: bytes):
     need_int(args.max_width, "--max-width", 1, 4096)
     pi, po = chosen_parallelism(args, decoder_layers(bundle))
     rgb, rep = rtl_decode_file(bundle, data, Path(args.build), pi=pi, po=po, max_width=args.max_width,
-                               simulator=args.simulator)
+                               simulator=args.simulator, split_products=args.split_products)
     return rgb, {**rep, "pi": pi, "po": po}
 
 
@@ -186,6 +189,9 @@ def register(groups: dict) -> None:
     p.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH,
                    help=f"--rtl: widest latent line of the generated decoder (default {DEFAULT_MAX_WIDTH}: "
                         f"{16 * DEFAULT_MAX_WIDTH} pixels)")
+    p.add_argument("--split-products", action="store_true",
+                   help="--rtl: the decoder built with every multiplier in two pipeline stages (rtl decoder "
+                        "--split-products)")
     p.add_argument("--simulator", default="verilator", choices=("verilator", "icarus"))
     p.add_argument("--json", help="also write the figures to this file")
     p.set_defaults(func=_cmd_decode)

@@ -171,40 +171,44 @@ def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: in
 _DECODERS: dict[tuple[str, str], object] = {}
 
 
-def _decoder(bundle, pi: int | None, po: int | None, plan, max_width: int):
-    """(decoder, tag) for ``pi`` x ``po`` or ``plan``, built once per (bundle, design)."""
+def _decoder(bundle, pi: int | None, po: int | None, plan, max_width: int, split: bool = False):
+    """(decoder, tag) for ``pi`` x ``po`` or ``plan`` (``split``: built with ``split_products``),
+    built once per (bundle, design)."""
     from licforge.quant.bundle import decoder_layers
     from licforge.rtl.decoder import Decoder
 
     if (plan is None) == (pi is None or po is None):
         raise ValueError("rtl_decode needs either pi and po, or a plan")
-    tag = f"pi{pi}_po{po}_w{max_width}" if plan is None else f"{plan_tag(plan)}_w{max_width}"
+    tag = (f"pi{pi}_po{po}_w{max_width}" if plan is None else f"{plan_tag(plan)}_w{max_width}") + \
+        ("_split" if split else "")
     if (bundle.hash, tag) not in _DECODERS:
         _DECODERS.clear()   # one design at a time: a decoder holds its weights
-        _DECODERS[bundle.hash, tag] = (build_decoder(bundle, pi, po, max_width) if plan is None else
-                                       Decoder(decoder_layers(bundle), plan=list(plan), max_width=max_width))
+        _DECODERS[bundle.hash, tag] = (build_decoder(bundle, pi, po, max_width, split_products=split) if plan is None
+                                       else Decoder(decoder_layers(bundle), plan=list(plan), max_width=max_width,
+                                                    split_products=split))
     return _DECODERS[bundle.hash, tag], tag
 
 
 def rtl_decode(bundle, latents: np.ndarray, build_dir: Path, *, pi: int | None = None, po: int | None = None,
                plan=None, max_width: int = DEFAULT_MAX_WIDTH, seed: int = 0, p_ready: float = 1.0,
                simulator: str = "verilator", cache_dir: Path | None = None,
-               p_valid: float = 1.0) -> tuple[np.ndarray, dict]:
+               p_valid: float = 1.0, split_products: bool = False) -> tuple[np.ndarray, dict]:
     """Decode integer latents (frames, M, h, w), frames back to back, with the decoder RTL
     (checked against the golden decoder inside the testbench); returns the pixels
     (frames, 3, 16h, 16w) and the report (mismatches, cycles, simulated cycles per second,
     wall times) with the model's cycles for the same frames.  The decoder is planned for
     ``pi`` x ``po`` on its heaviest layer, or follows ``plan`` (a list of
     :class:`rtl.plan.LayerPlan`, e.g. from :func:`rtl.perf.plan_for_target`); ``p_valid`` /
-    ``p_ready`` < 1 insert random input bubbles and output back-pressure."""
+    ``p_ready`` < 1 insert random input bubbles and output back-pressure; ``split_products``:
+    the decoder's multipliers in two pipeline stages (:class:`rtl.decoder.Decoder`)."""
     from licforge.rtl.perf import frame_timeline
 
     latents = np.asarray(latents, np.int64)
     frames, _, h, w = latents.shape
     if w > max_width:
         raise UsageError(f"the latent grid is {w} wide, more than --max-width {max_width}")
-    dut, tag = _decoder(bundle, pi, po, plan, max_width)
-    model = frame_timeline(dut.plan, h, w, frames)
+    dut, tag = _decoder(bundle, pi, po, plan, max_width, split_products)
+    model = frame_timeline(dut.plan, h, w, frames, split=split_products)
     t0 = time.perf_counter()
     res = _simulate(dut, bundle, [l.name for l in dut.layers], latents,
                     _work(build_dir, "decoder", bundle, tag), frame=True,
@@ -219,15 +223,17 @@ def rtl_decode(bundle, latents: np.ndarray, build_dir: Path, *, pi: int | None =
 
 
 def rtl_decode_file(bundle, data: bytes, build_dir: Path, *, pi: int, po: int, max_width: int = DEFAULT_MAX_WIDTH,
-                    simulator: str = "verilator", cache_dir: Path | None = None) -> tuple[np.ndarray, dict]:
+                    simulator: str = "verilator", cache_dir: Path | None = None,
+                    split_products: bool = False) -> tuple[np.ndarray, dict]:
     """uint8 (H, W, 3) pixels of a licforge file decoded by the decoder RTL (line buffers for
-    ``max_width`` latent columns), and :func:`rtl_decode`'s report.  The file passes every
-    check of :mod:`quant.container`, the RTL's widest line included, before it is decoded."""
+    ``max_width`` latent columns; ``split_products`` as in :func:`rtl_decode`), and
+    :func:`rtl_decode`'s report.  The file passes every check of :mod:`quant.container`, the
+    RTL's widest line included, before it is decoded."""
     from licforge.quant.codec import decode_latents
 
     latents, (hh, ww) = decode_latents(bundle, data, max_latent_width=max_width)
     pixels, report = rtl_decode(bundle, latents, build_dir, pi=pi, po=po, max_width=max_width, simulator=simulator,
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, split_products=split_products)
     return np.ascontiguousarray(pixels[0, :, :hh, :ww].transpose(1, 2, 0)).astype(np.uint8), report
 
 

@@ -239,13 +239,16 @@ def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(
     assert {p.name: p.dsps for p in r["plan"] if p.dsps} == dsps
 
 
-@pytest.mark.parametrize("bundle", [HYBRID, "models/checkpoints/bundles/student_n16_min_mul0_outmul_hybrid8"])
-def test_real_bitstream_of_a_held_out_crop_through_the_hybrid_decoder_rtl(bundle, tmp_path, capsys, sim_cache):
+@pytest.mark.parametrize("bundle,split", [
+    (HYBRID, []), ("models/checkpoints/bundles/student_n16_min_mul0_outmul_hybrid8", []),
+    ("models/checkpoints/bundles/student_n16_min_mul02_outmul_hybrid8", ["--split-products"])])
+def test_real_bitstream_of_a_held_out_crop_through_the_hybrid_decoder_rtl(bundle, split, tmp_path, capsys, sim_cache):
     """``licforge encode`` of a held-out crop (32 x 48) with a committed hybrid, then ``licforge
     decode`` with the golden model and with the decoder RTL in Verilator: 0 mismatches, same PNG.
     The first hybrid has multiplier engines in g_s.0 and g_s.6, comparator engines and shift GDNs
     between; the second a multiplier engine in g_s.0, comparator engines after it, and GDNs with a
-    norm of minimums and an exact output product."""
+    norm of minimums and an exact output product; the third multiplier engines in g_s.0 and g_s.2,
+    built with their products and the GDN outputs' in two stages (--split-products, the LUT build)."""
     from PIL import Image
 
     from helpers import require_simulator
@@ -257,7 +260,11 @@ def test_real_bitstream_of_a_held_out_crop_through_the_hybrid_decoder_rtl(bundle
     assert main(["encode", bundle, str(tmp_path / "crop.png"), "--out", str(f)]) == 0
     assert main(["decode", str(f), "--out", str(tmp_path / "golden.png")]) == 0
     assert main(["--build", str(sim_cache.parent), "decode", str(f), "--rtl", "--pi", "4", "--po", "4",
-                 "--max-width", "4", "--out", str(tmp_path / "rtl.png")]) == 0
+                 "--max-width", "4", "--out", str(tmp_path / "rtl.png"), *split]) == 0
     out = capsys.readouterr().out
-    assert "0 mismatches against the golden decoder" in out
+    assert "0 mismatches against the golden decoder" in out and ("split products" in out) == bool(split)
+    if split:   # without --rtl there is no decoder RTL to build
+        assert main(["decode", str(f), *split, "--out", str(tmp_path / "g.png")]) == 2
+        assert "--split-products builds the decoder RTL with two-stage multipliers: give --rtl too" in \
+            capsys.readouterr().err
     assert (tmp_path / "rtl.png").read_bytes() == (tmp_path / "golden.png").read_bytes()
