@@ -124,10 +124,11 @@ class ConvTransposeEngine(wiring.Component):
     with ``PP = 1`` each pixel goes out when finished).  Input pixels are written into the
     line buffer at one per ``Cin/PI`` cycles while computing; the input stalls while 4 rows
     are held.  Latency from the last cycle of an output block to its first beat:
-    :func:`conv_latency` = ``7 + ceil(log2 PI)`` cycles (8 with ``split_products``), every path between registers kept
-    short for the clock: registered memory addresses and read data, registered multiplier
-    operands and products, a register after every adder-tree level, the accumulators, the
-    requantizers (from the accumulators) into the output queue.  Back-pressure: the finished
+    :func:`conv_latency` = ``7 + ceil(log2 PI)`` cycles (``8 + ceil(log2 PI)`` with
+    ``split_products``), every path between registers kept short for the clock: registered
+    memory addresses and read data, registered multiplier operands and products, a register
+    after every adder-tree level, the accumulators, the requantizers (from the accumulators)
+    into the output queue.  Back-pressure: the finished
     block waits in the output queue; the engine stalls only when a second block is finished
     while more than one beat of the first waits (never on the consumer's ``ready`` directly).
     ``width``/``height`` must stay constant while a frame is in the engine, and be set a cycle

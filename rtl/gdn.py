@@ -172,7 +172,8 @@ class GdnUnit(wiring.Component):
 
     Timing: the input block is held while its items issue (the next block's last pixel is
     accepted in the cycle its last item issues); latency from the last item to the output beat
-    ``7 + ceil(log2 PI) + T`` cycles (:func:`gdn_latency`), ``T = 2`` for the inverse and
+    ``7 + ceil(log2 PI) + T`` cycles (:func:`gdn_latency`; one more with split norm products),
+    ``T = 2`` for the inverse (3 with a split ``x * n``) and
     ``ceil((out_bits - 1) / div_bits)`` for the forward GDN (8-bit output, ``div_bits = 2``:
     ``T = 4``).  A finished block waits in the output queue (two banks of one block,
     :func:`rtl.mac_pipe.emit_pixels`); the unit stalls only when a second one finishes while
