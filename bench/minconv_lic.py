@@ -81,6 +81,20 @@ def _spec(decoder: str) -> dict:
     return {"product": "min", **HYBRIDS[decoder]} if decoder in HYBRIDS else {"product": decoder}
 
 
+def _twin_design(build_dir: Path, bundle, pi: int, po: int, plan, dsp: bool,
+                 max_width: int | None = None) -> tuple[Path, dict]:
+    """Write the decoder of ``bundle`` under ``build_dir/bench/minconv_lic`` (folder named by the
+    bundle's hash, the parallelism, the line width when given, ``_split`` without DSPs) and
+    return the folder and its manifest.  Without DSPs (``dsp`` false) the multipliers are
+    built in two pipeline stages (``split_products``: the better LUT multiplier)."""
+    from licforge.rtl.project import generate_decoder
+
+    width = {} if max_width is None else {"max_width": max_width}
+    out = Path(build_dir) / "bench" / "minconv_lic" / \
+        f"{bundle.hash[:12]}_pi{pi}_po{po}{'' if max_width is None else f'_w{max_width}'}{'' if dsp else '_split'}"
+    return out, generate_decoder(bundle, pi, po, out, plan=plan, split_products=not dsp, **width)
+
+
 def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi: int = TWIN_PARALLELISM[0],
                 po: int = TWIN_PARALLELISM[1], timeout_s: float | None = None, log=print) -> dict:
     """Synthesize the whole decoder of each twin as ``runs`` lists; the JSON (written after
@@ -90,7 +104,6 @@ def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi:
     from licforge.quant.bundle import decoder_layers
     from licforge.rtl.perf import FRAMES, frame_report
     from licforge.rtl.plan import plan_decoder
-    from licforge.rtl.project import generate_decoder
     from licforge.rtl.yosys import YosysError, synthesize
 
     bundles = twin_bundles(build_dir, products=tuple(sorted({r[0] for r in runs})))
@@ -117,10 +130,8 @@ def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi:
             result["model_1080p"].setdefault(k, old["model_1080p"][k])
         result["runs"] = [r for r in old["runs"] if (r["product"], r["family"], r["dsp"]) not in runs
                           and old["bundles"][r["product"]]["hash"] == result["bundles"][r["product"]]["hash"]]
-    for product, family, dsp in runs:   # without DSPs, the multipliers in LUTs in two pipeline stages
-        out = Path(build_dir) / "bench" / "minconv_lic" / f"{bundles[product].hash[:12]}_pi{pi}_po{po}" \
-            f"{'' if dsp else '_split'}"
-        man = generate_decoder(bundles[product], pi, po, out, plan=plans[product], split_products=not dsp)
+    for product, family, dsp in runs:
+        out, man = _twin_design(build_dir, bundles[product], pi, po, plans[product], dsp)
         flags = "" if dsp else " -nodsp"
         synth = f"synth_ecp5{flags}" if family == "ecp5" else f"synth_xilinx -family {family}{flags}"
         row = {"product": product, "family": family, "dsp": dsp, "split_products": not dsp, "verilog": str(out),
@@ -170,7 +181,6 @@ def pnr_twins(build_dir: Path, out_json: Path, *, runs=PNR_RUNS, pi: int = TWIN_
     from licforge.rtl.perf import FRAMES, frame_report
     from licforge.rtl.plan import plan_decoder
     from licforge.rtl.pnr import PnrError, run_pnr
-    from licforge.rtl.project import generate_decoder
     from licforge.rtl.yosys import YosysError
 
     bundles = twin_bundles(build_dir, products=tuple(sorted({r[0] for r in runs})))
@@ -180,9 +190,7 @@ def pnr_twins(build_dir: Path, out_json: Path, *, runs=PNR_RUNS, pi: int = TWIN_
     for product, device, width, dsp in runs:
         bundle = bundles[product]
         plan = plan_decoder(decoder_layers(bundle), pi, po)
-        design = Path(build_dir) / "bench" / "minconv_lic" / \
-            f"{bundle.hash[:12]}_pi{pi}_po{po}_w{width}{'' if dsp else '_split'}"
-        generate_decoder(bundle, pi, po, design, max_width=width, plan=plan, split_products=not dsp)
+        design, _ = _twin_design(build_dir, bundle, pi, po, plan, dsp, width)
         row = {"product": product, "device": device, "max_width": width, "dsp": dsp, "split_products": not dsp,
                "bundle_hash": bundle.hash, "seed": seed,
                "command": f"licforge pnr {design} --device {device} --seeds {seed}" + ("" if dsp else " --no-dsp")}

@@ -31,8 +31,8 @@ from .mac_pipe import (Delayed, accumulate, check_divisor, check_lanes, check_pr
                        mac_latency, pack_chunk, packed_dsps, register, split_product, term_bound, PRODUCTS)
 from .requantizer import requantize_expr
 
-__all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "divide_round_half_even", "pow2_exponent", "OUT_PRODUCTS",
-           "INVERSE_TAIL"]
+__all__ = ["GdnUnit", "gamma_layout", "gdn_latency", "split_stages", "divide_round_half_even", "pow2_exponent",
+           "OUT_PRODUCTS", "INVERSE_TAIL"]
 
 #: how an inverse GDN forms ``x * n``: a multiplier, or a shift by the exponent of the power of
 #: two nearest to ``n`` (:func:`pow2_exponent`)
@@ -120,12 +120,10 @@ def pow2_exponent(n: Value) -> tuple[Value, Value]:
     return e, ~n.any()
 
 
-def _has_multipliers(layer, pack: bool) -> bool:
-    """Whether the GdnUnit of bundle layer ``layer`` has multipliers that ``split_products`` cuts:
-    its norm's (products ``mul``, unpacked) or an inverse GDN's exact ``x * n``."""
-    a = layer.attrs
-    return (a.get("norm_product", "mul") == "mul" and not pack) or \
-        (layer.op == "igdn" and a.get("out_product", "mul") == "mul")
+def split_stages(norm_product: str, out_product: str, inverse: bool, pack: bool) -> tuple[bool, bool]:
+    """Which multipliers of a GDN unit ``split_products`` cuts into two pipeline stages: (its
+    norm's -- unpacked multipliers, not comparators --, an inverse GDN's exact ``x * n``)."""
+    return norm_product == "mul" and not pack, inverse and out_product == "mul"
 
 
 class GdnUnit(wiring.Component):
@@ -218,8 +216,8 @@ class GdnUnit(wiring.Component):
                              "decoder; the forward GDN (inverse=False) multiplies and divides")
         # split_products: every multiplier of the unit (the norm's, unless they are comparators or packed,
         # and the inverse's x * n) in two pipeline stages, for multipliers built from LUTs
-        self.split_norm = bool(split_products) and self.norm_product == "mul" and not self.pack
-        self.split_out = bool(split_products) and self.inverse and self.out_product == "mul"
+        self.split_norm, self.split_out = (bool(split_products) and k for k in split_stages(
+            self.norm_product, self.out_product, self.inverse, self.pack))
         if split_products and not (self.split_norm or self.split_out):
             raise ValueError("split_products cuts multipliers built from LUTs into two stages: this unit has none "
                              "(comparator or packed norm products, and a shift or a divider after the norm)")
@@ -275,7 +273,8 @@ class GdnUnit(wiring.Component):
                        inverse=layer.op == "igdn", div_bits=div_bits, name=layer.name,
                        norm_product=a.get("norm_product", "mul"), norm_x_shift=a.get("norm_x_shift", 0),
                        norm_g_shift=a.get("norm_g_shift", 0), out_product=a.get("out_product", "mul"),
-                       split_products=split_products and _has_multipliers(layer, pack))
+                       split_products=split_products and any(split_stages(
+                           a.get("norm_product", "mul"), a.get("out_product", "mul"), layer.op == "igdn", pack)))
         except ValueError as e:
             raise ValueError(f"layer {layer.name}: {e}") from None
 

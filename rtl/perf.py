@@ -41,7 +41,7 @@ from __future__ import annotations
 import numpy as np
 
 from licforge.rtl.conv_transpose import LINE_SLOTS, conv_latency
-from licforge.rtl.gdn import INVERSE_TAIL, gdn_latency
+from licforge.rtl.gdn import INVERSE_TAIL, gdn_latency, split_stages
 from licforge.rtl.plan import (ROW_TAPS, LayerPlan, divisors, layer_formats, layer_plan, layer_products,
                                layer_shapes)
 
@@ -127,8 +127,8 @@ def _gdn_rows(p: LayerPlan, arrivals: list[tuple[float, float]], w: int,
     nb = -(-w // pp)
     nv, nv0 = w - pp * (nb - 1), min(pp, w)
     span = g if nb == 1 else (nb - 2) * max(g, pp) + max(g, nv) + g   # first block's start to last one's end
-    lat = gdn_latency(p.pi, INVERSE_TAIL + (split and p.out_product == "mul"),
-                      split and p.product == "mul" and not p.pack)
+    norm, out = (split and k for k in split_stages(p.product, p.out_product, True, p.pack))
+    lat = gdn_latency(p.pi, INVERSE_TAIL + out, norm)
     tail = nv - 1
     out: list[tuple[float, float]] = []
     gathered, busy = nv0 - 1 - w, 0.0

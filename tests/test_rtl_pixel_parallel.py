@@ -150,35 +150,23 @@ def test_gdn_lanes_in_amaranth_match_golden_and_the_model():
 
 
 class _MacTop(wiring.Component):
-    """A packed multiplier array with registered operands, for Yosys: 2 lanes x 3 rows x 4
-    inputs (24 products of 8 x 8 bits)."""
+    """A multiplier array with registered operands and sums, for Yosys: ``lanes`` x ``rows`` x
+    ``n`` products of 8 x 8 bits (``pack``, ``split`` as in ``mac_array``), each sum in a
+    ``word``-bit field of the output."""
 
-    def __init__(self, pack: bool) -> None:
-        self.pack = pack
-        super().__init__({"x": In(2 * 4 * 8), "w": In(3 * 4 * 8), "s": Out(6 * 24)})
+    def __init__(self, lanes: int, rows: int, n: int, word: int, *, pack: bool = False, split: bool = False) -> None:
+        self.lanes, self.rows, self.n, self.word, self.pack, self.split = lanes, rows, n, word, pack, split
+        super().__init__({"x": In(lanes * n * 8), "w": In(rows * n * 8), "s": Out(lanes * rows * word)})
 
     def elaborate(self, platform) -> Module:
         m = Module()
-        x = [[self.x.word_select(p * 4 + i, 8).as_signed() for i in range(4)] for p in range(2)]
-        w = [[self.w.word_select(o * 4 + i, 8).as_signed() for i in range(4)] for o in range(3)]
-        sums, _ = mac_array(m, x, w, 1, "mac", pack=self.pack)
+        n = self.n
+        x = [[self.x.word_select(p * n + i, 8).as_signed() for i in range(n)] for p in range(self.lanes)]
+        w = [[self.w.word_select(o * n + i, 8).as_signed() for i in range(n)] for o in range(self.rows)]
+        sums, _ = mac_array(m, x, w, 1, "mac", pack=self.pack, split=self.split)
         flat = [s for lane in sums for s in lane]
         for k, s in enumerate(flat):
-            m.d.sync += self.s.word_select(k, 24).eq(s)
-        return m
-
-
-class _OneProduct(wiring.Component):
-    """One registered 8 x 8 signed product (``mac_array`` of 1 x 1 x 1), one stage or split."""
-
-    def __init__(self, split: bool) -> None:
-        self.split = split
-        super().__init__({"x": In(8), "w": In(8), "s": Out(16)})
-
-    def elaborate(self, platform) -> Module:
-        m = Module()
-        sums, _ = mac_array(m, [[self.x.as_signed()]], [[self.w.as_signed()]], 1, "mac", split=self.split)
-        m.d.sync += self.s.eq(sums[0][0])
+            m.d.sync += self.s.word_select(k, self.word).eq(s)
         return m
 
 
@@ -191,7 +179,7 @@ def test_yosys_split_product_takes_fewer_luts_without_dsps(tmp_path):
 
     luts = {}
     for split in (False, True):
-        (tmp_path / f"p{int(split)}.v").write_text(verilog.convert(_OneProduct(split), name="p"))
+        (tmp_path / f"p{int(split)}.v").write_text(verilog.convert(_MacTop(1, 1, 1, 16, split=split), name="p"))
         for fam, key in (("ecp5", "LUT4"), ("xcup", "LUT")):
             res = synthesize([tmp_path / f"p{int(split)}.v"], "p", family=fam, dsp=False)["resources"]
             assert res["MULT18" if fam == "ecp5" else "DSP"] == 0
@@ -205,7 +193,7 @@ def test_yosys_maps_two_packed_products_to_one_dsp(tmp_path):
 
     from licforge.rtl.yosys import synthesize
 
-    (tmp_path / "mac.v").write_text(verilog.convert(_MacTop(True), name="mac"))
+    (tmp_path / "mac.v").write_text(verilog.convert(_MacTop(2, 3, 4, 24, pack=True), name="mac"))
     rep = synthesize([tmp_path / "mac.v"], "mac", family="xcup")
     assert rep["resources"]["DSP"] == 12 == sum(packed_dsps(2, 3, 4, True, True))
 
