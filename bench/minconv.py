@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +119,9 @@ def run_minconv_slice(out_dir: Path, *, lanes: int = 8, bits: int = 8, seed: int
 
 def bench_minconv(out_json: Path, build_dir: Path, *, lanes: tuple[int, ...] = (8, 16, 32), bits: tuple[int, ...] = (4, 6, 8),
                   family: str = "xc7", seed: int = 0, progress: bool = True) -> dict:
-    """Resources of MinConvArray vs MacArray over ``lanes`` x ``bits`` (with DSPs and with
-    multipliers in LUTs), plus the classifier accuracies; writes ``out_json``."""
+    """Resources of MinConvArray vs MacArray over ``lanes`` x ``bits`` (with DSPs, with
+    multipliers in LUTs, and with split two-stage multipliers in LUTs), plus the classifier
+    accuracies; writes ``out_json``."""
     from licforge.rtl.yosys import synthesize
     from licforge.quant.digits import train_digits_models
     from licforge.rtl.emit import write_verilog
@@ -138,10 +140,17 @@ def bench_minconv(out_json: Path, build_dir: Path, *, lanes: tuple[int, ...] = (
                 rn = synthesize(srcs, "top", family=family, dsp=False)["resources"]
                 row[kind] = {"LUT": rd["LUT"], "FF": rd["FF"], "CARRY": rd["CARRY"], "DSP": rd["DSP"],
                              "LUT_nodsp": rn["LUT"], "CARRY_nodsp": rn["CARRY"], "FF_nodsp": rn["FF"]}
+            # the better multiplier from LUTs: each product in two stages (rtl.mac_pipe.split_product)
+            cfg = replace(array_config("mac", L, b), split=True)
+            srcs = write_verilog(cfg.build(), "top", Path(build_dir) / "bench" / "minconv" / cfg.name)
+            rs = synthesize(srcs, "top", family=family, dsp=False)["resources"]
+            row["mac_split"] = {"LUT_nodsp": rs["LUT"], "CARRY_nodsp": rs["CARRY"], "FF_nodsp": rs["FF"]}
             row["lut_ratio_nodsp"] = round(row["mac"]["LUT_nodsp"] / row["minconv"]["LUT_nodsp"], 2)
+            row["lut_ratio_nodsp_split"] = round(rs["LUT"] / row["minconv"]["LUT_nodsp"], 2)
             rows.append(row)
-            stage(f"synth L={L} b={b}", f"LUT (no DSP) MAC {row['mac']['LUT_nodsp']} vs MinConv "
-                  f"{row['minconv']['LUT_nodsp']} -> x{row['lut_ratio_nodsp']}; MAC DSPs {row['mac']['DSP']}")
+            stage(f"synth L={L} b={b}", f"LUT (no DSP) MAC {row['mac']['LUT_nodsp']} (split {rs['LUT']}) vs MinConv "
+                  f"{row['minconv']['LUT_nodsp']} -> x{row['lut_ratio_nodsp']} (split x{row['lut_ratio_nodsp_split']}); "
+                  f"MAC DSPs {row['mac']['DSP']}")
     acc = {}
     for product in ("min", "mul"):
         m = train_digits_models(seed, bits, product=product, progress=progress)

@@ -90,8 +90,9 @@ def _cmd_sim_block(args) -> int:
     lanes = {"pp": need_int(args.pp, "--pp", 1, 256), "pack": args.pack} if args.kind != "decoder" else {}
     r = check_block(bundle, args.kind, Path(args.build), layer=args.layer, pi=args.pi, po=args.po, height=args.height,
                     width=args.width, image=image, seed=args.seed, p_valid=args.p_valid, p_ready=args.p_ready,
-                    simulator=args.simulator, **lanes)
+                    simulator=args.simulator, split=args.split_products, **lanes)
     lanes_text = f", PP={r['pp']}{', packed' if r['pack'] else ''}" if lanes else ""
+    lanes_text += ", split products" if r["split"] else ""
     print(f"{args.kind} {','.join(r['layers'])} (PI={r['pi']}, PO={r['po']}{lanes_text}) on {r['simulator']}: "
           f"seed {args.seed}, "
           f"input {r['input_shape']}, {r['checked']} outputs checked, {r['mismatches']} mismatches, "
@@ -193,6 +194,9 @@ def register(groups: dict) -> None:
         if kind != "decoder":
             p.add_argument("--pp", type=int, default=1, help="output pixels per cycle (lanes; default 1)")
             p.add_argument("--pack", action="store_true", help="two 8-bit products per DSP48E2 where they fit")
+        p.add_argument("--split-products", action="store_true",
+                       help="every multiplier in two pipeline stages (the build for LUT multipliers, as rtl "
+                            "decoder --split-products); refused with --pack")
         _sim_opts(p)
         p.set_defaults(func=_cmd_sim_block, kind=kind, **({"layer": None} if kind == "decoder" else {}))
 

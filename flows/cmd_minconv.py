@@ -16,7 +16,8 @@ __all__ = ["register"]
 def _cmd_rtl_array(args) -> int:
     from licforge.sim.lane_array import array_config, generate_array
 
-    cfg = array_config(args.kind, args.lanes, args.bits, args.shift, args.out_bits, args.max_beats)
+    cfg = array_config(args.kind, args.lanes, args.bits, args.shift, args.out_bits, args.max_beats,
+                       split=getattr(args, "split_products", False))
     out = out_dir(args.out or f"{args.build}/rtl/{cfg.name}")
     sources = generate_array(cfg, out)
     print(f"{cfg.name}: {', '.join(str(s) for s in sources)}")
@@ -49,7 +50,8 @@ def _cmd_synth(args) -> int:
 def _cmd_sim_array(args) -> int:
     from licforge.sim.lane_array import array_config, random_array_check
 
-    cfg = array_config(args.kind, args.lanes, args.bits, args.shift, args.out_bits, args.max_beats)
+    cfg = array_config(args.kind, args.lanes, args.bits, args.shift, args.out_bits, args.max_beats,
+                       split=getattr(args, "split_products", False))
     if not 1 <= args.beats <= cfg.max_beats:
         raise UsageError(f"--beats must be between 1 and --max-beats ({cfg.max_beats}), not {args.beats}")
     need_int(args.vectors, "--vectors", 1, 1 << 24)
@@ -67,12 +69,16 @@ def _bench_minconv(out: Path, build: Path, args: argparse.Namespace) -> str:
     return f"wrote {out / 'minconv.json'} ({len(res['arrays'])} array pairs)"
 
 
-def _array_args(p: argparse.ArgumentParser) -> None:
+def _array_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--lanes", type=int, default=8, help="lanes L (dot-product width per cycle)")
     p.add_argument("--bits", type=int, default=8, help="operand bit width b (2..32)")
     p.add_argument("--shift", type=int, default=None, help="requantization shift (default: b)")
     p.add_argument("--out-bits", type=int, default=None, help="output bit width (default: b)")
     p.add_argument("--max-beats", type=int, default=64, help="longest dot product, in beats")
+    if kind == "mac":
+        p.add_argument("--split-products", action="store_true",
+                       help="each product in two pipeline stages (two half-width products, then their sum): the "
+                            "better multiplier from LUTs; one cycle more latency")
 
 
 def _bench_minconv_lic(out: Path, build: Path, args) -> str:
@@ -95,11 +101,11 @@ def register(groups: dict) -> None:
     """Add this module's subcommands to the ``licforge`` parser groups."""
     for kind, what in (("minconv", "MinConvArray (comparator lanes)"), ("mac", "MacArray (multiplier lanes)")):
         p = groups["rtl"].add_parser(kind, help=what)
-        _array_args(p)
+        _array_args(p, kind)
         p.add_argument("--out", help="output directory (default <build>/rtl/<design>)")
         p.set_defaults(func=_cmd_rtl_array, torch=False)
         p = groups["sim"].add_parser(kind, help=f"random vectors through the {what}")
-        _array_args(p)
+        _array_args(p, kind)
         p.add_argument("--vectors", type=int, default=1000, help="dot products to check")
         p.add_argument("--beats", type=int, default=4, help="beats per dot product")
         p.add_argument("--seed", type=seed_int, default=0)

@@ -14,12 +14,10 @@ import numpy as np
 from amaranth import Array, Cat, Const, Module, Mux, Shape, Signal, Value, signed
 from amaranth.hdl import ShapeLike
 
-from .lane_array import adder_tree
-
 __all__ = ["delay", "register", "Delayed", "mac_array", "mac_latency", "split_product", "accumulate", "emit_pixels",
-           "check_divisor", "check_lanes", "check_product", "Magnitude", "magnitude", "min_term", "carry_tree",
-           "term_bound", "pack_chunk", "product_pairs", "packed_dsps", "PRODUCTS", "PACK_SHIFT", "PACK_A_BITS",
-           "PACK_B_BITS"]
+           "adder_tree", "check_divisor", "check_lanes", "check_product", "Magnitude", "magnitude", "min_term",
+           "carry_tree", "term_bound", "pack_chunk", "product_pairs", "packed_dsps", "PRODUCTS", "PACK_SHIFT",
+           "PACK_A_BITS", "PACK_B_BITS"]
 
 #: the products a dot-product array computes: ``"mul"`` (``x * w``, a multiplier) and ``"min"``
 #: (``sign(x) sign(w) min(|x| << x_shift, |w| << w_shift)``, a comparator: MinConv)
@@ -28,6 +26,27 @@ PRODUCTS = ("mul", "min")
 #: shared-operand packing into one DSP48E2 (27 x 18 signed multiplier): the packed operand
 #: ``(a1 << PACK_SHIFT) + a2`` goes to the 27-bit A port, the shared one to the 18-bit B port
 PACK_SHIFT, PACK_A_BITS, PACK_B_BITS = 18, 27, 18
+
+
+def adder_tree(m: Module, terms: list[Value], enable: Value, name: str) -> tuple[Value, int]:
+    """Pairwise adder tree with a register after every level, all clocked by ``enable``.
+
+    Returns the root (a signal) and its latency in cycles, ``ceil(log2(len(terms)))``.
+    """
+    level, depth = list(terms), 0
+    while len(level) > 1:
+        nxt = []
+        for k in range(0, len(level) - 1, 2):
+            s = level[k] + level[k + 1]
+            r = Signal(s.shape(), name=f"{name}_l{depth}_{k // 2}")
+            m.d.sync += r.eq(Mux(enable, s, r))
+            nxt.append(r)
+        if len(level) % 2:
+            r = Signal(level[-1].shape(), name=f"{name}_l{depth}_pass")
+            m.d.sync += r.eq(Mux(enable, level[-1], r))
+            nxt.append(r)
+        level, depth = nxt, depth + 1
+    return level[0], depth
 
 
 def check_divisor(value: int, name: str, total: int, what: str) -> int:
@@ -269,7 +288,7 @@ def _min_array(m: Module, x: list[list[Value]], w: list[list[Value]], enable: Va
 
 def carry_tree(m: Module, terms: list[Value], carries: list[Value], enable: Value, name: str) -> Value:
     """``sum terms + sum carries`` (``carries``: bits, at most ``len(terms)``) through a
-    pipelined adder tree of :func:`rtl.lane_array.adder_tree`'s depth in which each adder
+    pipelined adder tree of :func:`adder_tree`'s depth in which each adder
     takes one carry as its carry-in (free in a carry chain) and the rest travel up with it,
     registered; the root's remaining carries are added after it (combinational, for the
     accumulator's carry-in)."""

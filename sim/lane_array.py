@@ -30,17 +30,18 @@ class LaneArrayConfig:
     x_shift: int = 0
     w_shift: int = 0
     relu: bool = False
+    split: bool = False
 
     @property
     def name(self) -> str:
         kind = "minconv" if self.op == "min" else "mac"
         return (f"{kind}_l{self.lanes}_b{self.bits}_s{self.shift}_o{self.out_bits}"
-                f"_x{self.x_shift}_w{self.w_shift}_r{int(self.relu)}_m{self.max_beats}")
+                f"_x{self.x_shift}_w{self.w_shift}_r{int(self.relu)}_m{self.max_beats}{'_split' if self.split else ''}")
 
     def build(self) -> LaneArray:
         return LaneArray(self.lanes, self.bits, self.op, shift=self.shift, out_bits=self.out_bits,
                          max_beats=self.max_beats, x_shift=self.x_shift, w_shift=self.w_shift,
-                         relu=self.relu)
+                         relu=self.relu, split=self.split)
 
 
 def extreme_vectors(rng: np.random.Generator, dots: int, beats: int, lanes: int,
@@ -124,18 +125,21 @@ def layer_output_from_dots(layer, dots: np.ndarray, n: int, out_hw: tuple[int, i
 
 
 def array_config(kind: str, lanes: int, bits: int, shift: int | None = None,
-                 out_bits: int | None = None, max_beats: int = 64) -> LaneArrayConfig:
-    """Config of a MinConvArray (``kind="minconv"``) or MacArray (``"mac"``) for the CLI and
-    benchmarks: by default the output keeps ``bits`` bits after dropping ``bits`` bits."""
+                 out_bits: int | None = None, max_beats: int = 64, split: bool = False) -> LaneArrayConfig:
+    """Config of a MinConvArray (``kind="minconv"``) or MacArray (``"mac"``; ``split``: two-stage
+    products) for the CLI and benchmarks: by default the output keeps ``bits`` bits after
+    dropping ``bits`` bits."""
     if kind not in ("minconv", "mac"):
         raise UsageError(f"array kind must be 'minconv' or 'mac', not {kind!r}")
+    if split and kind != "mac":
+        raise UsageError("--split-products splits multipliers: a 'mac' array, not a comparator array")
     need_int(lanes, "--lanes", 1, 1024)
     need_int(bits, "--bits", 2, 32)
     out_bits = bits if out_bits is None else need_int(out_bits, "--out-bits", 1, 32)
     shift = bits if shift is None else need_int(shift, "--shift", -32, 63)
     need_int(max_beats, "--max-beats", 1, 1 << 20)
     return LaneArrayConfig(lanes=lanes, bits=bits, op="min" if kind == "minconv" else "mul",
-                           shift=shift, out_bits=out_bits, max_beats=max_beats)
+                           shift=shift, out_bits=out_bits, max_beats=max_beats, split=split)
 
 
 def generate_array(cfg: LaneArrayConfig, out_dir: Path) -> list[Path]:

@@ -59,6 +59,8 @@ ROOT = Path(__file__).resolve().parent.parent
      "argument --seed: a seed must be between 0 and 4294967295, not -1"),
     (["flow", "--digits", "--bits", "0"], "--bits must be between 2 and 16, not 0"),
     (["sim", "minconv", "--vectors", "0"], "--vectors must be between 1 and 16777216, not 0"),
+    (["sim", "convt", "synthetic:8:8", "--pack", "--split-products"],
+     "layer g_s.0: split_products cuts multipliers built from LUTs into two stages: a 'mul' engine without pack"),
 ])
 def test_bad_input_is_one_line_exit_2(args, needle, capsys):
     assert main(args) == 2

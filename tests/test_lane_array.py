@@ -18,6 +18,9 @@ CONFIGS = [
     LaneArrayConfig(lanes=8, bits=8, op="mul", shift=9, out_bits=8, max_beats=8),
     LaneArrayConfig(lanes=5, bits=4, op="min", shift=2, out_bits=4, max_beats=8, w_shift=2, relu=True),
     LaneArrayConfig(lanes=3, bits=4, op="mul", shift=-1, out_bits=10, max_beats=8),
+    # two-stage products (the multiplier from LUTs): an even and an odd operand width
+    LaneArrayConfig(lanes=8, bits=8, op="mul", shift=9, out_bits=8, max_beats=8, split=True),
+    LaneArrayConfig(lanes=3, bits=5, op="mul", shift=0, out_bits=10, max_beats=8, split=True),
 ]
 
 
@@ -91,3 +94,20 @@ def test_classifier_second_layer_real_vectors_with_back_pressure(digits_bundle, 
     assert r.report["mismatches"] == 0
     h2 = layer_output_from_dots(layer, np.array(r.report["outputs"]), len(h1), (4, 4))
     assert np.array_equal(h2, run_digits_golden(digits_bundle, h1, start=1, upto=2))
+
+
+def test_split_products_are_refused_for_comparators():
+    """A split product is a multiplier from LUTs: a comparator array refuses it by name, and the
+    split MacArray takes one cycle more than the one-stage one."""
+    from licforge.errors import UsageError
+    from licforge.rtl.lane_array import LaneArray
+    from licforge.sim.lane_array import array_config
+
+    with pytest.raises(ValueError, match="op 'mul', not 'min'"):
+        LaneArray(4, 8, "min", shift=0, out_bits=8, split=True)
+    with pytest.raises(UsageError, match="a 'mac' array, not a comparator array"):
+        array_config("minconv", 4, 8, split=True)
+    for split, latency in ((True, 7), (False, 6)):
+        array = LaneArray(8, 8, "mul", shift=0, out_bits=8, split=split)
+        array._MustUse__silence = True   # only its latency is read
+        assert array.latency == latency
