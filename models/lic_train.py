@@ -323,6 +323,7 @@ def distributed(device: str):
         dist.init_process_group("gloo")
     try:
         yield str(dev)
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
