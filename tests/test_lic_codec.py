@@ -94,8 +94,10 @@ def test_eval_reports_file_sizes_and_checks_golden(lic_bundle, chelsea, tmp_path
 
 def test_bench_codec_reproduces_the_committed_file_sizes_and_psnr(tmp_path):
     """``bench codec`` (one repeat): the 768x512 photo through the N=16 bundle, the N=16 float student and
-    the teacher gives the bytes and PSNR of bench/results/codec.json (the README's codec table) exactly;
-    only the timings may differ."""
+    the teacher gives the bytes of bench/results/codec.json (the README's codec table) exactly, the integer
+    decoder's PSNR exactly and the float models' to 1e-3 dB (float convolutions round differently on
+    other CPUs: the teacher's PSNR read 31.084554 instead of 31.084367 dB on an AMD EPYC); only the
+    timings may differ otherwise."""
     import json
     from pathlib import Path
 
@@ -106,5 +108,6 @@ def test_bench_codec_reproduces_the_committed_file_sizes_and_psnr(tmp_path):
     assert json.loads((tmp_path / "codec.json").read_text())["rows"] == got["rows"]
     for row, ref in zip(got["rows"][:3], committed["rows"][:3]):
         assert (row["model"], row["bytes"]) == (ref["model"], ref["bytes"])
-        assert row["psnr_db"] == pytest.approx(ref["psnr_db"], abs=1e-9)
+        exact = row["model"].endswith("integer golden model")
+        assert row["psnr_db"] == pytest.approx(ref["psnr_db"], abs=1e-9 if exact else 1e-3), row["model"]
     assert [r["bytes"] for r in got["rows"][:3]] == [14038, 14410, 20062]
