@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +140,7 @@ def bench_minconv(out_json: Path, build_dir: Path, *, lanes: tuple[int, ...] = (
                 row[kind] = {"LUT": rd["LUT"], "FF": rd["FF"], "CARRY": rd["CARRY"], "DSP": rd["DSP"],
                              "LUT_nodsp": rn["LUT"], "CARRY_nodsp": rn["CARRY"], "FF_nodsp": rn["FF"]}
             # the better multiplier from LUTs: each product in two stages (rtl.mac_pipe.split_product)
-            cfg = replace(array_config("mac", L, b), split=True)
+            cfg = array_config("mac", L, b, split=True)
             srcs = write_verilog(cfg.build(), "top", Path(build_dir) / "bench" / "minconv" / cfg.name)
             rs = synthesize(srcs, "top", family=family, dsp=False)["resources"]
             row["mac_split"] = {"LUT_nodsp": rs["LUT"], "CARRY_nodsp": rs["CARRY"], "FF_nodsp": rs["FF"]}
