@@ -90,9 +90,9 @@ def _cmd_sim_block(args) -> int:
     lanes = {"pp": need_int(args.pp, "--pp", 1, 256), "pack": args.pack} if args.kind != "decoder" else {}
     r = check_block(bundle, args.kind, Path(args.build), layer=args.layer, pi=args.pi, po=args.po, height=args.height,
                     width=args.width, image=image, seed=args.seed, p_valid=args.p_valid, p_ready=args.p_ready,
-                    simulator=args.simulator, split=args.split_products, **lanes)
+                    simulator=args.simulator, split_products=args.split_products, **lanes)
     lanes_text = f", PP={r['pp']}{', packed' if r['pack'] else ''}" if lanes else ""
-    lanes_text += ", split products" if r["split"] else ""
+    lanes_text += ", split products" if r["split_products"] else ""
     print(f"{args.kind} {','.join(r['layers'])} (PI={r['pi']}, PO={r['po']}{lanes_text}) on {r['simulator']}: "
           f"seed {args.seed}, "
           f"input {r['input_shape']}, {r['checked']} outputs checked, {r['mismatches']} mismatches, "

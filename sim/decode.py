@@ -111,21 +111,21 @@ def _default_parallelism(bundle, kind: str, layer) -> tuple[int, int]:
 
 
 def _block(bundle, kind: str, layer, pi: int, po: int, width: int, pp: int = 1, pack: bool = False,
-           split: bool = False):
+           split_products: bool = False):
     """(design, input channels, input bits, frame ports?) of the block computing ``layer``
-    (``split``: its multipliers in two stages)."""
+    (``split_products``: its multipliers in two stages)."""
     from licforge.rtl.conv_transpose import ConvTransposeEngine
     from licforge.rtl.gdn import GdnUnit
 
     if kind == "decoder":
-        dut = build_decoder(bundle, pi, po, width, split_products=split)
+        dut = build_decoder(bundle, pi, po, width, split_products=split_products)
         return dut, dut.latent_channels, dut.latent_bits, True
     try:
         if kind == "convt":
             dut = ConvTransposeEngine.for_layer(layer, pi=pi, po=po, pp=pp, pack=pack, max_width=width,
-                                                split_products=split)
+                                                split_products=split_products)
             return dut, dut.cin, dut.x_bits, True
-        dut = GdnUnit.for_layer(layer, pi=pi, po=po, pp=pp, pack=pack, split_products=split)
+        dut = GdnUnit.for_layer(layer, pi=pi, po=po, pp=pp, pack=pack, split_products=split_products)
         return dut, dut.channels, dut.x_bits, pp > 1
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -135,14 +135,15 @@ def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: in
                 width: int = 4,
                 image: np.ndarray | None = None, seed: int = 0, p_valid: float = 0.8, p_ready: float = 0.6,
                 simulator: str = "verilator", cache_dir: Path | None = None, pp: int = 1, pack: bool = False,
-                split: bool = False) -> dict:
+                split_products: bool = False) -> dict:
     """One block (``kind`` 'convt' or 'gdn': a bundle layer, by default the first of its op)
     or the whole decoder ('decoder') against the golden model, with random bubbles and
     back-pressure; ``pi``/``po`` None picks the largest divisors up to 8 (of the heaviest
     layer for the decoder); ``pp`` output pixels a cycle and ``pack`` (two products per DSP)
-    for a block; ``split``: every multiplier in two stages (``split_products``).  Inputs: random with extreme values on a ``height x width`` grid, or, when
-    ``image`` is given, the real tensors that image produces (:func:`layer_inputs`).  Returns
-    the testbench report (mismatches, cycles)."""
+    for a block; ``split_products``: every multiplier in two pipeline stages.  Inputs: random
+    with extreme values on a ``height x width`` grid, or, when ``image`` is given, the real
+    tensors that image produces (:func:`layer_inputs`).  Returns the testbench report
+    (mismatches, cycles)."""
     from licforge.rtl.perf import frame_timeline
 
     layers = _block_layers(bundle, kind, layer)
@@ -155,18 +156,18 @@ def check_block(bundle, kind: str, build_dir: Path, *, layer: str | None, pi: in
     if kind == "decoder" and (pp != 1 or pack):
         raise UsageError("--pp/--pack set one block's parallelism; a whole decoder takes its plan "
                          "('licforge plan', sim.decode.rtl_decode(plan=...))")
-    dut, channels, bits, frame = _block(bundle, kind, layers[0], pi, po, width, pp, pack, split)
+    dut, channels, bits, frame = _block(bundle, kind, layers[0], pi, po, width, pp, pack, split_products)
     x = real if real is not None else extreme_ints(np.random.default_rng(seed), (1, channels, height, width), bits)
     if kind == "decoder":
-        busy = frame_timeline(dut.plan, height, width, split=split)["cycles"]
+        busy = frame_timeline(dut.plan, height, width, split=split_products)["cycles"]
     else:
         busy = (25 if kind == "convt" else 1) * height * width * dut.groups[0] * dut.groups[1]
     timeout = int((4 * busy + 10_000) / min(p_valid, p_ready))
-    lanes = (f"_pp{pp}" if pp > 1 else "") + ("_pack" if pack else "") + ("_split" if split else "")
+    lanes = (f"_pp{pp}" if pp > 1 else "") + ("_pack" if pack else "") + ("_split" if split_products else "")
     tag = f"{names[0] if kind != 'decoder' else 'all'}_pi{pi}_po{po}{lanes}_w{width}"
     res = _simulate(dut, bundle, names, x, _work(build_dir, kind, bundle, tag), frame=frame, timeout=timeout, seed=seed,
                     p_valid=p_valid, p_ready=p_ready, simulator=simulator, cache_dir=_cache(build_dir, cache_dir))
-    return {**res.report, "layers": names, "pi": pi, "po": po, "pp": pp, "pack": pack, "split": split,
+    return {**res.report, "layers": names, "pi": pi, "po": po, "pp": pp, "pack": pack, "split_products": split_products,
             "input_shape": list(x.shape),
             "simulator": res.simulator, "wall_s": round(res.wall_s, 2)}
 
