@@ -14,7 +14,7 @@ from licforge.errors import UsageError, need_int
 from .runner import SimResult, run_cocotb
 from .stimulus import extreme_ints
 
-__all__ = ["LaneArrayConfig", "simulate_lane_array", "extreme_vectors", "layer_array_config",
+__all__ = ["LaneArrayConfig", "simulate_lane_array", "lane_array_golden", "extreme_vectors", "layer_array_config",
            "layer_stimulus", "layer_output_from_dots", "array_config", "generate_array", "random_array_check"]
 
 
@@ -58,6 +58,16 @@ def extreme_vectors(rng: np.random.Generator, dots: int, beats: int, lanes: int,
     return x, w
 
 
+def lane_array_golden(cfg: LaneArrayConfig, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """What ``cfg``'s array outputs for operands ``x``, ``w`` (dots, beats, lanes): one integer
+    per dot product (:func:`quant.golden.dot_requant`)."""
+    from licforge.quant.golden import dot_requant
+
+    dots = x.shape[0]
+    return dot_requant(np.asarray(x, np.int64).reshape(dots, -1), np.asarray(w, np.int64).reshape(dots, -1), cfg.op,
+                       shift=cfg.shift, out_bits=cfg.out_bits, x_shift=cfg.x_shift, w_shift=cfg.w_shift, relu=cfg.relu)
+
+
 def simulate_lane_array(cfg: LaneArrayConfig, x: np.ndarray, w: np.ndarray, work: Path, *, seed: int = 0,
                         p_valid: float = 1.0, p_ready: float = 1.0, simulator: str = "verilator",
                         cache_dir: Path | None = None) -> SimResult:
@@ -74,7 +84,7 @@ def simulate_lane_array(cfg: LaneArrayConfig, x: np.ndarray, w: np.ndarray, work
     run_dir = work / f"run_{simulator}_{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     params = {**asdict(cfg), "seed": seed, "p_valid": p_valid, "p_ready": p_ready}
-    np.savez(run_dir / "stimulus.npz", x=x, w=w, params=json.dumps(params))
+    np.savez(run_dir / "stimulus.npz", x=x, w=w, expected=lane_array_golden(cfg, x, w), params=json.dumps(params))
     return run_cocotb(sources=sources, toplevel="top", test_module="licforge.sim.tb_lane_array",
                       build_dir=None if cache_dir is not None else work / f"build_{simulator}",
                       cache_dir=cache_dir, test_dir=run_dir,

@@ -55,6 +55,18 @@ def generate_sources(component, rtl_dir: Path, *, depth: int, frame_ports: bool)
     return [rtl_dir / n for n in names] + [rtl_dir / "harness.v"]
 
 
+def _reference(bundle_dir: Path, layers: list[str], x: np.ndarray) -> tuple[np.ndarray, bool, int]:
+    """Golden output of the chain ``layers`` of the bundle at ``bundle_dir`` on ``x``, whether
+    it is signed, and its bit width."""
+    from licforge.quant.bundle import read_bundle
+    from licforge.quant.golden import run_layers
+
+    bundle = read_bundle(bundle_dir)
+    chain = [bundle.layer(n) for n in layers]
+    last = chain[-1].attrs
+    return run_layers(chain, x), bool(last.get("out_signed", True)), int(last["out_bits"])
+
+
 def simulate_chain(component, bundle_dir: Path, layers: list[str], x: np.ndarray, *, work: Path,
                    timeout_cycles: int, frame_ports: bool = True, seed: int = 0, p_valid: float = 1.0,
                    p_ready: float = 1.0, simulator: str = "verilator", depth: int | None = None,
@@ -77,9 +89,11 @@ def simulate_chain(component, bundle_dir: Path, layers: list[str], x: np.ndarray
         shutil.copyfile(hexfile, run_dir / hexfile.name)
     in_bits = len(component.i.payload.as_value()) // x.shape[1]
     write_stimulus(run_dir / STIMULUS_FILE, x, in_bits)
+    expected, out_signed, out_bits = _reference(bundle_dir, layers, x)
     params = {"bundle": str(Path(bundle_dir).resolve()), "layers": list(layers), "frame": frame_ports,
-              "seed": seed, "p_valid": p_valid, "p_ready": p_ready, "timeout_cycles": int(timeout_cycles)}
-    np.savez(run_dir / "stimulus.npz", x=x, params=json.dumps(params))
+              "seed": seed, "p_valid": p_valid, "p_ready": p_ready, "timeout_cycles": int(timeout_cycles),
+              "out_signed": out_signed, "out_bits": out_bits}
+    np.savez(run_dir / "stimulus.npz", x=x, expected=expected, params=json.dumps(params))
     res = run_cocotb(sources=sources, toplevel=HARNESS_TOP, test_module="licforge.sim.tb_layer_chain",
                      build_dir=None if cache_dir is not None else work / f"build_{simulator}", cache_dir=cache_dir,
                      test_dir=run_dir, tb_input=run_dir / "stimulus.npz", simulator=simulator, seed=seed,

@@ -1,4 +1,5 @@
 """MinConvArray / MacArray RTL (generated Verilog, cocotb) == golden model, zero mismatches."""
+import dataclasses
 import json
 import re
 
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 from licforge.quant.digits import input_to_int, run_digits_golden
-from licforge.sim.lane_array import (LaneArrayConfig, extreme_vectors, layer_array_config, layer_output_from_dots,
-                            layer_stimulus, simulate_lane_array)
+from licforge.sim.lane_array import (LaneArrayConfig, extreme_vectors, lane_array_golden, layer_array_config,
+                                     layer_output_from_dots, layer_stimulus, simulate_lane_array)
 from licforge.sim.runner import SimulationFailed, build_key, run_cocotb
 from helpers import require_simulator
 
@@ -48,8 +49,10 @@ def test_checker_reports_a_wrong_golden(tmp_path, sim_cache):
     x, w = extreme_vectors(np.random.default_rng(0), dots=50, beats=2, lanes=cfg.lanes, bits=cfg.bits)
     from licforge.rtl.emit import write_verilog
     sources = write_verilog(cfg.build(), "top", tmp_path / "rtl")
-    params = {**cfg.__dict__, "shift": cfg.shift + 1, "seed": 0, "p_valid": 1.0, "p_ready": 1.0}
-    np.savez(tmp_path / "stim.npz", x=x, w=w, params=json.dumps(params))
+    params = {**cfg.__dict__, "seed": 0, "p_valid": 1.0, "p_ready": 1.0}
+    wrong = lane_array_golden(dataclasses.replace(cfg, shift=cfg.shift + 1), x, w)
+    assert not np.array_equal(wrong, lane_array_golden(cfg, x, w))
+    np.savez(tmp_path / "stim.npz", x=x, w=w, expected=wrong, params=json.dumps(params))
     with pytest.raises(SimulationFailed):
         run_cocotb(sources=sources, toplevel="top", test_module="licforge.sim.tb_lane_array", cache_dir=sim_cache,
                    test_dir=tmp_path / "run", tb_input=tmp_path / "stim.npz", cycles=100)
