@@ -70,12 +70,14 @@ class SimulationFailed(AssertionError):
 
 @dataclass
 class SimResult:
-    """What one simulation reported: the testbench's JSON plus bookkeeping."""
+    """What one simulation reported: the testbench's JSON plus bookkeeping (``build_dir``: the
+    folder of the simulator that ran)."""
     simulator: str
     tests: int
     failed: int
     wall_s: float
     report: dict = field(default_factory=dict)
+    build_dir: Path | None = None
 
 
 def _verilator_root() -> Path | None:
@@ -266,7 +268,7 @@ def run_cocotb(*, sources: list[Path], toplevel: str, test_module: str, test_dir
             raise SimulationFailed(f"{simulator} exited with {e.code}; see {test_dir / (simulator + '.log')}") from None
     tests, failed = get_results(Path(xml))
     report = json.loads(result_json.read_text()) if result_json.exists() else {}
-    res = SimResult(simulator, tests, failed, time.perf_counter() - t0, report)
+    res = SimResult(simulator, tests, failed, time.perf_counter() - t0, report, build_dir)
     if failed or tests == 0:
         raise SimulationFailed(f"{test_module} on {toplevel} ({simulator}): {failed} of {tests} cocotb "
                                f"tests failed; report {report}; log {test_dir / (simulator + '.log')}")
