@@ -95,9 +95,9 @@ def test_interrupted_stage_resumes_alone_and_from_forces(tiny):
     (run / "watermark" / "stage.json").unlink()  # as if killed inside the stage
     records, _ = run_flow(cfg, progress=False, log=lambda s: None)
     assert [r.name for r in records if r.ran] == ["watermark"]
-    records, _ = run_flow(cfg, force_from="synth", progress=False, log=lambda s: None)
+    records, _ = run_flow(cfg, force_from="qonnx", progress=False, log=lambda s: None)
     names = [s.name for s in STAGES]
-    assert [r.name for r in records if r.ran] == names[names.index("synth"):]
+    assert [r.name for r in records if r.ran] == names[names.index("qonnx"):]
 
 
 @pytest.mark.parametrize("text, message", [
