@@ -36,16 +36,19 @@ TWIN_PARALLELISM = (16, 2)   # the N=16 decoder of bench decoder's place and rou
 #: product="min"): ``hybrid`` (the committed hybrid student's) keeps g_s.0 and g_s.6 as multipliers,
 #: ``hybrid0`` the first layer only (their inverse GDNs and other convolutions MinConv), ``gdnmul`` every
 #: convolution MinConv and the inverse GDNs' outputs x*n exact (a student distilled with --gdn-out mul),
-#: ``hybrid0gdnmul`` both g_s.0 and the outputs, ``hybrid02gdnmul`` g_s.0, g_s.2 and the outputs
+#: ``hybrid0gdnmul`` both g_s.0 and the outputs, ``hybrid02gdnmul`` g_s.0, g_s.2 and the outputs,
+#: ``hybrid026gdnmul`` g_s.6 too (g_s.4 and the norms the only minimums)
 HYBRIDS = {"hybrid": {"mul_layers": ("g_s.0", "g_s.6")}, "hybrid0": {"mul_layers": ("g_s.0",)},
            "gdnmul": {"gdn_out": "mul"}, "hybrid0gdnmul": {"mul_layers": ("g_s.0",), "gdn_out": "mul"},
-           "hybrid02gdnmul": {"mul_layers": ("g_s.0", "g_s.2"), "gdn_out": "mul"}}
+           "hybrid02gdnmul": {"mul_layers": ("g_s.0", "g_s.2"), "gdn_out": "mul"},
+           "hybrid026gdnmul": {"mul_layers": ("g_s.0", "g_s.2", "g_s.6"), "gdn_out": "mul"}}
 
 
 def hybrid_what(name: str) -> str:
     """What the hybrid decoder ``name`` of :data:`HYBRIDS` keeps exact, in words."""
     spec = HYBRIDS[name]
-    kept = [f"{' and '.join(spec['mul_layers'])} multipliers"] if "mul_layers" in spec else []
+    layers = spec.get("mul_layers", ())
+    kept = [f"{' and '.join(filter(None, (', '.join(layers[:-1]), layers[-1])))} multipliers"] if layers else []
     return ", ".join(kept + (["exact inverse-GDN outputs x*n"] if spec.get("gdn_out") == "mul" else []))
 
 
@@ -160,13 +163,13 @@ def synth_twins(build_dir: Path, out_json: Path | None = None, *, runs=RUNS, pi:
 #: (decoder, device, max_width, DSP inference) of each place and route: the twins on the ECP5-85F at 1920-pixel
 #: lines, the MinConv decoder on the smaller parts (the 25F at 1024-pixel lines: line buffers of half the depth),
 #: hybrid0gdnmul (g_s.0 and the inverse GDNs' outputs exact) with its 5 multipliers in LUTs (synth_ecp5 -nodsp),
-#: hybrid02gdnmul (g_s.2 too) with its 13, and the multiplier decoder with its 80 multipliers in LUTs (the goal's LUT
-#: comparison, after place and route)
+#: hybrid02gdnmul (g_s.2 too) with its 13, hybrid026gdnmul (g_s.6 too) with its 37, and the multiplier decoder with
+#: its 80 multipliers in LUTs (the goal's LUT comparison, after place and route)
 PNR_RUNS = [("min", "LFE5U-85F-6BG381C", 120, True), ("mul", "LFE5U-85F-6BG381C", 120, True),
             ("mul", "LFE5U-85F-6BG381C", 120, False),
             ("min", "LFE5U-45F-6BG381C", 120, True), ("min", "LFE5U-25F-6BG381C", 64, True),
             ("hybrid0gdnmul", "LFE5U-85F-6BG381C", 120, False), ("hybrid0gdnmul", "LFE5U-25F-6BG381C", 64, False),
-            ("hybrid02gdnmul", "LFE5U-85F-6BG381C", 120, False)]
+            ("hybrid02gdnmul", "LFE5U-85F-6BG381C", 120, False), ("hybrid026gdnmul", "LFE5U-85F-6BG381C", 120, False)]
 
 
 def pnr_twins(build_dir: Path, out_json: Path, *, runs=PNR_RUNS, pi: int = TWIN_PARALLELISM[0],

@@ -161,7 +161,7 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
     from licforge.bench.minconv_lic import hybrid_what
 
     b = twin_bundles(tmp_path, n=4, m=4, products=("min", "hybrid", "hybrid0", "gdnmul", "hybrid0gdnmul",
-                                                  "hybrid02gdnmul"))
+                                                  "hybrid02gdnmul", "hybrid026gdnmul"))
     assert b["hybrid"].model["mul_layers"] == ["g_s.0", "g_s.6"] and b["hybrid0"].model["mul_layers"] == ["g_s.0"]
     assert [l.attrs.get("product") for l in b["hybrid"].layers if l.op == "conv_transpose2d"] == \
         ["mul", "min", "min", "mul"]
@@ -182,6 +182,9 @@ def test_bench_hybrid_twin_and_its_lut_ratios(tmp_path):
     assert [l.attrs.get("product", l.attrs.get("out_product")) for l in b["hybrid02gdnmul"].layers] == \
         ["mul", "mul", "mul", "mul", "min", "mul", "min"]
     assert hybrid_what("hybrid02gdnmul") == "g_s.0 and g_s.2 multipliers, exact inverse-GDN outputs x*n"
+    assert [l.attrs.get("product", l.attrs.get("out_product")) for l in b["hybrid026gdnmul"].layers] == \
+        ["mul", "mul", "mul", "mul", "min", "mul", "mul"]
+    assert hybrid_what("hybrid026gdnmul") == "g_s.0, g_s.2 and g_s.6 multipliers, exact inverse-GDN outputs x*n"
     res = lambda lut, ff: {"LUT": lut, "FF": ff}  # noqa: E731
     runs = [{"product": "mul", "family": "xcup", "dsp": True, "resources": res(5000, 1000)},
             {"product": "mul", "family": "xcup", "dsp": False, "resources": res(16000, 1000)},
@@ -203,12 +206,14 @@ HYBRID = "models/checkpoints/bundles/student_n16_min_mul06_hybrid8"
     ("models/checkpoints/bundles/student_n16_min_mul0_outmul_hybrid8", "mul",
      {"g_s.0": 6, "g_s.1": 1, "g_s.3": 1, "g_s.5": 2}),
     ("models/checkpoints/bundles/student_n16_min_mul02_outmul_hybrid8", "mul",
-     {"g_s.0": 6, "g_s.1": 1, "g_s.2": 16, "g_s.3": 1, "g_s.5": 2})])
+     {"g_s.0": 6, "g_s.1": 1, "g_s.2": 16, "g_s.3": 1, "g_s.5": 2}),
+    ("models/checkpoints/bundles/student_n16_min_mul026_outmul_hybrid8", "mul",
+     {"g_s.0": 6, "g_s.1": 1, "g_s.2": 16, "g_s.3": 1, "g_s.5": 2, "g_s.6": 48})])
 def test_committed_hybrids_brevitas_equal_golden_and_plan_their_dsps_at_1080p30(path, gdn_out, dsps, capsys):
     """The committed N=16 hybrids (g_s.0 and g_s.6 multipliers; g_s.0 alone; g_s.0 and the inverse
-    GDNs' outputs x*n; g_s.0, g_s.2 and the outputs): Brevitas (float64) == golden on crops of every
-    embedded held-out image, as integers; at 1080p30 the planner gives them 54, 6, 10 and 26 DSPs,
-    against 161 for the multiplier student and 0 for the MinConv one."""
+    GDNs' outputs x*n; g_s.0, g_s.2 and the outputs; g_s.6 too): Brevitas (float64) == golden on crops
+    of every embedded held-out image, as integers; at 1080p30 the planner gives them 54, 6, 10, 26
+    and 74 DSPs, against 161 for the multiplier student and 0 for the MinConv one."""
     from pathlib import Path
 
     from licforge.quant.bundle import decoder_layers, read_bundle
