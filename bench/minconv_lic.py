@@ -48,7 +48,8 @@ def hybrid_what(name: str) -> str:
     """What the hybrid decoder ``name`` of :data:`HYBRIDS` keeps exact, in words."""
     spec = HYBRIDS[name]
     layers = spec.get("mul_layers", ())
-    kept = [f"{' and '.join(filter(None, (', '.join(layers[:-1]), layers[-1])))} multipliers"] if layers else []
+    named = f"{', '.join(layers[:-1])} and {layers[-1]}" if len(layers) > 1 else "".join(layers)
+    kept = [f"{named} multipliers"] if layers else []
     return ", ".join(kept + (["exact inverse-GDN outputs x*n"] if spec.get("gdn_out") == "mul" else []))
 
 
